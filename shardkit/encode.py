@@ -1,0 +1,227 @@
+"""Turn one source file into the tar bytes of one sample (raw, resize or tensor mode).
+
+Runs inside packing worker processes, so everything here is a plain function of its arguments.
+The result of ``encode_sample`` is the complete tar encoding of the sample (headers, data,
+padding): the shard writer only concatenates, hashes and counts bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import SourceError
+from .folder import Item
+
+MTIME = 946684800  # 2000-01-01T00:00:00Z: a fixed mtime makes shards byte-reproducible
+FILE_MODE = 0o644
+MAX_PIXELS = 100_000_000  # default pixel limit against decompression bombs
+BLOCK = 512
+
+# File-format names as Pillow reports them -> the field (member extension) we store.
+_FORMAT_FIELD = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
+                 "GIF": "gif", "TIFF": "tiff"}
+_EXT_FIELD = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp",
+              "gif": "gif", "tif": "tiff", "tiff": "tiff"}
+# Exceptions that mean "this file is bad", never a bug in our code.
+_BAD_INPUT = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError,
+              Image.DecompressionBombError, zlib.error, struct.error, pickle.UnpicklingError,
+              IndexError)
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    mode: str  # "raw" | "resize" | "tensor"
+    size: int | None
+    quality: int
+    max_pixels: int = MAX_PIXELS
+
+
+def member(name: str, data: bytes) -> bytes:
+    """One tar member: a reproducible USTAR header, the data, zero padding to 512 bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME
+    info.mode = FILE_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    pad = (-len(data)) % BLOCK
+    return b"".join((header, data, b"\0" * pad))
+
+
+def encode_sample(item: Item, opts: EncodeOptions):
+    """Encode one item. Returns ``(tar_bytes, info)`` or raises ``SourceError`` for bad input.
+
+    ``info`` is a small dict for the pack summary (``dtype``/``shape`` for arrays).
+    """
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise SourceError(item.relpath, f"unreadable: {exc.strerror or exc}") from exc
+    if not data:
+        raise SourceError(item.relpath, "empty file (0 bytes)")
+    try:
+        if item.kind == "array":
+            field, payload, meta, info = _encode_array(item, data)
+        elif opts.mode == "raw":
+            field, payload, meta = _encode_raw(item, data, opts)
+            info = {}
+        else:
+            field, payload, meta = _encode_image(item, data, opts)
+            info = {}
+    except SourceError:
+        raise
+    except _BAD_INPUT as exc:
+        raise SourceError(item.relpath, _reason(exc)) from exc
+    meta = {"path": item.relpath, "class": item.class_name, **meta}
+    parts = []
+    if item.label is not None:
+        parts.append(member(f"{item.key}.cls", str(item.label).encode("ascii")))
+    parts.append(member(f"{item.key}.{field}", payload))
+    parts.append(member(f"{item.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False)
+                        .encode("utf-8")))
+    return b"".join(parts), info
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb refused: {exc}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image (unknown or corrupt format)"
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return f"truncated image: {text}"
+    return f"corrupt: {text}"
+
+
+def _open(item: Item, data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only), check the format matches the extension and the pixel limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombWarning as exc:
+            raise SourceError(item.relpath, f"decompression bomb refused: {exc}") from exc
+    ext = item.relpath.rsplit(".", 1)[-1].lower()
+    actual = _FORMAT_FIELD.get(im.format or "", (im.format or "unknown").lower())
+    if _EXT_FIELD.get(ext) != actual:
+        raise SourceError(item.relpath, f"content is {im.format} but the name says .{ext}")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise SourceError(item.relpath, f"image has {w}x{h}={w * h} pixels, over the limit of "
+                                        f"{max_pixels} (decompression bomb?)")
+    return im
+
+
+def _encode_raw(item: Item, data: bytes, opts: EncodeOptions):
+    """Original bytes, checked cheaply: format, pixel limit, end marker (truncation)."""
+    im = _open(item, data, opts.max_pixels)
+    field = _FORMAT_FIELD[im.format]
+    tail = data[-1024:]
+    if field == "jpg" and b"\xff\xd9" not in tail:
+        raise SourceError(item.relpath, "truncated image: JPEG end-of-image marker missing")
+    if field == "png":
+        if b"IEND" not in tail:
+            raise SourceError(item.relpath, "truncated image: PNG IEND chunk missing")
+        im.verify()  # chunk CRCs; does not decode pixels
+    return field, data, {"size": list(im.size)}
+
+
+def _decode_rgb(item: Item, data: bytes, opts: EncodeOptions, min_short: int | None):
+    im = _open(item, data, opts.max_pixels)
+    orig = im.size
+    if min_short and im.format == "JPEG":
+        # Reduced-scale DCT decoding: Pillow keeps the image at least this large.
+        w, h = orig
+        scale = min_short / min(w, h)
+        if scale < 1:
+            im.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    if im.mode != "RGB":
+        im = im.convert("RGBA").convert("RGB") if "transparency" in im.info else im.convert("RGB")
+    return im, orig
+
+
+def _resize_short(im: Image.Image, size: int, upscale: bool) -> Image.Image:
+    w, h = im.size
+    short = min(w, h)
+    if short == size or (short < size and not upscale):
+        return im
+    if w <= h:
+        new = (size, max(1, round(h * size / w)))
+    else:
+        new = (max(1, round(w * size / h)), size)
+    return im.resize(new, Image.BICUBIC)
+
+
+def _encode_image(item: Item, data: bytes, opts: EncodeOptions):
+    im, orig = _decode_rgb(item, data, opts, opts.size)
+    if opts.mode == "resize":
+        im = _resize_short(im, opts.size, upscale=False)
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=opts.quality)
+        return "jpg", out.getvalue(), {"size": list(orig)}
+    # tensor: shorter side to size, center crop size x size, uint8 HWC .npy
+    im = _resize_short(im, opts.size, upscale=True)
+    w, h = im.size
+    left, top = (w - opts.size) // 2, (h - opts.size) // 2
+    im = im.crop((left, top, left + opts.size, top + opts.size))
+    arr = np.asarray(im, dtype=np.uint8)
+    return "npy", _npy_bytes(arr), {"size": list(orig)}
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, np.ascontiguousarray(arr), allow_pickle=False)
+    return out.getvalue()
+
+
+def _encode_array(item: Item, data: bytes):
+    """A preprocessed ``.npy`` array or a ``.pt`` file holding one tensor (``torch.save(t)``)."""
+    if item.relpath.lower().endswith(".npy"):
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        source_layout_hint = "HWC"
+    else:
+        import torch  # only needed for .pt sources
+
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if not isinstance(obj, torch.Tensor):
+            raise SourceError(item.relpath, f"holds a {type(obj).__name__}, not a plain tensor")
+        if obj.is_sparse or obj.is_quantized or obj.is_complex():
+            raise SourceError(item.relpath, "holds a sparse, quantized or complex tensor")
+        arr = obj.detach().contiguous().numpy()
+        source_layout_hint = "CHW"
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf" or arr.ndim == 0:
+        raise SourceError(item.relpath, "not a plain numeric array")
+    layout = _layout(arr.shape, source_layout_hint)
+    if layout == "CHW" and arr.dtype == np.uint8:
+        arr = arr.transpose(1, 2, 0)  # stored as uint8 HWC like images packed in tensor mode
+        layout = "HWC"
+    info = {"dtype": arr.dtype.str, "layout": layout, "ndim": arr.ndim}
+    return "npy", _npy_bytes(arr), {"shape": list(arr.shape)}, info
+
+
+def _layout(shape: tuple, hint: str) -> str:
+    if len(shape) != 3:
+        return "HW" if len(shape) == 2 else f"{len(shape)}d"
+    channels_last = shape[-1] in (1, 3, 4)
+    channels_first = shape[0] in (1, 3, 4)
+    if channels_last and channels_first:
+        return hint
+    if channels_last:
+        return "HWC"
+    if channels_first:
+        return "CHW"
+    return "3d"

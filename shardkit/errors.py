@@ -1,0 +1,39 @@
+"""Exception types. Each also subclasses the matching builtin, so callers can catch either."""
+
+from __future__ import annotations
+
+
+class ShardkitError(Exception):
+    """Base class of every error shardkit raises on purpose."""
+
+
+class SourceError(ShardkitError, ValueError):
+    """A source file or folder cannot be packed (corrupt, unreadable, wrong type, ...)."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DestinationError(ShardkitError, FileExistsError):
+    """The destination holds something that packing must not overwrite."""
+
+
+class ManifestError(ShardkitError, ValueError):
+    """A manifest is missing, malformed, or from an unsupported format version."""
+
+
+class ShardError(ShardkitError, IOError):
+    """A shard cannot be read as the manifest describes it (names the shard URL and sample key)."""
+
+    def __init__(self, url, reason: str, key=None):
+        self.url = str(url)
+        self.key = key
+        self.reason = reason
+        where = self.url if key is None else f"{self.url} (sample {key!r})"
+        super().__init__(f"{where}: {reason}")
+
+
+class DecodeError(ShardError):
+    """A sample's image or array cannot be decoded."""

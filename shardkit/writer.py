@@ -1,0 +1,430 @@
+"""``pack_folder``: scan, encode in parallel, write shards atomically, write the manifest last.
+
+Reproducibility: the sample order is a pure function of the scanned file list and ``seed``; the
+encoded bytes are a pure function of each file and the options; shard boundaries are decided in
+order from the exact tar sizes. So any number of workers gives byte-identical shards.
+
+Atomicity and resume: a shard is written under a temporary name, flushed, fsynced and renamed.
+After each shard, ``.shardkit-pack.json`` (the journal) records the finished shards and how many
+source files they used up. ``resume=True`` checks the finished shards against the journal
+(size and sha256) and continues after the last good one. ``manifest.json`` is written only when
+everything succeeded; the journal is removed after it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import sys
+import time
+import uuid
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from .encode import MAX_PIXELS, EncodeOptions, encode_sample
+from .errors import DestinationError, SourceError
+from .folder import Item, scan_folder
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, encode_index
+
+JOURNAL_NAME = ".shardkit-pack.json"
+END_OF_ARCHIVE = b"\0" * 1024
+MODES = ("raw", "resize", "tensor")
+ON_ERROR = ("raise", "skip")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``256MB`` -> 256_000_000, ``1GiB`` -> 1_073_741_824, ints unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, 1
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"max_bytes: cannot parse {value!r} (examples: 256MB, 1GiB, 100000)")
+        number, unit = float(match.group(1)), _UNITS[match.group(2).lower()]
+    result = int(number * unit)
+    if result < 4096:
+        raise ValueError(f"max_bytes must be at least 4096 bytes, got {value!r}")
+    return result
+
+
+def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, quality: int = 90,
+                max_bytes: int | str = "256MB", max_samples: int | None = None,
+                workers: int | None = None, seed: int = 0, shuffle: bool = True,
+                on_error: str = "raise", resume: bool = False, overwrite: bool = False,
+                storage_options: dict | None = None, progress: bool = True, prefix: str = "shard",
+                max_pixels: int = MAX_PIXELS) -> Manifest:
+    """Pack an image folder (ImageFolder layout or flat) into tar shards plus ``manifest.json``.
+
+    See the README for the modes. Returns the manifest; ``manifest.stats`` holds timing and counts.
+    """
+    started = time.perf_counter()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if mode in ("resize", "tensor") and (size is None or int(size) < 1):
+        raise ValueError(f"size is required (a positive number of pixels) for mode={mode!r}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be between 1 and 100, got {quality!r}")
+    if max_samples is not None and int(max_samples) < 1:
+        raise ValueError(f"max_samples must be at least 1, got {max_samples!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
+        raise ValueError(f"prefix must be letters, digits or _, got {prefix!r}")
+    if storage_options:
+        raise NotImplementedError("storage_options: object-storage destinations are not supported yet")
+    limit = parse_bytes(max_bytes)
+    workers = _default_workers() if workers is None else max(1, int(workers))
+
+    scan = scan_folder(src)
+    skipped: list[dict] = []
+    for relpath, reason in scan.problems:
+        if on_error == "raise":
+            raise SourceError(Path(scan.root, relpath), reason)
+        skipped.append({"path": relpath, "reason": reason, "pos": -1})
+    kind = scan.kind
+    if kind == "mixed":
+        raise SourceError(scan.root, "holds both images and arrays (.npy/.pt); pack them separately")
+    if kind == "array":
+        if mode == "resize":
+            raise ValueError("mode='resize' cannot apply to .npy/.pt arrays; use mode='tensor'")
+        mode = "tensor"
+    order = list(scan.items)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    opts = EncodeOptions(mode=mode, size=None if size is None else int(size), quality=int(quality),
+                         max_pixels=int(max_pixels))
+    options = {"mode": mode, "size": opts.size, "quality": opts.quality if mode == "resize" else None,
+               "seed": seed, "shuffle": bool(shuffle), "max_bytes": limit,
+               "max_samples": max_samples, "prefix": prefix, "max_pixels": opts.max_pixels,
+               "source_kind": kind}
+    options["fingerprint"] = _fingerprint(options, order)
+
+    out = Path(dest).expanduser()
+    done = _prepare_dest(out, prefix, options["fingerprint"], resume, overwrite)
+    if isinstance(done, Manifest):
+        return done
+    journal, consumed, skipped_done, tensor_info = done
+    skipped += [s for s in skipped_done if s["pos"] >= 0]
+    writer = _ShardWriter(out, prefix, limit, max_samples, journal, skipped, options["fingerprint"],
+                          tensor_info)
+    bar = tqdm(total=len(order), initial=consumed, unit="img", desc="pack", dynamic_ncols=True,
+               disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
+    try:
+        for pos, item, result in _encode_all(order, consumed, opts, workers, kind):
+            if isinstance(result, SourceError):
+                if on_error == "raise":
+                    raise result
+                writer.skip(pos, item, result.reason)
+            else:
+                blob, info = result
+                writer.add(pos, item, blob, info)
+            bar.update(1)
+            if bar.n % 64 == 0:
+                bar.set_postfix_str(f"{writer.bytes_written / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s")
+        writer.finish(len(order))
+    finally:
+        bar.close()
+        writer.abort()
+    tensor = None
+    if mode == "tensor":
+        tensor = writer.tensor_info or {"dtype": "|u1", "layout": "HWC", "ndim": 3}
+    manifest = Manifest(classes=scan.classes, num_samples=sum(s.num_samples for s in writer.shards),
+                        shards=writer.shards, options=options, skipped=writer.skipped,
+                        ignored=scan.ignored, tensor=tensor)
+    _atomic_write(out / MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
+    _remove_temporaries(out)
+    manifest.base_url = str(out)
+    manifest.stats = {"seconds": time.perf_counter() - started, "bytes": manifest.num_bytes,
+                      "samples": manifest.num_samples, "shards": len(manifest.shards),
+                      "skipped": len(manifest.skipped), "ignored": scan.ignored,
+                      "resumed_shards": len(journal)}
+    return manifest
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _fingerprint(options: dict, order: list[Item]) -> str:
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for item in order:
+        try:
+            size = os.stat(item.path).st_size
+        except OSError:
+            size = -1
+        h.update(f"{item.relpath}\0{size}\0".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- destination
+
+
+def _ours(out: Path, prefix: str) -> list[Path]:
+    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.(tar|idx)")
+    return [p for p in out.iterdir() if pattern.fullmatch(p.name)]
+
+
+def _remove_temporaries(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name.startswith(".") and ".tmp-" in p.name:
+            p.unlink(missing_ok=True)
+
+
+def _prepare_dest(out: Path, prefix: str, fingerprint: str, resume: bool, overwrite: bool):
+    """Check the destination. Returns a finished Manifest, or (journal, consumed, skipped, tensor)."""
+    if out.exists() and not out.is_dir():
+        raise DestinationError(f"{out}: destination exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path, journal_path = out / MANIFEST_NAME, out / JOURNAL_NAME
+    if overwrite:
+        for p in _ours(out, prefix) + [manifest_path, journal_path]:
+            p.unlink(missing_ok=True)
+        _remove_temporaries(out)
+        return [], 0, [], None
+    if manifest_path.exists():
+        try:
+            existing = Manifest.load(out)
+        except Exception as exc:
+            raise DestinationError(f"{out}: holds a manifest that cannot be read ({exc}); "
+                                   "use an empty folder or overwrite=True") from exc
+        if resume and existing.options.get("fingerprint") == fingerprint:
+            existing.stats = {"seconds": 0.0, "samples": existing.num_samples,
+                              "shards": len(existing.shards), "bytes": existing.num_bytes,
+                              "skipped": len(existing.skipped), "ignored": existing.ignored,
+                              "resumed_shards": len(existing.shards)}
+            return existing
+        raise DestinationError(f"{out}: already holds a different dataset ({existing.num_samples} "
+                               "samples); use an empty folder or overwrite=True (--overwrite)")
+    journal = None
+    if journal_path.exists():
+        try:
+            journal = json.loads(journal_path.read_text())
+        except ValueError:
+            journal = None
+    if not resume:
+        if journal is not None or _ours(out, prefix):
+            raise DestinationError(f"{out}: holds an unfinished pack; pass resume=True (--resume) "
+                                   "to continue it, or overwrite=True (--overwrite) to start over")
+        return [], 0, [], None
+    _remove_temporaries(out)
+    if journal is None:
+        return [], 0, [], None
+    if journal.get("fingerprint") != fingerprint:
+        raise DestinationError(f"{out}: holds an unfinished pack of different files or options; "
+                               "use an empty folder or overwrite=True (--overwrite)")
+    entries: list[dict] = []
+    consumed = 0
+    for entry in journal["shards"]:
+        if not _shard_intact(out, ShardInfo(**entry["shard"])):
+            break
+        entries.append(entry)
+        consumed = entry["consumed"]
+    skipped = [s for s in journal["skipped"] if s["pos"] < consumed]
+    return entries, consumed, skipped, journal.get("tensor") if entries else None
+
+
+def _shard_intact(out: Path, info: ShardInfo) -> bool:
+    for name, size, digest in ((info.url, info.num_bytes, info.sha256),
+                               (info.index_url, None, info.index_sha256)):
+        path = out / name
+        try:
+            if size is not None and path.stat().st_size != size:
+                return False
+            if _sha256_file(path) != digest:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _encode_chunk(items: list[Item], opts: EncodeOptions) -> list:
+    """Runs in a worker: encode each item; bad input comes back as a SourceError value."""
+    results = []
+    for item in items:
+        try:
+            results.append(encode_sample(item, opts))
+        except SourceError as exc:
+            results.append(SourceError(exc.path, exc.reason))
+    return results
+
+
+def _encode_all(order: list[Item], start: int, opts: EncodeOptions, workers: int,
+                kind: str) -> Iterator[tuple[int, Item, object]]:
+    """Yield ``(position, item, result)`` in order, encoding ahead with a bounded window."""
+    todo = order[start:]
+    if workers <= 1 or len(todo) < 2:
+        for i, item in enumerate(todo):
+            yield start + i, item, _encode_chunk([item], opts)[0]
+        return
+    if opts.mode == "raw" and kind == "image":
+        # I/O-bound: threads avoid copying every file's bytes between processes.
+        executor: cf.Executor = cf.ThreadPoolExecutor(max_workers=min(workers, 8))
+        chunk = 16
+    else:
+        executor = cf.ProcessPoolExecutor(max_workers=workers,
+                                          mp_context=multiprocessing.get_context("spawn"))
+        chunk = 4
+    window: deque = deque()
+    chunks = (todo[i:i + chunk] for i in range(0, len(todo), chunk))
+    pos = start
+    try:
+        for piece in chunks:
+            window.append((piece, executor.submit(_encode_chunk, piece, opts)))
+            if len(window) >= 4 * workers:
+                piece0, fut = window.popleft()
+                for item, result in zip(piece0, fut.result()):
+                    yield pos, item, result
+                    pos += 1
+        while window:
+            piece0, fut = window.popleft()
+            for item, result in zip(piece0, fut.result()):
+                yield pos, item, result
+                pos += 1
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- shard writing
+
+
+class _ShardWriter:
+    """Cuts the ordered stream of encoded samples into shards no larger than the limits."""
+
+    def __init__(self, out: Path, prefix: str, max_bytes: int, max_samples: int | None,
+                 journal: list[dict], skipped: list[dict], fingerprint: str,
+                 tensor_info: dict | None):
+        self.out, self.prefix = out, prefix
+        self.max_bytes, self.max_samples = max_bytes, max_samples
+        self.journal = list(journal)  # [{"shard": ShardInfo fields, "consumed": int}]
+        self.shards = [ShardInfo(**entry["shard"]) for entry in journal]
+        self.skipped = list(skipped)
+        self.fingerprint = fingerprint
+        self.tensor_info = tensor_info
+        self.bytes_written = 0
+        self._file = None
+        self._tmp: Path | None = None
+
+    def skip(self, pos: int, item: Item, reason: str) -> None:
+        self.skipped.append({"path": item.relpath, "reason": reason, "pos": pos})
+
+    def add(self, pos: int, item: Item, blob: bytes, info: dict) -> None:
+        if info:
+            if self.tensor_info is None:
+                self.tensor_info = info
+            elif (info["dtype"], info["layout"], info["ndim"]) != (
+                    self.tensor_info["dtype"], self.tensor_info["layout"], self.tensor_info["ndim"]):
+                raise SourceError(item.path, f"array is {info['dtype']} {info['layout']}, but earlier "
+                                  f"ones are {self.tensor_info['dtype']} {self.tensor_info['layout']}")
+        if self._file is not None:
+            full = self._n >= (self.max_samples or float("inf"))
+            if full or self._size + len(blob) + len(END_OF_ARCHIVE) > self.max_bytes:
+                self._close_shard(consumed=pos)
+        if self._file is None:
+            self._open_shard()
+        if len(blob) + len(END_OF_ARCHIVE) > self.max_bytes:
+            warnings.warn(f"{item.relpath}: one sample takes {len(blob)} bytes, more than max_bytes="
+                          f"{self.max_bytes}; it gets a shard of its own", stacklevel=2)
+        self._offsets.append(self._size)
+        self._file.write(blob)
+        self._hash.update(blob)
+        self._size += len(blob)
+        self._n += 1
+        self.bytes_written += len(blob)
+        if len(blob) + len(END_OF_ARCHIVE) > self.max_bytes:
+            self._close_shard(consumed=pos + 1)
+
+    def finish(self, total: int) -> None:
+        if self._file is not None:
+            self._close_shard(consumed=total)
+        self.skipped = [{"path": s["path"], "reason": s["reason"]} for s in self.skipped]
+
+    def abort(self) -> None:
+        """Drop an unfinished shard (its temporary file), e.g. after an error."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+
+    def _name(self, ext: str) -> str:
+        return f"{self.prefix}-{len(self.shards):06d}.{ext}"
+
+    def _open_shard(self) -> None:
+        self._tmp = self.out / f".{self._name('tar')}.tmp-{uuid.uuid4().hex}"
+        self._file = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._n = 0
+        self._offsets: list[int] = []
+
+    def _close_shard(self, consumed: int) -> None:
+        f = self._file
+        f.write(END_OF_ARCHIVE)
+        self._hash.update(END_OF_ARCHIVE)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+        tar_name, idx_name = self._name("tar"), self._name("idx")
+        index = encode_index(self._offsets + [self._size])
+        _atomic_write(self.out / idx_name, index)
+        os.replace(self._tmp, self.out / tar_name)
+        _fsync_dir(self.out)
+        info = ShardInfo(url=tar_name, num_samples=self._n, num_bytes=self._size + len(END_OF_ARCHIVE),
+                         sha256=self._hash.hexdigest(), index_url=idx_name,
+                         index_sha256=hashlib.sha256(index).hexdigest())
+        self.shards.append(info)
+        self.journal.append({"shard": vars(info).copy(), "consumed": consumed})
+        journal = {"fingerprint": self.fingerprint, "shards": self.journal,
+                   "skipped": [s for s in self.skipped if s["pos"] < consumed],
+                   "tensor": self.tensor_info}
+        _atomic_write(self.out / JOURNAL_NAME, json.dumps(journal).encode())
