@@ -12,3 +12,8 @@ __all__ = [
     "DecodeError", "DestinationError", "Manifest", "ManifestError", "ShardError", "ShardInfo",
     "ShardkitError", "SourceError", "pack_folder", "verify",
 ]
+from .decode import CenterCrop, RandomResizedCrop
+from .dataset import StreamingDataset
+from .loader import GpuPrefetcher, make_loader
+
+__all__ += ["CenterCrop", "GpuPrefetcher", "RandomResizedCrop", "StreamingDataset", "make_loader"]

@@ -12,6 +12,7 @@ import json
 import pickle
 import struct
 import tarfile
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ MTIME = 946684800  # 2000-01-01T00:00:00Z: a fixed mtime makes shards byte-repro
 FILE_MODE = 0o644
 MAX_PIXELS = 100_000_000  # default pixel limit against decompression bombs
 BLOCK = 512
+# ``warnings.catch_warnings`` swaps process-wide state: raw-mode packing opens images from several
+# threads, so the header parse that may warn about a decompression bomb is serialised.
+_WARNINGS_LOCK = threading.Lock()
 
 # File-format names as Pillow reports them -> the field (member extension) we store.
 _FORMAT_FIELD = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
@@ -107,7 +111,7 @@ def _reason(exc: BaseException) -> str:
 
 def _open(item: Item, data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only), check the format matches the extension and the pixel limit."""
-    with warnings.catch_warnings():
+    with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
@@ -149,6 +153,12 @@ def _decode_rgb(item: Item, data: bytes, opts: EncodeOptions, min_short: int | N
             im.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
     im.load()
     im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # 16-bit (or 32-bit) grey: Pillow's convert("RGB") clips at 255 (a white image); scale
+        # 16-bit levels down to 8 bits instead. "F" has no known range and is clipped.
+        arr = np.asarray(im)
+        arr = np.clip(arr, 0, 255) if im.mode == "F" else np.clip(arr, 0, 65535) >> 8
+        im = Image.fromarray(arr.astype(np.uint8), "L")
     if im.mode != "RGB":
         im = im.convert("RGBA").convert("RGB") if "transparency" in im.info else im.convert("RGB")
     return im, orig
@@ -196,12 +206,25 @@ def _encode_array(item: Item, data: bytes):
     else:
         import torch  # only needed for .pt sources
 
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # weights_only refused a global: nothing was run
+            raise SourceError(item.relpath, f"not a plain tensor file, refused to unpickle: "
+                                            f"{str(exc).splitlines()[0]}") from exc
+        except Exception as exc:  # torch's parser of untrusted bytes: any failure is the file's
+            raise SourceError(item.relpath, f"not a readable torch.save file: {type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         if not isinstance(obj, torch.Tensor):
             raise SourceError(item.relpath, f"holds a {type(obj).__name__}, not a plain tensor")
         if obj.is_sparse or obj.is_quantized or obj.is_complex():
             raise SourceError(item.relpath, "holds a sparse, quantized or complex tensor")
-        arr = obj.detach().contiguous().numpy()
+        if obj.dtype == torch.bfloat16:
+            raise SourceError(item.relpath, f"tensor dtype {obj.dtype} cannot be stored as .npy")
+        try:
+            arr = obj.detach().contiguous().numpy()
+        except TypeError as exc:  # a dtype numpy has no equivalent for (e.g. float8)
+            raise SourceError(item.relpath, f"tensor dtype {obj.dtype} cannot be stored as .npy: "
+                                            f"{exc}") from exc
         source_layout_hint = "CHW"
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf" or arr.ndim == 0:
         raise SourceError(item.relpath, "not a plain numeric array")

@@ -104,7 +104,10 @@ def _walk_files(top: Path, root: Path, problems: list[tuple[str, str]], seen: se
             except OSError as exc:  # ELOOP on a self-referencing link
                 problems.append((path.relative_to(root).as_posix(), f"unreadable: {exc.strerror or exc}"))
                 continue
-            if is_dir:
+            if is_dir and _kind_of(entry.name) is not None:
+                problems.append((path.relative_to(root).as_posix(), "a folder named like an image "
+                                 "file (expected a file)"))
+            elif is_dir:
                 subdirs.append(path)
             else:
                 out.append(path)
@@ -126,7 +129,10 @@ def scan_folder(src: str | os.PathLike) -> Scan:
         top_entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise SourceError(root, f"cannot list source folder: {exc.strerror or exc}") from exc
-    class_dirs = [e for e in top_entries if _is_dir(e)]
+    for e in top_entries:
+        if _is_dir(e) and _kind_of(e.name) is not None:
+            problems.append((e.name, "a folder named like an image file (expected a file)"))
+    class_dirs = [e for e in top_entries if _is_dir(e) and _kind_of(e.name) is None]
     top_files = [e for e in top_entries if not _is_dir(e)]
     items: list[Item] = []
     ignored = 0

@@ -128,7 +128,12 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
                 writer.skip(pos, item, result.reason)
             else:
                 blob, info = result
-                writer.add(pos, item, blob, info)
+                try:
+                    writer.add(pos, item, blob, info)
+                except SourceError as exc:  # an array unlike the others: bad input like any other
+                    if on_error == "raise":
+                        raise
+                    writer.skip(pos, item, exc.reason)
             bar.update(1)
             if bar.n % 64 == 0:
                 bar.set_postfix_str(f"{writer.bytes_written / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s")
@@ -362,7 +367,7 @@ class _ShardWriter:
                 self.tensor_info = info
             elif (info["dtype"], info["layout"], info["ndim"]) != (
                     self.tensor_info["dtype"], self.tensor_info["layout"], self.tensor_info["ndim"]):
-                raise SourceError(item.path, f"array is {info['dtype']} {info['layout']}, but earlier "
+                raise SourceError(item.relpath, f"array is {info['dtype']} {info['layout']}, but earlier "
                                   f"ones are {self.tensor_info['dtype']} {self.tensor_info['layout']}")
         if self._file is not None:
             full = self._n >= (self.max_samples or float("inf"))

@@ -1,0 +1,458 @@
+"""``StreamingDataset``: shards -> (image, label) samples or whole batches, exactly once per epoch.
+
+Per worker and epoch, :func:`shardkit.plan.epoch_plan` says which sample spans to read and in which
+order to emit them. The worker reads its spans sequentially (a range read from the byte offset in
+the shard's index file), parses tar members with webdataset's ``tar_file_iterator`` and
+``group_by_keys``, holds read samples until the plan emits them (at most ``shuffle_buffer``), then
+decodes (with a decode-fused crop), transforms and batches them.
+
+Exactness: each span must yield exactly the samples the manifest and index promise. A shard that
+ends early, holds more, or has a bad member is an error naming the shard URL and key
+(``on_error="raise"``) or, with ``on_error="skip"``, the bad sample is replaced by a copy of the
+previous good one so that every rank still yields the same number of samples and batches; skips
+are counted and logged at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tarfile
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from . import plan as planlib
+from .decode import MAX_PIXELS, ImageDecodeError, decode_array, decode_image
+from .errors import DecodeError, ShardError
+from .manifest import ManifestError, decode_index
+from .storage import load_manifest, store_for
+from .writer import parse_bytes
+
+log = logging.getLogger("shardkit")
+
+DECODE_MODES = ("uint8", "pil", "raw")
+REMAINDER = planlib.REMAINDER_POLICIES
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_MEMBER = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+")
+STATE_VERSION = 1
+
+
+class _BadSample:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except (ImportError, RuntimeError):
+        pass
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is not None and world is not None:
+        return int(rank), int(world)
+    return 0, 1
+
+
+class StreamingDataset(IterableDataset):
+    """Stream a shardkit dataset. See the README for every argument; constructors do no I/O."""
+
+    def __init__(self, source, *, shuffle: bool = True, seed: int = 0, batch_size: int | None = None,
+                 decode: str = "uint8", crop=None, transform: Callable | None = None,
+                 with_keys: bool = False, rank: int | None = None, world_size: int | None = None,
+                 cache_dir=None, cache_limit=None, in_memory: bool = False,
+                 memory_limit: int | str | None = None, on_error: str = "raise",
+                 storage_options: dict | None = None, remainder: str = "drop",
+                 drop_last: bool = False, block_size: int = 64, shuffle_buffer: int = 1000,
+                 max_pixels: int = MAX_PIXELS):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if remainder not in REMAINDER:
+            raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if decode == "raw" and crop is not None:
+            raise ValueError("crop needs decoding; it cannot be used with decode='raw'")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        for name, value in (("block_size", block_size), ("shuffle_buffer", shuffle_buffer)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if cache_dir is not None or cache_limit is not None:
+            raise NotImplementedError("cache_dir/cache_limit: shard caching is not supported yet")
+        self.source = source
+        self.shuffle, self.seed, self.batch_size = bool(shuffle), seed, batch_size
+        self.decode, self.crop, self.transform, self.with_keys = decode, crop, transform, with_keys
+        self._rank_arg, self._world_arg = rank, world_size
+        self.in_memory = in_memory
+        self.memory_limit = None if memory_limit is None else parse_bytes(memory_limit)
+        self.on_error, self.storage_options = on_error, storage_options
+        self.remainder, self.drop_last = remainder, drop_last
+        self.block_size, self.shuffle_buffer, self.max_pixels = block_size, shuffle_buffer, max_pixels
+        self._manifest = None
+        self._epoch = 0
+        self._resume: dict | None = None  # applied to the next iteration of its epoch
+        self._emitted = 0  # samples this process's iterator has emitted (worker state)
+        self._role = 0
+        self._progress: dict | None = None  # set by shardkit's loader: items consumed by the user
+        self._memory: dict[int, torch.Tensor] | None = None
+        self.skipped = 0
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def manifest(self):
+        if self._manifest is None:
+            self._manifest = load_manifest(self.source, self.storage_options)
+        return self._manifest
+
+    def rank_world(self) -> tuple[int, int]:
+        if self._world_arg is not None:
+            return self._rank_arg, self._world_arg
+        return _dist_rank_world()
+
+    def _sizes(self) -> list[int]:
+        return [s.num_samples for s in self.manifest.shards]
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        """Samples (or, with ``batch_size``, batches) this rank yields per epoch."""
+        _, world = self.rank_world()
+        kw = dict(remainder=self.remainder, batch_size=self.batch_size, drop_last=self.drop_last)
+        if self.batch_size is None:
+            return planlib.rank_num_samples(self._sizes(), world, **kw)
+        return planlib.rank_num_batches(self._sizes(), world, **kw)
+
+    def preload(self) -> None:
+        """Load every shard into shared memory (``in_memory=True``); later epochs open no files."""
+        if self._memory is not None:
+            return
+        m = self.manifest
+        limit = self.memory_limit if self.memory_limit is not None else _default_memory_limit()
+        if m.num_bytes > limit:
+            raise MemoryError(f"{m.base_url}: dataset is {m.num_bytes} bytes, over the in-memory "
+                              f"limit of {limit} bytes (memory_limit=...); use in_memory=False")
+        store = store_for(m)
+        memory = {}
+        for i, shard in enumerate(m.shards):
+            data = store.read_bytes(shard.url)
+            if len(data) != shard.num_bytes:
+                raise ShardError(store.url(shard.url), f"{len(data)} bytes, manifest says {shard.num_bytes}")
+            memory[i] = torch.frombuffer(bytearray(data), dtype=torch.uint8).share_memory_()
+        self._memory = memory
+
+    # ----------------------------------------------------------------- plan
+    def _plan(self, worker: int, num_workers: int) -> planlib.WorkerPlan:
+        rank, world = self.rank_world()
+        return planlib.epoch_plan(self._sizes(), seed=self.seed, epoch=self._epoch, rank=rank,
+                                  world_size=world, worker=worker, num_workers=num_workers,
+                                  shuffle=self.shuffle, block_size=self.block_size,
+                                  shuffle_buffer=self.shuffle_buffer, remainder=self.remainder,
+                                  batch_size=self.batch_size, drop_last=self.drop_last)
+
+    # ----------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if self.in_memory and self._memory is None:
+            self.preload()
+        consumed, shift = 0, 0
+        if self._resume is not None and self._resume["epoch"] == self._epoch:
+            state, self._resume = self._resume, None
+            if state["num_workers"] != num_workers:
+                raise ValueError(f"the state was saved with {state['num_workers']} loader workers; "
+                                 f"resume with the same number (got {num_workers})")
+            shift = state.get("shift", 0)
+            role = (worker + shift) % num_workers
+            consumed = state["consumed"].get(str(role), 0)
+        role = (worker + shift) % num_workers
+        self._role, self._emitted = role, consumed
+        plan = self._plan(role, num_workers)
+        self.skipped = 0
+        samples = self._emit(plan, consumed)
+        if self.batch_size is None:
+            for sample in samples:
+                self._emitted += 1
+                yield sample
+        else:
+            done = 0
+            for size in plan.batch_sizes:
+                if done + size <= consumed:
+                    done += size
+                    continue
+                take = size - max(0, consumed - done)
+                items = [next(samples) for _ in range(take)]
+                done += size
+                self._emitted += take
+                yield self._collate(items)
+        if self.skipped:
+            log.warning("shardkit: %d bad samples skipped (replaced) in epoch %d by worker %d",
+                        self.skipped, self._epoch, worker)
+
+    def _emit(self, plan: planlib.WorkerPlan, consumed: int) -> Iterator:
+        order = plan.order
+        start = planlib.resume_position(order, consumed)
+        already = set(order[:consumed].tolist()) if consumed else set()
+        reader = self._read(plan.spans, start)
+        held: dict[int, Any] = {}
+        last_good = None
+        for idx in order[consumed:].tolist():
+            while idx not in held:
+                pos, sample = next(reader)
+                if pos not in already:
+                    held[pos] = sample
+            sample = held.pop(idx)
+            if not isinstance(sample, _BadSample):
+                try:
+                    sample = self._process(sample)
+                except DecodeError as exc:
+                    sample = _BadSample(exc)
+            if isinstance(sample, _BadSample):
+                if self.on_error == "raise":
+                    raise sample.error
+                self.skipped += 1
+                if last_good is None:
+                    last_good = self._first_good(plan, reader, held)
+                sample = last_good
+            last_good = sample
+            yield sample
+
+    def _first_good(self, plan, reader, held):
+        """A replacement for a bad first sample: the next good one of this worker's stream."""
+        for pos in sorted(held):
+            cand = held[pos]
+            if not isinstance(cand, _BadSample):
+                try:
+                    return self._process(cand)
+                except DecodeError:
+                    continue
+        for pos, cand in reader:
+            held[pos] = cand
+            if not isinstance(cand, _BadSample):
+                try:
+                    return self._process(cand)
+                except DecodeError:
+                    continue
+        raise ShardError(self.manifest.base_url, "every sample of this worker's share is bad")
+
+    # ----------------------------------------------------------------- reading
+    def _read(self, spans, start: int) -> Iterator[tuple[int, Any]]:
+        """Yield ``(stream position, raw sample dict or _BadSample)`` from ``start`` on."""
+        m = self.manifest
+        store = store_for(m)
+        indexes: dict[int, np.ndarray] = {}
+        pos = 0
+        for span in spans:
+            n = span.stop - span.start
+            if pos + n <= start:
+                pos += n
+                continue
+            skip = max(0, start - pos)
+            first = span.start + skip
+            shard = m.shards[span.shard]
+            url = store.url(shard.url)
+            if span.shard not in indexes:
+                indexes[span.shard] = self._index(store, shard)
+            offsets = indexes[span.shard]
+            lo, hi = int(offsets[first]), int(offsets[span.stop])
+            got = 0
+            try:
+                for sample in self._samples(store, span.shard, shard.url, lo, hi):
+                    if got >= span.stop - first:
+                        raise ShardError(url, "holds more samples than its index says",
+                                         key=sample["__key__"])
+                    yield pos + skip + got, sample
+                    got += 1
+                if got != span.stop - first:
+                    raise ShardError(url, f"ended early: {got} of {span.stop - first} samples at "
+                                          f"bytes {lo}..{hi} (truncated or corrupt header)")
+            except (ShardError, tarfile.TarError, ValueError) as exc:
+                if not isinstance(exc, ShardError):
+                    exc = ShardError(url, f"corrupt tar data: {exc}")
+                if self.on_error == "raise":
+                    raise exc from None
+                for k in range(got, span.stop - first):
+                    yield pos + skip + k, _BadSample(exc)
+            pos += n
+
+    def _index(self, store, shard) -> np.ndarray:
+        data = store.read_bytes(shard.index_url)
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != shard.index_sha256:
+            raise ShardError(store.url(shard.index_url), "index sha256 differs from the manifest")
+        try:
+            return decode_index(data, shard.num_samples, shard.num_bytes, store.url(shard.index_url))
+        except ManifestError as exc:
+            raise ShardError(store.url(shard.index_url), str(exc)) from None
+
+    def _samples(self, store, shard_no: int, name: str, lo: int, hi: int) -> Iterator[dict]:
+        url = store.url(name)
+        if self._memory is not None:
+            import io
+
+            stream = io.BytesIO(memoryview(self._memory[shard_no].numpy())[lo:hi])
+        else:
+            stream = store.open_range(name, lo, hi)
+        try:
+            files = tar_file_iterator(stream)
+            checked = (_check_member(f, url) for f in files)
+            yield from group_by_keys(checked)
+        finally:
+            stream.close()
+
+    # ----------------------------------------------------------------- decoding
+    def _process(self, sample: dict):
+        key, url = sample["__key__"], sample["__url__"]
+        field = next((f for f in IMAGE_FIELDS if f in sample), None)
+        try:
+            if "cls" in sample:
+                text = sample["cls"]
+                if not (0 < len(text) <= 10 and text.isdigit()):
+                    raise ImageDecodeError(f"class label {text[:20]!r} is not a number")
+                label = int(text)
+            else:
+                label = -1
+            rng = None
+            if self.crop is not None:
+                rng = random.Random(f"{self.seed}/{self._epoch}/{key}")
+            if field is not None:
+                image = decode_image(sample[field], mode=self.decode, crop=self.crop, rng=rng,
+                                     max_pixels=self.max_pixels)
+            elif "npy" in sample:
+                image = decode_array(sample["npy"], crop=self.crop, rng=rng)
+                if self.decode == "pil":
+                    from PIL import Image
+
+                    image = Image.fromarray(image.permute(1, 2, 0).numpy())
+                elif self.decode == "raw":
+                    image = sample["npy"]
+            else:
+                raise ImageDecodeError("sample has no image (no jpg/png/webp/npy member)")
+        except ImageDecodeError as exc:
+            raise DecodeError(url, exc.reason, key=key) from None
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.with_keys:
+            return image, label, key
+        return image, label
+
+    def _collate(self, items: list):
+        images = [it[0] for it in items]
+        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        if isinstance(images[0], torch.Tensor):
+            shapes = {tuple(im.shape) for im in images}
+            if len(shapes) != 1:
+                raise ValueError(f"batch_size needs images of one size, got {sorted(shapes)[:3]}; "
+                                 "pass crop=shardkit.RandomResizedCrop(...) or CenterCrop(...)")
+            images = torch.stack(images)
+        if self.with_keys:
+            return images, labels, [it[2] for it in items]
+        return images, labels
+
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """Where this epoch stands: small, holds no sample data. Restore with ``load_state_dict``."""
+        rank, world = self.rank_world()
+        base = {"version": STATE_VERSION, "seed": self.seed, "epoch": self._epoch, "rank": rank,
+                "world_size": world}
+        info = get_worker_info()
+        if info is not None:  # inside a worker (torchdata's StatefulDataLoader asks here)
+            return {**base, "num_workers": info.num_workers, "shift": 0,
+                    "consumed": {str(self._role): self._emitted}}
+        if self._progress is not None:
+            return {**base, **self._progress_state()}
+        return {**base, "num_workers": 1, "shift": 0, "consumed": {"0": self._emitted}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state version {state.get('version')!r}")
+        rank, world = self.rank_world()
+        if state["seed"] != self.seed or state["world_size"] != world:
+            raise ValueError(f"state is from seed={state['seed']}, world_size={state['world_size']}; "
+                             f"this dataset has seed={self.seed}, world_size={world}")
+        self._epoch = state["epoch"]
+        info = get_worker_info()
+        if info is not None and self._resume is not None:  # merge per-worker states
+            self._resume["consumed"].update(state["consumed"])
+            return
+        self._resume = {"epoch": state["epoch"], "num_workers": state["num_workers"],
+                        "shift": state.get("shift", 0), "consumed": dict(state["consumed"])}
+
+    def _progress_state(self) -> dict:
+        """Per-role samples consumed, from the number of items the loader handed to the user."""
+        p = self._progress
+        W = p["num_workers"]
+        if W == 0:
+            return {"num_workers": 1, "shift": 0, "consumed": {"0": p["base"].get("0", 0) + p["samples"]}}
+        counts = []  # per DataLoader worker: remaining item sizes in order
+        for j in range(W):
+            role = (j + p["shift"]) % W
+            sizes = self._item_sizes(role, W)
+            done = p["base"].get(str(role), 0)
+            k = 0
+            while k < len(sizes) and done > 0:
+                done -= sizes[k]
+                k += 1
+            counts.append(sizes[k:])
+        taken = [0] * W
+        consumed = {str((j + p["shift"]) % W): p["base"].get(str((j + p["shift"]) % W), 0)
+                    for j in range(W)}
+        k, j, next_j = p["items"], 0, 0
+        while k > 0:
+            active = [w for w in range(W) if taken[w] < len(counts[w])]
+            if not active:
+                break
+            for w in range(W):
+                if k == 0:
+                    break
+                if taken[w] < len(counts[w]):
+                    role = str((w + p["shift"]) % W)
+                    consumed[role] += counts[w][taken[w]]
+                    taken[w] += 1
+                    k -= 1
+                    next_j = (w + 1) % W
+        return {"num_workers": W, "shift": (next_j + p["shift"]) % W if p["items"] else p["shift"],
+                "consumed": consumed}
+
+    def _item_sizes(self, role: int, num_workers: int) -> list[int]:
+        plan = self._plan(role, num_workers)
+        return list(plan.batch_sizes) if self.batch_size else [1] * plan.num_samples
+
+
+def _check_member(f: dict, url: str) -> dict:
+    name = f["fname"]
+    if not _MEMBER.fullmatch(name):
+        key = name.split(".", 1)[0][:64]
+        raise ShardError(url, f"member name {name[:80]!r} is not <key>.<field> (unsafe or foreign)",
+                         key=key)
+    f["__url__"] = url
+    return f
+
+
+def _default_memory_limit() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    except (ValueError, OSError, AttributeError):
+        return 8 * 10**9
