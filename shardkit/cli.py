@@ -155,7 +155,31 @@ def demo_main(argv=None) -> int:
     return run_demo(args.dir)
 
 
-VERBS = {"pack": pack_main, "show": show_main, "verify": verify_main, "demo": demo_main}
+def bench_main(argv=None) -> int:
+    from pathlib import Path
+
+    from .bench import format_report, run
+
+    p = argparse.ArgumentParser(prog="shardkit bench",
+                                description="Compare loaders on the same images in one run.")
+    p.add_argument("source", nargs="?", help="image folder (default: make a synthetic one)")
+    p.add_argument("--out", default="bench-out", help="working folder (default ./bench-out)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    report = run(Path(args.source) if args.source else None, Path(args.out), classes=args.classes,
+                 per_class=args.per_class, batch_size=args.batch_size, workers=args.workers,
+                 repeats=args.repeats)
+    print(format_report(report))
+    print(f"(JSON: {Path(args.out) / 'bench.json'})")
+    return 0
+
+
+VERBS = {"pack": pack_main, "show": show_main, "verify": verify_main, "demo": demo_main,
+         "bench": bench_main}
 
 
 def main(argv=None) -> int:

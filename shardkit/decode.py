@@ -213,15 +213,21 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.frombuffer(bytearray(planes), dtype=torch.uint8).view(len(im.getbands()), h, w)
 
 
+def _data_error(exc: BaseException) -> ImageDecodeError:
+    msg = str(exc) or type(exc).__name__
+    kind = "truncated" if "truncated" in msg.lower() or isinstance(exc, EOFError) else "corrupt"
+    return ImageDecodeError(f"{kind} image: {msg}")
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError("not an image (format not recognised)") from None
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError("not an image (format not recognised)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image is over the pixel limit ({exc})") from None
+        raise ImageDecodeError(f"image is over the pixel limit ({exc})") from exc
     except _DATA_ERRORS as exc:
-        raise ImageDecodeError(f"corrupt image header: {exc}") from None
+        raise _data_error(exc) from exc
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -278,12 +284,7 @@ def decode_image(data: bytes, *, mode: str = "uint8", crop: Optional[CropRecipe]
         out = _decode_pil(im, p, resample)
         return out if mode == "pil" else pil_to_tensor(out)
     except _DATA_ERRORS as exc:
-        if isinstance(exc, ImageDecodeError):
-            raise
-        msg = str(exc) or type(exc).__name__
-        if "truncated" in msg or isinstance(exc, EOFError):
-            raise ImageDecodeError(f"truncated image: {msg}") from None
-        raise ImageDecodeError(f"corrupt image: {msg}") from None
+        raise _data_error(exc) from exc
 
 
 def _tv_resize(chw: torch.Tensor, out_hw: Tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -311,7 +312,7 @@ def _load_npy(data: bytes) -> np.ndarray:
     except _DATA_ERRORS as exc:
         if isinstance(exc, ImageDecodeError):
             raise
-        raise ImageDecodeError(f"not a valid .npy array: {exc}") from None
+        raise ImageDecodeError(f"not a valid .npy array: {exc}") from exc
     if dtype.hasobject:
         raise ImageDecodeError("array holds Python objects (pickle); refused")
     if dtype != np.uint8:
