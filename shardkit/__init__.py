@@ -12,8 +12,23 @@ __all__ = [
     "DecodeError", "DestinationError", "Manifest", "ManifestError", "ShardError", "ShardInfo",
     "ShardkitError", "SourceError", "pack_folder", "verify",
 ]
-from .decode import CenterCrop, RandomResizedCrop
-from .dataset import StreamingDataset
-from .loader import GpuPrefetcher, make_loader
 
-__all__ += ["CenterCrop", "GpuPrefetcher", "RandomResizedCrop", "StreamingDataset", "make_loader"]
+# The read path imports torch; packing workers (spawned processes) must not pay for that, so these
+# names are imported on first use.
+_LAZY = {"CenterCrop": "decode", "RandomResizedCrop": "decode", "StreamingDataset": "dataset",
+         "GpuPrefetcher": "loader", "make_loader": "loader"}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'shardkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -44,6 +44,7 @@ def pack_main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in DEST")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     args = p.parse_args(argv)
+    caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -52,8 +53,6 @@ def pack_main(argv=None) -> int:
                             workers=args.workers, seed=args.seed, shuffle=not args.no_shuffle,
                             on_error=args.on_error, resume=args.resume, overwrite=args.overwrite,
                             progress=not args.quiet)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
     except ValueError as exc:
         if isinstance(exc, ShardkitError):
             print(f"error: {exc}", file=sys.stderr)
@@ -63,6 +62,9 @@ def pack_main(argv=None) -> int:
     except ShardkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:  # also when packing failed: a warning may explain the failure
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
     if not args.quiet:
         s = m.stats
         resumed = f", {s['resumed_shards']} shards reused" if s["resumed_shards"] else ""

@@ -2,9 +2,11 @@
 
 Per worker and epoch, :func:`shardkit.plan.epoch_plan` says which sample spans to read and in which
 order to emit them. The worker reads its spans sequentially (a range read from the byte offset in
-the shard's index file), parses tar members with webdataset's ``tar_file_iterator`` and
-``group_by_keys``, holds read samples until the plan emits them (at most ``shuffle_buffer``), then
-decodes (with a decode-fused crop), transforms and batches them.
+the shard's index file), parses tar members with :mod:`tarfile` in stream mode and groups them into
+samples at the index's byte boundaries (so a bad sample costs only itself: reading restarts at the
+next offset), holds read samples until the plan emits them (at most ``shuffle_buffer``), then
+decodes (with a decode-fused crop), transforms and batches them. The epoch is kept in shared memory
+so that persistent DataLoader workers see ``set_epoch``.
 
 Exactness: each span must yield exactly the samples the manifest and index promise. A shard that
 ends early, holds more, or has a bad member is an error naming the shard URL and key
@@ -25,7 +27,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import plan as planlib
 from .decode import MAX_PIXELS, ImageDecodeError, decode_array, decode_image
@@ -106,13 +107,32 @@ class StreamingDataset(IterableDataset):
         self.remainder, self.drop_last = remainder, drop_last
         self.block_size, self.shuffle_buffer, self.max_pixels = block_size, shuffle_buffer, max_pixels
         self._manifest = None
-        self._epoch = 0
+        # The epoch lives in shared memory: DataLoader workers (persistent ones included) hold a
+        # copy of the dataset made when they start, and must still see later ``set_epoch`` calls.
+        self._epoch_cell = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._resume: dict | None = None  # applied to the next iteration of its epoch
         self._emitted = 0  # samples this process's iterator has emitted (worker state)
         self._role = 0
         self._progress: dict | None = None  # set by shardkit's loader: items consumed by the user
         self._memory: dict[int, torch.Tensor] | None = None
+        self._offsets_cache: dict[int, np.ndarray] = {}  # filled by preload (in_memory=True)
         self.skipped = 0
+
+    @property
+    def _epoch(self) -> int:
+        return int(self._epoch_cell[0])
+
+    @_epoch.setter
+    def _epoch(self, epoch: int) -> None:
+        self._epoch_cell[0] = epoch
+
+    def __getstate__(self) -> dict:
+        # Pickled for a spawned DataLoader worker: torch.distributed is not initialized there, so
+        # the rank and world size are fixed now, in the process that knows them.
+        state = self.__dict__.copy()
+        if state["_world_arg"] is None:
+            state["_rank_arg"], state["_world_arg"] = self.rank_world()
+        return state
 
     # ----------------------------------------------------------------- setup
     @property
@@ -134,6 +154,8 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
+        if epoch != self._epoch:  # progress counts belong to the previous epoch
+            self._emitted, self._progress = 0, None
         self._epoch = epoch
 
     def __len__(self) -> int:
@@ -154,13 +176,14 @@ class StreamingDataset(IterableDataset):
             raise MemoryError(f"{m.base_url}: dataset is {m.num_bytes} bytes, over the in-memory "
                               f"limit of {limit} bytes (memory_limit=...); use in_memory=False")
         store = store_for(m)
-        memory = {}
+        memory, offsets = {}, {}
         for i, shard in enumerate(m.shards):
             data = store.read_bytes(shard.url)
             if len(data) != shard.num_bytes:
                 raise ShardError(store.url(shard.url), f"{len(data)} bytes, manifest says {shard.num_bytes}")
             memory[i] = torch.frombuffer(bytearray(data), dtype=torch.uint8).share_memory_()
-        self._memory = memory
+            offsets[i] = self._index(store, shard)
+        self._memory, self._offsets_cache = memory, offsets
 
     # ----------------------------------------------------------------- plan
     def _plan(self, worker: int, num_workers: int) -> planlib.WorkerPlan:
@@ -180,7 +203,7 @@ class StreamingDataset(IterableDataset):
         consumed, shift = 0, 0
         if self._resume is not None and self._resume["epoch"] == self._epoch:
             state, self._resume = self._resume, None
-            if state["num_workers"] != num_workers:
+            if state["num_workers"] != num_workers and any(state["consumed"].values()):
                 raise ValueError(f"the state was saved with {state['num_workers']} loader workers; "
                                  f"resume with the same number (got {num_workers})")
             shift = state.get("shift", 0)
@@ -254,47 +277,57 @@ class StreamingDataset(IterableDataset):
                     return self._process(cand)
                 except DecodeError:
                     continue
-        raise ShardError(self.manifest.base_url, "every sample of this worker's share is bad")
+        # Every sample of this worker's share is bad: borrow the dataset's first good sample, so
+        # that this rank still yields as many samples as the others.
+        spans = tuple(planlib.Span(i, 0, n) for i, n in enumerate(self._sizes()) if n)
+        for _, cand in self._read(spans, 0):
+            if not isinstance(cand, _BadSample):
+                try:
+                    return self._process(cand)
+                except DecodeError:
+                    continue
+        raise ShardError(self.manifest.base_url, "every sample of the dataset is bad")
 
     # ----------------------------------------------------------------- reading
     def _read(self, spans, start: int) -> Iterator[tuple[int, Any]]:
-        """Yield ``(stream position, raw sample dict or _BadSample)`` from ``start`` on."""
+        """Yield ``(stream position, raw sample dict or _BadSample)`` from ``start`` on.
+
+        A failure costs only the sample it hits: reading restarts at the next sample's byte offset
+        from the index, so under ``on_error="skip"`` every other sample of the shard still comes.
+        """
         m = self.manifest
         store = store_for(m)
-        indexes: dict[int, np.ndarray] = {}
         pos = 0
         for span in spans:
             n = span.stop - span.start
             if pos + n <= start:
                 pos += n
                 continue
-            skip = max(0, start - pos)
-            first = span.start + skip
-            shard = m.shards[span.shard]
-            url = store.url(shard.url)
-            if span.shard not in indexes:
-                indexes[span.shard] = self._index(store, shard)
-            offsets = indexes[span.shard]
-            lo, hi = int(offsets[first]), int(offsets[span.stop])
-            got = 0
-            try:
-                for sample in self._samples(store, span.shard, shard.url, lo, hi):
-                    if got >= span.stop - first:
-                        raise ShardError(url, "holds more samples than its index says",
-                                         key=sample["__key__"])
-                    yield pos + skip + got, sample
-                    got += 1
-                if got != span.stop - first:
-                    raise ShardError(url, f"ended early: {got} of {span.stop - first} samples at "
-                                          f"bytes {lo}..{hi} (truncated or corrupt header)")
-            except (ShardError, tarfile.TarError, ValueError) as exc:
-                if not isinstance(exc, ShardError):
-                    exc = ShardError(url, f"corrupt tar data: {exc}")
-                if self.on_error == "raise":
-                    raise exc from None
-                for k in range(got, span.stop - first):
-                    yield pos + skip + k, _BadSample(exc)
+            offsets = self._shard_offsets(store, span.shard)
+            j = span.start + max(0, start - pos)
+            while j < span.stop:
+                try:
+                    for sample in self._samples(store, span.shard, offsets, j, span.stop):
+                        yield pos + j - span.start, sample
+                        j += 1
+                except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+                    if not isinstance(exc, ShardError):
+                        exc = ShardError(store.url(m.shards[span.shard].url),
+                                         f"corrupt tar data at sample {j}: {exc}")
+                    if self.on_error == "raise":
+                        raise exc from None
+                    if j < span.stop:
+                        yield pos + j - span.start, _BadSample(exc)
+                    else:  # extra data after the shard's last sample: no slot to fill
+                        self.skipped += 1
+                        log.warning("shardkit: %s", exc)
+                    j += 1
             pos += n
+
+    def _shard_offsets(self, store, shard_no: int) -> np.ndarray:
+        if shard_no in self._offsets_cache:
+            return self._offsets_cache[shard_no]
+        return self._index(store, self.manifest.shards[shard_no])
 
     def _index(self, store, shard) -> np.ndarray:
         data = store.read_bytes(shard.index_url)
@@ -307,18 +340,62 @@ class StreamingDataset(IterableDataset):
         except ManifestError as exc:
             raise ShardError(store.url(shard.index_url), str(exc)) from None
 
-    def _samples(self, store, shard_no: int, name: str, lo: int, hi: int) -> Iterator[dict]:
-        url = store.url(name)
+    def _samples(self, store, shard_no: int, offsets: np.ndarray, first: int,
+                 stop: int) -> Iterator[dict]:
+        """Samples ``first .. stop-1`` of a shard, each checked against the index's boundaries.
+
+        Reads the byte range from ``offsets[first]`` (to the end of the archive when ``stop`` is
+        the shard's last sample, so extra members are noticed). A sample is complete, and yielded,
+        when a member ends exactly at the next offset; anything else is a ``ShardError`` naming
+        the shard URL and the key.
+        """
+        shard = self.manifest.shards[shard_no]
+        url = store.url(shard.url)
+        lo = int(offsets[first])
+        hi = shard.num_bytes if stop == len(offsets) - 1 else int(offsets[stop])
+        ends = (offsets[first + 1:stop + 1] - lo).tolist()
         if self._memory is not None:
             import io
 
             stream = io.BytesIO(memoryview(self._memory[shard_no].numpy())[lo:hi])
         else:
-            stream = store.open_range(name, lo, hi)
+            stream = store.open_range(shard.url, lo, hi)
+        current: dict | None = None
+        k, prev = 0, None
         try:
-            files = tar_file_iterator(stream)
-            checked = (_check_member(f, url) for f in files)
-            yield from group_by_keys(checked)
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            for info in tar:
+                key, field = _split_member(info.name, url)
+                if k >= len(ends):
+                    raise ShardError(url, f"holds more samples than its index says ({info.name!r} "
+                                          "after the last one)", key=key)
+                if not info.isreg():
+                    raise ShardError(url, f"member {info.name!r} is not a regular file", key=key)
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                elif key != current["__key__"]:
+                    raise ShardError(url, f"member {info.name!r} lies inside sample "
+                                          f"{current['__key__']!r} by the index", key=key)
+                if field in current:
+                    raise ShardError(url, f"duplicate member {info.name!r}", key=key)
+                try:
+                    current[field] = tar.extractfile(info).read()
+                except (tarfile.TarError, EOFError) as exc:
+                    raise ShardError(url, f"member {info.name!r} is truncated: {exc}",
+                                     key=key) from None
+                if tar.offset >= ends[k]:
+                    if tar.offset != ends[k]:
+                        raise ShardError(url, f"member {info.name!r} crosses the index's sample "
+                                              "boundary", key=key)
+                    yield current
+                    prev, current, k = key, None, k + 1
+            if k < len(ends):
+                key = None if current is None else current["__key__"]
+                raise ShardError(url, f"ended early at sample {first + k} of {len(offsets) - 1} "
+                                      f"(after {prev!r}): truncated or corrupt tar header", key=key)
+        except tarfile.TarError as exc:
+            raise ShardError(url, f"corrupt tar data at sample {first + k} (after {prev!r}): "
+                                  f"{exc}") from None
         finally:
             stream.close()
 
@@ -441,14 +518,14 @@ class StreamingDataset(IterableDataset):
         return list(plan.batch_sizes) if self.batch_size else [1] * plan.num_samples
 
 
-def _check_member(f: dict, url: str) -> dict:
-    name = f["fname"]
+def _split_member(name: str, url: str) -> tuple[str, str]:
+    """``<key>.<field>`` of a member name (field lower-cased); anything else is a ShardError."""
     if not _MEMBER.fullmatch(name):
         key = name.split(".", 1)[0][:64]
         raise ShardError(url, f"member name {name[:80]!r} is not <key>.<field> (unsafe or foreign)",
                          key=key)
-    f["__url__"] = url
-    return f
+    key, field = name.split(".", 1)
+    return key, field.lower()
 
 
 def _default_memory_limit() -> int:

@@ -50,17 +50,39 @@ class EncodeOptions:
     max_pixels: int = MAX_PIXELS
 
 
-def member(name: str, data: bytes) -> bytes:
-    """One tar member: a reproducible USTAR header, the data, zero padding to 512 bytes."""
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mtime = MTIME
     info.mode = FILE_MODE
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+# Python's tarfile builds the reference header once; per member only the name, the size and the
+# checksum change (byte-identical to ``_tarfile_header``, about 10x faster; tested).
+_TEMPLATE = bytearray(_tarfile_header("", 0))
+_TEMPLATE[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
+        return _tarfile_header(name, size)
+    header = bytearray(_TEMPLATE)
+    header[0:len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    checksum = _TEMPLATE_SUM + sum(raw) + sum(header[124:136]) - sum(_TEMPLATE[124:136])
+    header[148:156] = b"%06o\0 " % checksum
+    return bytes(header)
+
+
+def member(name: str, data: bytes) -> bytes:
+    """One tar member: a reproducible USTAR header, the data, zero padding to 512 bytes."""
     pad = (-len(data)) % BLOCK
-    return b"".join((header, data, b"\0" * pad))
+    return b"".join((tar_header(name, len(data)), data, b"\0" * pad))
 
 
 def encode_sample(item: Item, opts: EncodeOptions):

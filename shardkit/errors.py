@@ -10,7 +10,11 @@ class ShardkitError(Exception):
 class SourceError(ShardkitError, ValueError):
     """A source file or folder cannot be packed (corrupt, unreadable, wrong type, ...)."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str | None = None):
+        if reason is None:  # re-created from its message (e.g. by DataLoader in the main process)
+            super().__init__(str(path))
+            self.path, _, self.reason = str(path).partition(": ")
+            return
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
@@ -27,7 +31,11 @@ class ManifestError(ShardkitError, ValueError):
 class ShardError(ShardkitError, IOError):
     """A shard cannot be read as the manifest describes it (names the shard URL and sample key)."""
 
-    def __init__(self, url, reason: str, key=None):
+    def __init__(self, url, reason: str | None = None, key=None):
+        if reason is None:  # re-created from its message (e.g. by DataLoader in the main process)
+            super().__init__(str(url))
+            self.url, self.key, self.reason = str(url), key, str(url)
+            return
         self.url = str(url)
         self.key = key
         self.reason = reason

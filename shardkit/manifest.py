@@ -11,9 +11,7 @@ end-of-archive blocks start. A reader can seek to any sample without reading wha
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -56,11 +54,12 @@ class Manifest:
     created_by: str = field(default_factory=_version)
     base_url: str | None = field(default=None, compare=False, repr=False)  # where it was loaded from
     stats: dict | None = field(default=None, compare=False, repr=False)  # set by pack_folder
+    store: Any = field(default=None, compare=False, repr=False)  # where shards are read from
 
     def to_json(self) -> str:
-        data = asdict(self)
-        data.pop("base_url")
-        data.pop("stats")
+        skip = ("base_url", "stats", "store")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        data["shards"] = [asdict(s) for s in self.shards]
         return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
     @property
@@ -88,17 +87,25 @@ class Manifest:
         return manifest
 
     @classmethod
-    def load(cls, source: str | os.PathLike, storage_options: dict | None = None) -> "Manifest":
-        """Load from a dataset folder or a manifest path."""
-        path = Path(source).expanduser()
-        if path.is_dir():
-            path = path / MANIFEST_NAME
-        if not path.exists():
-            folder = path.parent
-            hint = " (an unfinished pack? re-run pack with --resume)" if any(folder.glob("*.tar")) else ""
-            raise ManifestError(f"{path}: no manifest found{hint}")
-        manifest = cls.from_json(path.read_bytes(), str(path))
-        manifest.base_url = str(path.parent)
+    def load(cls, source, storage_options: dict | None = None) -> "Manifest":
+        """Load from a dataset folder, a manifest path, or an s3:// / http(s):// URL of either."""
+        from .errors import ShardError
+        from .storage import LocalStore, make_store
+
+        store, name = make_store(source, storage_options)
+        where = store.url(name)
+        if isinstance(store, LocalStore) and not (store.base / name).exists():
+            hint = ""
+            if store.base.is_dir() and any(store.base.glob("*.tar")):
+                hint = " (an unfinished pack? re-run pack with --resume)"
+            raise ManifestError(f"{where}: no manifest found{hint}")
+        try:
+            data = store.read_bytes(name)
+        except ShardError as exc:
+            raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
+        manifest = cls.from_json(data, where)
+        manifest.base_url = store.url("").rstrip("/")
+        manifest.store = store
         return manifest
 
 

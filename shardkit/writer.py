@@ -34,6 +34,7 @@ from .encode import MAX_PIXELS, EncodeOptions, encode_sample
 from .errors import DestinationError, SourceError
 from .folder import Item, scan_folder
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, encode_index
+from .storage import make_dest
 
 JOURNAL_NAME = ".shardkit-pack.json"
 END_OF_ARCHIVE = b"\0" * 1024
@@ -81,8 +82,6 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
         raise ValueError(f"max_samples must be at least 1, got {max_samples!r}")
     if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
         raise ValueError(f"prefix must be letters, digits or _, got {prefix!r}")
-    if storage_options:
-        raise NotImplementedError("storage_options: object-storage destinations are not supported yet")
     limit = parse_bytes(max_bytes)
     workers = _default_workers() if workers is None else max(1, int(workers))
 
@@ -110,7 +109,16 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
                "source_kind": kind}
     options["fingerprint"] = _fingerprint(options, order)
 
-    out = Path(dest).expanduser()
+    out = make_dest(dest, storage_options)
+    try:
+        return _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples, prefix,
+                     on_error, resume, overwrite, progress, kind, mode, started)
+    finally:
+        out.close()
+
+
+def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples, prefix, on_error,
+          resume, overwrite, progress, kind, mode, started) -> Manifest:
     done = _prepare_dest(out, prefix, options["fingerprint"], resume, overwrite)
     if isinstance(done, Manifest):
         return done
@@ -147,10 +155,10 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
     manifest = Manifest(classes=scan.classes, num_samples=sum(s.num_samples for s in writer.shards),
                         shards=writer.shards, options=options, skipped=writer.skipped,
                         ignored=scan.ignored, tensor=tensor)
-    _atomic_write(out / MANIFEST_NAME, manifest.to_json().encode("utf-8"))
-    (out / JOURNAL_NAME).unlink(missing_ok=True)
-    _remove_temporaries(out)
-    manifest.base_url = str(out)
+    out.write_atomic(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+    out.remove(JOURNAL_NAME)
+    out.remove_temporaries()
+    manifest.base_url = out.url("").rstrip("/")
     manifest.stats = {"seconds": time.perf_counter() - started, "bytes": manifest.num_bytes,
                       "samples": manifest.num_samples, "shards": len(manifest.shards),
                       "skipped": len(manifest.skipped), "ignored": scan.ignored,
@@ -179,113 +187,69 @@ def _fingerprint(options: dict, order: list[Item]) -> str:
 # --------------------------------------------------------------------------- destination
 
 
-def _ours(out: Path, prefix: str) -> list[Path]:
+def _ours(out, prefix: str) -> list[str]:
     pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.(tar|idx)")
-    return [p for p in out.iterdir() if pattern.fullmatch(p.name)]
+    return [name for name in out.names() if pattern.fullmatch(name)]
 
 
-def _remove_temporaries(out: Path) -> None:
-    for p in out.iterdir():
-        if p.name.startswith(".") and ".tmp-" in p.name:
-            p.unlink(missing_ok=True)
-
-
-def _prepare_dest(out: Path, prefix: str, fingerprint: str, resume: bool, overwrite: bool):
+def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: bool):
     """Check the destination. Returns a finished Manifest, or (journal, consumed, skipped, tensor)."""
-    if out.exists() and not out.is_dir():
-        raise DestinationError(f"{out}: destination exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path, journal_path = out / MANIFEST_NAME, out / JOURNAL_NAME
+    out.prepare()
     if overwrite:
-        for p in _ours(out, prefix) + [manifest_path, journal_path]:
-            p.unlink(missing_ok=True)
-        _remove_temporaries(out)
+        for name in _ours(out, prefix) + [MANIFEST_NAME, JOURNAL_NAME]:
+            out.remove(name)
+        out.remove_temporaries()
         return [], 0, [], None
-    if manifest_path.exists():
+    if out.exists(MANIFEST_NAME):
         try:
-            existing = Manifest.load(out)
+            existing = Manifest.from_json(out.read_bytes(MANIFEST_NAME), out.url(MANIFEST_NAME))
         except Exception as exc:
-            raise DestinationError(f"{out}: holds a manifest that cannot be read ({exc}); "
+            raise DestinationError(f"{out.url('')}: holds a manifest that cannot be read ({exc}); "
                                    "use an empty folder or overwrite=True") from exc
         if resume and existing.options.get("fingerprint") == fingerprint:
+            existing.base_url = out.url("").rstrip("/")
             existing.stats = {"seconds": 0.0, "samples": existing.num_samples,
                               "shards": len(existing.shards), "bytes": existing.num_bytes,
                               "skipped": len(existing.skipped), "ignored": existing.ignored,
                               "resumed_shards": len(existing.shards)}
             return existing
-        raise DestinationError(f"{out}: already holds a different dataset ({existing.num_samples} "
-                               "samples); use an empty folder or overwrite=True (--overwrite)")
+        if existing.options.get("fingerprint") == fingerprint:
+            raise DestinationError(f"{out.url('')}: already holds this dataset (same files and "
+                                   "options); pass resume=True (--resume) to keep it or "
+                                   "overwrite=True (--overwrite) to pack again")
+        raise DestinationError(f"{out.url('')}: already holds a different dataset "
+                               f"({existing.num_samples} samples); use an empty folder or "
+                               "overwrite=True (--overwrite)")
     journal = None
-    if journal_path.exists():
+    raw = out.read_bytes(JOURNAL_NAME)
+    if raw is not None:
         try:
-            journal = json.loads(journal_path.read_text())
+            journal = json.loads(raw)
         except ValueError:
             journal = None
     if not resume:
         if journal is not None or _ours(out, prefix):
-            raise DestinationError(f"{out}: holds an unfinished pack; pass resume=True (--resume) "
-                                   "to continue it, or overwrite=True (--overwrite) to start over")
+            raise DestinationError(f"{out.url('')}: holds an unfinished pack; pass resume=True "
+                                   "(--resume) to continue it, or overwrite=True (--overwrite) "
+                                   "to start over")
         return [], 0, [], None
-    _remove_temporaries(out)
+    out.remove_temporaries()
     if journal is None:
         return [], 0, [], None
     if journal.get("fingerprint") != fingerprint:
-        raise DestinationError(f"{out}: holds an unfinished pack of different files or options; "
-                               "use an empty folder or overwrite=True (--overwrite)")
+        raise DestinationError(f"{out.url('')}: holds an unfinished pack of different files or "
+                               "options; use an empty folder or overwrite=True (--overwrite)")
     entries: list[dict] = []
     consumed = 0
     for entry in journal["shards"]:
-        if not _shard_intact(out, ShardInfo(**entry["shard"])):
+        info = ShardInfo(**entry["shard"])
+        if not (out.intact(info.url, info.num_bytes, info.sha256)
+                and out.intact(info.index_url, None, info.index_sha256)):
             break
         entries.append(entry)
         consumed = entry["consumed"]
     skipped = [s for s in journal["skipped"] if s["pos"] < consumed]
     return entries, consumed, skipped, journal.get("tensor") if entries else None
-
-
-def _shard_intact(out: Path, info: ShardInfo) -> bool:
-    for name, size, digest in ((info.url, info.num_bytes, info.sha256),
-                               (info.index_url, None, info.index_sha256)):
-        path = out / name
-        try:
-            if size is not None and path.stat().st_size != size:
-                return False
-            if _sha256_file(path) != digest:
-                return False
-        except OSError:
-            return False
-    return True
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -404,7 +368,7 @@ class _ShardWriter:
         return f"{self.prefix}-{len(self.shards):06d}.{ext}"
 
     def _open_shard(self) -> None:
-        self._tmp = self.out / f".{self._name('tar')}.tmp-{uuid.uuid4().hex}"
+        self._tmp = self.out.staging / f".{self._name('tar')}.tmp-{uuid.uuid4().hex}"
         self._file = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
         self._size = 0
@@ -421,9 +385,8 @@ class _ShardWriter:
         self._file = None
         tar_name, idx_name = self._name("tar"), self._name("idx")
         index = encode_index(self._offsets + [self._size])
-        _atomic_write(self.out / idx_name, index)
-        os.replace(self._tmp, self.out / tar_name)
-        _fsync_dir(self.out)
+        self.out.write_atomic(idx_name, index)
+        self.out.commit(self._tmp, tar_name)
         info = ShardInfo(url=tar_name, num_samples=self._n, num_bytes=self._size + len(END_OF_ARCHIVE),
                          sha256=self._hash.hexdigest(), index_url=idx_name,
                          index_sha256=hashlib.sha256(index).hexdigest())
@@ -432,4 +395,4 @@ class _ShardWriter:
         journal = {"fingerprint": self.fingerprint, "shards": self.journal,
                    "skipped": [s for s in self.skipped if s["pos"] < consumed],
                    "tensor": self.tensor_info}
-        _atomic_write(self.out / JOURNAL_NAME, json.dumps(journal).encode())
+        self.out.write_atomic(JOURNAL_NAME, json.dumps(journal).encode())

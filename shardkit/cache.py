@@ -1,0 +1,299 @@
+"""A size-bounded shard cache on local disk, shared by processes, streaming while it downloads.
+
+Storage-agnostic: callers pass ``fetch(offset)``, which yields the shard's bytes from ``offset``
+(retrying network faults itself), and the manifest's ``size`` and ``sha256``. A final name
+(``sha256(url)[:32].tar``) only ever holds a complete, verified file (unique temp, fsync, check,
+rename); one mismatch downloads again, a second raises :class:`CacheIntegrityError`. One download
+per machine: the downloader holds ``flock`` on ``<name>.lock`` (it dies with the process; a forked
+child drops its copies); others wait on it, then read the finished file. ``read()`` follows the
+download as it is written, raises its errors, and returns ``b""`` only once the shard is verified
+and unlocked. Early close: the download goes on to completion in the background (daemon thread).
+After each added file, LRU files (mtime, touched on hits) are evicted down to ``limit``, never a
+locked one nor the new one, and temps whose lock is free (killed processes) are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import os
+import re
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Optional
+
+from .errors import ShardError
+
+__all__ = ["CacheIntegrityError", "ShardCache"]
+
+Fetch = Callable[[int], Iterable[bytes]]
+_NAME = re.compile(r"^[0-9a-f]{32}\.tar$")
+_TEMP = re.compile(r"^\.([0-9a-f]{32}\.tar)\.tmp-[0-9a-f]{32}$")
+_BUFFER = 256 << 10
+_HELD: set[int] = set()  # lock fds this process holds
+
+
+class CacheIntegrityError(ShardError):
+    """A downloaded shard does not match the manifest's size and sha256 (names the shard URL)."""
+
+
+def _lock(path: Path, blocking: bool = True) -> Optional[int]:
+    """An fd holding ``flock(LOCK_EX)`` on ``path`` (created if needed); None if busy, non-blocking."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    _HELD.add(fd)  # before flock: a fork while we wait must not leave the child holding it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BaseException as exc:
+        _unlock(fd)
+        if isinstance(exc, BlockingIOError):
+            return None
+        raise
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    _HELD.discard(fd)
+    os.close(fd)
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's locks, or the child waits on itself."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class _State:
+    """What a download and its reader share, guarded by ``cond``."""
+
+    def __init__(self, fds: list[int], users: int = 2, written: int = 0, done: bool = False):
+        self.cond = threading.Condition()
+        self.fds = fds  # one fd per attempt, the last is current; closed by the last user
+        self.written = written  # bytes the current attempt has written
+        self.done = done  # verified, in place, unlocked
+        self.error: Optional[BaseException] = None
+        self.users = users  # the download thread and the reader
+
+    def drop(self) -> None:
+        with self.cond:
+            self.users -= 1
+            if self.users == 0:
+                for fd in self.fds:
+                    os.close(fd)
+
+
+class _Reader(io.RawIOBase):
+    """Bytes ``[start, stop)`` of a shard, following its download's current attempt by ``pread``."""
+
+    def __init__(self, url: str, state: _State, start: int, stop: int):
+        super().__init__()
+        self._url, self._st, self._start, self._stop = url, state, start, stop
+        self._pos, self._attempt = start, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _ready(self) -> bool:
+        st = self._st
+        if st.error is not None or not st.fds:
+            return st.error is not None
+        if self._attempt != len(st.fds) - 1:  # a new attempt: ready once it covers what we returned
+            return st.written >= self._pos
+        return st.written > self._pos if self._pos < self._stop else st.done  # EOF once verified
+
+    def readinto(self, buf) -> int:
+        st = self._st
+        while len(buf):
+            with st.cond:
+                st.cond.wait_for(self._ready)
+                if st.error is not None:
+                    raise st.error
+                newest, avail = len(st.fds) - 1, min(st.written, self._stop) - self._pos
+                old, cur = st.fds[self._attempt], st.fds[newest]
+            if newest == self._attempt:
+                data = os.pread(cur, min(len(buf), avail), self._pos) if avail > 0 else b""
+                buf[:len(data)] = data
+                self._pos += len(data)
+                return len(data)
+            for pos in range(self._start, self._pos, 1 << 20):  # we returned bytes of a bad attempt
+                n = min(1 << 20, self._pos - pos)
+                if os.pread(old, n, pos) != os.pread(cur, n, pos):
+                    raise CacheIntegrityError(self._url, "bytes already returned by read() came "
+                                              "from a corrupt download and differ from the shard")
+            self._attempt = newest
+        return 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._st.drop()
+        super().close()
+
+
+class ShardCache:
+    """Shards under ``cache_dir``, at most ``limit`` bytes of complete files (None: no limit).
+
+    Shared safely by threads, DataLoader workers and ranks on one machine. No I/O until used."""
+
+    def __init__(self, cache_dir: str | os.PathLike, limit: int | None = None):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be None or a non-negative number of bytes, got {limit!r}")
+        self.cache_dir = Path(cache_dir)
+        self.limit = limit
+
+    def path_for(self, url: str) -> Path:
+        """Where the complete shard for ``url`` lives: a hash, so no collisions and no URL text."""
+        return self.cache_dir / (hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + ".tar")
+
+    def cached(self, url: str, size: int, sha256: str) -> Path | None:
+        """The complete cached file, touched for LRU, or None. (Its sha256 was checked when added.)"""
+        path = self.path_for(url)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size == size:
+                os.utime(path, ns=(time.time_ns(),) * 2)
+                return path
+        return None
+
+    def open(self, url: str, *, size: int, sha256: str, fetch: Fetch, start: int = 0,
+             stop: int | None = None) -> BinaryIO:
+        """A readable binary file over bytes ``[start, stop)`` of the shard at ``url``: from disk
+        when cached, else downloaded once per machine and returned as the bytes arrive."""
+        stop = size if stop is None else stop
+        if not (isinstance(size, int) and 0 <= start <= stop <= size):
+            raise ValueError(f"need 0 <= start <= stop <= size, got {start=}, {stop=}, {size=}")
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(url)
+        opened = self._open_cached(url, size, sha256, start, stop)
+        if opened is not None:
+            return opened
+        lock = _lock(path.with_name(path.name + ".lock"))
+        try:
+            opened = self._open_cached(url, size, sha256, start, stop)  # finished while we waited?
+            if opened is not None:
+                _unlock(lock)
+                return opened
+            for temp in self.cache_dir.glob(f".{path.name}.tmp-*"):  # only we write these now
+                temp.unlink(missing_ok=True)
+            reader = _Reader(url, state := _State([]), start, stop)
+            threading.Thread(target=self._download, args=(url, size, sha256.lower(), fetch, lock,
+                             state), name=f"shardkit-cache-{path.stem[:8]}", daemon=True).start()
+        except BaseException:
+            _unlock(lock)
+            raise
+        return io.BufferedReader(reader, buffer_size=_BUFFER)  # type: ignore[return-value]
+
+    def _open_cached(self, url: str, size: int, sha256: str, start: int, stop: int
+                     ) -> BinaryIO | None:
+        path = self.cached(url, size, sha256)
+        try:
+            f = None if path is None else open(path, "rb")
+        except FileNotFoundError:  # evicted between the check and the open
+            return None
+        if f is not None and stop == size:  # a plain file
+            f.seek(start)
+        elif f is not None:  # limited to stop
+            state = _State([os.dup(f.fileno())], users=1, written=size, done=True)
+            f.close()
+            f = io.BufferedReader(_Reader(url, state, start, stop), _BUFFER)  # type: ignore
+        return f
+
+    def _download(self, url: str, size: int, sha256: str, fetch: Fetch, lock: int,
+                  st: _State) -> None:
+        """The download thread: up to two attempts, evict, unlock, then tell the reader."""
+        path, error, problems = self.path_for(url), None, []
+        try:
+            for _ in range(2):
+                temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+                fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                with st.cond:  # the reader moves to this attempt at its next wake-up
+                    st.fds.append(fd)
+                    st.written = 0
+                try:
+                    problem = self._fill(fd, size, sha256, fetch, st)
+                    if problem is None:
+                        os.fsync(fd)
+                        os.replace(temp, path)
+                        break
+                    problems.append(problem)
+                finally:
+                    temp.unlink(missing_ok=True)  # gone already if renamed
+            else:
+                raise CacheIntegrityError(url, "downloaded twice, both differ from the manifest: "
+                                          + "; ".join(problems))
+            os.utime(path, ns=(time.time_ns(),) * 2)
+            try:  # still under our lock, so nobody evicts the new file meanwhile
+                self._evict_and_sweep(keep=path)
+            except OSError as exc:  # the shard itself is fine: eviction is best effort
+                warnings.warn(f"shard cache eviction failed: {exc}", RuntimeWarning)
+        except BaseException as exc:  # goes to the reader's read(), never swallowed
+            error = exc
+        finally:
+            _unlock(lock)  # first, so a reader that sees the outcome sees the lock free
+            with st.cond:
+                st.error, st.done = error, error is None
+                st.cond.notify_all()
+            st.drop()
+
+    @staticmethod
+    def _fill(fd: int, size: int, sha256: str, fetch: Fetch, st: _State) -> Optional[str]:
+        """Write the shard into ``fd``; None if size and sha256 match, else what was wrong."""
+        digest, offset = hashlib.sha256(), 0
+        while offset < size:
+            start, chunks = offset, iter(fetch(offset))  # again from `offset` if it ended early
+            try:
+                for chunk in chunks:
+                    if offset + len(chunk) > size:
+                        return f"more than the expected {size} bytes"
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    digest.update(chunk)
+                    offset += len(chunk)
+                    with st.cond:
+                        st.written = offset
+                        st.cond.notify_all()
+            finally:
+                getattr(chunks, "close", lambda: None)()
+            if offset == start:
+                return f"{offset} bytes, expected {size}"
+        if digest.hexdigest() != sha256:
+            return f"sha256 {digest.hexdigest()}, expected {sha256}"
+        return None
+
+    def _evict_and_sweep(self, keep: Path) -> None:
+        """Remove LRU complete files until within ``limit``, then temps left by dead processes."""
+        with os.scandir(self.cache_dir) as it:
+            entries = list(it)
+        if self.limit is not None:  # concurrent evictors agree on the order: no lock needed
+            files = []
+            for e in filter(lambda e: _NAME.match(e.name), entries):
+                with contextlib.suppress(FileNotFoundError):  # evicted by someone else meanwhile
+                    files.append((e.stat().st_mtime_ns, Path(e.path), e.stat().st_size))
+            total = sum(size for _, _, size in files)
+            for _, path, size in sorted(files):
+                if total <= self.limit:
+                    break
+                held = None if path == keep else _lock(path.with_name(path.name + ".lock"), False)
+                if held is not None:  # None: the new file, or being downloaded or checked
+                    path.unlink(missing_ok=True)
+                    _unlock(held)
+                    total -= size
+            if total > self.limit:
+                warnings.warn(f"shard cache {self.cache_dir} holds {total} bytes, over its limit "
+                              f"of {self.limit} (a shard larger than the limit, or files in use)",
+                              RuntimeWarning)
+        for e in entries:  # temps whose shard nobody is downloading were left by dead processes
+            match = _TEMP.match(e.name)
+            held = _lock(self.cache_dir / (match.group(1) + ".lock"), False) if match else None
+            if held is not None:
+                Path(e.path).unlink(missing_ok=True)
+                _unlock(held)

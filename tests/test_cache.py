@@ -1,0 +1,383 @@
+"""ShardCache: download once, stream while downloading, verify, survive kills, evict LRU.
+
+Shard bytes are random data made in the test; ``fetch`` is a fake that yields chunks of them,
+optionally slowly, corrupted or failing. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from shardkit.cache import CacheIntegrityError, ShardCache
+from shardkit.errors import ShardError
+
+CHUNK = 16 << 10
+URL = "https://data.example.com/train/shard-000001.tar"
+
+
+def make_data(n: int = 200_000, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FakeFetch:
+    """``fetch(offset)``: yields ``data[offset:]`` in chunks; counts calls.
+
+    corrupt: the first ``corrupt`` calls flip the byte at ``corrupt_at``; fail_at: raise once a
+    chunk would start at or past it; gate: block on it after the first chunk; delay: per chunk.
+    """
+
+    def __init__(self, data: bytes, *, corrupt: int = 0, corrupt_at: int = 0, fail_at=None,
+                 gate: threading.Event | None = None, delay: float = 0.0):
+        self.data, self.corrupt, self.corrupt_at = data, corrupt, corrupt_at
+        self.fail_at, self.gate, self.delay = fail_at, gate, delay
+        self.calls, self.finished = 0, threading.Event()
+
+    def __call__(self, offset: int):
+        self.calls += 1
+        return self._chunks(offset, self.calls)
+
+    def _chunks(self, offset: int, call: int):
+        data = self.data
+        if call <= self.corrupt:
+            i = self.corrupt_at
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+        for i in range(offset, len(data), CHUNK):
+            if self.fail_at is not None and i >= self.fail_at:
+                raise ConnectionError("connection reset by fake peer")
+            yield data[i:i + CHUNK]
+            if self.gate is not None and i == offset:
+                assert self.gate.wait(10)
+            if self.delay:
+                time.sleep(self.delay)
+        self.finished.set()
+
+
+def within(seconds: float, fn, *args):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it takes too long."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result(timeout=seconds)
+
+
+def lock_is_free(cache: ShardCache, url: str) -> bool:
+    path = cache.path_for(url)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def leftovers(cache: ShardCache) -> list[str]:
+    return sorted(p.name for p in cache.cache_dir.iterdir() if ".tmp-" in p.name)
+
+
+def wait_for_downloads(seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while any(t.name.startswith("shardkit-cache") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a cache download thread never finished"
+        time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_downloads():
+    """Every test's background downloads end (litdata's thread police, in small)."""
+    yield
+    wait_for_downloads()
+
+
+def test_constructor_does_no_io(tmp_path):
+    ShardCache(tmp_path / "not-yet", limit=10)
+    assert not (tmp_path / "not-yet").exists()
+    with pytest.raises(ValueError, match="limit"):
+        ShardCache(tmp_path, limit=-1)
+
+
+def test_path_for_hashes_urls(tmp_path):
+    cache = ShardCache(tmp_path)
+    a, b = cache.path_for(URL), cache.path_for(URL.replace("000001", "000002"))
+    assert a != b and a.parent == b.parent == tmp_path
+    assert a == cache.path_for(URL)
+    for path in (a, b):
+        assert len(path.name) == 36 and path.suffix == ".tar"
+        assert "shard" not in path.name and "example" not in path.name
+
+
+def test_download_once_then_disk_and_exact_ranges(tmp_path):
+    data = make_data()
+    cache, fetch = ShardCache(tmp_path / "c"), FakeFetch(data)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        assert within(10, f.read) == data
+    assert fetch.calls == 1
+    assert cache.cached(URL, len(data), sha(data)) == cache.path_for(URL)
+    assert cache.path_for(URL).read_bytes() == data
+    assert [p.name for p in cache.cache_dir.iterdir() if not p.name.endswith(".lock")] == [
+        cache.path_for(URL).name]
+    ranges = [(0, None), (0, 10), (5, 100_000), (123, 123), (CHUNK, CHUNK + 1), (len(data) - 7, None)]
+    for start, stop in ranges:
+        with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, start=start,
+                        stop=stop) as f:
+            assert f.read() == data[start:stop]
+    assert fetch.calls == 1
+    # the same ranges while downloading (each from a fresh cache)
+    for i, (start, stop) in enumerate(ranges):
+        other = ShardCache(tmp_path / f"d{i}")
+        with other.open(URL, size=len(data), sha256=sha(data), fetch=FakeFetch(data),
+                        start=start, stop=stop) as f:
+            got = b"".join(iter(lambda: f.read(1000), b""))
+        assert got == data[start:stop]
+    with pytest.raises(ValueError, match="start"):
+        cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, start=10, stop=5)
+
+
+def test_reader_streams_before_fetch_finishes(tmp_path):
+    data, gate = make_data(), threading.Event()
+    fetch = FakeFetch(data, gate=gate)
+    cache = ShardCache(tmp_path)
+    f = cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch)
+    try:
+        assert within(10, f.read, CHUNK) == data[:CHUNK]
+        assert not fetch.finished.is_set() and cache.cached(URL, len(data), sha(data)) is None
+    finally:
+        gate.set()
+    assert within(10, f.read) == data[CHUNK:]
+    f.close()
+    assert cache.cached(URL, len(data), sha(data)) is not None
+
+
+def test_mismatch_once_redownloads(tmp_path):
+    data = make_data()
+    cache = ShardCache(tmp_path)
+    # corruption past what this reader has seen: it gets exact bytes after the re-download
+    fetch = FakeFetch(data, corrupt=1, corrupt_at=len(data) - 1)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, stop=5000) as f:
+        assert within(10, f.read) == data[:5000]
+    assert fetch.calls == 2 and cache.path_for(URL).read_bytes() == data
+    # corruption in bytes the reader already got: it is told, and the cache is still right
+    other = ShardCache(tmp_path / "other")
+    gate = threading.Event()
+    fetch = FakeFetch(data, corrupt=1, corrupt_at=10, gate=gate)
+    with other.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        assert within(10, f.read, CHUNK) != data[:CHUNK]  # the corrupt first attempt
+        gate.set()
+        with pytest.raises(CacheIntegrityError, match="differ"):
+            within(10, f.read)
+    wait_for_downloads()  # the re-download goes on in the background and fills the cache
+    assert fetch.calls == 2 and other.path_for(URL).read_bytes() == data
+    assert leftovers(other) == [] and lock_is_free(other, URL)
+
+
+def test_mismatch_twice_raises_and_leaves_nothing(tmp_path):
+    data = make_data()
+    cache, fetch = ShardCache(tmp_path), FakeFetch(data, corrupt=2, corrupt_at=100)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        with pytest.raises(CacheIntegrityError) as info:
+            within(10, f.read)
+    assert isinstance(info.value, ShardError) and URL in str(info.value) and info.value.url == URL
+    assert fetch.calls == 2
+    assert not cache.path_for(URL).exists() and leftovers(cache) == []
+    assert lock_is_free(cache, URL)
+    # a wrong size counts as a mismatch too
+    with cache.open(URL, size=len(data) + 1, sha256=sha(data), fetch=FakeFetch(data)) as f:
+        with pytest.raises(CacheIntegrityError, match="bytes"):
+            within(10, f.read)
+
+
+def test_fetch_error_reaches_reader(tmp_path):
+    data = make_data()
+    cache, fetch = ShardCache(tmp_path), FakeFetch(data, fail_at=100_000)
+    f = cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch)
+    with pytest.raises(ConnectionError):
+        within(10, f.read)
+    with pytest.raises(ConnectionError):  # sticky: never a silent EOF afterwards
+        within(10, f.read, 1)
+    f.close()
+    assert not cache.path_for(URL).exists() and leftovers(cache) == []
+    assert lock_is_free(cache, URL)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=FakeFetch(data)) as f:
+        assert within(10, f.read) == data
+
+
+def test_early_close_still_completes_download(tmp_path):
+    data, gate = make_data(), threading.Event()
+    cache, fetch = ShardCache(tmp_path), FakeFetch(data, gate=gate)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        assert within(10, f.read, 100) == data[:100]
+    gate.set()
+    # a second open waits for the background download, then reads the file without fetching
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        assert within(10, f.read) == data
+    assert fetch.calls == 1
+
+
+def test_short_fetch_is_resumed_at_the_right_byte(tmp_path):
+    data, calls = make_data(), []
+
+    def fetch(offset):  # ends early every time: the cache asks again from where it stopped
+        calls.append(offset)
+        yield data[offset:offset + 70_000]
+
+    cache = ShardCache(tmp_path)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        assert within(10, f.read) == data
+    assert calls == [0, 70_000, 140_000]
+
+
+def _worker(cache_dir, data_seed, counter, barrier, results):
+    data = make_data(seed=data_seed)
+
+    def fetch(offset):
+        with counter.get_lock():
+            counter.value += 1
+        for i in range(offset, len(data), CHUNK):
+            time.sleep(0.002)
+            yield data[i:i + CHUNK]
+
+    barrier.wait(10)
+    with ShardCache(cache_dir).open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        results.put(sha(f.read()))
+
+
+def test_many_processes_download_once(tmp_path):
+    ctx = mp.get_context("fork")
+    counter, barrier, results = ctx.Value("i", 0), ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(tmp_path, 3, counter, barrier, results))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        got = [results.get(timeout=20) for _ in procs]
+        for p in procs:
+            p.join(10)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            p.kill()
+    assert counter.value == 1
+    assert got == [sha(make_data(seed=3))] * 4
+
+
+def _doomed(cache_dir, started):
+    data = make_data()
+
+    def fetch(offset):
+        yield data[offset:offset + CHUNK]
+        time.sleep(60)  # killed here
+        yield data[offset + CHUNK:]
+
+    f = ShardCache(cache_dir).open(URL, size=len(data), sha256=sha(data), fetch=fetch)
+    assert f.read(CHUNK) == data[:CHUNK]
+    started.set()
+    time.sleep(60)
+
+
+def test_killed_downloader_leaves_no_trace(tmp_path):
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    child = ctx.Process(target=_doomed, args=(tmp_path, started))
+    child.start()
+    try:
+        assert started.wait(20)
+        cache = ShardCache(tmp_path)
+        assert not lock_is_free(cache, URL)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    assert not cache.path_for(URL).exists() and len(leftovers(cache)) == 1
+    assert lock_is_free(cache, URL)
+    data = make_data()
+    fetch = FakeFetch(data)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        assert within(10, f.read) == data
+    assert fetch.calls == 1 and leftovers(cache) == []
+    assert cache.path_for(URL).read_bytes() == data
+
+
+def _fork_reader(cache_dir, results):
+    data = make_data()
+    nothing = lambda offset: iter(())  # noqa: E731 -- the parent's download must serve us
+    with ShardCache(cache_dir).open(URL, size=len(data), sha256=sha(data), fetch=nothing) as f:
+        results.put(sha(f.read()))
+
+
+def test_fork_during_download_does_not_deadlock(tmp_path):
+    """A child forked mid-download (DataLoader workers) must not keep the parent's lock alive."""
+    data, gate = make_data(), threading.Event()
+    cache = ShardCache(tmp_path)
+    f = cache.open(URL, size=len(data), sha256=sha(data), fetch=FakeFetch(data, gate=gate))
+    assert within(10, f.read, CHUNK) == data[:CHUNK]  # download in flight, lock held
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_fork_reader, args=(tmp_path, results))
+    child.start()
+    try:
+        time.sleep(0.2)  # the child now waits on the lock
+        gate.set()
+        assert within(10, f.read) == data[CHUNK:]
+        f.close()
+        assert results.get(timeout=20) == sha(data)
+        child.join(10)
+        assert child.exitcode == 0
+    finally:
+        gate.set()
+        child.kill()
+
+
+def test_lru_eviction(tmp_path):
+    size = 50_000
+    shards = {name: make_data(size, seed=i) for i, name in enumerate("ABCDE")}
+    url = {name: f"s3://bucket/{name}.tar" for name in shards}
+    cache = ShardCache(tmp_path, limit=2 * size + 100)
+
+    def add(name):
+        data = shards[name]
+        with cache.open(url[name], size=size, sha256=sha(data), fetch=FakeFetch(data)) as f:
+            assert within(10, f.read) == data
+        time.sleep(0.01)
+
+    def present():
+        return {n for n in shards if cache.path_for(url[n]).exists()}
+
+    def total():
+        return sum(p.stat().st_size for p in tmp_path.glob("*.tar"))
+
+    add("A"), add("B")
+    assert cache.cached(url["A"], size, sha(shards["A"])) is not None  # touch: A is now newer
+    time.sleep(0.01)
+    add("C")
+    assert present() == {"A", "C"} and total() <= cache.limit
+    # A is the least recently used now, but someone holds its lock: C goes instead
+    os.utime(cache.path_for(url["A"]), (1, 1))
+    lock = cache.path_for(url["A"]).with_name(cache.path_for(url["A"]).name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        add("D")
+    finally:
+        os.close(fd)
+    assert present() == {"A", "D"} and total() <= cache.limit
+    # a shard larger than the limit is still cached (with a warning) and goes next time
+    big = make_data(3 * size, seed=9)
+    with pytest.warns(RuntimeWarning, match="over its limit"):
+        with cache.open("s3://bucket/big.tar", size=len(big), sha256=sha(big),
+                        fetch=FakeFetch(big)) as f:
+            assert within(10, f.read) == big
+    assert cache.path_for("s3://bucket/big.tar").exists() and present() == set()
+    add("E")
+    assert not cache.path_for("s3://bucket/big.tar").exists() and present() == {"E"}

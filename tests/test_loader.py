@@ -1,0 +1,185 @@
+"""Behaviour of make_loader, ShardkitLoader and GpuPrefetcher, plus resume through torchdata's
+StatefulDataLoader. Data is generated in a module fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import get_worker_info
+
+import shardkit
+from shardkit import GpuPrefetcher, RandomResizedCrop, StreamingDataset, make_loader
+
+from _helpers_read import image_folder, keys_of, pack
+
+NUM = 60
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    src = image_folder(tmp_path_factory.mktemp("src"), classes=4, per_class=15)
+    dest = tmp_path_factory.mktemp("ds")
+    pack(src, dest, mode="raw", max_samples=7)
+    assert len(shardkit.Manifest.load(dest).shards) == 9
+    return dest
+
+
+# --------------------------------------------------------------------------- 7: batches, defaults
+
+
+def _mark_worker(image):  # transform: fill the image with the id of the worker that decoded it
+    return torch.full_like(image, get_worker_info().id)
+
+
+def test_batches_are_made_inside_the_workers(source):
+    ds = StreamingDataset(source, batch_size=8, crop=RandomResizedCrop(16), transform=_mark_worker)
+    loader = make_loader(ds, num_workers=2)
+    assert loader.batch_size is None  # no collation in the main process
+    batches = list(loader)
+    assert len(batches) == len(loader) == len(ds) == -(-NUM // 8)
+    workers = set()
+    for images, labels in batches:
+        assert images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1:] == (3, 16, 16)
+        assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+        ids = images.unique().tolist()
+        assert len(ids) == 1  # every sample of a batch came from one worker
+        workers |= set(ids)
+    assert workers == {0, 1}
+    assert sum(len(b[1]) for b in batches) == NUM
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_make_loader_defaults(source, monkeypatch):
+    ds = StreamingDataset(source)
+    loader = make_loader(ds)
+    assert loader.num_workers == len(os.sched_getaffinity(0))
+    assert loader.pin_memory is torch.cuda.is_available() is False
+    assert loader.persistent_workers is True
+    assert loader.prefetch_factor == 2
+    assert loader.batch_size is None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_loader(ds, num_workers=1).pin_memory is True  # only decided, never iterated here
+    monkeypatch.setattr(shardkit.loader, "_available_cpus", lambda: 5)
+    assert make_loader(ds).num_workers == 5
+
+
+def test_make_loader_overrides(source):
+    ds = StreamingDataset(source)
+    loader = make_loader(ds, num_workers=1, pin_memory=False, persistent_workers=False,
+                         prefetch_factor=4)
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers,
+            loader.prefetch_factor) == (1, False, False, 4)
+    single = make_loader(ds, num_workers=0)
+    assert single.num_workers == 0 and single.persistent_workers is False
+    assert len(list(single)) == NUM
+    with pytest.raises(ValueError, match="num_workers"):
+        make_loader(ds, num_workers=-1)
+
+
+def test_len_of_loader_matches_per_rank(source):
+    for world in (1, 2, 3):
+        for batch in (None, 4):
+            ds = StreamingDataset(source, rank=world - 1, world_size=world, batch_size=batch,
+                                  decode="raw")
+            loader = make_loader(ds, num_workers=2)
+            assert len(loader) == len(ds) == len(list(loader))
+
+
+# --------------------------------------------------------------------------- 8: GpuPrefetcher
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_gpu_prefetcher_on_cpu_normalizes_like_by_hand(source):
+    ds = StreamingDataset(source, batch_size=8, crop=RandomResizedCrop(16), with_keys=True)
+    loader = make_loader(ds, num_workers=0)
+    raw = list(loader)
+    pre = GpuPrefetcher(loader, "cpu", mean=MEAN, std=STD)
+    assert len(pre) == len(loader) == len(raw)
+    out = list(pre)
+    assert len(out) == len(raw)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    for (x, y, k), (images, labels, keys) in zip(raw, out):
+        assert images.dtype == torch.float32 and images.device.type == "cpu"
+        assert torch.allclose(images, (x.float() / 255 - mean) / std, atol=1e-5)
+        assert torch.equal(labels, y) and keys == k
+
+
+def test_gpu_prefetcher_channels_last(source):
+    ds = StreamingDataset(source, batch_size=8, crop=RandomResizedCrop(16))
+    loader = make_loader(ds, num_workers=0)
+    for images, _ in GpuPrefetcher(loader, "cpu", mean=MEAN, std=STD, channels_last=True):
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert not images.is_contiguous()
+    for images, _ in GpuPrefetcher(loader, "cpu"):
+        assert images.is_contiguous()
+        assert float(images.max()) <= 1.0 and float(images.min()) >= 0.0
+
+
+def test_gpu_prefetcher_rejects_bad_std(source):
+    with pytest.raises(ValueError, match="std"):
+        GpuPrefetcher([], "cpu", mean=MEAN, std=(1.0, 0.0, 1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefetcher_on_cuda(source):
+    ds = StreamingDataset(source, batch_size=8, crop=RandomResizedCrop(16))
+    loader = make_loader(ds, num_workers=2)
+    raw = list(loader)
+    out = list(GpuPrefetcher(loader, "cuda", mean=MEAN, std=STD, channels_last=True))
+    assert len(out) == len(raw) == len(loader)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    for (x, y), (images, labels) in zip(raw, out):
+        assert images.is_cuda and labels.is_cuda
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(images.cpu(), (x.float() / 255 - mean) / std, atol=1e-5)
+        assert torch.equal(labels.cpu(), y)
+
+
+# --------------------------------------------------------------------------- 5: StatefulDataLoader
+
+
+def _stateful_case(source, num_workers, k, **kw):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    full = list(StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
+                                   num_workers=num_workers))
+    loader = StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
+                                num_workers=num_workers)
+    it = iter(loader)
+    head = [next(it) for _ in range(k)]
+    state = loader.state_dict()
+    del it
+    resumed = StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
+                                 num_workers=num_workers)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    batched = kw.get("batch_size") is not None
+    assert keys_of(head, batched=batched) == keys_of(full[:k], batched=batched)
+    assert keys_of(rest, batched=batched) == keys_of(full[k:], batched=batched), (num_workers, k)
+    for a, b in zip(rest, full[k:]):
+        assert torch.equal(a[0], b[0]) if isinstance(a[0], torch.Tensor) else a[0] == b[0]
+
+
+@pytest.mark.parametrize("num_workers,ks", [(0, (0, 7, NUM)), (1, (4, NUM)), (2, (0, 5, 30)),
+                                            pytest.param(3, (1, 8, NUM), marks=pytest.mark.slow)])
+def test_stateful_dataloader_resume(source, num_workers, ks):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    kw = dict(with_keys=True, crop=RandomResizedCrop(12), block_size=4, shuffle_buffer=6)
+    for k in ks:
+        _stateful_case(source, num_workers, k, **kw)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stateful_dataloader_resume_with_batches(source, num_workers):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    kw = dict(with_keys=True, decode="raw", batch_size=4, block_size=4, shuffle_buffer=6)
+    for k in (3, 7):
+        _stateful_case(source, num_workers, k, **kw)
