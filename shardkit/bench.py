@@ -120,3 +120,74 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:28s} {r['samples_per_s']:10.0f} {r['mb_per_s']:8.1f} "
                      f"{r['first_batch_s']:9.2f}s {r['vs_naive']:8.2f}x {r['vs_webdataset']:7.2f}x")
     return "\n".join(lines)
+
+
+def _pillow_resize(args) -> int:
+    """The plain recipe packing is compared with: open, RGB, shorter side to size, JPEG."""
+    import io
+
+    from PIL import Image
+
+    path, size = args
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    if scale < 1:
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=90)
+    return len(out.getvalue())
+
+
+def run_pack(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: int = 10,
+             per_class: int = 60, workers: int = 2, repeats: int = 3) -> dict:
+    """Packing speed against ``tar cf`` (raw) and a plain Pillow pool (resize, tensor)."""
+    import multiprocessing
+    import shutil
+    import subprocess
+
+    import shardkit
+    from shardkit.synth import make_image_folder
+
+    out.mkdir(parents=True, exist_ok=True)
+    images = Path(folder or make_image_folder(out / "images", classes=classes, per_class=per_class))
+    files = sorted(str(p) for p in images.rglob("*") if p.is_file())
+
+    def tar_cf():
+        subprocess.run(["tar", "cf", str(out / "plain.tar"), "-C", str(images), "."], check=True)
+
+    def pillow_pool():
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            pool.map(_pillow_resize, [(f, 256) for f in files], chunksize=8)
+
+    def pack(mode, size, w):
+        def go():
+            shardkit.pack_folder(images, out / f"pack-{mode}", mode=mode, size=size, workers=w,
+                                 overwrite=True, progress=False)
+        return go
+
+    configs = {"tar cf": tar_cf, "pack raw": pack("raw", None, workers),
+               "plain Pillow resize 256": pillow_pool,
+               "pack resize 256, 1 worker": pack("resize", 256, 1),
+               f"pack resize 256, {workers} workers": pack("resize", 256, workers),
+               "pack tensor 224, 1 worker": pack("tensor", 224, 1),
+               f"pack tensor 224, {workers} workers": pack("tensor", 224, workers)}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(repeats):
+        for name, fn in configs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    shutil.rmtree(out / "plain.tar", ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {"files": len(files), "workers": workers, "repeats": repeats, "seconds": med,
+              "ratios": {"raw / tar cf": med["pack raw"] / med["tar cf"],
+                         "plain Pillow / resize pack (speed-up)":
+                             med["plain Pillow resize 256"] / med[f"pack resize 256, {workers} workers"],
+                         "resize: 1 worker / N workers":
+                             med["pack resize 256, 1 worker"] / med[f"pack resize 256, {workers} workers"],
+                         "tensor: 1 worker / N workers":
+                             med["pack tensor 224, 1 worker"] / med[f"pack tensor 224, {workers} workers"]}}
+    (out / "bench-pack.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -52,7 +52,7 @@ def pack_main(argv=None) -> int:
                             max_bytes=args.max_bytes, max_samples=args.max_samples,
                             workers=args.workers, seed=args.seed, shuffle=not args.no_shuffle,
                             on_error=args.on_error, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            progress=not args.quiet, durable=not args.no_fsync)
     except ValueError as exc:
         if isinstance(exc, ShardkitError):
             print(f"error: {exc}", file=sys.stderr)
@@ -171,7 +171,19 @@ def bench_main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pack", action="store_true", help="measure packing speed instead of loading")
     args = p.parse_args(argv)
+    if args.pack:
+        from .bench import run_pack
+
+        report = run_pack(Path(args.source) if args.source else None, Path(args.out),
+                          classes=args.classes, per_class=args.per_class, workers=args.workers,
+                          repeats=args.repeats)
+        for name, sec in report["seconds"].items():
+            print(f"{name:32s} {sec:7.2f} s  {report['files'] / sec:7.0f} files/s")
+        for name, ratio in report["ratios"].items():
+            print(f"{name:40s} {ratio:5.2f}x")
+        return 0
     report = run(Path(args.source) if args.source else None, Path(args.out), classes=args.classes,
                  per_class=args.per_class, batch_size=args.batch_size, workers=args.workers,
                  repeats=args.repeats)

@@ -79,14 +79,31 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def member_parts(name: str, data: bytes) -> list[bytes]:
+    """One tar member as buffers: a reproducible USTAR header, the data, zero padding to 512."""
+    pad = (-len(data)) % BLOCK
+    return [tar_header(name, len(data)), data, _ZEROS[:pad]] if pad else [tar_header(name, len(data)), data]
+
+
 def member(name: str, data: bytes) -> bytes:
     """One tar member: a reproducible USTAR header, the data, zero padding to 512 bytes."""
-    pad = (-len(data)) % BLOCK
-    return b"".join((tar_header(name, len(data)), data, b"\0" * pad))
+    return b"".join(member_parts(name, data))
+
+
+_ZEROS = bytes(BLOCK)
 
 
 def encode_sample(item: Item, opts: EncodeOptions):
     """Encode one item. Returns ``(tar_bytes, info)`` or raises ``SourceError`` for bad input.
+
+    ``info`` is a small dict for the pack summary (``dtype``/``shape`` for arrays).
+    """
+    parts, info = encode_parts(item, opts)
+    return b"".join(parts), info
+
+
+def encode_parts(item: Item, opts: EncodeOptions):
+    """Like ``encode_sample``, but the tar bytes as a list of buffers (no copy of the payload).
 
     ``info`` is a small dict for the pack summary (``dtype``/``shape`` for arrays).
     """
@@ -113,11 +130,11 @@ def encode_sample(item: Item, opts: EncodeOptions):
     meta = {"path": item.relpath, "class": item.class_name, **meta}
     parts = []
     if item.label is not None:
-        parts.append(member(f"{item.key}.cls", str(item.label).encode("ascii")))
-    parts.append(member(f"{item.key}.{field}", payload))
-    parts.append(member(f"{item.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False)
-                        .encode("utf-8")))
-    return b"".join(parts), info
+        parts += member_parts(f"{item.key}.cls", str(item.label).encode("ascii"))
+    parts += member_parts(f"{item.key}.{field}", payload)
+    text = json.dumps(meta, sort_keys=True, ensure_ascii=False)
+    parts += member_parts(f"{item.key}.json", text.encode("utf-8"))
+    return parts, info
 
 
 def _reason(exc: BaseException) -> str:
@@ -150,8 +167,55 @@ def _open(item: Item, data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header, or None when the marker walk fails.
+
+    A few dozen bytes of work instead of Pillow's full header parse; anything unusual (no SOF,
+    broken segment lengths) returns None and the caller falls back to Pillow and its messages.
+    """
+    n, i = len(data), 2
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker in _SOF:
+            if i + 9 > n or length < 8:
+                return None
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            return (width, height) if width and height else None
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image / scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
 def _encode_raw(item: Item, data: bytes, opts: EncodeOptions):
     """Original bytes, checked cheaply: format, pixel limit, end marker (truncation)."""
+    ext = item.relpath.rsplit(".", 1)[-1].lower()
+    if _EXT_FIELD.get(ext) == "jpg":
+        size = jpeg_size(data)  # the common case, without Pillow
+        if size is not None:
+            w, h = size
+            if w * h > opts.max_pixels:
+                raise SourceError(item.relpath, f"image has {w}x{h}={w * h} pixels, over the "
+                                                f"limit of {opts.max_pixels} (decompression bomb?)")
+            if b"\xff\xd9" not in data[-1024:]:
+                raise SourceError(item.relpath, "truncated image: JPEG end-of-image marker missing")
+            return "jpg", data, {"size": [w, h]}
     im = _open(item, data, opts.max_pixels)
     field = _FORMAT_FIELD[im.format]
     tail = data[-1024:]

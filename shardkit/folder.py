@@ -36,6 +36,7 @@ class Item:
     label: int | None
     class_name: str | None
     kind: str  # "image" or "array"
+    size: int = -1  # bytes, from the scan (-1: could not stat)
 
 
 @dataclass
@@ -74,15 +75,16 @@ def _kind_of(name: str) -> str | None:
     return None
 
 
-def _walk_files(top: Path, root: Path, problems: list[tuple[str, str]], seen: set) -> list[Path]:
-    """All files below ``top`` (following symlinks, refusing loops), sorted by relative path."""
-    out: list[Path] = []
-    stack = [top]
+def _walk_files(top: str, top_rel: str, problems: list[tuple[str, str]],
+                seen: set) -> list[tuple[str, os.DirEntry]]:
+    """``(relative path, entry)`` of all files below ``top`` (following symlinks, refusing loops),
+    sorted by relative path. Plain strings and ``os.scandir``: this runs once per file."""
+    out: list[tuple[str, os.DirEntry]] = []
+    stack = [(top, top_rel)]
     while stack:
-        folder = stack.pop()
-        rel = folder.relative_to(root).as_posix()
+        folder, rel = stack.pop()
         try:
-            st = folder.stat()
+            st = os.stat(folder)
         except OSError as exc:
             problems.append((rel, f"cannot open folder: {exc.strerror or exc}"))
             continue
@@ -92,25 +94,25 @@ def _walk_files(top: Path, root: Path, problems: list[tuple[str, str]], seen: se
             continue
         seen.add(ident)
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             problems.append((rel, f"cannot list folder: {exc.strerror or exc}"))
             continue
         subdirs = []
         for entry in entries:
-            path = Path(entry.path)
+            entry_rel = f"{rel}/{entry.name}"
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError as exc:  # ELOOP on a self-referencing link
-                problems.append((path.relative_to(root).as_posix(), f"unreadable: {exc.strerror or exc}"))
+                problems.append((entry_rel, f"unreadable: {exc.strerror or exc}"))
                 continue
             if is_dir and _kind_of(entry.name) is not None:
-                problems.append((path.relative_to(root).as_posix(), "a folder named like an image "
-                                 "file (expected a file)"))
+                problems.append((entry_rel, "a folder named like an image file (expected a file)"))
             elif is_dir:
-                subdirs.append(path)
+                subdirs.append((entry.path, entry_rel))
             else:
-                out.append(path)
+                out.append((entry_rel, entry))
         stack.extend(reversed(subdirs))
     return out
 
@@ -138,17 +140,22 @@ def scan_folder(src: str | os.PathLike) -> Scan:
     ignored = 0
     classes: list[str] | None
 
-    def add(path: Path, label, class_name) -> None:
+    def add(rel: str, entry: os.DirEntry, label, class_name) -> None:
         nonlocal ignored
-        rel = path.relative_to(root).as_posix()
-        kind = _kind_of(path.name)
+        kind = _kind_of(entry.name)
         if kind is None:
             ignored += 1
             return
-        if _is_special(path):
-            problems.append((rel, "not a regular file"))
-            return
-        items.append(Item(rel, str(path), make_key(rel), label, class_name, kind))
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except OSError:
+            size = -1  # a dangling link: reported as unreadable when it is read
+        else:
+            if not stat.S_ISREG(st.st_mode):  # FIFOs, sockets, devices could block or never end
+                problems.append((rel, "not a regular file"))
+                return
+            size = st.st_size
+        items.append(Item(rel, entry.path, make_key(rel), label, class_name, kind, size))
 
     if class_dirs:
         classes = [e.name for e in class_dirs]
@@ -160,14 +167,14 @@ def scan_folder(src: str | os.PathLike) -> Scan:
                 ignored += 1
         for label, entry in enumerate(class_dirs):
             before = len(items)
-            for path in _walk_files(Path(entry.path), root, problems, seen):
-                add(path, label, entry.name)
+            for rel, file_entry in _walk_files(entry.path, entry.name, problems, seen):
+                add(rel, file_entry, label, entry.name)
             if len(items) == before:
                 problems.append((entry.name, "empty class folder (no images)"))
     else:
         classes = None
         for entry in top_files:
-            add(Path(entry.path), None, None)
+            add(entry.name, entry, None, None)
     if not items:
         hint = ", ".join(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
         raise SourceError(root, f"no images found (supported extensions: {hint})")
@@ -189,12 +196,3 @@ def _is_dir(entry: os.DirEntry) -> bool:
 def _ident(path: Path):
     st = path.stat()
     return (st.st_dev, st.st_ino)
-
-
-def _is_special(path: Path) -> bool:
-    """True for FIFOs, sockets and devices (reading them could block or never end)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return False  # a dangling link: reported as unreadable when it is read
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from .encode import MAX_PIXELS, EncodeOptions, encode_sample
+from .encode import MAX_PIXELS, EncodeOptions, encode_parts
 from .errors import DestinationError, SourceError
 from .folder import Item, scan_folder
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, encode_index
@@ -64,10 +64,12 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
                 workers: int | None = None, seed: int = 0, shuffle: bool = True,
                 on_error: str = "raise", resume: bool = False, overwrite: bool = False,
                 storage_options: dict | None = None, progress: bool = True, prefix: str = "shard",
-                max_pixels: int = MAX_PIXELS) -> Manifest:
+                max_pixels: int = MAX_PIXELS, durable: bool = True) -> Manifest:
     """Pack an image folder (ImageFolder layout or flat) into tar shards plus ``manifest.json``.
 
     See the README for the modes. Returns the manifest; ``manifest.stats`` holds timing and counts.
+    ``durable=False`` skips the fsync of each shard before its rename: still safe against a killed
+    process (the page cache survives it), not against a power loss.
     """
     started = time.perf_counter()
     if mode not in MODES:
@@ -112,20 +114,20 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
     out = make_dest(dest, storage_options)
     try:
         return _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples, prefix,
-                     on_error, resume, overwrite, progress, kind, mode, started)
+                     on_error, resume, overwrite, progress, kind, mode, started, durable)
     finally:
         out.close()
 
 
 def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples, prefix, on_error,
-          resume, overwrite, progress, kind, mode, started) -> Manifest:
+          resume, overwrite, progress, kind, mode, started, durable) -> Manifest:
     done = _prepare_dest(out, prefix, options["fingerprint"], resume, overwrite)
     if isinstance(done, Manifest):
         return done
     journal, consumed, skipped_done, tensor_info = done
     skipped += [s for s in skipped_done if s["pos"] >= 0]
     writer = _ShardWriter(out, prefix, limit, max_samples, journal, skipped, options["fingerprint"],
-                          tensor_info)
+                          tensor_info, durable)
     bar = tqdm(total=len(order), initial=consumed, unit="img", desc="pack", dynamic_ncols=True,
                disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
     try:
@@ -176,11 +178,7 @@ def _default_workers() -> int:
 def _fingerprint(options: dict, order: list[Item]) -> str:
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for item in order:
-        try:
-            size = os.stat(item.path).st_size
-        except OSError:
-            size = -1
-        h.update(f"{item.relpath}\0{size}\0".encode("utf-8", "surrogateescape"))
+        h.update(f"{item.relpath}\0{item.size}\0".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -260,7 +258,7 @@ def _encode_chunk(items: list[Item], opts: EncodeOptions) -> list:
     results = []
     for item in items:
         try:
-            results.append(encode_sample(item, opts))
+            results.append(encode_parts(item, opts))
         except SourceError as exc:
             results.append(SourceError(exc.path, exc.reason))
     return results
@@ -310,8 +308,8 @@ class _ShardWriter:
 
     def __init__(self, out: Path, prefix: str, max_bytes: int, max_samples: int | None,
                  journal: list[dict], skipped: list[dict], fingerprint: str,
-                 tensor_info: dict | None):
-        self.out, self.prefix = out, prefix
+                 tensor_info: dict | None, durable: bool = True):
+        self.out, self.prefix, self.durable = out, prefix, durable
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.journal = list(journal)  # [{"shard": ShardInfo fields, "consumed": int}]
         self.shards = [ShardInfo(**entry["shard"]) for entry in journal]
@@ -325,7 +323,10 @@ class _ShardWriter:
     def skip(self, pos: int, item: Item, reason: str) -> None:
         self.skipped.append({"path": item.relpath, "reason": reason, "pos": pos})
 
-    def add(self, pos: int, item: Item, blob: bytes, info: dict) -> None:
+    def add(self, pos: int, item: Item, blob, info: dict) -> None:
+        """Append one sample: its tar bytes, as ``bytes`` or a list of buffers."""
+        parts = [blob] if isinstance(blob, (bytes, bytearray, memoryview)) else blob
+        nbytes = sum(len(p) for p in parts)
         if info:
             if self.tensor_info is None:
                 self.tensor_info = info
@@ -335,20 +336,21 @@ class _ShardWriter:
                                   f"ones are {self.tensor_info['dtype']} {self.tensor_info['layout']}")
         if self._file is not None:
             full = self._n >= (self.max_samples or float("inf"))
-            if full or self._size + len(blob) + len(END_OF_ARCHIVE) > self.max_bytes:
+            if full or self._size + nbytes + len(END_OF_ARCHIVE) > self.max_bytes:
                 self._close_shard(consumed=pos)
         if self._file is None:
             self._open_shard()
-        if len(blob) + len(END_OF_ARCHIVE) > self.max_bytes:
-            warnings.warn(f"{item.relpath}: one sample takes {len(blob)} bytes, more than max_bytes="
+        if nbytes + len(END_OF_ARCHIVE) > self.max_bytes:
+            warnings.warn(f"{item.relpath}: one sample takes {nbytes} bytes, more than max_bytes="
                           f"{self.max_bytes}; it gets a shard of its own", stacklevel=2)
         self._offsets.append(self._size)
-        self._file.write(blob)
-        self._hash.update(blob)
-        self._size += len(blob)
+        self._file.writelines(parts)
+        for part in parts:
+            self._hash.update(part)
+        self._size += nbytes
         self._n += 1
-        self.bytes_written += len(blob)
-        if len(blob) + len(END_OF_ARCHIVE) > self.max_bytes:
+        self.bytes_written += nbytes
+        if nbytes + len(END_OF_ARCHIVE) > self.max_bytes:
             self._close_shard(consumed=pos + 1)
 
     def finish(self, total: int) -> None:
@@ -380,7 +382,8 @@ class _ShardWriter:
         f.write(END_OF_ARCHIVE)
         self._hash.update(END_OF_ARCHIVE)
         f.flush()
-        os.fsync(f.fileno())
+        if self.durable:
+            os.fsync(f.fileno())
         f.close()
         self._file = None
         tar_name, idx_name = self._name("tar"), self._name("idx")
