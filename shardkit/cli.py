@@ -42,6 +42,9 @@ def pack_main(argv=None) -> int:
                    help="raise: stop at the first bad file; skip: leave it out and list it in the manifest")
     p.add_argument("--resume", action="store_true", help="continue an interrupted pack into DEST")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in DEST")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync shards before renaming them (faster; a power loss may then "
+                        "lose finished shards, a killed process does not)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     args = p.parse_args(argv)
     caught: list = []
