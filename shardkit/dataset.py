@@ -95,13 +95,16 @@ class StreamingDataset(IterableDataset):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if cache_dir is not None or cache_limit is not None:
-            raise NotImplementedError("cache_dir/cache_limit: shard caching is not supported yet")
+        if cache_limit is not None and cache_dir is None:
+            raise ValueError("cache_limit needs a cache_dir")
         self.source = source
         self.shuffle, self.seed, self.batch_size = bool(shuffle), seed, batch_size
         self.decode, self.crop, self.transform, self.with_keys = decode, crop, transform, with_keys
         self._rank_arg, self._world_arg = rank, world_size
         self.in_memory = in_memory
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.cache_limit = None if cache_limit is None else parse_bytes(cache_limit)
+        self._cache = None
         self.memory_limit = None if memory_limit is None else parse_bytes(memory_limit)
         self.on_error, self.storage_options = on_error, storage_options
         self.remainder, self.drop_last = remainder, drop_last
@@ -359,7 +362,7 @@ class StreamingDataset(IterableDataset):
 
             stream = io.BytesIO(memoryview(self._memory[shard_no].numpy())[lo:hi])
         else:
-            stream = store.open_range(shard.url, lo, hi)
+            stream = self._open_stream(store, shard, lo, hi)
         current: dict | None = None
         k, prev = 0, None
         try:
@@ -398,6 +401,19 @@ class StreamingDataset(IterableDataset):
                                   f"{exc}") from None
         finally:
             stream.close()
+
+    def _open_stream(self, store, shard, lo: int, hi: int):
+        """Bytes ``[lo, hi)`` of a shard: through the shared on-disk cache when there is one."""
+        if self.cache_dir is None:
+            return store.open_range(shard.url, lo, hi)
+        if self._cache is None:
+            from .cache import ShardCache
+
+            self._cache = ShardCache(self.cache_dir, self.cache_limit)
+        return self._cache.open(store.url(shard.url), size=shard.num_bytes, sha256=shard.sha256,
+                                fetch=lambda offset: store.iter_bytes(shard.url, offset,
+                                                                      shard.num_bytes),
+                                start=lo, stop=hi)
 
     # ----------------------------------------------------------------- decoding
     def _process(self, sample: dict):

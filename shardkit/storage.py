@@ -95,6 +95,18 @@ class Store:
 
     def open_range(self, name: str, start: int, stop: int): ...
 
+    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
+        """The bytes ``[start, stop)`` as a stream of chunks (for the cache's downloads)."""
+        reader = self.open_range(name, start, stop)
+        try:
+            while True:
+                data = reader.read(chunk)
+                if not data:
+                    return
+                yield data
+        finally:
+            reader.close()
+
 
 class LocalStore(Store):
     """Reads shard and index files below a local folder."""
@@ -256,7 +268,7 @@ def _make_fs(protocol: str, options: dict, timeout: float):
     options = dict(options)
     if protocol == "s3":
         try:
-            import s3fs  # noqa: F401  (fsspec finds it by name)
+            import s3fs  # noqa: F401 - fsspec finds it by name
         except ImportError as exc:
             raise ImportError("s3:// needs s3fs: pip install 's3fs'") from exc
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
