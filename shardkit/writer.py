@@ -18,9 +18,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import random
 import re
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -303,6 +305,35 @@ def _encode_all(order: list[Item], start: int, opts: EncodeOptions, workers: int
 # --------------------------------------------------------------------------- shard writing
 
 
+class _Hasher:
+    """sha256 of a shard in a background thread, overlapping the reads and writes of the main one
+    (hashlib releases the GIL on large buffers). One queue item per sample."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=64)
+        self._thread = threading.Thread(target=self._run, name="shardkit-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self._hash.update
+        while (parts := self._queue.get()) is not None:
+            for part in parts:
+                update(part)
+
+    def update(self, parts: list) -> None:
+        self._queue.put(parts)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class _ShardWriter:
     """Cuts the ordered stream of encoded samples into shards no larger than the limits."""
 
@@ -345,8 +376,7 @@ class _ShardWriter:
                           f"{self.max_bytes}; it gets a shard of its own", stacklevel=2)
         self._offsets.append(self._size)
         self._file.writelines(parts)
-        for part in parts:
-            self._hash.update(part)
+        self._hash.update(parts)
         self._size += nbytes
         self._n += 1
         self.bytes_written += nbytes
@@ -361,6 +391,7 @@ class _ShardWriter:
     def abort(self) -> None:
         """Drop an unfinished shard (its temporary file), e.g. after an error."""
         if self._file is not None:
+            self._hash.close()
             self._file.close()
             self._file = None
             if self._tmp is not None:
@@ -372,7 +403,7 @@ class _ShardWriter:
     def _open_shard(self) -> None:
         self._tmp = self.out.staging / f".{self._name('tar')}.tmp-{uuid.uuid4().hex}"
         self._file = open(self._tmp, "wb")
-        self._hash = hashlib.sha256()
+        self._hash = _Hasher()
         self._size = 0
         self._n = 0
         self._offsets: list[int] = []
@@ -380,7 +411,7 @@ class _ShardWriter:
     def _close_shard(self, consumed: int) -> None:
         f = self._file
         f.write(END_OF_ARCHIVE)
-        self._hash.update(END_OF_ARCHIVE)
+        self._hash.update([END_OF_ARCHIVE])
         f.flush()
         if self.durable:
             os.fsync(f.fileno())
