@@ -75,7 +75,7 @@ class StreamingDataset(IterableDataset):
                  memory_limit: int | str | None = None, on_error: str = "raise",
                  storage_options: dict | None = None, remainder: str = "drop",
                  drop_last: bool = False, block_size: int = 64, shuffle_buffer: int = 1000,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if on_error not in ("raise", "skip"):
@@ -97,6 +97,10 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if cache_limit is not None and cache_dir is None:
             raise ValueError("cache_limit needs a cache_dir")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
         self.source = source
         self.shuffle, self.seed, self.batch_size = bool(shuffle), seed, batch_size
         self.decode, self.crop, self.transform, self.with_keys = decode, crop, transform, with_keys
@@ -109,6 +113,7 @@ class StreamingDataset(IterableDataset):
         self.on_error, self.storage_options = on_error, storage_options
         self.remainder, self.drop_last = remainder, drop_last
         self.block_size, self.shuffle_buffer, self.max_pixels = block_size, shuffle_buffer, max_pixels
+        self.timeout, self.retries = float(timeout), retries
         self._manifest = None
         # The epoch lives in shared memory: DataLoader workers (persistent ones included) hold a
         # copy of the dataset made when they start, and must still see later ``set_epoch`` calls.
@@ -141,7 +146,8 @@ class StreamingDataset(IterableDataset):
     @property
     def manifest(self):
         if self._manifest is None:
-            self._manifest = load_manifest(self.source, self.storage_options)
+            self._manifest = load_manifest(self.source, self.storage_options,
+                                           timeout=self.timeout, retries=self.retries)
         return self._manifest
 
     def rank_world(self) -> tuple[int, int]:
@@ -149,8 +155,8 @@ class StreamingDataset(IterableDataset):
             return self._rank_arg, self._world_arg
         return _dist_rank_world()
 
-    def _sizes(self) -> list[int]:
-        return [s.num_samples for s in self.manifest.shards]
+    def _sizes(self):
+        return self.manifest.shard_sizes()
 
     def set_epoch(self, epoch: int) -> None:
         if not isinstance(epoch, int) or epoch < 0:
@@ -282,7 +288,7 @@ class StreamingDataset(IterableDataset):
                     continue
         # Every sample of this worker's share is bad: borrow the dataset's first good sample, so
         # that this rank still yields as many samples as the others.
-        spans = tuple(planlib.Span(i, 0, n) for i, n in enumerate(self._sizes()) if n)
+        spans = tuple(planlib.Span(i, 0, int(n)) for i, n in enumerate(self._sizes()) if n)
         for _, cand in self._read(spans, 0):
             if not isinstance(cand, _BadSample):
                 try:

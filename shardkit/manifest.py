@@ -3,6 +3,16 @@
 A dataset is a folder (or object-store prefix) holding ``<prefix>-000000.tar`` … , one
 ``<prefix>-000000.idx`` beside each shard, and ``manifest.json``, written last.
 
+Compact encoding (``manifest.msgpack``): the same content as ``manifest.json`` in msgpack, for
+manifests with ~100,000 shards, with the shard list stored column-wise: integer columns as packed
+little-endian uint64 bytes, sha256 columns as concatenated raw 32-byte digests, URL columns as a
+``prefix`` + zero-padded counter + ``suffix`` pattern when every URL follows it
+(``shard-000000.tar`` ...), and plain lists otherwise. JSON stays the canonical format that ``pack`` writes; the msgpack
+file is an optional companion (:func:`shardkit.scale.write_manifest` writes both) that
+:meth:`Manifest.load` reads when the source names it (``.../manifest.msgpack``), or when a dataset
+folder or prefix has no ``manifest.json``. A folder holding both is read from its JSON, so a stale
+companion can never override the canonical file.
+
 Index file (``.idx``): 8 magic bytes ``SKIDX\\x01\\0\\0``, then ``num_samples + 1`` little-endian
 uint64 byte offsets: where each sample's first tar header starts, and finally where the
 end-of-archive blocks start. A reader can seek to any sample without reading what precedes it.
@@ -11,7 +21,10 @@ end-of-archive blocks start. A reader can seek to any sample without reading wha
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +34,8 @@ from .errors import ManifestError
 FORMAT = "shardkit"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MSGPACK_NAME = "manifest.msgpack"
+MSGPACK_ENCODING = "shardkit-columns/1"  # layout of the msgpack file's shard columns
 INDEX_MAGIC = b"SKIDX\x01\0\0"
 
 
@@ -66,18 +81,76 @@ class Manifest:
     def num_bytes(self) -> int:
         return sum(s.num_bytes for s in self.shards)
 
+    def shard_sizes(self) -> np.ndarray:
+        """Samples per shard as a read-only int64 array (what :mod:`shardkit.plan` takes).
+
+        Cached while ``shards`` is the same list of the same length (build a new manifest, rather
+        than editing a ``ShardInfo`` in place, to change counts).
+        """
+        cached = self.__dict__.get("_shard_sizes")
+        if cached is not None and cached[0] is self.shards and cached[1] == len(self.shards):
+            return cached[2]
+        sizes = np.fromiter((s.num_samples for s in self.shards), dtype=np.int64,
+                            count=len(self.shards))
+        return self._cache_sizes(sizes)
+
+    def _cache_sizes(self, sizes: np.ndarray) -> np.ndarray:
+        sizes.flags.writeable = False
+        self.__dict__["_shard_sizes"] = (self.shards, len(self.shards), sizes)
+        return sizes
+
+    def to_msgpack(self) -> bytes:
+        """The compact encoding (see the module docstring); :meth:`from_msgpack` reads it back."""
+        import msgpack
+
+        skip = ("base_url", "stats", "store", "shards")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        columns: dict[str, Any] = {"count": len(self.shards), "encoding": MSGPACK_ENCODING}
+        for f in fields(ShardInfo):
+            columns[f.name] = _encode_column([getattr(s, f.name) for s in self.shards])
+        data["shards"] = columns
+        return msgpack.packb(data, use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, data: bytes, where: str = "manifest") -> "Manifest":
+        """Parse and validate the compact encoding; anything malformed is a ``ManifestError``."""
+        import msgpack
+
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ManifestError(f"{where}: not valid msgpack ({exc})") from None
+        _check_header(obj, where)
+        columns = obj.pop("shards", None)
+        names = [f.name for f in fields(ShardInfo)]
+        if not isinstance(columns, dict) or set(columns) != {"count", "encoding", *names} \
+                or columns["encoding"] != MSGPACK_ENCODING:
+            raise ManifestError(f"{where}: malformed manifest (shard columns must be "
+                                f"{['count', 'encoding', *names]} with encoding "
+                                f"{MSGPACK_ENCODING!r})")
+        count = columns["count"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ManifestError(f"{where}: malformed manifest (shard count {count!r})")
+        cols = [_decode_column(columns[name], count, f"{where}: shard column {name!r}")
+                for name in names]
+        try:
+            shards = [ShardInfo(*row) for row in zip(*cols)] if count else []
+            manifest = cls(shards=shards, **obj)
+        except (TypeError, KeyError) as exc:
+            raise ManifestError(f"{where}: malformed manifest ({exc})") from exc
+        _check(manifest, where)
+        raw = columns.get("num_samples")
+        if isinstance(raw, dict) and "u64" in raw:  # the plan's input, without a pass over shards
+            manifest._cache_sizes(np.frombuffer(raw["u64"], dtype="<u8").astype(np.int64))
+        return manifest
+
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
         try:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{where}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ManifestError(f"{where}: not a shardkit manifest (missing format: {FORMAT!r})")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(f"{where}: format_version {version!r} is not supported "
-                                f"(this shardkit reads version {FORMAT_VERSION})")
+        _check_header(data, where)
         try:
             shards = [ShardInfo(**s) for s in data.pop("shards")]
             manifest = cls(shards=shards, **data)
@@ -87,40 +160,168 @@ class Manifest:
         return manifest
 
     @classmethod
-    def load(cls, source, storage_options: dict | None = None) -> "Manifest":
-        """Load from a dataset folder, a manifest path, or an s3:// / http(s):// URL of either."""
+    def load(cls, source, storage_options: dict | None = None, *, timeout: float = 60.0,
+             retries: int = 6) -> "Manifest":
+        """Load from a dataset folder, a manifest path, or an s3:// / http(s):// URL of either.
+
+        ``timeout`` (seconds without a byte) and ``retries`` apply to every remote request of the
+        manifest and, through ``manifest.store``, of the shards and index files read with it."""
         from .errors import ShardError
         from .storage import LocalStore, make_store
 
-        store, name = make_store(source, storage_options)
+        named = _names_msgpack(source)
+        if named is not None:  # a .msgpack manifest named explicitly: its folder is the dataset
+            source, msgpack_name = named
+        store, name = make_store(source, storage_options, retries=retries, timeout=timeout)
+        if named is not None:
+            name = msgpack_name
+        # A folder or prefix without manifest.json may hold only the compact manifest.
+        fallback = named is None and name == MANIFEST_NAME and not _names_file(source)
         where = store.url(name)
         if isinstance(store, LocalStore) and not (store.base / name).exists():
-            hint = ""
-            if store.base.is_dir() and any(store.base.glob("*.tar")):
-                hint = " (an unfinished pack? re-run pack with --resume)"
-            raise ManifestError(f"{where}: no manifest found{hint}")
+            if fallback and (store.base / MSGPACK_NAME).is_file():
+                name, where = MSGPACK_NAME, store.url(MSGPACK_NAME)
+            else:
+                hint = ""
+                if store.base.is_dir() and any(store.base.glob("*.tar")):
+                    hint = " (an unfinished pack? re-run pack with --resume)"
+                raise ManifestError(f"{where}: no manifest found{hint}")
         try:
             data = store.read_bytes(name)
         except ShardError as exc:
-            raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
-        manifest = cls.from_json(data, where)
+            if not (fallback and exc.reason == "not found" and name == MANIFEST_NAME):
+                raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
+            try:  # remote prefix without manifest.json: try the compact one
+                data = store.read_bytes(MSGPACK_NAME)
+            except ShardError:
+                raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
+            name, where = MSGPACK_NAME, store.url(MSGPACK_NAME)
+        if name.endswith(".msgpack"):
+            manifest = cls.from_msgpack(data, where)
+        else:
+            manifest = cls.from_json(data, where)
         manifest.base_url = store.url("").rstrip("/")
         manifest.store = store
         return manifest
 
 
+def _check_header(data: object, where: str) -> None:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{where}: not a shardkit manifest (missing format: {FORMAT!r})")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{where}: format_version {version!r} is not supported "
+                            f"(this shardkit reads version {FORMAT_VERSION})")
+
+
 def _check(m: Manifest, where: str) -> None:
     ints = [m.num_samples] + [s.num_samples for s in m.shards] + [s.num_bytes for s in m.shards]
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints):
+    if not (set(map(type, ints)) == {int} and min(ints) >= 0) \
+            and any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints):
         raise ManifestError(f"{where}: counts must be non-negative integers")
     if sum(s.num_samples for s in m.shards) != m.num_samples:
         raise ManifestError(f"{where}: shard sample counts do not add up to num_samples")
-    for s in m.shards:
-        for url in (s.url, s.index_url):
-            if not isinstance(url, str) or not url or url.startswith("/") or "\\" in url \
-                    or ".." in url.split("/") or "://" in url:
-                raise ManifestError(f"{where}: shard URL {url!r} is not a plain relative name "
-                                    "inside the dataset")
+    urls = [u for s in m.shards for u in (s.url, s.index_url)]
+    if all(type(u) is str for u in urls):
+        # Fast path over all URLs joined by NUL: nothing that could be empty, rooted, hold a
+        # backslash, a scheme or a '..' segment (or a NUL). Otherwise look at each one below.
+        text = "\0".join(urls)
+        if text and not text.startswith(("/", "\0")) and not text.endswith("\0") \
+                and not any(bad in text for bad in ("\0\0", "\0/", "\\", "://", "..")) \
+                and text.count("\0") == len(urls) - 1:
+            return
+    for url in urls:  # the slow path finds the offender for the message
+        if not isinstance(url, str) or not url or url.startswith("/") or "\\" in url \
+                or ".." in url.split("/") or "://" in url or "\0" in url:
+            raise ManifestError(f"{where}: shard URL {url!r} is not a plain relative name "
+                                "inside the dataset")
+
+
+def _names_file(source) -> bool:
+    """Whether ``source`` names a manifest file rather than a dataset folder or prefix."""
+    try:
+        text = os.fspath(source)
+    except TypeError:
+        return False
+    return isinstance(text, str) and text.endswith((".json", ".msgpack"))
+
+
+def _names_msgpack(source) -> tuple[str, str] | None:
+    """``(dataset source, file name)`` when ``source`` names a ``.msgpack`` manifest, else None."""
+    try:
+        text = os.fspath(source)
+    except TypeError:
+        return None
+    if not isinstance(text, str) or not text.endswith(".msgpack"):
+        return None
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text) and not text.startswith("file://"):
+        if "/" not in text.split("://", 1)[1]:  # "s3://name.msgpack": a bucket, not a file
+            return None
+        parent, _, name = text.rpartition("/")
+        return parent, name
+    path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+    if path.is_dir():
+        return None
+    return str(path.parent), path.name
+
+
+_URL_PATTERN = re.compile(r"^(.*?)(\d+)(\D*)$", re.S)
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def _pattern_urls(prefix: str, start: int, width: int, suffix: str, count: int) -> list[str]:
+    fmt = f"{prefix.replace('%', '%%')}%0{width}d{suffix.replace('%', '%%')}"
+    return [fmt % i for i in range(start, start + count)]
+
+
+def _encode_column(values: list) -> Any:
+    """One shard field, compactly: ``{"u64": bytes}``, ``{"hex32": bytes}``, ``{"pattern": ...}``,
+    or the plain list when no compact form reproduces it exactly."""
+    if values and all(type(v) is int and 0 <= v < 2**64 for v in values):
+        return {"u64": np.asarray(values, dtype=np.uint64).astype("<u8").tobytes()}
+    if values and all(type(v) is str for v in values):
+        if all(len(v) == 64 for v in values) and _HEX.fullmatch("".join(values)):
+            return {"hex32": bytes.fromhex("".join(values))}
+        match = _URL_PATTERN.match(values[0])
+        if match:
+            prefix, digits, suffix = match.groups()
+            start, width = int(digits), len(digits)
+            if width <= 32 and start < 2**63 \
+                    and _pattern_urls(prefix, start, width, suffix, len(values)) == values:
+                return {"pattern": {"prefix": prefix, "start": start, "width": width,
+                                    "suffix": suffix}}
+    return list(values)
+
+
+def _decode_column(column: object, count: int, where: str) -> list:
+    def bad(why: str) -> ManifestError:
+        return ManifestError(f"{where}: malformed manifest ({why})")
+
+    if isinstance(column, list):
+        if len(column) != count:
+            raise bad(f"{len(column)} values for {count} shards")
+        return column
+    if not isinstance(column, dict) or len(column) != 1:
+        raise bad("expected a list or one of u64, hex32, pattern")
+    (kind, value), = column.items()
+    if kind == "u64":
+        if not isinstance(value, bytes) or len(value) != 8 * count:
+            raise bad(f"u64 column must be {8 * count} bytes")
+        return np.frombuffer(value, dtype="<u8").tolist()
+    if kind == "hex32":
+        if not isinstance(value, bytes) or len(value) != 32 * count:
+            raise bad(f"hex32 column must be {32 * count} bytes")
+        text = value.hex()
+        return [text[i:i + 64] for i in range(0, len(text), 64)]
+    if kind == "pattern":
+        if not isinstance(value, dict) or set(value) != {"prefix", "start", "width", "suffix"}:
+            raise bad("pattern needs prefix, start, width, suffix")
+        prefix, start, width, suffix = (value[k] for k in ("prefix", "start", "width", "suffix"))
+        if not (isinstance(prefix, str) and isinstance(suffix, str)
+                and all(type(v) is int and 0 <= v < 2**63 for v in (start, width)) and width <= 32):
+            raise bad("pattern fields have the wrong types or ranges")
+        return _pattern_urls(prefix, start, width, suffix, count)
+    raise bad(f"unknown column kind {kind!r}")
 
 
 def encode_index(offsets) -> bytes:

@@ -9,8 +9,11 @@ grids of shards x ranks x workers x epochs without starting a process.
 How the plan is built:
 
 1. Every shard is cut into blocks of ``block_size`` samples (a shard's last block may be shorter).
-   With ``shuffle`` the block list is permuted by a generator seeded from ``(seed, epoch)``; the
-   concatenation of the blocks is the epoch's *global stream* of ``N`` samples.
+   With ``shuffle`` the block list is permuted by a keyed pseudo-random permutation seeded from
+   ``(seed, epoch)``; the concatenation of the blocks is the epoch's *global stream* of ``N``
+   samples. The permutation is stateless (see :class:`_BlockPermutation`): a worker evaluates it
+   only at the stream positions it reads, plus its inverse at the shards' short last blocks to
+   know where each position starts, so a plan costs O(shards + own blocks), not O(all blocks).
 2. Each rank gets ``per_rank`` samples (see :func:`rank_num_samples`): ``remainder="drop"`` leaves
    out the last ``N % world_size`` samples of the stream (different ones each epoch, as the block
    order changes); ``remainder="pad"`` wraps around to the stream's start, repeating its first
@@ -46,6 +49,9 @@ __all__ = [
 REMAINDER_POLICIES = ("drop", "pad")
 _BLOCK_STREAM = 0  # SeedSequence tags keep the two generators of a plan independent.
 _WORKER_STREAM = 1
+_FEISTEL_ROUNDS = 8
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser constants
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @dataclass(frozen=True)
@@ -186,43 +192,65 @@ def _worker_range(per_rank: int, worker: int, num_workers: int,
     return start, stop, tuple(sizes)
 
 
-def _stream_spans(sizes: np.ndarray, block_size: int, perm: Optional[np.ndarray],
-                  pieces: list[tuple[int, int]]) -> tuple[Span, ...]:
-    """Spans of the global stream ranges ``pieces`` (each in ``[0, N)``), merged where adjacent."""
-    blocks_per_shard = -(-sizes // block_size)
-    first_block = np.concatenate(([0], np.cumsum(blocks_per_shard)))
-    if perm is None:
-        cum = None  # natural order: block i starts where its shard does, plus its offset
-        shard_start = np.concatenate(([0], np.cumsum(sizes)))
-    else:
-        lens = np.full(int(first_block[-1]), block_size,
-                       dtype=np.int32 if block_size < 2**31 else np.int64)
-        has = blocks_per_shard > 0
-        lens[first_block[1:][has] - 1] = sizes[has] - (blocks_per_shard[has] - 1) * block_size
-        cum = np.zeros(lens.size + 1, dtype=np.int64)
-        np.cumsum(lens[perm], out=cum[1:], dtype=np.int64)
-        del lens
-    shards, starts, stops = [], [], []
-    for lo, hi in pieces:
-        if cum is None:
-            s0 = int(np.searchsorted(shard_start, lo, "right")) - 1
-            s1 = int(np.searchsorted(shard_start, hi, "left"))
-            shard = np.arange(s0, s1)[sizes[s0:s1] > 0]
-            begin, end, offset = shard_start[shard], shard_start[shard + 1], 0
-        else:
-            b0 = int(np.searchsorted(cum, lo, "right")) - 1
-            b1 = int(np.searchsorted(cum, hi, "left"))
-            blk = perm[b0:b1]
-            shard = np.searchsorted(first_block, blk, "right") - 1
-            begin, end = cum[b0:b1], cum[b0 + 1:b1 + 1]  # the blocks' stream positions
-            # where each block starts inside its shard
-            offset = (blk.astype(np.int64) - first_block[shard]) * block_size
-        shards.append(shard)
-        starts.append(np.maximum(begin, lo) - begin + offset)
-        stops.append(np.minimum(end, hi) - begin + offset)
+class _BlockPermutation:
+    """A seeded bijection of ``[0, n)`` (stream position -> block number), evaluated on demand.
+
+    A balanced Feistel network on ``2 * half`` bits (the smallest even width covering ``n``) with
+    ``_FEISTEL_ROUNDS`` rounds, whose round function is splitmix64's finaliser of ``value ^ key``
+    (keys drawn from ``SeedSequence([seed, epoch, _BLOCK_STREAM])``). Values that land outside
+    ``[0, n)`` are walked through the network again (cycle walking), which keeps it a bijection of
+    ``[0, n)``; as the domain is at most ``4 n``, a walk takes under 4 steps on average. Nothing of
+    size ``n`` is ever materialised.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.SeedSequence([seed, epoch, _BLOCK_STREAM]).generate_state(
+            _FEISTEL_ROUNDS, dtype=np.uint64)
+
+    def _f(self, value: np.ndarray, key: np.uint64) -> np.ndarray:
+        z = value ^ key
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return (z ^ (z >> np.uint64(31))) & self.mask
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._f(right, key)
+        return (left << self.half) | right
+
+    def _decrypt(self, y: np.ndarray) -> np.ndarray:
+        left, right = y >> self.half, y & self.mask
+        for key in self.keys[::-1]:
+            left, right = right ^ self._f(left, key), left
+        return (left << self.half) | right
+
+    def _walk(self, values, step) -> np.ndarray:
+        x = step(np.asarray(values, dtype=np.uint64).reshape(-1))
+        n = np.uint64(self.n)
+        out = np.flatnonzero(x >= n)
+        while out.size:
+            x[out] = step(x[out])
+            out = out[x[out] >= n]
+        return x.astype(np.int64)
+
+    def block(self, position) -> np.ndarray:
+        """Block numbers at stream positions ``position`` (int64 array, each in ``[0, n)``)."""
+        return self._walk(position, self._encrypt)
+
+    def position(self, block) -> np.ndarray:
+        """Stream positions of blocks ``block`` (the inverse of :meth:`block`)."""
+        return self._walk(block, self._decrypt)
+
+
+def _merge(shards: list, starts: list, stops: list) -> tuple[Span, ...]:
+    """Spans from per-piece arrays, each merged into its predecessor where it continues it."""
     shard, start, stop = (np.concatenate(a).astype(np.int64) for a in (shards, starts, stops))
     if shard.size:
-        # merge each span into its predecessor when it continues it in the same shard
         new = np.ones(shard.size, dtype=bool)
         new[1:] = (shard[1:] != shard[:-1]) | (start[1:] != stop[:-1])
         heads = np.flatnonzero(new)
@@ -230,6 +258,63 @@ def _stream_spans(sizes: np.ndarray, block_size: int, perm: Optional[np.ndarray]
         shard, start, stop = shard[heads], start[heads], stop[tails]
     return tuple(Span(int(a), int(b), int(c)) for a, b, c in zip(shard.tolist(), start.tolist(),
                                                                    stop.tolist()))
+
+
+def _natural_spans(sizes: np.ndarray, pieces: list[tuple[int, int]]) -> tuple[Span, ...]:
+    """Spans of the stream ranges ``pieces`` when shards are read in their natural order."""
+    shard_start = np.concatenate(([0], np.cumsum(sizes)))
+    shards, starts, stops = [], [], []
+    for lo, hi in pieces:
+        s0 = int(np.searchsorted(shard_start, lo, "right")) - 1
+        s1 = int(np.searchsorted(shard_start, hi, "left"))
+        shard = np.arange(s0, s1)[sizes[s0:s1] > 0]
+        begin, end = shard_start[shard], shard_start[shard + 1]
+        shards.append(shard)
+        starts.append(np.maximum(begin, lo) - begin)
+        stops.append(np.minimum(end, hi) - begin)
+    return _merge(shards, starts, stops)
+
+
+def _shuffled_spans(sizes: np.ndarray, block_size: int, perm_seed: tuple[int, int],
+                    pieces: list[tuple[int, int]]) -> tuple[Span, ...]:
+    """Spans of the stream ranges ``pieces`` when blocks are read in permuted order.
+
+    Every block holds ``block_size`` samples except the short last block of a shard whose size is
+    not a multiple of it. So the stream start of position ``k`` is ``k * block_size`` less the
+    deficits of the short blocks placed before ``k``: the inverse permutation of the (at most one
+    per shard) short blocks, sorted, with a cumulative sum of their deficits, answers "where does
+    position ``k`` start" and "which position holds stream sample ``x``" by binary search.
+    """
+    B = block_size
+    blocks_per_shard = -(-sizes // B)
+    first_block = np.concatenate(([0], np.cumsum(blocks_per_shard)))
+    perm = _BlockPermutation(int(first_block[-1]), *perm_seed)
+    rem = sizes % B
+    short = np.flatnonzero(rem)  # shards whose last block is short (never an empty shard)
+    pos = perm.position(first_block[short + 1] - 1)
+    by_pos = np.argsort(pos)
+    short_pos = pos[by_pos]  # stream positions of the short blocks, ascending
+    deficit = np.zeros(short.size + 1, dtype=np.int64)  # deficit[j]: of the first j short blocks
+    np.cumsum(B - rem[short][by_pos], out=deficit[1:])
+    short_end = (short_pos + 1) * B - deficit[1:]  # stream end of each short block
+
+    def start_of(k: np.ndarray) -> np.ndarray:  # stream start of positions k
+        return k * B - deficit[np.searchsorted(short_pos, k, "left")]
+
+    def position_of(x: int) -> int:  # the position whose block holds stream sample x
+        return (x + int(deficit[np.searchsorted(short_end, x, "right")])) // B
+
+    shards, starts, stops = [], [], []
+    for lo, hi in pieces:
+        k = np.arange(position_of(lo), position_of(hi - 1) + 1, dtype=np.int64)
+        blk = perm.block(k)
+        shard = np.searchsorted(first_block, blk, "right") - 1
+        begin, end = start_of(k), start_of(k + 1)  # the blocks' stream positions
+        offset = (blk - first_block[shard]) * B  # where each block starts inside its shard
+        shards.append(shard)
+        starts.append(np.maximum(begin, lo) - begin + offset)
+        stops.append(np.minimum(end, hi) - begin + offset)
+    return _merge(shards, starts, stops)
 
 
 def epoch_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int,
@@ -259,14 +344,12 @@ def epoch_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, rank: int, 
         pieces.append((lo - lap * total, min(hi, (lap + 1) * total) - lap * total))
         lo = min(hi, (lap + 1) * total)
 
-    perm = None
-    if shuffle:
-        num_blocks = int((-(-sizes // block_size)).sum())
-        block_rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, _BLOCK_STREAM]))
-        # Same values as block_rng.permutation(num_blocks), at half the memory traffic.
-        perm = np.arange(num_blocks, dtype=np.int32 if num_blocks < 2**31 else np.int64)
-        block_rng.shuffle(perm)
-    spans = _stream_spans(sizes, block_size, perm, pieces) if pieces else ()
+    if not pieces:
+        spans: tuple[Span, ...] = ()
+    elif shuffle:
+        spans = _shuffled_spans(sizes, block_size, (seed, epoch), pieces)
+    else:
+        spans = _natural_spans(sizes, pieces)
     num_samples = sum(len(s) for s in spans)
 
     if shuffle:

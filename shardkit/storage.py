@@ -71,12 +71,13 @@ def make_store(source, storage_options: dict | None = None, *, retries: int = 6,
     return RemoteStore(protocol, base, storage_options, retries=retries, timeout=timeout), name
 
 
-def load_manifest(source, storage_options: dict | None = None):
+def load_manifest(source, storage_options: dict | None = None, *, timeout: float = 60.0,
+                  retries: int = 6):
     from .manifest import Manifest
 
     if isinstance(source, Manifest):
         return source
-    return Manifest.load(source, storage_options=storage_options)
+    return Manifest.load(source, storage_options=storage_options, timeout=timeout, retries=retries)
 
 
 def store_for(manifest, storage_options: dict | None = None) -> "Store":
