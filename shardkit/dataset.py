@@ -13,6 +13,16 @@ ends early, holds more, or has a bad member is an error naming the shard URL and
 (``on_error="raise"``) or, with ``on_error="skip"``, the bad sample is replaced by a copy of the
 previous good one so that every rank still yields the same number of samples and batches; skips
 are counted and logged at the end of the epoch.
+
+Resume: ``state_dict()`` says how many samples each plan worker ("role") of this rank emitted and
+which DataLoader worker plays which role (``shift``). Under ``torch.distributed`` with more than one
+rank it is a collective that returns the *global* state, every rank's progress (see
+:meth:`StreamingDataset.state_dict`). A global state resumes exactly (same keys, same order) with
+the same world size, number of workers and plan settings; with any other it resumes *elastically*:
+the samples of the epoch not yet emitted follow from the old plan and the counts
+(:func:`shardkit.plan.rest_stream`) and are dealt afresh to the new ranks and workers
+(:func:`shardkit.plan.rest_plan`). A state taken during such a resumed epoch records the state it
+came from (``"base"``), so it can be resumed again, exactly or elastically.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ REMAINDER = planlib.REMAINDER_POLICIES
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _MEMBER = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+")
 STATE_VERSION = 1
+# Settings that decide a plan besides (seed, epoch, world size, workers); recorded in global states.
+_PLAN_SETTINGS = ("shuffle", "block_size", "shuffle_buffer", "remainder", "batch_size", "drop_last")
 
 
 class _BadSample:
@@ -119,6 +131,7 @@ class StreamingDataset(IterableDataset):
         # copy of the dataset made when they start, and must still see later ``set_epoch`` calls.
         self._epoch_cell = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._resume: dict | None = None  # applied to the next iteration of its epoch
+        self._rest: dict | None = None  # an elastic resume's rest plan, in force for its epoch
         self._emitted = 0  # samples this process's iterator has emitted (worker state)
         self._role = 0
         self._progress: dict | None = None  # set by shardkit's loader: items consumed by the user
@@ -163,17 +176,33 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
+        if self._rest is not None and self._rest["epoch"] != epoch:
+            self._rest = None
         if epoch != self._epoch:  # progress counts belong to the previous epoch
             self._emitted, self._progress = 0, None
         self._epoch = epoch
 
     def __len__(self) -> int:
-        """Samples (or, with ``batch_size``, batches) this rank yields per epoch."""
+        """Samples (or, with ``batch_size``, batches) this rank yields per epoch.
+
+        That is the count of the plan in force for the current epoch, the same on every rank: the
+        whole epoch's, or after an elastic resume (another world size, number of workers or plan
+        settings) the rest plan's. An iteration resumed from a state yields it less what was
+        consumed before the state was taken; it never yields more, so ``len(loader)`` is safe for
+        a DataLoader.
+        """
         _, world = self.rank_world()
         kw = dict(remainder=self.remainder, batch_size=self.batch_size, drop_last=self.drop_last)
+        sizes = self._sizes()
+        rest = self._rest_in_force()
+        if rest is not None:
+            stream = self._rest_stream(rest)
+            sizes = [int((stream[:, 1] - stream[:, 0]).sum())]
+            if sizes[0] == 0:
+                return 0
         if self.batch_size is None:
-            return planlib.rank_num_samples(self._sizes(), world, **kw)
-        return planlib.rank_num_batches(self._sizes(), world, **kw)
+            return planlib.rank_num_samples(sizes, world, **kw)
+        return planlib.rank_num_batches(sizes, world, **kw)
 
     def preload(self) -> None:
         """Load every shard into shared memory (``in_memory=True``); later epochs open no files."""
@@ -197,6 +226,12 @@ class StreamingDataset(IterableDataset):
     # ----------------------------------------------------------------- plan
     def _plan(self, worker: int, num_workers: int) -> planlib.WorkerPlan:
         rank, world = self.rank_world()
+        rest = self._rest_in_force()
+        if rest is not None:
+            return planlib.rest_plan(self._sizes(), self._rest_stream(rest), seed=self.seed,
+                                     epoch=self._epoch, rank=rank, world_size=world, worker=worker,
+                                     num_workers=num_workers, level=rest["level"],
+                                     **self._settings())
         return planlib.epoch_plan(self._sizes(), seed=self.seed, epoch=self._epoch, rank=rank,
                                   world_size=world, worker=worker, num_workers=num_workers,
                                   shuffle=self.shuffle, block_size=self.block_size,
@@ -209,12 +244,16 @@ class StreamingDataset(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if self.in_memory and self._memory is None:
             self.preload()
+        self._resolve_resume(num_workers)
         consumed, shift = 0, 0
         if self._resume is not None and self._resume["epoch"] == self._epoch:
             state, self._resume = self._resume, None
             if state["num_workers"] != num_workers and any(state["consumed"].values()):
-                raise ValueError(f"the state was saved with {state['num_workers']} loader workers; "
-                                 f"resume with the same number (got {num_workers})")
+                raise ValueError(f"the state of rank {state.get('rank')} was saved with "
+                                 f"{state['num_workers']} loader workers; resume it with the same "
+                                 f"number (got {num_workers}), or resume from the global state "
+                                 "(state_dict() under torch.distributed, or merge_states()), which "
+                                 "takes any number")
             shift = state.get("shift", 0)
             role = (worker + shift) % num_workers
             consumed = state["consumed"].get(str(role), 0)
@@ -378,8 +417,13 @@ class StreamingDataset(IterableDataset):
                 if k >= len(ends):
                     raise ShardError(url, f"holds more samples than its index says ({info.name!r} "
                                           "after the last one)", key=key)
-                if not info.isreg():
+                if not info.isreg() or info.sparse is not None:
                     raise ShardError(url, f"member {info.name!r} is not a regular file", key=key)
+                # Checked before reading: a header may claim any size (a GNU sparse one, data
+                # that is mostly never stored), and tarfile would allocate all of it.
+                if not 0 <= info.size <= hi - lo - info.offset_data:
+                    raise ShardError(url, f"member {info.name!r} claims {info.size} bytes, more "
+                                          "than the shard holds after it", key=key)
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 elif key != current["__key__"]:
@@ -471,33 +515,199 @@ class StreamingDataset(IterableDataset):
         return images, labels
 
     # ----------------------------------------------------------------- resume
-    def state_dict(self) -> dict:
-        """Where this epoch stands: small, holds no sample data. Restore with ``load_state_dict``."""
+    def state_dict(self, *, gather: bool | None = None) -> dict:
+        """Where this epoch stands: small, JSON-serialisable, holds no sample data.
+
+        Without ``torch.distributed`` (or with ``gather=False``) this is this rank's state:
+        ``{"version", "seed", "epoch", "rank", "world_size", "num_workers", "shift",
+        "consumed"}``. When a process group with more than one process is initialized and this
+        dataset has more than one rank, it is a **collective** (``all_gather_object``): call it
+        on every rank, like a DDP/FSDP state dict, and every rank gets the same global state
+        ``{"version", "seed", "epoch", "world_size", "num_workers", "plan", "ranks": {rank:
+        {"shift", "consumed"}}}`` (see :meth:`merge_states`), which can resume with any world
+        size. Inside a DataLoader worker (torchdata's ``StatefulDataLoader`` asks there) it is
+        that worker's own state and never a collective. A state taken during an elastically
+        resumed epoch also holds the state that epoch resumed from, under ``"base"``.
+        """
+        info = get_worker_info()
+        local = self._local_state(info)
+        if info is not None or gather is False:
+            return local
+        dist = _initialized_dist()
+        if gather is None:
+            gather = dist is not None and dist.get_world_size() > 1 and local["world_size"] > 1
+        if not gather:
+            return local
+        if dist is None:
+            raise ValueError("state_dict(gather=True) needs an initialized torch.distributed "
+                             "process group")
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, local)
+        return self.merge_states(states)
+
+    def _local_state(self, info) -> dict:
         rank, world = self.rank_world()
         base = {"version": STATE_VERSION, "seed": self.seed, "epoch": self._epoch, "rank": rank,
                 "world_size": world}
-        info = get_worker_info()
-        if info is not None:  # inside a worker (torchdata's StatefulDataLoader asks here)
-            return {**base, "num_workers": info.num_workers, "shift": 0,
-                    "consumed": {str(self._role): self._emitted}}
-        if self._progress is not None:
-            return {**base, **self._progress_state()}
-        return {**base, "num_workers": 1, "shift": 0, "consumed": {"0": self._emitted}}
+        if info is not None:  # inside a worker
+            state = {**base, "num_workers": info.num_workers, "shift": 0,
+                     "consumed": {str(self._role): self._emitted}}
+        elif self._progress is not None:
+            state = {**base, **self._progress_state()}
+        else:
+            state = {**base, "num_workers": 1, "shift": 0, "consumed": {"0": self._emitted}}
+        rest = self._rest_in_force()
+        if rest is not None:
+            state["base"] = rest["state"]
+        return state
+
+    def merge_states(self, states) -> dict:
+        """The global state of a job from its ranks' own states (``state_dict(gather=False)``).
+
+        ``states`` holds one state per rank, in any order (copies from processes that share a
+        rank, such as tensor-parallel peers, must be equal). The result records this dataset's
+        plan settings under ``"plan"``, so it must be called with the dataset that made them.
+        """
+        states = list(states)
+        if not states:
+            raise ValueError("merge_states needs at least one state")
+        first = states[0]
+        fields = ("version", "seed", "epoch", "world_size", "num_workers")
+        ranks: dict[str, dict] = {}
+        for state in states:
+            if "ranks" in state:
+                raise ValueError("merge_states takes per-rank states; this one is already global")
+            for name in (*fields, "base"):
+                if state.get(name) != first.get(name):
+                    raise ValueError(f"the states disagree on {name!r}: {first.get(name)!r} and "
+                                     f"{state.get(name)!r} (every rank must use the same "
+                                     "settings and number of loader workers)")
+            entry = {"shift": state.get("shift", 0), "consumed": dict(state["consumed"])}
+            rank = str(state["rank"])
+            if ranks.setdefault(rank, entry) != entry:
+                raise ValueError(f"two different states for rank {rank}")
+        world = first["world_size"]
+        missing = sorted(set(range(world)) - {int(r) for r in ranks})
+        if missing:
+            raise ValueError(f"no state for ranks {missing} of world_size {world}")
+        out = {name: first[name] for name in fields}
+        out["plan"] = {"num_samples": int(sum(self._sizes())), **self._settings()}
+        out["ranks"] = {r: ranks[r] for r in sorted(ranks, key=int)}
+        if first.get("base") is not None:
+            out["base"] = first["base"]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`'s state; call it before creating the loader.
+
+        A rank's own state resumes exactly on that rank with the same world size and number of
+        loader workers. A global state (or a single-process one) resumes with anything: exactly
+        when the world size, number of workers and plan settings are those it was taken with
+        (decided when the loader starts, as only then is the number of workers known), else
+        elastically, every sample of the epoch not yet consumed once over the new ranks.
+        """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported state version {state.get('version')!r}")
         rank, world = self.rank_world()
-        if state["seed"] != self.seed or state["world_size"] != world:
-            raise ValueError(f"state is from seed={state['seed']}, world_size={state['world_size']}; "
-                             f"this dataset has seed={self.seed}, world_size={world}")
-        self._epoch = state["epoch"]
+        if state["seed"] != self.seed:
+            raise ValueError(f"state is from seed={state['seed']}; this dataset has seed={self.seed}")
         info = get_worker_info()
-        if info is not None and self._resume is not None:  # merge per-worker states
-            self._resume["consumed"].update(state["consumed"])
+        self._epoch = state["epoch"]
+        if "ranks" not in state:  # one rank's state
+            if info is not None and self._resume is not None:  # merge per-worker states
+                self._resume["consumed"].update(state["consumed"])
+                return
+            if info is None and state["world_size"] == 1 and "rank" in state:
+                state = self.merge_states([state])  # a whole job's state: resumes with anything
+            elif state["world_size"] != world or state.get("rank", rank) != rank:
+                raise ValueError(
+                    f"this state holds only rank {state.get('rank')}'s progress (of world_size="
+                    f"{state['world_size']}); this dataset is rank {rank} of {world}. Resuming "
+                    "with another world size needs every rank's state: call state_dict() on every "
+                    "rank with the process group initialized (it gathers them), or combine the "
+                    "ranks' states with merge_states()")
+            else:
+                self._rest = None
+                if state.get("base") is not None:
+                    self._rest = self._new_rest(state["epoch"], state["base"])
+                self._resume = {"epoch": state["epoch"], "num_workers": state["num_workers"],
+                                "shift": state.get("shift", 0),
+                                "consumed": dict(state["consumed"])}
+                return
+        self._check_plan(state)
+        self._rest, self._resume = None, dict(state)
+        self._resolve_resume(None)
+
+    def _resolve_resume(self, num_workers: int | None) -> None:
+        """Turn a pending global state into this rank's exact resume or an elastic rest plan.
+
+        ``num_workers`` is the loader's (None: not known yet; then only a world size change can
+        be decided).
+        """
+        state = self._resume
+        if state is None or "ranks" not in state or state["epoch"] != self._epoch:
             return
-        self._resume = {"epoch": state["epoch"], "num_workers": state["num_workers"],
-                        "shift": state.get("shift", 0), "consumed": dict(state["consumed"])}
+        rank, world = self.rank_world()
+        same_plan = (state["world_size"] == world and
+                     all(state["plan"].get(k) == v for k, v in self._settings().items()))
+        if same_plan and num_workers is None:
+            return
+        epoch, base = state["epoch"], state.get("base")
+        if same_plan and state["num_workers"] == num_workers:
+            own = state["ranks"][str(rank)]
+            self._rest = None if base is None else self._new_rest(epoch, base)
+            self._resume = {"epoch": epoch, "num_workers": num_workers, "rank": rank,
+                            "shift": own["shift"], "consumed": dict(own["consumed"])}
+            return
+        self._resume = None
+        started = any(any(r["consumed"].values()) for r in state["ranks"].values())
+        self._rest = self._new_rest(epoch, state) if started or base is not None else None
+
+    def _new_rest(self, epoch: int, state: dict) -> dict:
+        rest = {"epoch": epoch, "state": state, "stream": None, "level": None}
+        self._rest_stream(rest)  # computed once here, before workers copy the dataset
+        return rest
+
+    def _rest_in_force(self) -> dict | None:
+        rest = self._rest
+        return rest if rest is not None and rest["epoch"] == self._epoch else None
+
+    def _rest_stream(self, rest: dict):
+        if rest["stream"] is None:
+            rest["stream"], rest["level"] = self._stream_of(rest["state"])
+        return rest["stream"]
+
+    def _stream_of(self, state: dict):
+        """The rest stream left by global state ``state`` and the level of its rest plan."""
+        base = state.get("base")
+        stream, level = (None, 0) if base is None else self._stream_of(base)
+        self._check_plan(state)
+        plan = state["plan"]
+        world, workers = state["world_size"], state["num_workers"]
+        consumed = [[int(state["ranks"][str(r)]["consumed"].get(str(w), 0)) for w in range(workers)]
+                    for r in range(world)]
+        out = planlib.rest_stream(self._sizes(), consumed, seed=state["seed"],
+                                  epoch=state["epoch"], world_size=world, num_workers=workers,
+                                  stream=stream, level=level, shuffle=plan["shuffle"],
+                                  shuffle_buffer=plan["shuffle_buffer"],
+                                  remainder=plan["remainder"], batch_size=plan["batch_size"],
+                                  drop_last=plan["drop_last"])
+        return out, level + 1
+
+    def _settings(self) -> dict:
+        return {name: getattr(self, name) for name in _PLAN_SETTINGS}
+
+    def _check_plan(self, state: dict) -> None:
+        """A global state's plan must be over this dataset's samples and global stream."""
+        plan, total = state.get("plan", {}), int(sum(self._sizes()))
+        if plan.get("num_samples") != total:
+            raise ValueError(f"the state is of a dataset of {plan.get('num_samples')} samples; "
+                             f"this one has {total}: a changed dataset cannot resume mid-epoch")
+        for name in ("shuffle", "block_size"):
+            if plan.get(name) != getattr(self, name):
+                raise ValueError(f"the state was taken with {name}={plan.get(name)!r}; it decides "
+                                 f"the epoch's order, so resume with the same (got "
+                                 f"{getattr(self, name)!r})")
 
     def _progress_state(self) -> dict:
         """Per-role samples consumed, from the number of items the loader handed to the user."""
@@ -538,6 +748,15 @@ class StreamingDataset(IterableDataset):
     def _item_sizes(self, role: int, num_workers: int) -> list[int]:
         plan = self._plan(role, num_workers)
         return list(plan.batch_sizes) if self.batch_size else [1] * plan.num_samples
+
+
+def _initialized_dist():
+    """``torch.distributed`` when a process group is initialized, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def _split_member(name: str, url: str) -> tuple[str, str]:

@@ -28,6 +28,9 @@ class ShardkitLoader(DataLoader):
         if not hasattr(ds, "_progress"):
             yield from super().__iter__()
             return
+        # A pending global state becomes an exact resume or an elastic rest plan now that the
+        # number of workers is known, before the workers copy the dataset.
+        ds._resolve_resume(max(1, self.num_workers))
         if self.num_workers == 0:
             ds._progress = None  # the dataset counts for itself in this process
             yield from super().__iter__()
@@ -63,6 +66,8 @@ def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | N
         persistent_workers = num_workers > 0
     if getattr(dataset, "in_memory", False):
         dataset.preload()
+    if hasattr(dataset, "_resolve_resume"):  # a loaded state: exact or elastic, and len() knows
+        dataset._resolve_resume(max(1, num_workers))
     kwargs.setdefault("batch_size", None)  # batches are made inside the workers
     if num_workers > 0:
         kwargs["prefetch_factor"] = 2 if prefetch_factor is None else prefetch_factor

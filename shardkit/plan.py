@@ -27,6 +27,20 @@ How the plan is built:
 Every sample is read exactly once per epoch over all ranks and workers (up to the remainder policy),
 every rank reads the same number of samples and batches, and none of it needs more shards than
 ranks x workers.
+
+Elastic resume (another world size or number of workers in the middle of an epoch) is built on the
+same pieces. A *stream* is a sorted list of disjoint ranges of the epoch's global stream
+(:func:`rest_stream` returns one; the whole epoch is ``[(0, N)]``). Given how many samples each
+(rank, worker) of a plan had emitted, the samples it has not emitted are known exactly: worker
+``(r, w)`` read the stream positions ``lo + p`` (``lo`` its range's start, modulo the stream's
+length for ``"pad"``) and emitted ``order[:c]``, so its remaining positions are those from
+:func:`resume_position` on, less the at most ``shuffle_buffer`` emitted ones above it. The union
+over workers, less every emitted sample (which removes ``"pad"``'s repeats too), is the *rest
+stream*, in global stream order. :func:`rest_plan` deals it to the new ranks and workers exactly as
+steps 2-5 deal the global stream (the remainder policy applies to the rest's count), with its own
+worker shuffle (seeded from ``seed, epoch``, a resume tag and the level of the resume). Only the
+emitted prefix of each old worker's shuffle is simulated, so finding the rest costs O(samples
+emitted) once, and a new worker's spans O(own blocks + holes).
 """
 
 from __future__ import annotations
@@ -42,6 +56,9 @@ __all__ = [
     "epoch_plan",
     "rank_num_batches",
     "rank_num_samples",
+    "remaining_spans",
+    "rest_plan",
+    "rest_stream",
     "resume_position",
     "shuffle_order",
 ]
@@ -49,6 +66,7 @@ __all__ = [
 REMAINDER_POLICIES = ("drop", "pad")
 _BLOCK_STREAM = 0  # SeedSequence tags keep the two generators of a plan independent.
 _WORKER_STREAM = 1
+_RESUME_STREAM = 2
 _FEISTEL_ROUNDS = 8
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser constants
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -132,33 +150,40 @@ def rank_num_batches(shard_sizes: Sequence[int], world_size: int, *, remainder: 
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator, *,
+                  count: Optional[int] = None) -> np.ndarray:
     """Emission order of a streaming shuffle buffer fed inputs ``0 .. n-1``.
 
     Each input is appended to the buffer; once it holds ``buffer_size`` items, a uniformly random
     one is removed (swap with the last) and emitted. At the end the rest is emitted in random
     order. The ``k``-th emitted index is always ``< k + buffer_size``, so a reader never holds more
-    than ``buffer_size`` samples. ``buffer_size=1`` gives the identity.
+    than ``buffer_size`` samples. ``buffer_size=1`` gives the identity. With ``count``, only the
+    first ``count`` emitted indices are returned (the same as ``shuffle_order(...)[:count]``, at a
+    cost of O(count) instead of O(n)).
     """
     n = _check_int("n", n, 0)
     buffer_size = _check_int("buffer_size", buffer_size, 1)
+    count = n if count is None else min(n, _check_int("count", count, 0))
     fill = min(n, buffer_size - 1)
     buf = list(range(fill))
     out: list[int] = []
     emit = out.append
     last = buffer_size - 1
-    draws = rng.integers(0, buffer_size, size=max(0, n - fill)).tolist()
-    for i, j in zip(range(fill, n), draws):
+    draws = rng.integers(0, buffer_size, size=max(0, n - fill))
+    stop = min(n, fill + count)  # every step of the loop emits one index
+    for i, j in zip(range(fill, stop), draws[:stop - fill].tolist()):
         # The buffer is full with i appended at slot `last`; remove slot j, swapping in the last.
         if j == last:
             emit(i)
         else:
             emit(buf[j])
             buf[j] = i
+    if len(out) >= count:
+        return np.asarray(out[:count], dtype=np.int64)
     order = np.empty(n, dtype=np.int64)
     order[: len(out)] = out
     order[len(out):] = rng.permutation(np.asarray(buf, dtype=np.int64))
-    return order
+    return order[:count]
 
 
 def resume_position(order: np.ndarray, consumed: int) -> int:
@@ -190,6 +215,34 @@ def _worker_range(per_rank: int, worker: int, num_workers: int,
     if count and stop - start != count * batch_size:  # this worker holds the rank's partial batch
         sizes[-1] = stop - start - (count - 1) * batch_size
     return start, stop, tuple(sizes)
+
+
+def _deal(total: int, per_rank: int, rank: int, worker: int, num_workers: int,
+          batch_size: Optional[int]) -> tuple[int, list[tuple[int, int]], tuple[int, ...]]:
+    """One worker's share of a stream of ``total`` samples, ``per_rank`` per rank.
+
+    Returns the share's start (a position of the stream repeated for ever, so ``"pad"``'s
+    wrap-around is past ``total``), the share as ranges of ``[0, total)`` split at every
+    wrap-around, in read order, and the worker's batch sizes. Input position ``p`` of the worker
+    is stream position ``(start + p) % total``.
+    """
+    lo, hi, batch_sizes = _worker_range(per_rank, worker, num_workers, batch_size)
+    lo, hi = lo + rank * per_rank, hi + rank * per_rank
+    start, pieces = lo, []
+    while lo < hi:
+        lap = lo // total
+        pieces.append((lo - lap * total, min(hi, (lap + 1) * total) - lap * total))
+        lo = min(hi, (lap + 1) * total)
+    return start, pieces, batch_sizes
+
+
+def _worker_order(n: int, shuffle: bool, shuffle_buffer: int, key: list,
+                  count: Optional[int] = None) -> np.ndarray:
+    """A worker's emission order (its first ``count`` entries), seeded from ``key``."""
+    if not shuffle:
+        return np.arange(n if count is None else min(n, count), dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    return shuffle_order(n, shuffle_buffer, rng, count=count)
 
 
 class _BlockPermutation:
@@ -336,13 +389,7 @@ def epoch_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, rank: int, 
     total = int(sizes.sum())
     per_rank = _per_rank(total, world_size, remainder, batch_size, drop_last)
 
-    lo, hi, batch_sizes = _worker_range(per_rank, worker, num_workers, batch_size)
-    lo, hi = lo + rank * per_rank, hi + rank * per_rank
-    pieces = []  # the worker's range split at every wrap-around of the stream ("pad")
-    while lo < hi:
-        lap = lo // total
-        pieces.append((lo - lap * total, min(hi, (lap + 1) * total) - lap * total))
-        lo = min(hi, (lap + 1) * total)
+    _, pieces, batch_sizes = _deal(total, per_rank, rank, worker, num_workers, batch_size)
 
     if not pieces:
         spans: tuple[Span, ...] = ()
@@ -352,11 +399,227 @@ def epoch_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, rank: int, 
         spans = _natural_spans(sizes, pieces)
     num_samples = sum(len(s) for s in spans)
 
-    if shuffle:
-        worker_rng = np.random.default_rng(np.random.SeedSequence(
-            [seed, epoch, _WORKER_STREAM, rank, world_size, worker, num_workers]))
-        order = shuffle_order(num_samples, shuffle_buffer, worker_rng)
-    else:
-        order = np.arange(num_samples, dtype=np.int64)
+    order = _worker_order(num_samples, shuffle, shuffle_buffer,
+                          [seed, epoch, _WORKER_STREAM, rank, world_size, worker, num_workers])
     order.flags.writeable = False  # the plan is a value: frozen dataclass, read-only order
+    return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
+
+
+# --------------------------------------------------------------------------- elastic resume
+# Ranges are int64 arrays of shape (k, 2), rows [start, stop); "normalized" means sorted, disjoint,
+# non-empty and not touching (adjacent rows are merged).
+
+
+def _ranges(value) -> np.ndarray:
+    return np.asarray(value, dtype=np.int64).reshape(-1, 2)
+
+
+def _normalize(r: np.ndarray) -> np.ndarray:
+    r = r[r[:, 1] > r[:, 0]]
+    if not r.size:
+        return r.reshape(0, 2)
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    ends = np.maximum.accumulate(r[:, 1])
+    new = np.ones(len(r), dtype=bool)
+    new[1:] = r[1:, 0] > ends[:-1]
+    heads = np.flatnonzero(new)
+    tails = np.append(heads[1:], len(r)) - 1
+    return np.stack([r[heads, 0], ends[tails]], axis=1)
+
+
+def _covers(r: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Which of the points ``x`` lie in the normalized ranges ``r``."""
+    i = np.searchsorted(r[:, 0], x, "right") - 1
+    out = np.zeros(x.shape, dtype=bool)
+    ok = i >= 0
+    out[ok] = x[ok] < r[i[ok], 1]
+    return out
+
+
+def _subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Normalized ranges ``a`` less normalized ranges ``b``."""
+    if not a.size or not b.size:
+        return a
+    points = np.unique(np.concatenate((a.ravel(), b.ravel())))
+    lo, hi = points[:-1], points[1:]
+    keep = _covers(a, lo) & ~_covers(b, lo)
+    return _normalize(np.stack([lo[keep], hi[keep]], axis=1))
+
+
+def _wrap(r: np.ndarray, total: int) -> np.ndarray:
+    """Ranges of positions of a stream repeated for ever, as ranges of ``[0, total)``."""
+    if not r.size:
+        return r.reshape(0, 2)
+    lap_lo, lap_hi = r[:, 0] // total, (r[:, 1] - 1) // total
+    same = lap_lo == lap_hi
+    out = [r[same] - (lap_lo[same] * total)[:, None]]
+    for a, b in r[~same].tolist():
+        while a < b:
+            lap = a // total
+            end = min(b, (lap + 1) * total)
+            out.append(np.array([[a - lap * total, end - lap * total]], dtype=np.int64))
+            a = end
+    return np.concatenate(out)
+
+
+def _cut(cum: np.ndarray, sub: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalized ranges ``sub`` of a concatenation of pieces (piece ``i`` starts at ``cum[i]``)
+    cut at the pieces' boundaries: (piece, start, stop), starts and stops inside the piece."""
+    inner = cum[(cum > sub[0, 0]) & (cum < sub[-1, 1])]
+    points = np.unique(np.concatenate((sub.ravel(), inner)))
+    lo, hi = points[:-1], points[1:]
+    keep = _covers(sub, lo)
+    lo, hi = lo[keep], hi[keep]
+    piece = np.searchsorted(cum, lo, "right") - 1
+    return piece, lo - cum[piece], hi - cum[piece]
+
+
+def _compose(stream: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """The epoch-stream ranges of ``sub``: normalized ranges of the positions of ``stream``."""
+    if not sub.size:
+        return sub.reshape(0, 2)
+    cum = np.concatenate(([0], np.cumsum(stream[:, 1] - stream[:, 0])))
+    if sub[-1, 1] > cum[-1]:
+        raise ValueError(f"range {sub[-1].tolist()} lies beyond the stream's {cum[-1]} samples")
+    piece, lo, hi = _cut(cum, sub)
+    base = stream[piece, 0]
+    return _normalize(np.stack([base + lo, base + hi], axis=1))
+
+
+def _split_emitted(n: int, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(remaining, emitted) input positions of a worker of ``n`` that emitted ``head``.
+
+    ``head`` is the first ``c`` entries of the worker's order (distinct positions). Everything
+    below :func:`resume_position` (the smallest position not in ``head``) was emitted; above it,
+    only the entries of ``head`` that lie there (at most ``shuffle_buffer`` of them) were.
+    """
+    emitted = np.sort(np.asarray(head, dtype=np.int64))
+    gaps = np.flatnonzero(emitted != np.arange(emitted.size))
+    start = int(gaps[0]) if gaps.size else int(emitted.size)
+    holes = emitted[start:]
+    rem = np.stack([np.concatenate(([start], holes + 1)), np.concatenate((holes, [n]))], axis=1)
+    done = np.concatenate(([[0, start]], np.stack([holes, holes + 1], axis=1)))
+    return _normalize(rem), _normalize(done)
+
+
+def remaining_spans(plan: WorkerPlan, consumed: int) -> tuple[Span, ...]:
+    """The input spans of ``plan`` that it has not emitted after its first ``consumed`` samples.
+
+    In input order: the spans from :func:`resume_position` on, less the emitted samples there.
+    """
+    consumed = _check_int("consumed", consumed, 0, plan.num_samples + 1)
+    rem, _ = _split_emitted(plan.num_samples, plan.order[:consumed])
+    if not rem.size:
+        return ()
+    cum = np.concatenate(([0], np.cumsum([len(s) for s in plan.spans])))
+    piece, lo, hi = _cut(cum, rem)
+    shard = np.array([s.shard for s in plan.spans], dtype=np.int64)[piece]
+    first = np.array([s.start for s in plan.spans], dtype=np.int64)[piece]
+    return _merge([shard], [first + lo], [first + hi])
+
+
+def _worker_key(seed: int, epoch: int, level: int, rank: int, world_size: int, worker: int,
+                num_workers: int) -> list[int]:
+    if level == 0:
+        return [seed, epoch, _WORKER_STREAM, rank, world_size, worker, num_workers]
+    return [seed, epoch, _RESUME_STREAM, level, rank, world_size, worker, num_workers]
+
+
+def _check_stream(stream, total: int) -> np.ndarray:
+    r = _ranges(stream)
+    if r.size and (r.min() < 0 or (r[:, 1] < r[:, 0]).any() or r.max() > total):
+        raise ValueError(f"stream must hold ranges [start, stop) of [0, {total}), got {r[:3].tolist()}...")
+    return _normalize(r)
+
+
+def rest_stream(shard_sizes: Sequence[int], consumed: Sequence[Sequence[int]], *, seed: int,
+                epoch: int, world_size: int, num_workers: int, stream=None, level: int = 0,
+                shuffle: bool = True, shuffle_buffer: int = 1000, remainder: str = "drop",
+                batch_size: Optional[int] = None, drop_last: bool = False) -> np.ndarray:
+    """The samples of an epoch that a plan has not emitted yet, as epoch-stream ranges.
+
+    The plan is the epoch plan of ``world_size`` x ``num_workers`` (``stream=None``, ``level=0``)
+    or a :func:`rest_plan` of level ``level`` over ``stream``; ``consumed[r][w]`` is how many
+    samples worker ``w`` of rank ``r`` emitted (missing entries count as 0). Returns normalized
+    int64 ranges of shape (k, 2) of the epoch's global stream: every sample the plan reads and did
+    not emit, each once (``"pad"``'s repeats and samples emitted by another worker are left out).
+    """
+    sizes = _check_sizes(shard_sizes)
+    seed, epoch = _check_int("seed", seed, 0), _check_int("epoch", epoch, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    num_workers = _check_int("num_workers", num_workers, 1)
+    level = _check_int("level", level, 0)
+    shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1)
+    total = int(sizes.sum())
+    if (stream is None) != (level == 0):
+        raise ValueError("level must be 0 for the epoch plan (stream=None) and >= 1 for a rest plan")
+    base = np.array([[0, total]], dtype=np.int64) if stream is None else _check_stream(stream, total)
+    length = int((base[:, 1] - base[:, 0]).sum())
+    per_rank = _per_rank(length, world_size, remainder, batch_size, drop_last)
+    if length == 0:
+        return base[:0]
+    rem_all, done_all = [], []
+    for r in range(world_size):
+        row = consumed[r] if r < len(consumed) else ()
+        for w in range(num_workers):
+            c = int(row[w]) if w < len(row) else 0
+            lo, pieces, _ = _deal(length, per_rank, r, w, num_workers, batch_size)
+            n = sum(b - a for a, b in pieces)
+            if not 0 <= c <= n:
+                raise ValueError(f"consumed[{r}][{w}] = {c}, but that worker reads {n} samples")
+            head = _worker_order(n, shuffle, shuffle_buffer,
+                                 _worker_key(seed, epoch, level, r, world_size, w, num_workers), c)
+            rem, done = _split_emitted(n, head)
+            rem_all.append(rem + lo)
+            done_all.append(done + lo)
+    rem = _normalize(_wrap(np.concatenate(rem_all), length))
+    done = _normalize(_wrap(np.concatenate(done_all), length))
+    rest = _subtract(rem, done)
+    return rest if stream is None else _compose(base, rest)
+
+
+def rest_plan(shard_sizes: Sequence[int], stream, *, seed: int, epoch: int, rank: int,
+              world_size: int, worker: int, num_workers: int, level: int = 1,
+              shuffle: bool = True, block_size: int = 64, shuffle_buffer: int = 1000,
+              remainder: str = "drop", batch_size: Optional[int] = None,
+              drop_last: bool = False) -> WorkerPlan:
+    """Plan of worker ``worker`` of rank ``rank`` over the rest stream ``stream`` of an epoch.
+
+    ``stream`` comes from :func:`rest_stream` (``level`` is 1 for an epoch's first elastic
+    resume, 2 for its second, ...). It is dealt like the epoch's global stream in
+    :func:`epoch_plan`: ranks get contiguous equal shares (``remainder`` and ``drop_last`` apply to
+    the rest's length), workers contiguous whole batches, and each worker shuffles its input with
+    :func:`shuffle_order`, seeded from ``(seed, epoch, resume tag, level, rank, world_size,
+    worker, num_workers)``. ``shuffle`` and ``block_size`` must be those of the epoch plan (they
+    define the global stream); the other settings may differ from it.
+    """
+    sizes = _check_sizes(shard_sizes)
+    seed, epoch = _check_int("seed", seed, 0), _check_int("epoch", epoch, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0, world_size)
+    num_workers = _check_int("num_workers", num_workers, 1)
+    worker = _check_int("worker", worker, 0, num_workers)
+    level = _check_int("level", level, 1)
+    block_size = _check_int("block_size", block_size, 1)
+    shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1)
+    base = _check_stream(stream, int(sizes.sum()))
+    length = int((base[:, 1] - base[:, 0]).sum())
+    per_rank = _per_rank(length, world_size, remainder, batch_size, drop_last)
+    _, pieces, batch_sizes = _deal(length, per_rank, rank, worker, num_workers, batch_size)
+    ranges = [tuple(x) for a, b in pieces
+              for x in _compose(base, np.array([[a, b]], dtype=np.int64)).tolist()]
+    if not ranges:
+        spans: tuple[Span, ...] = ()
+    elif shuffle:
+        spans = _shuffled_spans(sizes, block_size, (seed, epoch), ranges)
+    else:
+        spans = _natural_spans(sizes, ranges)
+    num_samples = sum(len(s) for s in spans)
+    order = _worker_order(num_samples, shuffle, shuffle_buffer,
+                          _worker_key(seed, epoch, level, rank, world_size, worker, num_workers))
+    order.flags.writeable = False
     return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
