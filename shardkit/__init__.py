@@ -3,14 +3,14 @@
 __version__ = "0.1.0"
 
 from .errors import (DecodeError, DestinationError, ManifestError, ShardError, ShardkitError,
-                     SourceError)
+                     SourceError, WriteError)
 from .manifest import Manifest, ShardInfo
-from .writer import pack_folder
+from .writer import merge_parts, pack_folder
 from .verify import verify
 
 __all__ = [
     "DecodeError", "DestinationError", "Manifest", "ManifestError", "ShardError", "ShardInfo",
-    "ShardkitError", "SourceError", "pack_folder", "verify",
+    "ShardkitError", "SourceError", "WriteError", "merge_parts", "pack_folder", "verify",
 ]
 
 # The read path imports torch; packing workers (spawned processes) must not pay for that, so these

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -22,9 +23,33 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def pack_main(argv=None) -> int:
-    from .writer import pack_folder
+def _parse_part(text: str) -> tuple[int, int]:
+    """``I/N`` (0-based I) or ``slurm`` (from the SLURM_ARRAY_TASK_* variables)."""
+    if text == "slurm":
+        env = os.environ
+        try:
+            task, low = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_MIN"])
+            count, high = int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_MAX"])
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(
+                "--part slurm needs SLURM_ARRAY_TASK_ID/_MIN/_MAX/_COUNT (run it in an sbatch --array job)")
+        if int(env.get("SLURM_ARRAY_TASK_STEP", "1")) != 1 or high - low + 1 != count:
+            raise argparse.ArgumentTypeError(
+                f"--part slurm needs a contiguous array such as --array=0-{count - 1} (got "
+                f"{low}-{high}, {count} tasks); pass --part I/N yourself")
+        return task - low, count
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/8, or 'slurm'; got {text!r}")
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(
+            f"part {text}: I is 0-based, from 0 to N-1 (with --array=1-N use "
+            "$((SLURM_ARRAY_TASK_ID-1)), or --part slurm)")
+    return i, n
 
+
+def pack_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="shardkit pack", description="Pack an image folder into tar shards.")
     p.add_argument("src", help="image folder (one sub-folder per class, or a flat folder)")
     p.add_argument("dest", help="output folder for the shards and manifest.json")
@@ -46,39 +71,152 @@ def pack_main(argv=None) -> int:
                    help="do not fsync shards before renaming them (faster; a power loss may then "
                         "lose finished shards, a killed process does not)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    many = p.add_mutually_exclusive_group()
+    many.add_argument("--part", type=_parse_part, metavar="I/N",
+                      help="pack only part I of N (I is 0-based: 0..N-1) of the shuffled file list; "
+                           "the part that completes the set writes manifest.json. 'slurm': take I "
+                           "and N from the SLURM array variables")
+    many.add_argument("--distributed", action="store_true",
+                      help="under torchrun: each process packs part RANK of WORLD_SIZE; rank 0 "
+                           "writes manifest.json once every part is done (gloo; imports torch)")
+    many.add_argument("--merge-parts", type=int, metavar="N",
+                      help="only write manifest.json from the N finished parts in DEST (SRC is "
+                           "not read)")
     args = p.parse_args(argv)
+    if args.merge_parts is not None:
+        return _merge_main(args)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not args.part and not args.distributed and world.isdigit() and int(world) > 1:
+        print(f"error: WORLD_SIZE={world}: under torchrun pass --distributed (one part per "
+              "process) or --part I/N; otherwise every process would pack everything",
+              file=sys.stderr)
+        return 2
+    kwargs = {"mode": args.mode, "size": args.size, "quality": args.quality,
+              "max_bytes": args.max_bytes, "max_samples": args.max_samples,
+              "workers": args.workers, "seed": args.seed, "shuffle": not args.no_shuffle,
+              "on_error": args.on_error, "resume": args.resume, "overwrite": args.overwrite,
+              "progress": not args.quiet, "durable": not args.no_fsync}
+    if args.distributed:
+        return _pack_distributed(args, kwargs)
+    if args.part:
+        kwargs["part"] = args.part
+    code, m = _run_pack(args, kwargs)
+    if code == 0 and not args.quiet:
+        _print_pack_summary(args, m)
+    return code
+
+
+def _run_pack(args, kwargs):
+    """``(exit code, manifest or None)``: one pack_folder call; errors and warnings printed."""
+    from .writer import pack_folder
+
+    part = kwargs.get("part")
+    where = f"part {part[0]}/{part[1]}: " if part and part[1] > 1 else ""
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            m = pack_folder(args.src, args.dest, mode=args.mode, size=args.size, quality=args.quality,
-                            max_bytes=args.max_bytes, max_samples=args.max_samples,
-                            workers=args.workers, seed=args.seed, shuffle=not args.no_shuffle,
-                            on_error=args.on_error, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.quiet, durable=not args.no_fsync)
+            return 0, pack_folder(args.src, args.dest, **kwargs)
     except ValueError as exc:
-        if isinstance(exc, ShardkitError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {where}{exc}", file=sys.stderr)
+        return (1 if isinstance(exc, ShardkitError) else 2), None
     except ShardkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {where}{exc}", file=sys.stderr)
+        return 1, None
     finally:  # also when packing failed: a warning may explain the failure
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _merge_main(args) -> int:
+    from .writer import merge_parts
+
+    try:
+        m = merge_parts(args.dest, args.merge_parts)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, ShardkitError) else 2
+    except ShardkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not args.quiet:
-        s = m.stats
-        resumed = f", {s['resumed_shards']} shards reused" if s["resumed_shards"] else ""
-        print(f"packed {s['samples']} samples into {s['shards']} shards ({_fmt_bytes(s['bytes'])}), "
-              f"skipped {s['skipped']}, ignored {s['ignored']} non-image files{resumed}, "
-              f"in {s['seconds']:.1f} s -> {args.dest}")
-        for entry in m.skipped[:20]:
-            print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
-        if len(m.skipped) > 20:
-            print(f"  ... and {len(m.skipped) - 20} more (listed in manifest.json)", file=sys.stderr)
+        print(f"merged {args.merge_parts} parts: {m.num_samples} samples in {len(m.shards)} shards "
+              f"({_fmt_bytes(m.num_bytes)}) -> {args.dest}")
     return 0
+
+
+def _pack_distributed(args, kwargs) -> int:
+    """One part per torchrun process; rank 0 writes the manifest after every rank reported.
+
+    Every rank reports success or failure (an int; nothing is pickled) before any exits, so a
+    failed part neither blocks the others nor gets them killed half-way: they finish their parts.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .writer import _default_workers, merge_parts
+
+    own = not dist.is_initialized()
+    if own:  # a part may take hours longer than another: the collectives wait for the slowest
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # share this machine's CPUs
+        kwargs["workers"] = max(1, _default_workers() // max(1, int(os.environ["LOCAL_WORLD_SIZE"])))
+    kwargs.update(part=(rank, world), finalize=False)
+    code, m, bug = 1, None, None
+    try:
+        code, m = _run_pack(args, kwargs)
+    except BaseException as exc:  # noqa: BLE001 -- a bug or an interrupt: tell the other ranks, then raise it
+        bug = exc
+    codes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(codes, torch.tensor([code], dtype=torch.int64))
+    failed = [r for r, c in enumerate(codes) if int(c) != 0]
+    result = code
+    if rank == 0 and failed:
+        print(f"error: manifest.json not written: part(s) {', '.join(map(str, failed))} of "
+              f"{world} failed (see their errors above); fix the cause, then run the same command "
+              f"with --resume, or only the failed part(s) with --part {failed[0]}/{world} --resume "
+              "(finished parts and shards are kept)", file=sys.stderr)
+        result = 1
+    elif rank == 0 and world > 1:
+        try:
+            merge_parts(args.dest, world, fingerprint=m.options["fingerprint"])
+        except (ShardkitError, OSError, ValueError) as exc:
+            print(f"error: manifest.json not written: {exc}", file=sys.stderr)
+            result = 1
+    if code == 0 and not args.quiet:
+        _print_pack_summary(args, m, merged=rank == 0 and result == 0)
+    dist.barrier()  # no rank exits (which makes torchrun stop the others) before rank 0 is done
+    if own:
+        dist.destroy_process_group()
+    if bug is not None:
+        raise bug
+    return result
+
+
+def _print_pack_summary(args, m, merged: bool | None = None) -> None:
+    s = m.stats
+    resumed = f", {s['resumed_shards']} shards reused" if s["resumed_shards"] else ""
+    what = end = ""
+    if "part" in s:
+        i, n = s["part"]
+        what = f"part {i}/{n}: "
+        if merged is not None:  # torchrun: rank 0 merges
+            end = "; all parts done, manifest.json written" if merged else ""
+        elif s["finalized"]:
+            end = f"; all {n} parts done, manifest.json written"
+        else:
+            end = (f"; waiting for part(s) {', '.join(map(str, s['waiting_for']))} (the last part "
+                   f"to finish writes manifest.json; or run with --merge-parts {n})")
+    print(f"{what}packed {s['samples']} samples into {s['shards']} shards ({_fmt_bytes(s['bytes'])}), "
+          f"skipped {s['skipped']}, ignored {s['ignored']} non-image files{resumed}, "
+          f"in {s['seconds']:.1f} s -> {args.dest}{end}")
+    for entry in m.skipped[:20]:
+        print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    if len(m.skipped) > 20:
+        print(f"  ... and {len(m.skipped) - 20} more (listed in manifest.json)", file=sys.stderr)
 
 
 def show_main(argv=None) -> int:
@@ -161,37 +299,50 @@ def demo_main(argv=None) -> int:
 
 
 def bench_main(argv=None) -> int:
+    import json
     from pathlib import Path
 
-    from .bench import format_report, run
+    from .bench import auto, format_report, run, run_pack
 
     p = argparse.ArgumentParser(prog="shardkit bench",
-                                description="Compare loaders on the same images in one run.")
-    p.add_argument("source", nargs="?", help="image folder (default: make a synthetic one)")
+                                description="Compare loaders (or packing) on the same images in one run.")
+    p.add_argument("source", nargs="?",
+                   help="image folder (default: make a synthetic one); with --auto: a dataset")
     p.add_argument("--out", default="bench-out", help="working folder (default ./bench-out)")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     p.add_argument("--pack", action="store_true", help="measure packing speed instead of loading")
+    p.add_argument("--auto", action="store_true",
+                   help="sweep num_workers and prefetch on SOURCE (a dataset) and name the bottleneck")
     args = p.parse_args(argv)
+    if args.auto:
+        if not args.source:
+            p.error("--auto needs SOURCE, a packed dataset")
+        result = auto(Path(args.source), batch_size=args.batch_size)
+        print(json.dumps(result, indent=1))
+        best = result["best"]
+        print(f"use make_loader(ds, num_workers={best['num_workers']}, prefetch_factor="
+              f"{best['prefetch_factor']}): {best['samples_per_s']:.0f} samples/s; "
+              f"bottleneck: {result['bottleneck']}")
+        return 0
     if args.pack:
-        from .bench import run_pack
-
         report = run_pack(Path(args.source) if args.source else None, Path(args.out),
                           classes=args.classes, per_class=args.per_class, workers=args.workers,
                           repeats=args.repeats)
         for name, sec in report["seconds"].items():
-            print(f"{name:32s} {sec:7.2f} s  {report['files'] / sec:7.0f} files/s")
+            print(f"{name:34s} {sec:7.2f} s  {report['files'] / sec:7.0f} files/s")
         for name, ratio in report["ratios"].items():
             print(f"{name:40s} {ratio:5.2f}x")
         return 0
     report = run(Path(args.source) if args.source else None, Path(args.out), classes=args.classes,
                  per_class=args.per_class, batch_size=args.batch_size, workers=args.workers,
-                 repeats=args.repeats)
+                 repeats=args.repeats, cold=not args.no_cold)
     print(format_report(report))
-    print(f"(JSON: {Path(args.out) / 'bench.json'})")
+    print(f"(JSON: {Path(args.out) / 'bench.json'}, chart: {Path(args.out) / 'bench.png'})")
     return 0
 
 

@@ -133,7 +133,9 @@ def encode_parts(item: Item, opts: EncodeOptions):
         parts += member_parts(f"{item.key}.cls", str(item.label).encode("ascii"))
     parts += member_parts(f"{item.key}.{field}", payload)
     text = json.dumps(meta, sort_keys=True, ensure_ascii=False)
-    parts += member_parts(f"{item.key}.json", text.encode("utf-8"))
+    # A file name that is not UTF-8 (os.fsdecode's lone surrogates) becomes a JSON \udcXX escape:
+    # the member stays valid UTF-8 and json.loads gives back the same str (os.fsencode: the bytes).
+    parts += member_parts(f"{item.key}.json", text.encode("utf-8", "backslashreplace"))
     return parts, info
 
 

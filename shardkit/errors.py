@@ -24,6 +24,18 @@ class DestinationError(ShardkitError, FileExistsError):
     """The destination holds something that packing must not overwrite."""
 
 
+class WriteError(ShardkitError, OSError):
+    """Writing the destination failed (disk full, read-only, gone); names the destination."""
+
+    def __init__(self, dest, reason: str | None = None):
+        if reason is None:
+            super().__init__(str(dest))
+            self.dest, self.reason = str(dest), str(dest)
+            return
+        self.dest, self.reason = str(dest), reason
+        super().__init__(f"{self.dest}: {reason}")
+
+
 class ManifestError(ShardkitError, ValueError):
     """A manifest is missing, malformed, or from an unsupported format version."""
 

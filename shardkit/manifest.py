@@ -75,7 +75,10 @@ class Manifest:
         skip = ("base_url", "stats", "store")
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         data["shards"] = [asdict(s) for s in self.shards]
-        return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        # Skipped paths that are not UTF-8 hold lone surrogates: written as JSON \udcXX escapes
+        # (valid UTF-8, and json.loads restores the same str), not as an encoding error.
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
     @property
     def num_bytes(self) -> int:
@@ -134,6 +137,7 @@ class Manifest:
         cols = [_decode_column(columns[name], count, f"{where}: shard column {name!r}")
                 for name in names]
         try:
+            _check_keys(obj, where)
             shards = [ShardInfo(*row) for row in zip(*cols)] if count else []
             manifest = cls(shards=shards, **obj)
         except (TypeError, KeyError) as exc:
@@ -152,6 +156,7 @@ class Manifest:
             raise ManifestError(f"{where}: not valid JSON ({exc})") from exc
         _check_header(data, where)
         try:
+            _check_keys(data, where)
             shards = [ShardInfo(**s) for s in data.pop("shards")]
             manifest = cls(shards=shards, **data)
         except (TypeError, KeyError) as exc:
@@ -214,13 +219,41 @@ def _check_header(data: object, where: str) -> None:
                             f"(this shardkit reads version {FORMAT_VERSION})")
 
 
+_STORED = {"classes", "num_samples", "shards", "options", "skipped", "ignored", "tensor", "format",
+           "format_version", "created_by"}  # what to_json writes; nothing else is accepted
+
+
+def _check_keys(data: dict, where: str) -> None:
+    unknown = sorted(map(str, set(data) - _STORED))
+    if unknown:  # e.g. "base_url" or "store": where shards are read from is never the file's say
+        raise ManifestError(f"{where}: malformed manifest (unknown fields {unknown[:5]})")
+
+
 def _check(m: Manifest, where: str) -> None:
     ints = [m.num_samples] + [s.num_samples for s in m.shards] + [s.num_bytes for s in m.shards]
-    if not (set(map(type, ints)) == {int} and min(ints) >= 0) \
-            and any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints):
-        raise ManifestError(f"{where}: counts must be non-negative integers")
+    if not (set(map(type, ints)) == {int} and min(ints) >= 0 and max(ints) < 2**63) \
+            and any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63
+                    for v in ints):
+        raise ManifestError(f"{where}: counts must be non-negative integers below 2**63")
     if sum(s.num_samples for s in m.shards) != m.num_samples:
         raise ManifestError(f"{where}: shard sample counts do not add up to num_samples")
+    # Every sample takes at least 1024 bytes and the archive ends with 1024 zero bytes (what
+    # decode_index checks later): a count no shard could hold must not size the epoch plan.
+    for s in m.shards:
+        if s.num_bytes < 1024 * (s.num_samples + 1):
+            raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
+                                f"in {s.num_bytes} bytes (each sample takes at least 1024)")
+    if not (m.classes is None or (isinstance(m.classes, list)
+                                  and all(type(c) is str for c in m.classes))) \
+            or not isinstance(m.options, dict) or not isinstance(m.skipped, list) \
+            or not all(isinstance(e, dict) for e in m.skipped) \
+            or type(m.ignored) is not int or not (m.tensor is None or isinstance(m.tensor, dict)) \
+            or not isinstance(m.created_by, str):
+        raise ManifestError(f"{where}: malformed manifest (classes, options, skipped, ignored, "
+                            "tensor or created_by has the wrong type)")
+    shas = [h for s in m.shards for h in (s.sha256, s.index_sha256)]
+    if not all(type(h) is str for h in shas):
+        raise ManifestError(f"{where}: malformed manifest (sha256 values must be strings)")
     urls = [u for s in m.shards for u in (s.url, s.index_url)]
     if all(type(u) is str for u in urls):
         # Fast path over all URLs joined by NUL: nothing that could be empty, rooted, hold a
@@ -334,7 +367,10 @@ def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str) -> n
     if not data.startswith(INDEX_MAGIC) or len(data) != expected:
         raise ManifestError(f"{where}: index file is malformed or does not match the manifest "
                             f"({len(data)} bytes, expected {expected})")
-    offsets = np.frombuffer(data, dtype="<u8", offset=len(INDEX_MAGIC)).astype(np.int64)
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 1024) or offsets[-1] + 1024 > num_bytes:
+    raw = np.frombuffer(data, dtype="<u8", offset=len(INDEX_MAGIC))
+    if int(raw.max()) + 1024 > num_bytes:  # in Python ints: no int64 wrap-around below
+        raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
+    offsets = raw.astype(np.int64)
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 1024):
         raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
     return offsets

@@ -9,6 +9,18 @@ After each shard, ``.shardkit-pack.json`` (the journal) records the finished sha
 source files they used up. ``resume=True`` checks the finished shards against the journal
 (size and sha256) and continues after the last good one. ``manifest.json`` is written only when
 everything succeeded; the journal is removed after it.
+
+Parts (``part=(i, n)``, ``--part I/N``, torchrun): part ``i`` packs the contiguous slice
+``order[i*len//n : (i+1)*len//n]`` of the same shuffled order, so the parts in part order hold
+exactly the samples, bytes and order of a single-process pack (only shard boundaries differ at part
+edges). Every name a part writes carries its tag ``p0003of0008``: shards ``shard-p0003of0008-
+000000.tar``, journal ``.shardkit-pack-p0003of0008.json``, and when the part is done its part
+manifest ``.shardkit-part-p0003of0008.json`` (the manifest schema, its shards only; kept after
+the merge, so re-running a finished part is a no-op). ``manifest.json`` is written from the part
+manifests, in part order, only when all ``n`` exist with this pack's fingerprint: by the part that
+finishes last (``finalize=True``; two finishing together write identical bytes), by
+:func:`merge_parts`, or under torchrun by rank 0 after every rank reported. So a ``manifest.json``
+always means every part completed.
 """
 
 from __future__ import annotations
@@ -33,12 +45,14 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from .encode import MAX_PIXELS, EncodeOptions, encode_parts
-from .errors import DestinationError, SourceError
+from .errors import DestinationError, ManifestError, ShardkitError, SourceError, WriteError
 from .folder import Item, scan_folder
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, encode_index
 from .storage import make_dest
 
 JOURNAL_NAME = ".shardkit-pack.json"
+PART_JOURNAL = ".shardkit-pack-{tag}.json"
+PART_MANIFEST = ".shardkit-part-{tag}.json"
 END_OF_ARCHIVE = b"\0" * 1024
 MODES = ("raw", "resize", "tensor")
 ON_ERROR = ("raise", "skip")
@@ -66,12 +80,20 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
                 workers: int | None = None, seed: int = 0, shuffle: bool = True,
                 on_error: str = "raise", resume: bool = False, overwrite: bool = False,
                 storage_options: dict | None = None, progress: bool = True, prefix: str = "shard",
-                max_pixels: int = MAX_PIXELS, durable: bool = True) -> Manifest:
+                max_pixels: int = MAX_PIXELS, durable: bool = True,
+                part: tuple[int, int] | None = None, finalize: bool = True) -> Manifest:
     """Pack an image folder (ImageFolder layout or flat) into tar shards plus ``manifest.json``.
 
     See the README for the modes. Returns the manifest; ``manifest.stats`` holds timing and counts.
     ``durable=False`` skips the fsync of each shard before its rename: still safe against a killed
     process (the page cache survives it), not against a power loss.
+
+    ``part=(i, n)`` (0-based ``i``) packs only part ``i`` of ``n`` (see the module docstring) and
+    returns that part's manifest (``options["part"] == [i, n]``; or the whole dataset's, when it was
+    already complete); ``stats["finalized"]`` says whether ``manifest.json`` exists now and
+    ``stats["waiting_for"]`` lists the parts not finished yet. With ``finalize=False`` the part
+    never writes ``manifest.json``; call :func:`merge_parts` once every part is done (what the
+    torchrun path does on rank 0). ``part=(0, 1)`` is an ordinary pack.
     """
     started = time.perf_counter()
     if mode not in MODES:
@@ -88,13 +110,15 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
         raise ValueError(f"prefix must be letters, digits or _, got {prefix!r}")
     limit = parse_bytes(max_bytes)
     workers = _default_workers() if workers is None else max(1, int(workers))
+    part = _check_part(part)
 
     scan = scan_folder(src)
     skipped: list[dict] = []
     for relpath, reason in scan.problems:
         if on_error == "raise":
             raise SourceError(Path(scan.root, relpath), reason)
-        skipped.append({"path": relpath, "reason": reason, "pos": -1})
+        if part is None or part[0] == 0:  # listed once, first, as in a single-process pack
+            skipped.append({"path": relpath, "reason": reason, "pos": -1})
     kind = scan.kind
     if kind == "mixed":
         raise SourceError(scan.root, "holds both images and arrays (.npy/.pt); pack them separately")
@@ -111,26 +135,42 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
                "seed": seed, "shuffle": bool(shuffle), "max_bytes": limit,
                "max_samples": max_samples, "prefix": prefix, "max_pixels": opts.max_pixels,
                "source_kind": kind}
-    options["fingerprint"] = _fingerprint(options, order)
+    options["fingerprint"] = _fingerprint(options, order)  # of the whole pack, in every part
+    if part is not None:
+        i, n = part
+        order = order[i * len(order) // n:(i + 1) * len(order) // n]
 
     out = make_dest(dest, storage_options)
     try:
         return _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples, prefix,
-                     on_error, resume, overwrite, progress, kind, mode, started, durable)
+                     on_error, resume, overwrite, progress, kind, mode, started, durable, part,
+                     finalize)
+    except OSError as exc:
+        if isinstance(exc, ShardkitError):
+            raise
+        # Disk full, read-only or vanished destination: name it, keep the cause for debugging.
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise WriteError(out.url(""), f"cannot write the dataset: "
+                                      f"{exc.strerror or exc}{where}") from exc
     finally:
         out.close()
 
 
 def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples, prefix, on_error,
-          resume, overwrite, progress, kind, mode, started, durable) -> Manifest:
-    done = _prepare_dest(out, prefix, options["fingerprint"], resume, overwrite)
+          resume, overwrite, progress, kind, mode, started, durable, part=None,
+          finalize=True) -> Manifest:
+    done = _prepare_dest(out, prefix, options["fingerprint"], resume, overwrite, part)
     if isinstance(done, Manifest):
+        if part is not None:
+            _finalize_stats(out, done, part, options["fingerprint"], finalize)
         return done
     journal, consumed, skipped_done, tensor_info = done
     skipped += [s for s in skipped_done if s["pos"] >= 0]
-    writer = _ShardWriter(out, prefix, limit, max_samples, journal, skipped, options["fingerprint"],
-                          tensor_info, durable)
-    bar = tqdm(total=len(order), initial=consumed, unit="img", desc="pack", dynamic_ncols=True,
+    stem = prefix if part is None else f"{prefix}-{part_tag(part)}"
+    writer = _ShardWriter(out, stem, limit, max_samples, journal, skipped, options["fingerprint"],
+                          tensor_info, durable, _journal_name(part))
+    desc = "pack" if part is None else f"pack {part_tag(part)}"
+    bar = tqdm(total=len(order), initial=consumed, unit="img", desc=desc, dynamic_ncols=True,
                disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
     try:
         for pos, item, result in _encode_all(order, consumed, opts, workers, kind):
@@ -156,17 +196,24 @@ def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples,
     tensor = None
     if mode == "tensor":
         tensor = writer.tensor_info or {"dtype": "|u1", "layout": "HWC", "ndim": 3}
+        if part is not None:  # a part without samples does not know the dtype; the merge decides
+            tensor = writer.tensor_info
+    if part is not None:
+        options = {**options, "part": list(part)}
     manifest = Manifest(classes=scan.classes, num_samples=sum(s.num_samples for s in writer.shards),
                         shards=writer.shards, options=options, skipped=writer.skipped,
                         ignored=scan.ignored, tensor=tensor)
-    out.write_atomic(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
-    out.remove(JOURNAL_NAME)
-    out.remove_temporaries()
+    out.write_atomic(MANIFEST_NAME if part is None else part_manifest_name(part),
+                     manifest.to_json().encode("utf-8"))
+    out.remove(_journal_name(part))
+    _remove_temporaries(out, part, prefix)
     manifest.base_url = out.url("").rstrip("/")
     manifest.stats = {"seconds": time.perf_counter() - started, "bytes": manifest.num_bytes,
                       "samples": manifest.num_samples, "shards": len(manifest.shards),
                       "skipped": len(manifest.skipped), "ignored": scan.ignored,
                       "resumed_shards": len(journal)}
+    if part is not None:
+        _finalize_stats(out, manifest, part, options["fingerprint"], finalize)
     return manifest
 
 
@@ -184,21 +231,173 @@ def _fingerprint(options: dict, order: list[Item]) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- parts
+
+
+def _check_part(part) -> tuple[int, int] | None:
+    if part is None:
+        return None
+    try:
+        i, n = (int(v) for v in part)
+    except (TypeError, ValueError):
+        raise ValueError(f"part must be (index, count), e.g. (0, 4), got {part!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"part index must be in 0..count-1 (0-based), got {i} of {n}")
+    return None if n == 1 else (i, n)
+
+
+def part_tag(part: tuple[int, int]) -> str:
+    """``p0003of0008``: in every name part 3 of 8 writes (sorts in part order; no dots)."""
+    i, n = part
+    width = max(4, len(str(n)))
+    return f"p{i:0{width}d}of{n:0{width}d}"
+
+
+def part_manifest_name(part: tuple[int, int]) -> str:
+    return PART_MANIFEST.format(tag=part_tag(part))
+
+
+def _journal_name(part) -> str:
+    return JOURNAL_NAME if part is None else PART_JOURNAL.format(tag=part_tag(part))
+
+
+def _remove_temporaries(out, part, prefix: str) -> None:
+    """A single pack removes every temporary file; a part only its own (others may be writing)."""
+    if part is None:
+        out.remove_temporaries()
+    elif not out.remote:
+        tag = part_tag(part)
+        own = (f".{prefix}-{tag}-", f".{_journal_name(part)}.tmp-", f".{part_manifest_name(part)}.tmp-")
+        for p in out.folder.iterdir():
+            if p.name.startswith(own) and ".tmp-" in p.name:
+                p.unlink(missing_ok=True)
+
+
+def merge_parts(dest, parts: int, *, storage_options: dict | None = None,
+                fingerprint: str | None = None) -> Manifest:
+    """Write ``manifest.json`` of a pack made in ``parts`` parts, from their part manifests.
+
+    Raises :class:`DestinationError` naming the parts that are not finished (or that belong to
+    another pack: other files or options). ``fingerprint`` (a part manifest's
+    ``options["fingerprint"]``) pins the pack; by default part 0's is used.
+    """
+    parts = int(parts)
+    if parts < 2:
+        raise ValueError(f"parts must be at least 2, got {parts!r}")
+    out = make_dest(dest, storage_options)
+    try:
+        manifest, missing, foreign = _merge(out, parts, fingerprint)
+        if manifest is None:
+            what = []
+            if missing:
+                what.append(f"part(s) {_ranges(missing)} of 0..{parts - 1} not finished")
+            if foreign:
+                what.append(f"part(s) {_ranges(foreign)} belong to another pack (other files or "
+                            "options); re-run them with --overwrite")
+            raise DestinationError(f"{out.url('')}: cannot write the manifest: " + "; ".join(what))
+        return manifest
+    finally:
+        out.close()
+
+
+def _merge(out, n: int, fingerprint: str | None):
+    """``(manifest, missing, foreign)``: the merged manifest written, or None and why not."""
+    names = set(out.names())
+    missing = [i for i in range(n) if part_manifest_name((i, n)) not in names]
+    if missing:
+        return None, missing, []
+    parts: list[Manifest] = []
+    for i in range(n):
+        name = part_manifest_name((i, n))
+        raw = out.read_bytes(name)
+        if raw is None:
+            missing.append(i)
+            continue
+        try:
+            parts.append(Manifest.from_json(raw, out.url(name)))
+        except ManifestError:  # damaged: that part has to be packed again
+            missing.append(i)
+    if missing:
+        return None, missing, []
+    fingerprint = fingerprint or parts[0].options.get("fingerprint")
+    foreign = [i for i, m in enumerate(parts)
+               if m.options.get("fingerprint") != fingerprint or m.options.get("part") != [i, n]]
+    if foreign:
+        return None, [], foreign
+    options = {k: v for k, v in parts[0].options.items() if k != "part"}
+    options["parts"] = n
+    tensor = None
+    if options["mode"] == "tensor":
+        infos = [(i, m.tensor) for i, m in enumerate(parts) if m.tensor]
+        tensor = infos[0][1] if infos else {"dtype": "|u1", "layout": "HWC", "ndim": 3}
+        for i, info in infos:
+            if (info["dtype"], info["layout"], info["ndim"]) != (
+                    tensor["dtype"], tensor["layout"], tensor["ndim"]):
+                raise SourceError(out.url(part_manifest_name((i, n))),
+                                  f"part {i} holds {info['dtype']} {info['layout']} arrays, but "
+                                  f"earlier parts {tensor['dtype']} {tensor['layout']}")
+    shards = [s for m in parts for s in m.shards]
+    manifest = Manifest(classes=parts[0].classes, num_samples=sum(s.num_samples for s in shards),
+                        shards=shards, options=options,
+                        skipped=[s for m in parts for s in m.skipped], ignored=parts[0].ignored,
+                        tensor=tensor)
+    data = manifest.to_json().encode("utf-8")
+    if out.read_bytes(MANIFEST_NAME) != data:  # a part finishing at the same time: same bytes
+        out.write_atomic(MANIFEST_NAME, data)
+    manifest.base_url = out.url("").rstrip("/")
+    return manifest, [], []
+
+
+def _finalize_stats(out, manifest: Manifest, part, fingerprint: str, finalize: bool) -> None:
+    """After a part: merge when it was the last one (``finalize``); record the outcome in stats."""
+    n = part[1]
+    missing = foreign = []
+    if "part" not in manifest.options:  # the whole dataset was already there
+        finalized = True
+    elif finalize:
+        merged, missing, foreign = _merge(out, n, fingerprint)
+        finalized = merged is not None
+    else:
+        finalized = False
+    manifest.stats = dict(manifest.stats or {}, part=list(part), finalized=finalized,
+                          waiting_for=sorted(missing + foreign))
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``0-3, 7, 9-10``."""
+    out, start = [], None
+    for k, v in enumerate(numbers):
+        if start is None:
+            start = v
+        if k + 1 == len(numbers) or numbers[k + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
 # --------------------------------------------------------------------------- destination
 
 
-def _ours(out, prefix: str) -> list[str]:
-    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.(tar|idx)")
+def _ours(out, prefix: str, part=None) -> list[str]:
+    """Shard and index names this pack (or, for a part, this part) may have left in ``out``;
+    a single pack counts every part's files, journals and part manifests as its own too."""
+    if part is None:
+        pattern = rf"{re.escape(prefix)}-(p\d+of\d+-)?\d{{6}}\.(tar|idx)|\.shardkit-(pack|part)-p\d+of\d+\.json"
+    else:
+        pattern = rf"{re.escape(prefix)}-{part_tag(part)}-\d{{6}}\.(tar|idx)"
+    pattern = re.compile(pattern)
     return [name for name in out.names() if pattern.fullmatch(name)]
 
 
-def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: bool):
+def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: bool, part=None):
     """Check the destination. Returns a finished Manifest, or (journal, consumed, skipped, tensor)."""
     out.prepare()
+    journal_name = _journal_name(part)
     if overwrite:
-        for name in _ours(out, prefix) + [MANIFEST_NAME, JOURNAL_NAME]:
+        extra = [] if part is None else [part_manifest_name(part)]
+        for name in _ours(out, prefix, part) + extra + [MANIFEST_NAME, journal_name]:
             out.remove(name)
-        out.remove_temporaries()
+        _remove_temporaries(out, part, prefix)
         return [], 0, [], None
     if out.exists(MANIFEST_NAME):
         try:
@@ -220,20 +419,28 @@ def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: b
         raise DestinationError(f"{out.url('')}: already holds a different dataset "
                                f"({existing.num_samples} samples); use an empty folder or "
                                "overwrite=True (--overwrite)")
+    if part is not None:
+        done = _part_done(out, part, fingerprint, resume)
+        if done is not None:
+            return done
+        if out.exists(JOURNAL_NAME):
+            raise DestinationError(f"{out.url('')}: holds an unfinished single-process pack; "
+                                   "resume it without --part, or start over with --overwrite")
     journal = None
-    raw = out.read_bytes(JOURNAL_NAME)
+    raw = out.read_bytes(journal_name)
     if raw is not None:
         try:
             journal = json.loads(raw)
         except ValueError:
             journal = None
     if not resume:
-        if journal is not None or _ours(out, prefix):
-            raise DestinationError(f"{out.url('')}: holds an unfinished pack; pass resume=True "
+        if journal is not None or _ours(out, prefix, part):
+            what = "an unfinished pack" if part is None else f"an unfinished part {part_tag(part)}"
+            raise DestinationError(f"{out.url('')}: holds {what}; pass resume=True "
                                    "(--resume) to continue it, or overwrite=True (--overwrite) "
                                    "to start over")
         return [], 0, [], None
-    out.remove_temporaries()
+    _remove_temporaries(out, part, prefix)
     if journal is None:
         return [], 0, [], None
     if journal.get("fingerprint") != fingerprint:
@@ -250,6 +457,30 @@ def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: b
         consumed = entry["consumed"]
     skipped = [s for s in journal["skipped"] if s["pos"] < consumed]
     return entries, consumed, skipped, journal.get("tensor") if entries else None
+
+
+def _part_done(out, part, fingerprint: str, resume: bool) -> Manifest | None:
+    """This part's manifest when the part is already finished (``resume``), else None."""
+    name = part_manifest_name(part)
+    raw = out.read_bytes(name)
+    if raw is None:
+        return None
+    try:
+        done = Manifest.from_json(raw, out.url(name))
+    except ManifestError:  # damaged: pack the part again
+        return None
+    if done.options.get("fingerprint") != fingerprint:
+        raise DestinationError(f"{out.url('')}: part {part_tag(part)} was packed from other files "
+                               "or options; use an empty folder or overwrite=True (--overwrite)")
+    if not resume:
+        raise DestinationError(f"{out.url('')}: already holds part {part_tag(part)} of this "
+                               "dataset; pass resume=True (--resume) to keep it or "
+                               "overwrite=True (--overwrite) to pack it again")
+    done.base_url = out.url("").rstrip("/")
+    done.stats = {"seconds": 0.0, "samples": done.num_samples, "shards": len(done.shards),
+                  "bytes": done.num_bytes, "skipped": len(done.skipped), "ignored": done.ignored,
+                  "resumed_shards": len(done.shards)}
+    return done
 
 
 # --------------------------------------------------------------------------- encoding
@@ -339,8 +570,10 @@ class _ShardWriter:
 
     def __init__(self, out: Path, prefix: str, max_bytes: int, max_samples: int | None,
                  journal: list[dict], skipped: list[dict], fingerprint: str,
-                 tensor_info: dict | None, durable: bool = True):
+                 tensor_info: dict | None, durable: bool = True,
+                 journal_name: str = JOURNAL_NAME):
         self.out, self.prefix, self.durable = out, prefix, durable
+        self.journal_name = journal_name
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.journal = list(journal)  # [{"shard": ShardInfo fields, "consumed": int}]
         self.shards = [ShardInfo(**entry["shard"]) for entry in journal]
@@ -429,4 +662,4 @@ class _ShardWriter:
         journal = {"fingerprint": self.fingerprint, "shards": self.journal,
                    "skipped": [s for s in self.skipped if s["pos"] < consumed],
                    "tensor": self.tensor_info}
-        self.out.write_atomic(JOURNAL_NAME, json.dumps(journal).encode())
+        self.out.write_atomic(self.journal_name, json.dumps(journal).encode())
