@@ -1,0 +1,63 @@
+"""Soak: many epochs through persistent DataLoader workers leak no memory, descriptors or threads,
+and every epoch yields exactly the dataset's keys."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import shardkit
+from shardkit import CenterCrop, StreamingDataset
+
+from _helpers_read import all_keys, image_folder, pack
+
+EPOCHS = 30
+BASELINE_EPOCH = 3  # allocators and caches settle during the first epochs
+
+
+def _status(pid: int | str = "self") -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "Threads"):
+                out[name] = int(value.split()[0])  # kB for Vm*, a count for Threads
+    out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_thirty_epochs_with_persistent_workers_leak_nothing(tmp_path):
+    src = image_folder(tmp_path / "src", classes=4, per_class=40, size=(96, 72))
+    dest = tmp_path / "ds"
+    pack(src, dest, mode="raw", max_samples=12)
+    keys = sorted(all_keys(dest))
+    ds = StreamingDataset(dest, batch_size=4, crop=CenterCrop(16), with_keys=True, seed=3)
+    loader = shardkit.make_loader(ds, num_workers=2, persistent_workers=True)
+    samples: list[dict] = []
+    orders = set()
+    for epoch in range(EPOCHS):
+        ds.set_epoch(epoch)
+        got = [k for _, _, batch_keys in loader for k in batch_keys]
+        assert sorted(got) == keys, f"epoch {epoch}: wrong keys"
+        orders.add(tuple(got))
+        workers = [w.pid for w in loader._iterator._workers]
+        assert all(w.is_alive() for w in loader._iterator._workers)
+        samples.append({"main": _status(), **{f"worker{i}": _status(pid)
+                                             for i, pid in enumerate(workers)},
+                        "pids": tuple(workers)})
+    assert len({s["pids"] for s in samples}) == 1  # persistent: the same two processes throughout
+    assert len(orders) > EPOCHS // 2  # a new order (almost) every epoch
+    base, last = samples[BASELINE_EPOCH], samples[-1]
+    for proc in ("main", "worker0", "worker1"):
+        for field in ("VmRSS", "VmHWM"):
+            grown = last[proc][field] / base[proc][field] - 1
+            assert grown < 0.05, (proc, field, base[proc][field], last[proc][field])
+        for field in ("fds", "Threads"):
+            seen = {s[proc][field] for s in samples[BASELINE_EPOCH:]}
+            assert len(seen) == 1, (proc, field, [s[proc][field] for s in samples])
+    print("\n", {p: {f: (base[p][f], last[p][f]) for f in base[p]} for p in base if p != "pids"})
+    del loader
