@@ -1,15 +1,19 @@
-"""Loader benchmark: shardkit against the naive ImageFolder loader and plain webdataset.
+"""Loader benchmark: shardkit against the seed techniques, plain webdataset and the machine's limits.
 
-Every configuration reads the same images with the same recipe (random-resized crop to 224 +
-flip, batches of ``batch_size``, ``workers`` DataLoader workers) in one run, repeats interleaved,
-so the ratios are meaningful on a shared, noisy machine. Reported: samples/s, MB/s of stored
-bytes, time to first batch.
+Every configuration reads the same images in one run, repeats interleaved (A B C A B C …), so the
+ratios hold on a shared, noisy machine. Train recipe: random-resized crop to 224 + flip; eval
+recipe: resize 256 + center crop 224; batches of ``batch_size`` made by ``workers`` DataLoader
+workers. Reported per configuration: samples/s, MB/s of stored bytes, CPU cores used, peak RSS
+(main process, and the largest worker), time to first batch. ``cold`` runs evict the files from
+the page cache first (``posix_fadvise(DONTNEED)``, no root needed).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -17,32 +21,131 @@ from typing import Callable
 
 import torch
 
+TRAIN, EVAL = "train", "eval"
 
-def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int) -> dict:
-    start = time.perf_counter()
+
+# --------------------------------------------------------------------------- helpers
+
+
+def evict(paths) -> None:
+    """Drop files from the page cache (for cold runs)."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _rss_mb(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
+                 cold_files=None) -> dict:
+    if cold_files:
+        evict(cold_files)
+    cpu0, start = _cpu_seconds(), time.perf_counter()
     loader = make()
-    first = None
-    n = 0
-    for batch in loader:
+    first, n, worker_rss = None, 0, 0.0
+    it = iter(loader)
+    for batch in it:
         if first is None:
             first = time.perf_counter() - start
         n += len(batch[0])
+        for w in getattr(it, "_workers", []):  # torch DataLoader worker processes
+            worker_rss = max(worker_rss, _rss_mb(w.pid))
     seconds = time.perf_counter() - start
+    del it
     if n != expected:
         raise RuntimeError(f"loader yielded {n} samples, expected {expected}")
     return {"samples_per_s": n / seconds, "mb_per_s": stored_bytes / 1e6 / seconds,
-            "first_batch_s": first, "seconds": seconds, "samples": n}
+            "first_batch_s": first, "cpu_cores": (_cpu_seconds() - cpu0) / seconds,
+            "main_rss_mb": _rss_mb(), "worker_rss_mb": worker_rss, "samples": n}
 
 
-def naive_imagefolder(images: Path, batch_size: int, workers: int):
+def _tv_train():
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def _tv_eval():
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+
+
+def _collate_stack(batch):
+    images, labels = zip(*batch)
+    return torch.stack(images), torch.tensor(labels)
+
+
+# --------------------------------------------------------------------------- the seed techniques
+
+
+def naive_imagefolder(images: Path, batch_size: int, workers: int, recipe: str = TRAIN):
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True),
-                     v2.RandomHorizontalFlip()])
+    tf = v2.Compose([v2.PILToTensor(), _tv_train() if recipe == TRAIN else _tv_eval()])
     ds = datasets.ImageFolder(str(images), transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
                                        num_workers=workers)
+
+
+class _TensorFiles(torch.utils.data.Dataset):
+    """The "preprocess once and torch.save each image" technique."""
+
+    def __init__(self, files, labels):
+        self.files, self.labels, self.tf = files, labels, _tv_train()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.tf(torch.load(self.files[i], weights_only=True)), self.labels[i]
+
+
+def tensor_files(folder: Path, batch_size: int, workers: int):
+    files = sorted(folder.rglob("*.pt"))
+    labels = [int(p.parent.name) for p in files]
+    return torch.utils.data.DataLoader(_TensorFiles([str(p) for p in files], labels),
+                                       batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       collate_fn=_collate_stack)
+
+
+class _InMemory(torch.utils.data.Dataset):
+    """Everything decoded into one uint8 tensor in (shared) memory."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor):
+        self.data, self.labels, self.tf = data, labels, _tv_train()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.tf(self.data[i]), int(self.labels[i])
+
+
+def in_memory(data: torch.Tensor, labels: torch.Tensor, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(_InMemory(data, labels), batch_size=batch_size,
+                                       shuffle=True, num_workers=workers,
+                                       collate_fn=_collate_stack)
 
 
 def plain_webdataset(shards: Path, batch_size: int, workers: int):
@@ -51,75 +154,302 @@ def plain_webdataset(shards: Path, batch_size: int, workers: int):
     from torchvision.transforms import v2
 
     urls = sorted(str(p) for p in shards.glob("*.tar"))
-    tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True),
-                     v2.RandomHorizontalFlip()])
+    tf = v2.Compose([v2.PILToTensor(), _tv_train()])
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
-                         empty_check=False)
+                         workersplitter=wds.split_by_worker, empty_check=False)
           .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(tf, int)
           .batched(batch_size, partial=True))
     return wds.WebLoader(ds, batch_size=None, num_workers=workers)
 
 
-def shardkit_loader(shards: Path, batch_size: int, workers: int, crop):
+def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = TRAIN,
+                    prefetch: int | None = None):
     import shardkit
 
+    crop = shardkit.RandomResizedCrop(224) if recipe == TRAIN else shardkit.CenterCrop(224, resize=256)
     ds = shardkit.StreamingDataset(shards, batch_size=batch_size, crop=crop)
-    return shardkit.make_loader(ds, num_workers=workers, persistent_workers=False)
+    return shardkit.make_loader(ds, num_workers=workers, persistent_workers=False,
+                                prefetch_factor=prefetch)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def _decode_crop(path_or_bytes):
+    import io
+
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    data = path_or_bytes
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    out = v2.Compose([v2.PILToTensor(), _tv_train()])(im)
+    return out.shape[0]
+
+
+def _crop_uint8(i):
+    return _LIMIT_DATA[i % len(_LIMIT_DATA)].shape[0] if _LIMIT_TF is None else \
+        _LIMIT_TF(_LIMIT_DATA[i % len(_LIMIT_DATA)]).shape[0]
+
+
+_LIMIT_DATA = None
+_LIMIT_TF = None
+
+
+def _one_thread() -> None:
+    # Forked children must not enter torch's intra-op thread pool inherited from the parent
+    # (it deadlocks); DataLoader workers do the same.
+    torch.set_num_threads(1)
+
+
+def _init_limit(data, crop):
+    global _LIMIT_DATA, _LIMIT_TF
+    _one_thread()
+    _LIMIT_DATA, _LIMIT_TF = data, (_tv_train() if crop else None)
+
+
+def decode_limit(blobs: list[bytes], procs: int) -> float:
+    """PIL decode + random-resized crop + flip, images already in RAM, on ``procs`` processes."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(procs, initializer=_one_thread) as pool:
+        start = time.perf_counter()
+        pool.map(_decode_crop, blobs, chunksize=16)
+        return len(blobs) / (time.perf_counter() - start)
+
+
+def uint8_limit(data: torch.Tensor, n: int, procs: int, crop: bool = True) -> float:
+    """Crop + flip (or just touching a ready crop) from uint8 tensors in RAM on ``procs`` processes."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(procs, initializer=_init_limit, initargs=(data, crop)) as pool:
+        start = time.perf_counter()
+        pool.map(_crop_uint8, range(n), chunksize=64)
+        return n / (time.perf_counter() - start)
+
+
+def copy_limit(crops: torch.Tensor, batch_size: int) -> float:
+    """Copying ready uint8 crops into batches (one process): the ceiling of any loader."""
+    n = len(crops)
+    out = torch.empty((batch_size,) + tuple(crops.shape[1:]), dtype=torch.uint8)
+    start = time.perf_counter()
+    for lo in range(0, n, batch_size):
+        chunk = crops[lo:lo + batch_size]
+        out[:len(chunk)].copy_(chunk)
+    return n / (time.perf_counter() - start)
+
+
+def read_limit(files: list[Path], cold: bool) -> float:
+    """Sequential read of the shard files, MB/s."""
+    if cold:
+        evict(files)
+    total, start = 0, time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while chunk := f.read(8 << 20):
+                total += len(chunk)
+    return total / 1e6 / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _prepare(images: Path, out: Path):
+    """Pack the shards and build the seed techniques' inputs (once; reused on later runs)."""
+    import numpy as np
+    from PIL import Image
+
+    import shardkit
+
+    packs = {
+        "raw": shardkit.pack_folder(images, out / "raw", mode="raw", resume=True, progress=False),
+        "resize256": shardkit.pack_folder(images, out / "resize256", mode="resize", size=256,
+                                          resume=True, progress=False),
+        "tensor256": shardkit.pack_folder(images, out / "tensor256", mode="tensor", size=256,
+                                          resume=True, progress=False),
+        "tensor224": shardkit.pack_folder(images, out / "tensor224", mode="tensor", size=224,
+                                          resume=True, progress=False),
+    }
+    files = sorted(p for p in Path(images).rglob("*") if p.is_file())
+    classes = sorted({p.parent.name for p in files})
+    pt_dir = out / "pt256"
+    arrays = []
+    for p in files:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = 256 / min(w, h)
+            im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            im = im.crop(((w - 256) // 2, (h - 256) // 2, (w - 256) // 2 + 256, (h - 256) // 2 + 256))
+            t = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+        arrays.append(t)
+        target = pt_dir / str(classes.index(p.parent.name)) / (p.stem + ".pt")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(t, target)
+    data = torch.stack(arrays).share_memory_()
+    labels = torch.tensor([classes.index(p.parent.name) for p in files])
+    return packs, files, pt_dir, data, labels
 
 
 def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: int = 10,
-        per_class: int = 100, batch_size: int = 64, workers: int = 2, repeats: int = 3) -> dict:
-    """Make (or take) an image folder, pack it, and time every loader ``repeats`` times."""
-    import shardkit
+        per_class: int = 200, batch_size: int = 256, workers: int = 2, repeats: int = 3,
+        cold: bool = True) -> dict:
+    """Make (or take) an image folder, pack it, and time every configuration ``repeats`` times."""
     from shardkit.synth import make_image_folder
 
     out.mkdir(parents=True, exist_ok=True)
-    images = folder or make_image_folder(out / "images", classes=classes, per_class=per_class)
-    raw = shardkit.pack_folder(images, out / "raw", mode="raw", resume=True, progress=False)
-    tensor = shardkit.pack_folder(images, out / "tensor256", mode="tensor", size=256, resume=True,
-                                  progress=False)
-    n = raw.num_samples
-    folder_bytes = sum(p.stat().st_size for p in Path(images).rglob("*") if p.is_file())
-    configs = {
-        "naive ImageFolder": (lambda: naive_imagefolder(images, batch_size, workers), folder_bytes),
-        "plain webdataset": (lambda: plain_webdataset(out / "raw", batch_size, workers),
-                             raw.num_bytes),
-        "shardkit raw, train": (lambda: shardkit_loader(out / "raw", batch_size, workers,
-                                                        shardkit.RandomResizedCrop(224)),
-                                raw.num_bytes),
-        "shardkit tensor256, train": (lambda: shardkit_loader(out / "tensor256", batch_size,
-                                                              workers,
-                                                              shardkit.RandomResizedCrop(224)),
-                                      tensor.num_bytes),
+    images = Path(folder or make_image_folder(out / "images", classes=classes, per_class=per_class))
+    packs, files, pt_dir, data, labels = _prepare(images, out)
+    n = packs["raw"].num_samples
+    folder_bytes = sum(p.stat().st_size for p in files)
+    shard_files = {k: [Path(m.base_url) / s.url for s in m.shards] for k, m in packs.items()}
+    pt_files = sorted(pt_dir.rglob("*.pt"))
+    pt_bytes = sum(p.stat().st_size for p in pt_files)
+    B, W = batch_size, workers
+    configs: dict[str, tuple] = {
+        "naive ImageFolder (warm)": (lambda: naive_imagefolder(images, B, W), folder_bytes, None),
+        "per-image torch.save files": (lambda: tensor_files(pt_dir, B, W), pt_bytes, None),
+        "everything in memory (uint8)": (lambda: in_memory(data, labels, B, W), data.numel(), None),
+        "plain webdataset": (lambda: plain_webdataset(out / "raw", B, W),
+                             packs["raw"].num_bytes, None),
+        "shardkit raw, train": (lambda: shardkit_loader(out / "raw", B, W),
+                                packs["raw"].num_bytes, None),
+        "shardkit raw, eval": (lambda: shardkit_loader(out / "raw", B, W, EVAL),
+                               packs["raw"].num_bytes, None),
+        "shardkit resize256, train": (lambda: shardkit_loader(out / "resize256", B, W),
+                                      packs["resize256"].num_bytes, None),
+        "shardkit tensor256, train": (lambda: shardkit_loader(out / "tensor256", B, W),
+                                      packs["tensor256"].num_bytes, None),
+        "shardkit tensor224, eval": (lambda: shardkit_loader(out / "tensor224", B, W, EVAL),
+                                     packs["tensor224"].num_bytes, None),
     }
+    if cold:
+        configs["naive ImageFolder (cold)"] = (lambda: naive_imagefolder(images, B, W),
+                                               folder_bytes, files)
+        configs["shardkit raw, train (cold)"] = (lambda: shardkit_loader(out / "raw", B, W),
+                                                 packs["raw"].num_bytes, shard_files["raw"])
     runs: dict[str, list[dict]] = {name: [] for name in configs}
+    blobs = [p.read_bytes() for p in files]
+    cpus = len(os.sched_getaffinity(0))
+    limits_runs: dict[str, list[float]] = {"decode + crop, RAM, all cores": [],
+                                           "crop + flip from uint8, RAM, all cores": [],
+                                           "copy ready uint8 crops": [],
+                                           "sequential read MB/s (warm)": [],
+                                           "sequential read MB/s (cold)": []}
+    crops224 = data[:, :, 16:240, 16:240].contiguous()
     for _ in range(repeats):
-        for name, (make, nbytes) in configs.items():
-            runs[name].append(_time_loader(make, nbytes, n))
-    results = {}
-    for name, rs in runs.items():
-        results[name] = {key: statistics.median(r[key] for r in rs)
-                         for key in ("samples_per_s", "mb_per_s", "first_batch_s")}
-    base = results["naive ImageFolder"]["samples_per_s"]
-    wds_rate = results["plain webdataset"]["samples_per_s"]
+        for name, (make, nbytes, cold_files) in configs.items():
+            runs[name].append(_time_loader(make, nbytes, n, cold_files))
+        limits_runs["decode + crop, RAM, all cores"].append(decode_limit(blobs, cpus))
+        limits_runs["crop + flip from uint8, RAM, all cores"].append(uint8_limit(data, n, cpus))
+        limits_runs["copy ready uint8 crops"].append(copy_limit(crops224, B))
+        limits_runs["sequential read MB/s (warm)"].append(read_limit(shard_files["raw"], False))
+        if cold:
+            limits_runs["sequential read MB/s (cold)"].append(read_limit(shard_files["raw"], True))
+    results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+               for name, rs in runs.items()}
+    limits = {k: statistics.median(v) for k, v in limits_runs.items() if v}
+    rate = {k: r["samples_per_s"] for k, r in results.items()}
+    ratios = {
+        "raw train / naive (warm)": rate["shardkit raw, train"] / rate["naive ImageFolder (warm)"],
+        "raw train / plain webdataset": rate["shardkit raw, train"] / rate["plain webdataset"],
+        "raw train / decode limit": rate["shardkit raw, train"] / limits["decode + crop, RAM, all cores"],
+        "tensor256 train / uint8 limit": rate["shardkit tensor256, train"]
+        / limits["crop + flip from uint8, RAM, all cores"],
+        "tensor224 eval / copy limit": rate["shardkit tensor224, eval"] / limits["copy ready uint8 crops"],
+    }
+    if cold:
+        ratios["raw train (cold) / naive (cold)"] = (rate["shardkit raw, train (cold)"]
+                                                     / rate["naive ImageFolder (cold)"])
     for r in results.values():
-        r["vs_naive"] = r["samples_per_s"] / base
-        r["vs_webdataset"] = r["samples_per_s"] / wds_rate
-    report = {"samples": n, "batch_size": batch_size, "workers": workers, "repeats": repeats,
-              "cpus": os.cpu_count(), "results": results}
+        r["vs_naive"] = r["samples_per_s"] / rate["naive ImageFolder (warm)"]
+    report = {"samples": n, "image_bytes": folder_bytes, "batch_size": B, "workers": W,
+              "repeats": repeats, "cpus": cpus, "results": results, "limits": limits,
+              "ratios": ratios}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
+    chart(report, out / "bench.png")
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['samples']} samples, batch {report['batch_size']}, {report['workers']} "
-             f"workers, median of {report['repeats']}",
-             f"{'loader':28s} {'samples/s':>10s} {'MB/s':>8s} {'1st batch':>10s} "
-             f"{'vs naive':>9s} {'vs wds':>8s}"]
+    lines = [f"{report['samples']} images ({report['image_bytes'] / 1e6:.0f} MB), batch "
+             f"{report['batch_size']}, {report['workers']} workers, {report['cpus']} CPUs, "
+             f"median of {report['repeats']}",
+             f"{'loader':34s} {'samples/s':>9s} {'MB/s':>7s} {'1st batch':>9s} {'cores':>5s} "
+             f"{'main MB':>7s} {'worker MB':>9s} {'vs naive':>8s}"]
     for name, r in report["results"].items():
-        lines.append(f"{name:28s} {r['samples_per_s']:10.0f} {r['mb_per_s']:8.1f} "
-                     f"{r['first_batch_s']:9.2f}s {r['vs_naive']:8.2f}x {r['vs_webdataset']:7.2f}x")
+        lines.append(f"{name:34s} {r['samples_per_s']:9.0f} {r['mb_per_s']:7.1f} "
+                     f"{r['first_batch_s']:8.2f}s {r['cpu_cores']:5.2f} {r['main_rss_mb']:7.0f} "
+                     f"{r['worker_rss_mb']:9.0f} {r['vs_naive']:7.2f}x")
+    lines.append("limits:")
+    for name, v in report["limits"].items():
+        unit = "" if "MB/s" in name else " samples/s"
+        lines.append(f"  {name:40s} {v:9.0f}{unit}")
+    lines.append("ratios:")
+    for name, v in report["ratios"].items():
+        lines.append(f"  {name:40s} {v:6.2f}x")
     return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    """A horizontal bar chart of samples/s (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    items = list(report["results"].items())
+    width, bar_h, left = 900, 26, 300
+    height = 40 + bar_h * len(items)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    top = max(r["samples_per_s"] for _, r in items)
+    draw.text((10, 10), f"samples/s, {report['workers']} workers, batch {report['batch_size']} "
+                        f"(median of {report['repeats']})", fill="black")
+    for i, (name, r) in enumerate(items):
+        y = 34 + i * bar_h
+        length = int((width - left - 80) * r["samples_per_s"] / top)
+        color = (46, 120, 200) if name.startswith("shardkit") else (160, 160, 160)
+        draw.text((10, y + 6), name, fill="black")
+        draw.rectangle((left, y + 4, left + length, y + bar_h - 4), fill=color)
+        draw.text((left + length + 6, y + 6), f"{r['samples_per_s']:.0f}", fill="black")
+    img.save(path)
+
+
+def auto(shards: Path, batch_size: int = 256, max_workers: int | None = None,
+         prefetches=(2, 4)) -> dict:
+    """Sweep num_workers × prefetch for the shardkit train recipe; pick the best; name the
+    bottleneck by comparing with the read and decode limits."""
+    import shardkit
+
+    m = shardkit.Manifest.load(shards)
+    cpus = len(os.sched_getaffinity(0))
+    max_workers = max_workers or 2 * cpus
+    sweep = {}
+    for w in range(1, max_workers + 1):
+        for pf in prefetches:
+            r = _time_loader(lambda: shardkit_loader(shards, batch_size, w, TRAIN, pf),
+                             m.num_bytes, m.num_samples)
+            sweep[f"{w}x{pf}"] = r["samples_per_s"]
+    best = max(sweep, key=sweep.get)
+    w, pf = (int(x) for x in best.split("x"))
+    files = [Path(m.base_url) / s.url for s in m.shards]
+    read_mb = read_limit(files, cold=False)
+    loader_mb = sweep[best] * m.num_bytes / m.num_samples / 1e6
+    blobs = []
+    store_samples = shardkit.StreamingDataset(shards, decode="raw", shuffle=False)
+    for i, (data, _) in enumerate(store_samples):
+        blobs.append(data)
+        if i >= 255:
+            break
+    dec = decode_limit(blobs * 4, cpus)
+    if loader_mb > 0.8 * read_mb:
+        bottleneck = "read"
+    elif sweep[best] > 0.8 * dec:
+        bottleneck = "decode"
+    else:
+        bottleneck = "transform/transfer (below both the read and the decode limits)"
+    return {"sweep": sweep, "best": {"num_workers": w, "prefetch_factor": pf,
+                                     "samples_per_s": sweep[best]},
+            "read_limit_mb_per_s": read_mb, "decode_limit_samples_per_s": dec,
+            "bottleneck": bottleneck}
 
 
 def _pillow_resize(args) -> int:
@@ -142,8 +472,6 @@ def _pillow_resize(args) -> int:
 def run_pack(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: int = 10,
              per_class: int = 60, workers: int = 2, repeats: int = 3) -> dict:
     """Packing speed against ``tar cf`` (raw) and a plain Pillow pool (resize, tensor)."""
-    import multiprocessing
-    import shutil
     import subprocess
 
     import shardkit
@@ -161,13 +489,14 @@ def run_pack(folder: Path | None = None, out: Path = Path("bench-out"), *, class
         with ctx.Pool(workers) as pool:
             pool.map(_pillow_resize, [(f, 256) for f in files], chunksize=8)
 
-    def pack(mode, size, w):
+    def pack(mode, size, w, durable=True):
         def go():
             shardkit.pack_folder(images, out / f"pack-{mode}", mode=mode, size=size, workers=w,
-                                 overwrite=True, progress=False)
+                                 overwrite=True, progress=False, durable=durable)
         return go
 
-    configs = {"tar cf": tar_cf, "pack raw": pack("raw", None, workers),
+    configs = {"tar cf": tar_cf, "pack raw, 1 worker": pack("raw", None, 1),
+               "pack raw, 1 worker, --no-fsync": pack("raw", None, 1, False),
                "plain Pillow resize 256": pillow_pool,
                "pack resize 256, 1 worker": pack("resize", 256, 1),
                f"pack resize 256, {workers} workers": pack("resize", 256, workers),
@@ -179,11 +508,12 @@ def run_pack(folder: Path | None = None, out: Path = Path("bench-out"), *, class
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    shutil.rmtree(out / "plain.tar", ignore_errors=True)
+    (out / "plain.tar").unlink(missing_ok=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {"files": len(files), "workers": workers, "repeats": repeats, "seconds": med,
-              "ratios": {"raw / tar cf": med["pack raw"] / med["tar cf"],
-                         "plain Pillow / resize pack (speed-up)":
+              "ratios": {"raw / tar cf": med["pack raw, 1 worker"] / med["tar cf"],
+                         "raw --no-fsync / tar cf": med["pack raw, 1 worker, --no-fsync"] / med["tar cf"],
+                         "resize pack speed-up over plain Pillow":
                              med["plain Pillow resize 256"] / med[f"pack resize 256, {workers} workers"],
                          "resize: 1 worker / N workers":
                              med["pack resize 256, 1 worker"] / med[f"pack resize 256, {workers} workers"],
