@@ -39,7 +39,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import plan as planlib
-from .decode import MAX_PIXELS, ImageDecodeError, decode_array, decode_image
+from .decode import (MAX_PIXELS, ImageDecodeError, decode_array, decode_array_hwc, decode_image,
+                     decode_image_hwc)
 from .errors import DecodeError, ShardError
 from .manifest import ManifestError, decode_index
 from .storage import load_manifest, store_for
@@ -78,7 +79,14 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 class StreamingDataset(IterableDataset):
-    """Stream a shardkit dataset. See the README for every argument; constructors do no I/O."""
+    """Stream a shardkit dataset. See the README for every argument; constructors do no I/O.
+
+    ``source``: a dataset folder, a manifest path, ``s3://`` / ``http(s)://`` URL of either, a
+    :class:`~shardkit.Manifest`, or a list or tuple of shard paths or URLs, each with its
+    ``.idx`` file beside it (:meth:`shardkit.Manifest.from_urls`; the only way to read shards
+    outside one dataset's folder or prefix). ``timeout`` (seconds without a byte) bounds every
+    read, local files included.
+    """
 
     def __init__(self, source, *, shuffle: bool = True, seed: int = 0, batch_size: int | None = None,
                  decode: str = "uint8", crop=None, transform: Callable | None = None,
@@ -113,7 +121,7 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        self.source = source
+        self.source = tuple(source) if isinstance(source, list) else source  # a caller's copy
         self.shuffle, self.seed, self.batch_size = bool(shuffle), seed, batch_size
         self.decode, self.crop, self.transform, self.with_keys = decode, crop, transform, with_keys
         self._rank_arg, self._world_arg = rank, world_size
@@ -151,6 +159,7 @@ class StreamingDataset(IterableDataset):
         # Pickled for a spawned DataLoader worker: torch.distributed is not initialized there, so
         # the rank and world size are fixed now, in the process that knows them.
         state = self.__dict__.copy()
+        state.pop("_recent_offsets", None)
         if state["_world_arg"] is None:
             state["_rank_arg"], state["_world_arg"] = self.rank_world()
         return state
@@ -167,6 +176,12 @@ class StreamingDataset(IterableDataset):
         if self._world_arg is not None:
             return self._rank_arg, self._world_arg
         return _dist_rank_world()
+
+    @property
+    def _views(self) -> bool:
+        """Whether samples go the batch fast path: image bytes stay views of the read buffer and
+        decode to H×W×C arrays that land in a channels-last batch."""
+        return self.batch_size is not None and self.decode == "uint8" and self.transform is None
 
     def _sizes(self):
         return self.manifest.shard_sizes()
@@ -211,8 +226,9 @@ class StreamingDataset(IterableDataset):
         m = self.manifest
         limit = self.memory_limit if self.memory_limit is not None else _default_memory_limit()
         if m.num_bytes > limit:
-            raise MemoryError(f"{m.base_url}: dataset is {m.num_bytes} bytes, over the in-memory "
-                              f"limit of {limit} bytes (memory_limit=...); use in_memory=False")
+            raise MemoryError(f"{m.base_url or 'the listed shards'}: dataset is {m.num_bytes} "
+                              f"bytes, over the in-memory limit of {limit} bytes "
+                              "(memory_limit=...); use in_memory=False")
         store = store_for(m)
         memory, offsets = {}, {}
         for i, shard in enumerate(m.shards):
@@ -334,7 +350,8 @@ class StreamingDataset(IterableDataset):
                     return self._process(cand)
                 except DecodeError:
                     continue
-        raise ShardError(self.manifest.base_url, "every sample of the dataset is bad")
+        raise ShardError(self.manifest.base_url or "the listed shards",
+                         "every sample of the dataset is bad")
 
     # ----------------------------------------------------------------- reading
     def _read(self, spans, start: int) -> Iterator[tuple[int, Any]]:
@@ -375,7 +392,17 @@ class StreamingDataset(IterableDataset):
     def _shard_offsets(self, store, shard_no: int) -> np.ndarray:
         if shard_no in self._offsets_cache:
             return self._offsets_cache[shard_no]
-        return self._index(store, self.manifest.shards[shard_no])
+        # A worker's plan visits a shard in several 64-sample spans: keep the last few indexes
+        # (8 bytes per sample) instead of fetching the .idx again for each span.
+        recent = self.__dict__.setdefault("_recent_offsets", {})
+        if shard_no in recent:
+            recent[shard_no] = recent.pop(shard_no)  # most recent last
+            return recent[shard_no]
+        offsets = self._index(store, self.manifest.shards[shard_no])
+        recent[shard_no] = offsets
+        while len(recent) > 32:
+            del recent[next(iter(recent))]
+        return offsets
 
     def _index(self, store, shard) -> np.ndarray:
         data = store.read_bytes(shard.index_url)
@@ -390,6 +417,49 @@ class StreamingDataset(IterableDataset):
 
     def _samples(self, store, shard_no: int, offsets: np.ndarray, first: int,
                  stop: int) -> Iterator[dict]:
+        """Samples ``first .. stop-1`` of a shard, each exactly the bytes the index gives it.
+
+        The fast path reads each sample's bytes in one call and parses its plain USTAR headers
+        directly (what shardkit writes). Anything else — a checksum that does not match, a pax or
+        GNU header, a member crossing the boundary, a short read, a non-zero archive end — hands
+        over to the strict ``tarfile``-based path at that sample, which decides and names the
+        error; so both paths accept and refuse exactly the same shards.
+        """
+        shard = self.manifest.shards[shard_no]
+        lo = int(offsets[first])
+        hi = shard.num_bytes if stop == len(offsets) - 1 else int(offsets[stop])
+        ends = (offsets[first + 1:stop + 1] - lo).tolist()
+        url = store.url(shard.url)
+        views = self._views
+        if self._memory is not None:
+            import io
+
+            stream = io.BytesIO(memoryview(self._memory[shard_no].numpy())[lo:hi])
+        else:
+            stream = self._open_stream(store, shard, lo, hi)
+        k, prev, sample_key = 0, 0, None
+        try:
+            for k, end in enumerate(ends):  # noqa: B007 - k is where the strict path takes over
+                buf = _read_exact(stream, end - prev)
+                sample = None if buf is None else _parse_sample(buf, url, views)
+                if sample is None:
+                    break
+                if k == len(ends) - 1 and hi - lo > end:  # the archive's end: zero blocks only
+                    tail = _read_exact(stream, hi - lo - end)
+                    # and the stream's end, where a streamed download is checked (sha256)
+                    if tail is None or stream.read(1) or tail.count(0) != len(tail):
+                        break
+                prev, sample_key = end, sample["__key__"]
+                yield sample
+            else:
+                return
+        finally:
+            stream.close()
+        yield from self._samples_strict(store, shard_no, offsets, first + k, stop,
+                                        prev_key=sample_key)
+
+    def _samples_strict(self, store, shard_no: int, offsets: np.ndarray, first: int,
+                        stop: int, prev_key: str | None = None) -> Iterator[dict]:
         """Samples ``first .. stop-1`` of a shard, each checked against the index's boundaries.
 
         Reads the byte range from ``offsets[first]`` (to the end of the archive when ``stop`` is
@@ -409,9 +479,15 @@ class StreamingDataset(IterableDataset):
         else:
             stream = self._open_stream(store, shard, lo, hi)
         current: dict | None = None
-        k, prev = 0, None
+        k, prev = 0, prev_key
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r|")
+            except tarfile.ReadError as exc:
+                if "empty file" not in str(exc):
+                    raise
+                raise ShardError(url, f"ended early at sample {first} of {len(offsets) - 1} "
+                                      f"(after {prev!r}): truncated or corrupt tar header") from None
             for info in tar:
                 key, field = _split_member(info.name, url)
                 if k >= len(ends):
@@ -480,9 +556,18 @@ class StreamingDataset(IterableDataset):
             rng = None
             if self.crop is not None:
                 rng = random.Random(f"{self.seed}/{self._epoch}/{key}")
+            # Batches of uint8 images without a user transform take the fast path: images come
+            # as H×W×C arrays and go straight into a channels-last batch (see _collate).
+            fast = self._views
             if field is not None:
-                image = decode_image(sample[field], mode=self.decode, crop=self.crop, rng=rng,
-                                     max_pixels=self.max_pixels)
+                if fast and self.crop is not None:
+                    image = decode_image_hwc(sample[field], crop=self.crop, rng=rng,
+                                             max_pixels=self.max_pixels)
+                else:
+                    image = decode_image(bytes(sample[field]), mode=self.decode, crop=self.crop,
+                                         rng=rng, max_pixels=self.max_pixels)
+            elif "npy" in sample and fast:
+                image = decode_array_hwc(sample["npy"], crop=self.crop, rng=rng)
             elif "npy" in sample:
                 image = decode_array(sample["npy"], crop=self.crop, rng=rng)
                 if self.decode == "pil":
@@ -504,12 +589,14 @@ class StreamingDataset(IterableDataset):
     def _collate(self, items: list):
         images = [it[0] for it in items]
         labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-        if isinstance(images[0], torch.Tensor):
-            shapes = {tuple(im.shape) for im in images}
+        if isinstance(images[0], (torch.Tensor, np.ndarray)):
+            # H×W×C arrays (fast path) or C×H×W tensors (Pillow path, user transforms)
+            shapes = {tuple(im.shape) if isinstance(im, torch.Tensor)
+                      else (im.shape[2], im.shape[0], im.shape[1]) for im in images}
             if len(shapes) != 1:
                 raise ValueError(f"batch_size needs images of one size, got {sorted(shapes)[:3]}; "
                                  "pass crop=shardkit.RandomResizedCrop(...) or CenterCrop(...)")
-            images = torch.stack(images)
+            images = _batch(images, next(iter(shapes)))
         if self.with_keys:
             return images, labels, [it[2] for it in items]
         return images, labels
@@ -750,6 +837,35 @@ class StreamingDataset(IterableDataset):
         return list(plan.batch_sizes) if self.batch_size else [1] * plan.num_samples
 
 
+def _batch(images: list, chw: tuple) -> torch.Tensor:
+    """Stack images into one N×C×H×W uint8 batch whose memory is channels-last (N×H×W×C).
+
+    H×W×C arrays land with one contiguous copy each; inside a DataLoader worker the batch is
+    allocated in shared memory, so sending it to the main process copies nothing more.
+    """
+    if not all(isinstance(im, np.ndarray) for im in images):
+        images = [torch.as_tensor(im) if isinstance(im, torch.Tensor)
+                  else torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]
+        if images[0].dtype != torch.uint8 or not all(im.dtype == images[0].dtype for im in images):
+            return torch.stack(images)
+    c, h, w = chw
+    shape, numel = (len(images), h, w, c), len(images) * h * w * c
+    if get_worker_info() is not None:
+        out = torch.empty(0, dtype=torch.uint8).set_(
+            torch.UntypedStorage._new_shared(numel)).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8)
+    if isinstance(images[0], np.ndarray):
+        dst = out.numpy()
+        for i, im in enumerate(images):
+            dst[i] = im
+    else:
+        nchw = out.permute(0, 3, 1, 2)
+        for i, im in enumerate(images):
+            nchw[i].copy_(im)
+    return out.permute(0, 3, 1, 2)
+
+
 def _initialized_dist():
     """``torch.distributed`` when a process group is initialized, else None."""
     try:
@@ -757,6 +873,68 @@ def _initialized_dist():
     except ImportError:
         return None
     return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _read_exact(stream, n: int) -> bytes | bytearray | None:
+    """Exactly ``n`` bytes from ``stream``, or None when it ends first."""
+    first = stream.read(n)  # usually all of it, into a buffer that is not zeroed first
+    if first is None or len(first) == n or not first:
+        return first if first is not None and len(first) == n else None
+    buf = bytearray(n)
+    buf[:len(first)] = first
+    view, got = memoryview(buf), len(first)
+    while got < n:
+        r = stream.readinto(view[got:])
+        if not r:
+            return None
+        got += r
+    return buf
+
+
+_USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
+
+
+def _parse_sample(buf: bytes | bytearray, url: str, views: bool) -> dict | None:
+    """The members of one sample's bytes when they are plain USTAR members named
+    ``<key>.<field>`` with one key, filling ``buf`` exactly; else None (the strict path decides).
+    With ``views``, image and array fields are memoryviews of ``buf`` (no copy)."""
+    mv = memoryview(buf)
+    n, off = len(buf), 0
+    sample: dict = {}
+    key = None
+    while off < n:
+        if n - off < 512:
+            return None
+        h = mv[off:off + 512]
+        if h[156] not in _USTAR_REGULAR or h[345] != 0 or h[124] & 0x80:
+            return None  # not a plain file, a prefixed name, or a base-256 size
+        try:
+            size = int(bytes(h[124:136]).rstrip(b"\0 ") or b"0", 8)
+            checksum = int(bytes(h[148:156]).rstrip(b"\0 "), 8)
+            name = bytes(h[0:100]).split(b"\0", 1)[0].decode("ascii")
+        except ValueError:
+            return None
+        if sum(h) - sum(h[148:156]) + 256 != checksum or not _MEMBER.fullmatch(name):
+            return None
+        start = off + 512
+        end = start + size
+        if end > n:
+            return None
+        k, field = name.split(".", 1)
+        field = field.lower()
+        if key is None:
+            key = k
+            sample = {"__key__": key, "__url__": url}
+        elif k != key or field in sample:
+            return None
+        if views and (field == "npy" or field in IMAGE_FIELDS):
+            sample[field] = mv[start:end]
+        else:
+            sample[field] = bytes(mv[start:end])
+        off = start + ((size + 511) & ~511)
+    if off != n or key is None:
+        return None
+    return sample
 
 
 def _split_member(name: str, url: str) -> tuple[str, str]:

@@ -351,3 +351,128 @@ def decode_array(data: bytes, *, crop: Optional[CropRecipe] = None,
     if p.flip:
         chw = chw.flip(-1)
     return chw.contiguous()
+
+
+# --------------------------------------------------------------------------- the batch fast path
+#
+# Batches are assembled channels-last (N×H×W×C memory, N×C×H×W shape), so a sample that is already
+# H×W×C — an .npy member, or a JPEG decoded by libjpeg-turbo — lands in its batch slot with one
+# contiguous copy and no transpose. JPEGs are decoded with simplejpeg (libjpeg-turbo; at 1/2, 1/4
+# or 1/8 scale when the crop box allows, like Pillow's draft mode, without Pillow's overhead)
+# and cropped + resized with OpenCV (area filter when shrinking, bilinear when enlarging), which
+# is several times faster than Pillow's resampler. Both are optional: without them, or for
+# anything they refuse (not a JPEG, CMYK, a warning such as a truncated file), the Pillow path
+# above decides, so errors and odd images are handled in one place.
+
+try:  # pragma: no cover - exercised when installed (they are dependencies)
+    import cv2 as _cv2
+    import simplejpeg as _sj
+except ImportError:  # pragma: no cover
+    _cv2 = _sj = None
+
+_cv2_threads_set = False
+
+
+def fast_path_available() -> bool:
+    return _cv2 is not None and _sj is not None
+
+
+def _cv2_ready():
+    global _cv2_threads_set
+    if not _cv2_threads_set:
+        # One thread per process: DataLoader workers already use every core, and OpenCV's pool
+        # costs more than it gives on 224-pixel images.
+        _cv2.setNumThreads(1)
+        _cv2_threads_set = True
+    return _cv2
+
+
+def _resize_hwc(region: np.ndarray, out_size: Tuple[int, int], flip: bool) -> np.ndarray:
+    cv2 = _cv2_ready()
+    out_w, out_h = out_size
+    h, w = region.shape[:2]
+    if (w, h) == (out_w, out_h):
+        out = np.ascontiguousarray(region)
+    else:
+        shrink = out_w <= w and out_h <= h
+        out = cv2.resize(region, (out_w, out_h),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        if out.ndim == 2:  # OpenCV drops a channel axis of size 1
+            out = out[:, :, None]
+    if flip:
+        out = cv2.flip(out, 1)  # contiguous: a negative-stride view would copy slowly later
+        if out.ndim == 2:
+            out = out[:, :, None]
+    return out
+
+
+def decode_image_hwc(data, *, crop: CropRecipe, rng: Optional[random.Random],
+                     max_pixels: int = MAX_PIXELS) -> Union[np.ndarray, torch.Tensor]:
+    """Decode + crop for a batch slot: an H×W×3 uint8 array on the fast path, else what
+    :func:`decode_image` returns (a contiguous 3×H×W tensor). Same crop box as ``decode_image``
+    for the same ``rng``; pixels agree within resampling differences."""
+    if _sj is None or _cv2 is None or bytes(data[:3]) != b"\xff\xd8\xff" \
+            or getattr(crop, "interpolation", "bilinear") != "bilinear":
+        return decode_image(bytes(data), crop=crop, rng=rng, max_pixels=max_pixels)
+    try:
+        height, width, colorspace, _ = _sj.decode_jpeg_header(data)
+    except ValueError:
+        return decode_image(bytes(data), crop=crop, rng=rng, max_pixels=max_pixels)
+    if colorspace not in ("Gray", "YCbCr", "RGB") or width * height > max_pixels \
+            or width == 0 or height == 0:
+        return decode_image(bytes(data), crop=crop, rng=rng, max_pixels=max_pixels)
+    state = rng.getstate() if rng is not None else None
+    p = _crop_params(crop, width, height, rng)
+    left, top, right, bottom = p.box
+    out_w, out_h = p.out_size
+    # DCT reduction 1/2, 1/4 or 1/8 when the box stays at least the output size (as Pillow's draft
+    # mode); libjpeg-turbo's other M/8 scales decode slower than full size, so they are not used.
+    s = _dct_scale(p.box, p.out_size)
+    try:
+        arr = _sj.decode_jpeg(data, "RGB", min_height=math.ceil(height / s),
+                              min_width=math.ceil(width / s))
+    except ValueError:  # libjpeg-turbo warned (e.g. truncated data) or failed: Pillow decides
+        if state is not None:
+            rng.setstate(state)
+        return decode_image(bytes(data), crop=crop, rng=rng, max_pixels=max_pixels)
+    dh, dw = arr.shape[:2]
+    sx, sy = dw / width, dh / height
+    x0, y0 = min(dw - 1, round(left * sx)), min(dh - 1, round(top * sy))
+    x1, y1 = max(x0 + 1, min(dw, round(right * sx))), max(y0 + 1, min(dh, round(bottom * sy)))
+    return _resize_hwc(arr[y0:y1, x0:x1], p.out_size, p.flip)
+
+
+_NPY_HEADERS: dict = {}
+
+
+def _npy_view(data) -> np.ndarray:
+    """``_load_npy`` with the header parse memoised: samples of a dataset share one header."""
+    mv = memoryview(data)
+    if len(mv) >= 10 and bytes(mv[:8]) == b"\x93NUMPY\x01\x00":
+        end = 10 + int.from_bytes(mv[8:10], "little")
+        header = bytes(mv[:end])
+        hit = _NPY_HEADERS.get(header)
+        if hit is not None:
+            shape, count = hit
+            if len(mv) - end == count:
+                return np.frombuffer(mv, dtype=np.uint8, count=count, offset=end).reshape(shape)
+    arr = _load_npy(bytes(data))
+    if arr.flags.c_contiguous and len(_NPY_HEADERS) < 64 and bytes(mv[:8]) == b"\x93NUMPY\x01\x00":
+        _NPY_HEADERS[bytes(mv[:10 + int.from_bytes(mv[8:10], "little")])] = (arr.shape, arr.size)
+    return arr
+
+
+def decode_array_hwc(data, *, crop: Optional[CropRecipe] = None,
+                     rng: Optional[random.Random] = None) -> Union[np.ndarray, torch.Tensor]:
+    """:func:`decode_array` for a batch slot: an H×W×C uint8 array (a view when uncropped)."""
+    if _cv2 is None or getattr(crop, "interpolation", "bilinear") != "bilinear":
+        return decode_array(bytes(data), crop=crop, rng=rng)
+    arr = _npy_view(data)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageDecodeError(f"array shape is {arr.shape}, expected H x W x C with C in 1/3/4")
+    if crop is None:
+        return arr
+    height, width = arr.shape[:2]
+    p = _crop_params(crop, width, height, rng)
+    left, top, right, bottom = p.box
+    return _resize_hwc(arr[top:bottom, left:right], p.out_size, p.flip)

@@ -107,8 +107,12 @@ class GpuPrefetcher:
     def _convert(self, batch):
         images, *rest = batch
         images = images.to(self.device, non_blocking=True)
+        # Batches arrive channels-last (see StreamingDataset); the layout change happens here, on
+        # the device, on uint8 — never on the CPU.
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        else:
+            images = images.contiguous()
         images = images.to(self.dtype).mul_(self._scale).add_(self._shift)
         rest = [r.to(self.device, non_blocking=True) if isinstance(r, torch.Tensor) else r
                 for r in rest]

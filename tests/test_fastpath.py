@@ -1,0 +1,298 @@
+"""The batch fast path: direct USTAR parsing of each sample's bytes, libjpeg-turbo (simplejpeg) +
+OpenCV crops, .npy views, channels-last batches. It must give the same samples and crops as the
+strict path (tarfile + Pillow), within resampling differences, and hand every odd input to it."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import shardkit
+from shardkit import CenterCrop, RandomResizedCrop, StreamingDataset, make_loader
+from shardkit import dataset as dsmod
+from shardkit import decode as dec
+from shardkit.decode import ImageDecodeError, decode_array, decode_image
+
+from _helpers_read import image_folder, pack
+from test_decode import encode, photo, reference
+
+pytestmark = pytest.mark.skipif(not dec.fast_path_available(), reason="simplejpeg/OpenCV missing")
+
+
+def _chw(a) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+    return a
+
+
+def _close(got, want, mean_tol=5.0, max_tol=96):
+    # OpenCV's area filter against Pillow's triangle filter: ~1.7 levels apart on average on
+    # photos, up to ~4 on the fine synthetic texture of these tests.
+    got, want = _chw(got), _chw(want)
+    assert got.shape == want.shape and got.dtype == torch.uint8
+    diff = (got.int() - want.int()).abs()
+    assert diff.float().mean().item() < mean_tol, diff.float().mean().item()
+    assert diff.max().item() <= max_tol, diff.max().item()
+
+
+@pytest.fixture(scope="module")
+def jpeg_set() -> dict:
+    sizes = {"normal": (400, 350), "large": (1800, 1300), "tall": (300, 700), "tiny": (50, 40)}
+    out = {n: encode(photo(w, h, seed=i)) for i, (n, (w, h)) in enumerate(sizes.items())}
+    out["progressive"] = encode(photo(900, 700, seed=7), progressive=True)
+    out["gray"] = encode(photo(320, 240, seed=3)[:, :, 0])
+    return out
+
+
+# ------------------------------------------------------------------------ decode
+
+
+@pytest.mark.parametrize("name", ["normal", "large", "tall", "tiny", "progressive", "gray"])
+@pytest.mark.parametrize("crop", [RandomResizedCrop(64), CenterCrop(56, resize=72)])
+def test_fast_jpeg_crop_matches_full_decode_and_draws_the_same_box(jpeg_set, name, crop):
+    data = jpeg_set[name]
+    w, h = Image.open(io.BytesIO(data)).size
+    for seed in range(8):
+        got = dec.decode_image_hwc(data, crop=crop, rng=random.Random(seed))
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and got.flags.c_contiguous
+        p = crop.params(w, h, random.Random(seed))
+        assert got.shape == (p.out_size[1], p.out_size[0], 3)
+        _close(got, reference(data, p))
+        # the strict path draws the same box from the same generator
+        _close(got, decode_image(data, crop=crop, rng=random.Random(seed)))
+
+
+def test_fast_jpeg_uses_dct_reduction_only_when_it_loses_nothing(jpeg_set, monkeypatch):
+    calls = []
+    real = dec._sj.decode_jpeg
+
+    def spy(data, *a, **kw):
+        out = real(data, *a, **kw)
+        calls.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(dec._sj, "decode_jpeg", spy)
+    dec.decode_image_hwc(jpeg_set["large"], crop=CenterCrop(64, resize=72), rng=None)
+    dec.decode_image_hwc(jpeg_set["large"], crop=CenterCrop(1200), rng=None)
+    assert calls[0][0] < 1300 / 4 and calls[1] == (1300, 1800)
+
+
+@pytest.mark.parametrize("kind", ["png", "cmyk", "truncated", "garbage", "empty"])
+def test_whatever_the_fast_decoder_refuses_goes_to_pillow(jpeg_set, kind):
+    crop = RandomResizedCrop(32)
+    data = {"png": encode(photo(60, 50), "PNG"),
+            "cmyk": encode(Image.fromarray(photo(60, 50)).convert("CMYK")),
+            "truncated": jpeg_set["normal"][:len(jpeg_set["normal"]) // 2],
+            "garbage": b"\xff\xd8\xff" + b"\x00garbage" * 50,
+            "empty": b""}[kind]
+    try:
+        want = decode_image(data, crop=crop, rng=random.Random(1))
+    except ImageDecodeError as exc:
+        with pytest.raises(ImageDecodeError) as info:
+            dec.decode_image_hwc(data, crop=crop, rng=random.Random(1))
+        assert info.value.reason == exc.reason
+        return
+    got = dec.decode_image_hwc(data, crop=crop, rng=random.Random(1))
+    assert torch.equal(_chw(got), want)
+
+
+def test_fast_path_checks_the_pixel_limit_before_decoding(jpeg_set, monkeypatch):
+    monkeypatch.setattr(dec._sj, "decode_jpeg", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ImageDecodeError, match="over the limit"):
+        dec.decode_image_hwc(jpeg_set["large"], crop=RandomResizedCrop(32), rng=random.Random(0),
+                             max_pixels=1000)
+
+
+@pytest.mark.parametrize("crop", [None, RandomResizedCrop(24), CenterCrop(20, resize=28)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_array_matches_decode_array(crop, channels):
+    arr = photo(40, 30, seed=2)[:, :, :channels].copy()
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    data = buf.getvalue()
+    for seed in range(4):
+        got = dec.decode_array_hwc(memoryview(data), crop=crop, rng=random.Random(seed))
+        want = decode_array(data, crop=crop, rng=random.Random(seed))
+        assert got.shape[2] == channels
+        if crop is None:
+            assert torch.equal(_chw(got), want)
+        else:
+            _close(got, want)
+
+
+def test_fast_array_refuses_what_decode_array_refuses():
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ImageDecodeError, match="dtype"):
+        dec.decode_array_hwc(buf.getvalue())
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ImageDecodeError, match="truncated"):  # same header, cached, short data
+        dec.decode_array_hwc(buf.getvalue())
+        dec.decode_array_hwc(buf.getvalue()[:-5])
+    dec.decode_array_hwc(buf.getvalue())
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        dec.decode_array_hwc(buf.getvalue()[:-5])
+
+
+# ------------------------------------------------------------------------ tar parsing
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> dict:
+    src = image_folder(tmp_path_factory.mktemp("src"), classes=3, per_class=7)
+    out = {}
+    for mode, size in (("raw", None), ("tensor", 32)):
+        dest = tmp_path_factory.mktemp(mode)
+        pack(src, dest, mode=mode, size=size, max_samples=5)
+        out[mode] = dest
+    return out
+
+
+def _samples(source, **kw) -> dict:
+    ds = StreamingDataset(source, decode="raw", shuffle=False, with_keys=True, **kw)
+    return {k: bytes(img) for img, _, k in ds}
+
+
+def test_fast_and_strict_tar_paths_give_the_same_samples(packed, monkeypatch):
+    fast = _samples(packed["raw"])
+    monkeypatch.setattr(dsmod, "_parse_sample", lambda *a: None)  # everything to the strict path
+    assert _samples(packed["raw"]) == fast and len(fast) == 21
+
+
+def test_batches_are_channels_last_and_match_the_per_sample_path(packed):
+    for source, crop in ((packed["raw"], RandomResizedCrop(24)), (packed["tensor"], None),
+                         (packed["tensor"], CenterCrop(24))):
+        kw = dict(crop=crop, shuffle=False, with_keys=True)
+        single = {k: img for img, _, k in StreamingDataset(source, transform=lambda x: x, **kw)}
+        seen = 0
+        for num_workers in (0, 2):
+            ds = StreamingDataset(source, batch_size=4, **kw)
+            for images, labels, keys in make_loader(ds, num_workers=num_workers,
+                                                     persistent_workers=False):
+                assert images.dtype == torch.uint8 and images.shape[1:] == single[keys[0]].shape
+                assert images.is_contiguous(memory_format=torch.channels_last)
+                for img, key in zip(images, keys):
+                    _close(img, single[key])
+                    seen += 1
+        assert seen == 2 * len(single)
+
+
+def test_a_tar_written_by_gnu_format_reads_through_the_fast_path(packed, tmp_path, monkeypatch):
+    import shutil
+
+    dest = tmp_path / "gnu"
+    shutil.copytree(packed["raw"], dest)
+    m = shardkit.Manifest.load(dest)
+    calls = []
+    real = dsmod._parse_sample
+    monkeypatch.setattr(dsmod, "_parse_sample", lambda *a: calls.append(1) or real(*a))
+    before = _samples(dest)
+    # rewrite the first shard member by member with tarfile's GNU headers ('ustar  ' magic):
+    # same sizes, so the index still holds
+    shard = dest / m.shards[0].url
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            members.append((info.name, tar.extractfile(info).read()))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue().ljust(m.shards[0].num_bytes, b"\0")[:m.shards[0].num_bytes]
+    shard.write_bytes(data)
+    assert _samples(dest, ) == before
+    assert sum(calls) >= 2 * m.num_samples
+
+
+def test_a_nonzero_archive_end_is_noticed(packed, tmp_path):
+    import shutil
+
+    dest = tmp_path / "tail"
+    shutil.copytree(packed["raw"], dest)
+    m = shardkit.Manifest.load(dest)
+    shard = dest / m.shards[0].url
+    data = bytearray(shard.read_bytes())
+    end = int(shardkit.manifest.decode_index((dest / m.shards[0].index_url).read_bytes(),
+                                             m.shards[0].num_samples, len(data), "idx")[-1])
+    info = tarfile.TarInfo("extra.cls")
+    info.size = 1
+    data[end:end + 1024] = info.tobuf(tarfile.USTAR_FORMAT) + b"7".ljust(512, b"\0")
+    shard.write_bytes(bytes(data))
+    with pytest.raises(shardkit.errors.ShardError, match="more samples than its index"):
+        _samples(dest)
+
+
+def test_read_exact_handles_short_reads():
+    class Dribble(io.RawIOBase):
+        def __init__(self, data):
+            self.data = data
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = min(3, len(b), len(self.data))
+            b[:n], self.data = self.data[:n], self.data[n:]
+            return n
+
+    assert dsmod._read_exact(Dribble(b"abcdefghij"), 10) == b"abcdefghij"
+    assert dsmod._read_exact(Dribble(b"abc"), 10) is None
+
+
+def test_member_with_dotdot_or_bad_checksum_is_left_to_the_strict_path():
+    def header(name: str, size: int, fix=None) -> bytearray:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        h = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+        if fix:
+            fix(h)
+        return h
+
+    good = header("k.cls", 1) + b"3".ljust(512, b"\0")
+    assert dsmod._parse_sample(bytearray(good), "u", False) == {"__key__": "k", "__url__": "u",
+                                                                "cls": b"3"}
+    bad_name = header("../k.cls", 1) + b"3".ljust(512, b"\0")
+    assert dsmod._parse_sample(bytearray(bad_name), "u", False) is None
+
+    def flip(h):
+        h[0] = ord("j")  # name changed after the checksum was computed
+
+    assert dsmod._parse_sample(bytearray(header("k.cls", 1, flip) + b"3".ljust(512, b"\0")),
+                               "u", False) is None
+    two_keys = good + header("x.jpg", 1) + b"3".ljust(512, b"\0")
+    assert dsmod._parse_sample(bytearray(two_keys), "u", False) is None
+    assert dsmod._parse_sample(bytearray(good[:-1]), "u", False) is None
+
+
+# ------------------------------------------------------------------------ fuzz
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JPEG = encode(photo(120, 90, seed=5))
+
+
+@settings(max_examples=int(__import__("os").environ.get("SHARDKIT_FUZZ_EXAMPLES", 120)),
+          deadline=None, database=None)
+@given(flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=6),
+       cut=st.floats(0.05, 1.0), seed=st.integers(0, 2**16))
+def test_fuzz_fast_jpeg_decode_gives_an_image_or_a_decode_error(flips, cut, seed):
+    data = bytearray(_JPEG[:max(4, int(len(_JPEG) * cut))])
+    for frac, x in flips:
+        data[min(int(frac * len(data)), len(data) - 1)] ^= x
+    crop = RandomResizedCrop(32)
+    try:
+        out = dec.decode_image_hwc(bytes(data), crop=crop, rng=random.Random(seed))
+    except ImageDecodeError:
+        return
+    assert tuple(_chw(out).shape) == (3, 32, 32)
