@@ -161,14 +161,17 @@ class ShardCache:
                 return path
         return None
 
-    def open(self, url: str, *, size: int, sha256: str, fetch: Fetch, start: int = 0,
+    def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
              stop: int | None = None) -> BinaryIO:
         """A readable binary file over bytes ``[start, stop)`` of the shard at ``url``: from disk
-        when cached, else downloaded once per machine and returned as the bytes arrive."""
+        when cached, else downloaded once per machine and returned as the bytes arrive.
+        ``sha256`` None (shards listed by URL, whose hash nobody recorded): only the size is
+        checked."""
         stop = size if stop is None else stop
         if not (isinstance(size, int) and 0 <= start <= stop <= size):
             raise ValueError(f"need 0 <= start <= stop <= size, got {start=}, {stop=}, {size=}")
-        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        if sha256 is not None and (not isinstance(sha256, str)
+                                   or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self.path_for(url)
@@ -184,7 +187,8 @@ class ShardCache:
             for temp in self.cache_dir.glob(f".{path.name}.tmp-*"):  # only we write these now
                 temp.unlink(missing_ok=True)
             reader = _Reader(url, state := _State([]), start, stop)
-            threading.Thread(target=self._download, args=(url, size, sha256.lower(), fetch, lock,
+            digest = None if sha256 is None else sha256.lower()
+            threading.Thread(target=self._download, args=(url, size, digest, fetch, lock,
                              state), name=f"shardkit-cache-{path.stem[:8]}", daemon=True).start()
         except BaseException:
             _unlock(lock)
@@ -265,7 +269,7 @@ class ShardCache:
                 getattr(chunks, "close", lambda: None)()
             if offset == start:
                 return f"{offset} bytes, expected {size}"
-        if digest.hexdigest() != sha256:
+        if sha256 is not None and digest.hexdigest() != sha256:
             return f"sha256 {digest.hexdigest()}, expected {sha256}"
         return None
 

@@ -47,10 +47,10 @@ def _version() -> str:
 
 @dataclass
 class ShardInfo:
-    url: str  # relative to the dataset's folder or prefix
+    url: str  # relative to the dataset's folder or prefix (a full URL: Manifest.from_urls)
     num_samples: int
     num_bytes: int
-    sha256: str
+    sha256: str | None  # None: unknown, not checked (Manifest.from_urls only; files need a str)
     index_url: str
     index_sha256: str
 
@@ -183,7 +183,11 @@ class Manifest:
         # A folder or prefix without manifest.json may hold only the compact manifest.
         fallback = named is None and name == MANIFEST_NAME and not _names_file(source)
         where = store.url(name)
-        if isinstance(store, LocalStore) and not (store.base / name).exists():
+        try:
+            missing = isinstance(store, LocalStore) and not store.exists(name)  # timeout-bounded
+        except ShardError as exc:
+            raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
+        if missing:
             if fallback and (store.base / MSGPACK_NAME).is_file():
                 name, where = MSGPACK_NAME, store.url(MSGPACK_NAME)
             else:
@@ -206,6 +210,60 @@ class Manifest:
         else:
             manifest = cls.from_json(data, where)
         manifest.base_url = store.url("").rstrip("/")
+        manifest.store = store
+        return manifest
+
+    @classmethod
+    def from_urls(cls, urls, storage_options: dict | None = None, *, timeout: float = 60.0,
+                  retries: int = 6) -> "Manifest":
+        """A manifest, in memory, for shards the caller names explicitly.
+
+        ``urls``: a list or tuple of shard paths or URLs (local, ``s3://``, ``http(s)://``; any
+        hosts and prefixes, in the order given), each with its index file beside it (the same
+        name with ``.idx`` instead of ``.tar``). Every index file is read now (in parallel) and
+        validated; it gives the shard's sample count and size. The shards' sha256 are unknown,
+        so not checked (``ShardInfo.sha256`` is None); each index file's sha256 is recorded as
+        read, so one changed later is an error. ``classes`` is None. ``storage_options`` apply to
+        every remote URL, or per protocol when keyed by ``"s3"``, ``"http"``, ``"https"``.
+
+        This is the only way to read shards outside a dataset's own folder or prefix: a manifest
+        file's shard URLs stay plain relative names, so a file can never redirect reads by
+        itself; only the caller's code can.
+        """
+        import hashlib
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .errors import ShardError
+        from .storage import ListedStore
+
+        store = ListedStore(urls, storage_options, timeout=timeout, retries=retries)
+
+        def shard(names: tuple[str, str]) -> ShardInfo:
+            url, index_url = names
+            try:
+                data = store.read_bytes(index_url)
+            except ShardError as exc:
+                raise ShardError(url, f"cannot read its index file {index_url} "
+                                      f"({exc.reason})") from None
+            n = (len(data) - len(INDEX_MAGIC)) // 8 - 1
+            if n < 0 or (len(data) - len(INDEX_MAGIC)) % 8 or not data.startswith(INDEX_MAGIC):
+                raise ShardError(index_url, f"not a shardkit index file ({len(data)} bytes)")
+            end = int.from_bytes(data[-8:], "little")  # where the end-of-archive blocks start
+            if end >= 2**63 - 1024:
+                raise ShardError(index_url, "index offsets are inconsistent with the shard")
+            try:
+                decode_index(data, n, end + 1024, index_url)
+            except ManifestError as exc:
+                raise ShardError(index_url, str(exc).removeprefix(f"{index_url}: ")) from None
+            # shardkit's shards end with exactly 1024 zero bytes after the last sample.
+            return ShardInfo(url=url, num_samples=n, num_bytes=end + 1024, sha256=None,
+                             index_url=index_url,
+                             index_sha256=hashlib.sha256(data).hexdigest())
+
+        with ThreadPoolExecutor(max_workers=min(16, len(store.shards))) as pool:
+            shards = list(pool.map(shard, store.shards))
+        manifest = cls(classes=None, num_samples=sum(s.num_samples for s in shards),
+                       shards=shards, options={})
         manifest.store = store
         return manifest
 
