@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 TRAIN, EVAL = "train", "eval"
+PRECROPPED = "eval, pre-cropped"  # tensor shards packed at 224: nothing left to do but batch
 
 
 # --------------------------------------------------------------------------- helpers
@@ -55,27 +56,67 @@ def _rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+def _pss_mb(pid: int | str = "self") -> float:
+    """Proportional set size: shared pages split between the processes that map them, so the
+    sum over a main process and its forked workers is the memory they really take."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_peak() -> None:
+    try:  # Linux >= 4.0: reset VmHWM so each configuration reports its own peak
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _children() -> list[int]:
+    """Pids of this process's live children (DataLoader workers, whatever wraps them)."""
+    pids = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            pids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
 def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
-                 cold_files=None) -> dict:
+                 cold_files=None, memory: bool = False) -> dict:
+    """One epoch. With ``memory``, the peak memory is sampled at every batch instead (reading
+    /proc/PID/smaps_rollup costs milliseconds, so timed runs do not do it)."""
     if cold_files:
         evict(cold_files)
+    _reset_peak()
     cpu0, start = _cpu_seconds(), time.perf_counter()
     loader = make()
-    first, n, worker_rss = None, 0, 0.0
+    first, n, worker_rss, total_pss = None, 0, 0.0, 0.0
     it = iter(loader)
     for batch in it:
         if first is None:
             first = time.perf_counter() - start
         n += len(batch[0])
-        for w in getattr(it, "_workers", []):  # torch DataLoader worker processes
-            worker_rss = max(worker_rss, _rss_mb(w.pid))
+        if memory:
+            pids = _children()  # DataLoader worker processes
+            for pid in pids:
+                worker_rss = max(worker_rss, _rss_mb(pid))
+            total_pss = max(total_pss, _pss_mb() + sum(_pss_mb(p) for p in pids))
     seconds = time.perf_counter() - start
-    del it
+    del it, loader  # joins the workers, so their CPU time lands in RUSAGE_CHILDREN
+    import gc
+
+    gc.collect()
     if n != expected:
         raise RuntimeError(f"loader yielded {n} samples, expected {expected}")
     return {"samples_per_s": n / seconds, "mb_per_s": stored_bytes / 1e6 / seconds,
             "first_batch_s": first, "cpu_cores": (_cpu_seconds() - cpu0) / seconds,
-            "main_rss_mb": _rss_mb(), "worker_rss_mb": worker_rss, "samples": n}
+            "main_rss_mb": _rss_mb(), "worker_rss_mb": worker_rss, "total_pss_mb": total_pss,
+            "samples": n}
 
 
 def _tv_train():
@@ -166,7 +207,8 @@ def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = T
                     prefetch: int | None = None):
     import shardkit
 
-    crop = shardkit.RandomResizedCrop(224) if recipe == TRAIN else shardkit.CenterCrop(224, resize=256)
+    crop = {TRAIN: shardkit.RandomResizedCrop(224), EVAL: shardkit.CenterCrop(224, resize=256),
+            PRECROPPED: None}[recipe]
     ds = shardkit.StreamingDataset(shards, batch_size=batch_size, crop=crop)
     return shardkit.make_loader(ds, num_workers=workers, persistent_workers=False,
                                 prefetch_factor=prefetch)
@@ -259,16 +301,19 @@ def _prepare(images: Path, out: Path):
 
     import shardkit
 
-    packs = {
-        "raw": shardkit.pack_folder(images, out / "raw", mode="raw", resume=True, progress=False),
-        "resize256": shardkit.pack_folder(images, out / "resize256", mode="resize", size=256,
-                                          resume=True, progress=False),
-        "tensor256": shardkit.pack_folder(images, out / "tensor256", mode="tensor", size=256,
-                                          resume=True, progress=False),
-        "tensor224": shardkit.pack_folder(images, out / "tensor224", mode="tensor", size=224,
-                                          resume=True, progress=False),
-    }
     files = sorted(p for p in Path(images).rglob("*") if p.is_file())
+    # 16 shards or more, as a real dataset has: plain webdataset hands out whole shards, so with
+    # fewer shards than workers it would run on fewer cores than it was given.
+    opts = dict(resume=True, progress=False, max_samples=max(1, len(files) // 16))
+    packs = {
+        "raw": shardkit.pack_folder(images, out / "raw", mode="raw", **opts),
+        "resize256": shardkit.pack_folder(images, out / "resize256", mode="resize", size=256,
+                                          **opts),
+        "tensor256": shardkit.pack_folder(images, out / "tensor256", mode="tensor", size=256,
+                                          **opts),
+        "tensor224": shardkit.pack_folder(images, out / "tensor224", mode="tensor", size=224,
+                                          **opts),
+    }
     classes = sorted({p.parent.name for p in files})
     pt_dir = out / "pt256"
     arrays = []
@@ -320,7 +365,7 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
                                       packs["resize256"].num_bytes, None),
         "shardkit tensor256, train": (lambda: shardkit_loader(out / "tensor256", B, W),
                                       packs["tensor256"].num_bytes, None),
-        "shardkit tensor224, eval": (lambda: shardkit_loader(out / "tensor224", B, W, EVAL),
+        "shardkit tensor224, eval": (lambda: shardkit_loader(out / "tensor224", B, W, PRECROPPED),
                                      packs["tensor224"].num_bytes, None),
     }
     if cold:
@@ -348,6 +393,9 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
             limits_runs["sequential read MB/s (cold)"].append(read_limit(shard_files["raw"], True))
     results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
                for name, rs in runs.items()}
+    for name, (make, nbytes, cold_files) in configs.items():  # one more epoch for memory
+        mem = _time_loader(make, nbytes, n, cold_files, memory=True)
+        results[name].update({k: mem[k] for k in ("main_rss_mb", "worker_rss_mb", "total_pss_mb")})
     limits = {k: statistics.median(v) for k, v in limits_runs.items() if v}
     rate = {k: r["samples_per_s"] for k, r in results.items()}
     ratios = {
@@ -376,11 +424,11 @@ def format_report(report: dict) -> str:
              f"{report['batch_size']}, {report['workers']} workers, {report['cpus']} CPUs, "
              f"median of {report['repeats']}",
              f"{'loader':34s} {'samples/s':>9s} {'MB/s':>7s} {'1st batch':>9s} {'cores':>5s} "
-             f"{'main MB':>7s} {'worker MB':>9s} {'vs naive':>8s}"]
+             f"{'main MB':>7s} {'worker MB':>9s} {'total MB':>8s} {'vs naive':>8s}"]
     for name, r in report["results"].items():
         lines.append(f"{name:34s} {r['samples_per_s']:9.0f} {r['mb_per_s']:7.1f} "
                      f"{r['first_batch_s']:8.2f}s {r['cpu_cores']:5.2f} {r['main_rss_mb']:7.0f} "
-                     f"{r['worker_rss_mb']:9.0f} {r['vs_naive']:7.2f}x")
+                     f"{r['worker_rss_mb']:9.0f} {r['total_pss_mb']:8.0f} {r['vs_naive']:7.2f}x")
     lines.append("limits:")
     for name, v in report["limits"].items():
         unit = "" if "MB/s" in name else " samples/s"
