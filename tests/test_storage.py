@@ -447,9 +447,9 @@ def test_connections_dropped_mid_shard(big, served_big, reference, proto):
     srv.drop_after(200_000, times=5)
     got = read_all(source, storage_options=options)
     check_same(got, reference(big))
-    # 1 MB then 4 MB range reads: 2 GETs per shard without faults
+    # one streamed GET per shard without faults; each drop costs one more, from the right byte
     tar_gets = sum(len(served_big.gets(url)) for url in big.shard_urls())
-    assert tar_gets >= 2 * len(big.shard_urls()) + 3, "the drops did not hit the shards"
+    assert tar_gets >= len(big.shard_urls()) + 3, "the drops did not hit the shards"
 
 
 def test_connections_reset_mid_shard_with_workers(small, served, reference):
