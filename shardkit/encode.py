@@ -264,7 +264,69 @@ def _resize_short(im: Image.Image, size: int, upscale: bool) -> Image.Image:
     return im.resize(new, Image.BICUBIC)
 
 
+try:  # libjpeg-turbo and OpenCV for the common case (dependencies; Pillow covers the rest)
+    import cv2 as _cv2
+    import simplejpeg as _sj
+except ImportError:  # pragma: no cover
+    _cv2 = _sj = None
+
+
+def _fast_jpeg_rgb(im: Image.Image, data: bytes, min_short: int | None) -> np.ndarray | None:
+    """H×W×3 uint8 of a plain JPEG through libjpeg-turbo, DCT-reduced while the shorter side stays
+    at least ``min_short``; None when Pillow must decide (another format, CMYK, an EXIF rotation,
+    any decoder warning such as truncated data)."""
+    if _sj is None or _cv2 is None or im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    try:
+        if im.getexif().get(0x0112, 1) != 1:  # orientation: Pillow applies it
+            return None
+    except Exception:  # noqa: BLE001 - unreadable EXIF: let Pillow decide
+        return None
+    w, h = im.size
+    s = next((f for f in (8, 4, 2) if min_short and min(w, h) / f >= min_short), 1)
+    try:
+        return _sj.decode_jpeg(data, "RGB", min_height=-(-h // s), min_width=-(-w // s))
+    except ValueError:
+        return None
+
+
+def _shorter_side_to(arr: np.ndarray, size: int) -> np.ndarray:
+    """Shrink so the shorter side is ``size`` (OpenCV's area filter, one thread)."""
+    h, w = arr.shape[:2]
+    if min(w, h) == size:
+        return arr
+    new = (size, max(1, round(h * size / w))) if w <= h else (max(1, round(w * size / h)), size)
+    _cv2.setNumThreads(1)
+    return _cv2.resize(arr, new, interpolation=_cv2.INTER_AREA)
+
+
+def _encode_image_fast(item: Item, data: bytes, opts: EncodeOptions):
+    """The resize/tensor encodings of a plain JPEG without Pillow's decode, resampler or encoder;
+    None when the Pillow path must do it (see ``_fast_jpeg_rgb``; tensor mode enlarging)."""
+    im = _open(item, data, opts.max_pixels)
+    arr = _fast_jpeg_rgb(im, data, opts.size)
+    if arr is None:
+        return None
+    orig = list(im.size)
+    short = min(arr.shape[:2])
+    if opts.mode == "resize":
+        if short > opts.size:
+            arr = _shorter_side_to(arr, opts.size)
+        jpg = _sj.encode_jpeg(np.ascontiguousarray(arr), quality=opts.quality, colorspace="RGB",
+                              colorsubsampling="420")
+        return "jpg", jpg, {"size": orig}
+    if short < opts.size:
+        return None  # tensor mode enlarges small images: Pillow's bicubic
+    arr = _shorter_side_to(arr, opts.size)
+    h, w = arr.shape[:2]
+    top, left = (h - opts.size) // 2, (w - opts.size) // 2
+    return "npy", _npy_bytes(arr[top:top + opts.size, left:left + opts.size]), {"size": orig}
+
+
 def _encode_image(item: Item, data: bytes, opts: EncodeOptions):
+    fast = _encode_image_fast(item, data, opts)
+    if fast is not None:
+        return fast
     im, orig = _decode_rgb(item, data, opts, opts.size)
     if opts.mode == "resize":
         im = _resize_short(im, opts.size, upscale=False)

@@ -296,3 +296,51 @@ def test_fuzz_fast_jpeg_decode_gives_an_image_or_a_decode_error(flips, cut, seed
     except ImageDecodeError:
         return
     assert tuple(_chw(out).shape) == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------ packing
+
+
+def _item(name="a/x.jpg"):
+    from shardkit.folder import Item
+
+    return Item(relpath=name, path="/nonexistent/" + name, key="k", label=0, class_name="a",
+                kind="image")
+
+
+@pytest.mark.parametrize("mode,size", [("resize", 64), ("resize", 500), ("tensor", 48),
+                                       ("tensor", 400)])
+@pytest.mark.parametrize("name", ["normal", "large", "gray", "progressive"])
+def test_fast_pack_encoding_matches_the_pillow_path(jpeg_set, monkeypatch, mode, size, name):
+    from shardkit import encode as enc
+
+    opts = enc.EncodeOptions(mode=mode, size=size, quality=90)
+    data = jpeg_set[name]
+    fast = enc._encode_image(_item(), data, opts)
+    monkeypatch.setattr(enc, "_sj", None)
+    slow = enc._encode_image(_item(), data, opts)
+    assert fast[0] == slow[0] and fast[2] == slow[2]
+    if mode == "resize":
+        a, b = (np.asarray(Image.open(io.BytesIO(x[1])).convert("RGB")) for x in (fast, slow))
+    else:
+        a, b = (np.load(io.BytesIO(x[1]), allow_pickle=False) for x in (fast, slow))
+    assert a.shape == b.shape
+    _close(a, b, mean_tol=6.0)
+
+
+def test_fast_pack_leaves_exif_rotation_and_bad_jpegs_to_pillow(jpeg_set):
+    from shardkit import encode as enc
+    from shardkit.errors import SourceError
+
+    opts = enc.EncodeOptions(mode="resize", size=64, quality=90)
+    im = Image.fromarray(photo(120, 80, seed=1))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    rotated = encode(im, exif=exif.tobytes())
+    assert enc._encode_image_fast(_item(), rotated, opts) is None
+    out = Image.open(io.BytesIO(enc._encode_image(_item(), rotated, opts)[1]))
+    assert out.size == (64, 96)  # portrait after the rotation
+    truncated = jpeg_set["normal"][:len(jpeg_set["normal"]) // 2]
+    assert enc._encode_image_fast(_item(), truncated, opts) is None
+    with pytest.raises((SourceError, OSError)):
+        enc._encode_image(_item(), truncated, opts)
