@@ -318,7 +318,18 @@ def bench_main(argv=None) -> int:
     p.add_argument("--pack", action="store_true", help="measure packing speed instead of loading")
     p.add_argument("--auto", action="store_true",
                    help="sweep num_workers and prefetch on SOURCE (a dataset) and name the bottleneck")
+    p.add_argument("--s3", action="store_true",
+                   help="local disk against a local S3 server (moto, own process): cold, no, warm cache")
     args = p.parse_args(argv)
+    if args.s3:
+        from .bench_s3 import format_s3_report, run_s3
+
+        report = run_s3(Path(args.source) if args.source else None, Path(args.out),
+                        classes=args.classes, per_class=args.per_class,
+                        batch_size=args.batch_size, workers=args.workers, repeats=args.repeats)
+        print(format_s3_report(report))
+        print(f"(JSON: {Path(args.out) / 'bench-s3.json'})")
+        return 0
     if args.auto:
         if not args.source:
             p.error("--auto needs SOURCE, a packed dataset")

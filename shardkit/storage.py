@@ -10,9 +10,11 @@ Local reads (:class:`LocalStore`) have a timeout as remote ones do: whatever may
 helper thread that the reader waits for at most ``timeout`` seconds.
 
 Remote reads go through fsspec (s3fs for ``s3://``, aiohttp for ``http(s)://``), created lazily in
-each process (so a store pickles into DataLoader workers). Every request is a range request of at
-most ``CHUNK`` bytes; transient faults (dropped connections, 5xx, timeouts) are retried with
-exponential backoff, resuming at the first byte not yet delivered. After ``retries`` tries the
+each process (so a store pickles into DataLoader workers). Every read is one streamed range GET
+(a span of samples, or a whole shard for the cache), handed on in ``PIECE``-byte pieces as they
+arrive; a server that ignores Range is an error. Transient faults (dropped connections, 5xx,
+timeouts) are retried with exponential backoff, resuming at the first byte not yet delivered
+(the try count restarts once bytes have come). After ``retries`` tries without progress the
 error names the URL. Credentials come from the standard AWS variables and files, or from
 ``storage_options``; they never appear in URLs, messages or the manifest.
 """
@@ -52,17 +54,25 @@ def redact(url: str) -> str:
     return re.sub(r"\?.*$", "", url)
 
 
+def _scheme(text: str) -> tuple[str | None, str]:
+    """``(protocol, rest)`` of a remote URL, ``(None, text)`` of a local path; other schemes are
+    refused."""
+    match = re.match(r"^([a-z][a-z0-9+.-]*)://(.*)$", text)
+    if not match:
+        return None, text
+    protocol, rest = match.group(1), match.group(2)
+    if protocol not in REMOTE_PROTOCOLS:
+        raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} "
+                         f"(use a local path, s3://, http:// or https://)")
+    return protocol, rest
+
+
 def split_source(source) -> tuple[str, str, str]:
     """``(protocol, base, manifest_name)`` for a dataset source."""
     text = os.fspath(source) if not isinstance(source, str) else source
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    match = re.match(r"^([a-z][a-z0-9+.-]*)://(.*)$", text)
-    if match:
-        protocol, rest = match.group(1), match.group(2)
-        if protocol not in REMOTE_PROTOCOLS:
-            raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} "
-                             f"(use a local path, s3://, http:// or https://)")
+    text = text.removeprefix("file://")
+    protocol, rest = _scheme(text)
+    if protocol is not None:
         if rest.endswith(".json"):
             base, _, name = rest.rpartition("/")
             return protocol, base, name
@@ -92,12 +102,8 @@ def split_file_url(url) -> tuple[str, str, str]:
     if not isinstance(text, str):
         raise TypeError(f"a shard URL must be a str or a path, got {type(text).__name__}")
     text = text.removeprefix("file://")
-    match = re.match(r"^([a-z][a-z0-9+.-]*)://(.*)$", text)
-    if match:
-        protocol, rest = match.group(1), match.group(2)
-        if protocol not in REMOTE_PROTOCOLS:
-            raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} "
-                             f"(use a local path, s3://, http:// or https://)")
+    protocol, rest = _scheme(text)
+    if protocol is not None:
         if "?" in rest or "#" in rest:
             raise ValueError(f"{redact(text)}: URLs with a query string or fragment are not "
                              "supported")
@@ -777,7 +783,7 @@ class _RangeStream:
     (it ignores Range) is a ``ShardError`` at once. Timeouts are those of the filesystem's client
     (``read_timeout`` / ``sock_read``), with ``store.timeout`` more as a backstop per piece."""
 
-    def __init__(self, store: "RemoteStore", name: str, start: int, stop: int):
+    def __init__(self, store: RemoteStore, name: str, start: int, stop: int):
         from fsspec.asyn import sync
 
         self._sync, self._fs = sync, store.fs
