@@ -147,6 +147,32 @@ class ShardCache:
             raise ValueError(f"limit must be None or a non-negative number of bytes, got {limit!r}")
         self.cache_dir = Path(cache_dir)
         self.limit = limit
+        # Downloads this process is running: another reader here follows one as it arrives
+        # instead of waiting on the file lock for the whole shard (the lock is per process).
+        self._live: dict[Path, _State] = {}
+        self._live_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # a DataLoader worker gets its own (empty) table
+        state = self.__dict__.copy()
+        state.pop("_live", None)
+        state.pop("_live_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._live, self._live_lock = {}, threading.Lock()
+
+    def _follow(self, path: Path, url: str, start: int, stop: int) -> BinaryIO | None:
+        """A reader of a download this process is running, or None."""
+        with self._live_lock:
+            st = self._live.get(path)
+            if st is None:
+                return None
+            with st.cond:
+                if st.users == 0 or st.error is not None:
+                    return None
+                st.users += 1  # under cond: the fds stay open for us
+        return io.BufferedReader(_Reader(url, st, start, stop), buffer_size=_BUFFER)  # type: ignore
 
     def path_for(self, url: str) -> Path:
         """Where the complete shard for ``url`` lives: a hash, so no collisions and no URL text."""
@@ -178,6 +204,9 @@ class ShardCache:
         opened = self._open_cached(url, size, sha256, start, stop)
         if opened is not None:
             return opened
+        opened = self._follow(path, url, start, stop)
+        if opened is not None:
+            return opened
         lock = _lock(path.with_name(path.name + ".lock"))
         try:
             opened = self._open_cached(url, size, sha256, start, stop)  # finished while we waited?
@@ -187,10 +216,14 @@ class ShardCache:
             for temp in self.cache_dir.glob(f".{path.name}.tmp-*"):  # only we write these now
                 temp.unlink(missing_ok=True)
             reader = _Reader(url, state := _State([]), start, stop)
+            with self._live_lock:
+                self._live[path] = state
             digest = None if sha256 is None else sha256.lower()
             threading.Thread(target=self._download, args=(url, size, digest, fetch, lock,
                              state), name=f"shardkit-cache-{path.stem[:8]}", daemon=True).start()
         except BaseException:
+            with self._live_lock:
+                self._live.pop(path, None)
             _unlock(lock)
             raise
         return io.BufferedReader(reader, buffer_size=_BUFFER)  # type: ignore[return-value]
@@ -242,9 +275,12 @@ class ShardCache:
             error = exc
         finally:
             _unlock(lock)  # first, so a reader that sees the outcome sees the lock free
-            with st.cond:
-                st.error, st.done = error, error is None
-                st.cond.notify_all()
+            with self._live_lock:
+                if self._live.get(path) is st:
+                    del self._live[path]
+                with st.cond:
+                    st.error, st.done = error, error is None
+                    st.cond.notify_all()
             st.drop()
 
     @staticmethod

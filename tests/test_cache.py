@@ -381,3 +381,44 @@ def test_lru_eviction(tmp_path):
     assert cache.path_for("s3://bucket/big.tar").exists() and present() == set()
     add("E")
     assert not cache.path_for("s3://bucket/big.tar").exists() and present() == {"E"}
+
+
+def test_a_second_reader_in_the_process_follows_the_download(tmp_path):
+    data, gate = make_data(), threading.Event()
+    fetch = FakeFetch(data, gate=gate)
+    cache = ShardCache(tmp_path)
+    first = cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, stop=CHUNK)
+    try:
+        assert within(10, first.read, CHUNK) == data[:CHUNK]
+        # a later span of the same shard while the download is held back: served from what has
+        # arrived, without waiting for the lock (which the download holds until it is complete)
+        second = within(10, lambda: cache.open(URL, size=len(data), sha256=sha(data),
+                                               fetch=fetch, start=100, stop=CHUNK))
+        # (exactly the span: end of file is only reported once the shard is verified)
+        assert within(10, second.read, CHUNK - 100) == data[100:CHUNK]
+        assert not fetch.finished.is_set() and fetch.calls == 1
+        third = cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, start=CHUNK)
+    finally:
+        gate.set()
+    assert within(10, third.read) == data[CHUNK:] and fetch.calls == 1
+    for f in (first, second, third):
+        f.close()
+    wait_for_downloads()
+    assert cache.cached(URL, len(data), sha(data)) is not None and leftovers(cache) == []
+    assert lock_is_free(cache, URL) and cache._live == {}
+
+
+def test_a_follower_gets_the_download_error(tmp_path):
+    data, gate = make_data(), threading.Event()
+    fetch = FakeFetch(data, corrupt=1, corrupt_at=len(data) - 1, gate=gate)
+    fetch_bad = FakeFetch(data, corrupt=1, corrupt_at=len(data) - 1)
+    cache = ShardCache(tmp_path)
+    first = cache.open(URL, size=len(data), sha256="0" * 64, fetch=fetch)
+    second = cache.open(URL, size=len(data), sha256="0" * 64, fetch=fetch_bad, start=10)
+    gate.set()
+    for f in (first, second):
+        with pytest.raises(CacheIntegrityError):
+            within(10, f.read)
+        f.close()
+    wait_for_downloads()
+    assert leftovers(cache) == [] and lock_is_free(cache, URL) and fetch_bad.calls == 0
