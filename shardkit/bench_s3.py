@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import shutil
 import socket
 import statistics
@@ -34,6 +33,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from .bench import _cpu_seconds, _rss_mb, read_limit
 
 BUCKET = "shardkit-bench"
 PREFIX = "raw"
@@ -152,11 +153,6 @@ def upload_dataset(server: MotoServer, local: Path, bucket: str = BUCKET,
 # --------------------------------------------------------------------------- timing
 
 
-def _own_cpu_seconds() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
 def _loader(source, batch_size: int, workers: int, **kwargs):
     import shardkit
 
@@ -168,7 +164,7 @@ def _loader(source, batch_size: int, workers: int, **kwargs):
 def time_epoch(make, expected: int, server: MotoServer) -> dict:
     """One full epoch of ``make()``'s loader: samples/s, first batch, CPU of us and of moto."""
     gc.collect()
-    cpu0, moto0, req0 = _own_cpu_seconds(), server.cpu_seconds(), server.get_requests()
+    cpu0, moto0, req0 = _cpu_seconds(), server.cpu_seconds(), server.get_requests()
     start = time.perf_counter()
     loader = make()
     first, n, batch = None, 0, None
@@ -182,7 +178,7 @@ def time_epoch(make, expected: int, server: MotoServer) -> dict:
     if n != expected:
         raise RuntimeError(f"loader yielded {n} samples in an epoch, the manifest has {expected}")
     return {"samples_per_s": n / seconds, "first_batch_s": first, "seconds": seconds,
-            "cpu_cores": (_own_cpu_seconds() - cpu0) / seconds,
+            "cpu_cores": (_cpu_seconds() - cpu0) / seconds,
             "moto_cores": (server.cpu_seconds() - moto0) / seconds,
             "get_requests": server.get_requests() - req0, "samples": n}
 
@@ -204,15 +200,6 @@ def s3_read_limit(source: str, storage_options: dict, server: MotoServer) -> dic
         raise RuntimeError(f"read {total} bytes, the manifest says {m.num_bytes}")
     return {"mb_per_s": total / 1e6 / seconds, "moto_cores": (server.cpu_seconds() - moto0) / seconds,
             "get_requests": server.get_requests() - req0}
-
-
-def local_read_limit(files) -> float:
-    total, start = 0, time.perf_counter()
-    for p in files:
-        with open(p, "rb", buffering=0) as f:
-            while chunk := f.read(8 << 20):
-                total += len(chunk)
-    return total / 1e6 / (time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- the run
@@ -263,7 +250,7 @@ def run_s3(folder: Path | None = None, out: Path = Path("bench-out"), *, classes
                 runs[name].append(time_epoch(make, n, server))
             shutil.rmtree(caches / f"cold-{i}", ignore_errors=True)
             limit_runs["s3"].append(s3_read_limit(source, opts, server))
-            limit_runs["local"].append({"mb_per_s": local_read_limit(shard_files)})
+            limit_runs["local"].append({"mb_per_s": read_limit(shard_files, cold=False)})
         moto_rss_mb = _rss_mb(server.pid)
     shutil.rmtree(caches, ignore_errors=True)
     results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
@@ -286,16 +273,6 @@ def run_s3(folder: Path | None = None, out: Path = Path("bench-out"), *, classes
     }
     (out / "bench-s3.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def format_s3_report(report: dict) -> str:
