@@ -390,17 +390,22 @@ def epoch_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, rank: int, 
     per_rank = _per_rank(total, world_size, remainder, batch_size, drop_last)
 
     _, pieces, batch_sizes = _deal(total, per_rank, rank, worker, num_workers, batch_size)
+    return _worker_plan(sizes, pieces, batch_sizes, shuffle, block_size, shuffle_buffer,
+                        seed, epoch, _worker_key(seed, epoch, 0, rank, world_size, worker,
+                                                 num_workers))
 
-    if not pieces:
+
+def _worker_plan(sizes: np.ndarray, ranges, batch_sizes, shuffle: bool, block_size: int,
+                 shuffle_buffer: int, seed: int, epoch: int, key: list[int]) -> WorkerPlan:
+    """The plan of a worker that reads positions ``ranges`` of the epoch's global stream."""
+    if not ranges:
         spans: tuple[Span, ...] = ()
     elif shuffle:
-        spans = _shuffled_spans(sizes, block_size, (seed, epoch), pieces)
+        spans = _shuffled_spans(sizes, block_size, (seed, epoch), ranges)
     else:
-        spans = _natural_spans(sizes, pieces)
+        spans = _natural_spans(sizes, ranges)
     num_samples = sum(len(s) for s in spans)
-
-    order = _worker_order(num_samples, shuffle, shuffle_buffer,
-                          [seed, epoch, _WORKER_STREAM, rank, world_size, worker, num_workers])
+    order = _worker_order(num_samples, shuffle, shuffle_buffer, key)
     order.flags.writeable = False  # the plan is a value: frozen dataclass, read-only order
     return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
 
@@ -612,14 +617,6 @@ def rest_plan(shard_sizes: Sequence[int], stream, *, seed: int, epoch: int, rank
     _, pieces, batch_sizes = _deal(length, per_rank, rank, worker, num_workers, batch_size)
     ranges = [tuple(x) for a, b in pieces
               for x in _compose(base, np.array([[a, b]], dtype=np.int64)).tolist()]
-    if not ranges:
-        spans: tuple[Span, ...] = ()
-    elif shuffle:
-        spans = _shuffled_spans(sizes, block_size, (seed, epoch), ranges)
-    else:
-        spans = _natural_spans(sizes, ranges)
-    num_samples = sum(len(s) for s in spans)
-    order = _worker_order(num_samples, shuffle, shuffle_buffer,
-                          _worker_key(seed, epoch, level, rank, world_size, worker, num_workers))
-    order.flags.writeable = False
-    return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
+    return _worker_plan(sizes, ranges, batch_sizes, shuffle, block_size, shuffle_buffer, seed,
+                        epoch, _worker_key(seed, epoch, level, rank, world_size, worker,
+                                           num_workers))
