@@ -145,6 +145,7 @@ class StreamingDataset(IterableDataset):
         self._progress: dict | None = None  # set by shardkit's loader: items consumed by the user
         self._memory: dict[int, torch.Tensor] | None = None
         self._offsets_cache: dict[int, np.ndarray] = {}  # filled by preload (in_memory=True)
+        self._recent_offsets: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self.skipped = 0
 
     @property
@@ -159,7 +160,7 @@ class StreamingDataset(IterableDataset):
         # Pickled for a spawned DataLoader worker: torch.distributed is not initialized there, so
         # the rank and world size are fixed now, in the process that knows them.
         state = self.__dict__.copy()
-        state.pop("_recent_offsets", None)
+        state["_recent_offsets"] = {}  # each process keeps its own
         if state["_world_arg"] is None:
             state["_rank_arg"], state["_world_arg"] = self.rank_world()
         return state
@@ -394,7 +395,7 @@ class StreamingDataset(IterableDataset):
             return self._offsets_cache[shard_no]
         # A worker's plan visits a shard in several 64-sample spans: keep the last few indexes
         # (8 bytes per sample) instead of fetching the .idx again for each span.
-        recent = self.__dict__.setdefault("_recent_offsets", {})
+        recent = self._recent_offsets
         if shard_no in recent:
             recent[shard_no] = recent.pop(shard_no)  # most recent last
             return recent[shard_no]
@@ -875,14 +876,13 @@ def _initialized_dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _read_exact(stream, n: int) -> bytes | bytearray | None:
-    """Exactly ``n`` bytes from ``stream``, or None when it ends first."""
-    first = stream.read(n)  # usually all of it, into a buffer that is not zeroed first
-    if first is None or len(first) == n or not first:
-        return first if first is not None and len(first) == n else None
+def _read_exact(stream, n: int) -> bytearray | None:
+    """Exactly ``n`` bytes from ``stream``, or None when it ends first.
+
+    ``readinto`` a buffer of our own: ``RawIOBase.read`` would read into a temporary buffer and
+    copy it into a new ``bytes`` (an extra copy of every image, ~15 % slower measured)."""
     buf = bytearray(n)
-    buf[:len(first)] = first
-    view, got = memoryview(buf), len(first)
+    view, got = memoryview(buf), 0
     while got < n:
         r = stream.readinto(view[got:])
         if not r:
@@ -894,7 +894,7 @@ def _read_exact(stream, n: int) -> bytes | bytearray | None:
 _USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
 
 
-def _parse_sample(buf: bytes | bytearray, url: str, views: bool) -> dict | None:
+def _parse_sample(buf: bytearray, url: str, views: bool) -> dict | None:
     """The members of one sample's bytes when they are plain USTAR members named
     ``<key>.<field>`` with one key, filling ``buf`` exactly; else None (the strict path decides).
     With ``views``, image and array fields are memoryviews of ``buf`` (no copy)."""
