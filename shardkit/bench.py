@@ -46,26 +46,26 @@ def _cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def _rss_mb(pid: int | str = "self") -> float:
+def _proc_mb(pid: int | str, file: str, field: str) -> float:
+    """A "<field>: <n> kB" line of /proc/<pid>/<file>, in MB (0 when unreadable)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def _rss_mb(pid: int | str = "self") -> float:
+    """Peak resident set size."""
+    return _proc_mb(pid, "status", "VmHWM:")
 
 
 def _pss_mb(pid: int | str = "self") -> float:
     """Proportional set size: shared pages split between the processes that map them, so the
     sum over a main process and its forked workers is the memory they really take."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_mb(pid, "smaps_rollup", "Pss:")
 
 
 def _reset_peak() -> None:

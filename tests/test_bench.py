@@ -42,3 +42,38 @@ def test_bench_cli_s3(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "s3_nocache/local" in printed and "bench-s3.json" in printed
+
+
+@pytest.mark.slow
+def test_loader_bench_tiny_counts_every_sample_and_writes_its_report(tmp_path):
+    from PIL import Image
+
+    from shardkit import bench
+
+    report = bench.run(None, tmp_path, classes=2, per_class=8, batch_size=4, repeats=1,
+                       cold=False)
+    assert report["samples"] == 16
+    # every configuration yielded exactly the 16 samples (_time_loader raises otherwise)
+    assert {r["samples"] for r in report["results"].values()} == {16}
+    assert all(r["samples_per_s"] > 0 and r["total_pss_mb"] > 0
+               for r in report["results"].values())
+    assert set(report["ratios"]) >= {"raw train / naive (warm)", "raw train / plain webdataset",
+                                     "tensor224 eval / copy limit"}
+    # 16 shards or more, so plain webdataset gets a shard per worker
+    assert len(list((tmp_path / "raw").glob("*.tar"))) >= 2
+    assert Image.open(tmp_path / "bench.png").size[0] > 0
+    text = bench.format_report(report)
+    assert "shardkit raw, train" in text and "naive ImageFolder (warm)" in text
+
+
+@pytest.mark.slow
+def test_pack_bench_and_auto_tiny(tmp_path):
+    from shardkit import bench
+
+    report = bench.run_pack(None, tmp_path, classes=2, per_class=6, workers=2, repeats=1)
+    assert report["files"] == 12 and all(v > 0 for v in report["seconds"].values())
+    dataset = tmp_path / "pack-raw"
+    result = bench.auto(dataset, batch_size=4, max_workers=2, prefetches=(2,))
+    assert set(result["sweep"]) == {"1x2", "2x2"}
+    assert result["best"]["num_workers"] in (1, 2)
+    assert result["bottleneck"] in ("read", "decode") or result["bottleneck"].startswith("transform")
