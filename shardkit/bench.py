@@ -86,18 +86,34 @@ def _children() -> list[int]:
     return pids
 
 
+def proc_cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc/PID/stat``."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
-                 cold_files=None, memory: bool = False) -> dict:
-    """One epoch. With ``memory``, the peak memory is sampled at every batch instead (reading
-    /proc/PID/smaps_rollup costs milliseconds, so timed runs do not do it)."""
+                 cold_files=None, memory: bool = False, epochs: int = 2) -> dict:
+    """A warm-up epoch, then ``epochs`` timed epochs over the same (persistent) workers.
+
+    The warm-up epoch starts the workers and gives the time to the first batch; the timed epochs
+    give the steady-state rate a weeks-long training run sees (on a small dataset, starting the
+    workers would otherwise weigh as much as the work). ``cold_files`` are evicted from the page
+    cache before every timed epoch. CPU is the main process's and its workers' during the timed
+    epochs. With ``memory``, the peak memory is sampled at every batch instead (reading
+    /proc/PID/smaps_rollup costs milliseconds, so timed runs do not do it).
+    """
+    _reset_peak()
     if cold_files:
         evict(cold_files)
-    _reset_peak()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
+    start = time.perf_counter()
     loader = make()
     first, n, worker_rss, total_pss = None, 0, 0.0, 0.0
-    it = iter(loader)
-    for batch in it:
+    for batch in loader:  # warm-up epoch
         if first is None:
             first = time.perf_counter() - start
         n += len(batch[0])
@@ -106,15 +122,28 @@ def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
             for pid in pids:
                 worker_rss = max(worker_rss, _rss_mb(pid))
             total_pss = max(total_pss, _pss_mb() + sum(_pss_mb(p) for p in pids))
-    seconds = time.perf_counter() - start
-    del it, loader  # joins the workers, so their CPU time lands in RUSAGE_CHILDREN
+    if n != expected:
+        raise RuntimeError(f"loader yielded {n} samples, expected {expected}")
+    seconds, cpu, n = 0.0, 0.0, 0
+    for _ in range(0 if memory else epochs):
+        if cold_files:
+            evict(cold_files)
+        pids = ["self"] + _children()
+        cpu0, t0 = sum(proc_cpu_seconds(p) for p in pids), time.perf_counter()
+        for batch in loader:
+            n += len(batch[0])
+        seconds += time.perf_counter() - t0
+        cpu += sum(proc_cpu_seconds(p) for p in pids) - cpu0
+    del loader, batch  # joins the workers
     import gc
 
     gc.collect()
-    if n != expected:
-        raise RuntimeError(f"loader yielded {n} samples, expected {expected}")
-    return {"samples_per_s": n / seconds, "mb_per_s": stored_bytes / 1e6 / seconds,
-            "first_batch_s": first, "cpu_cores": (_cpu_seconds() - cpu0) / seconds,
+    if n != expected * (0 if memory else epochs):
+        raise RuntimeError(f"loader yielded {n} samples in {epochs} epochs, expected "
+                           f"{expected} each")
+    seconds = seconds or float("nan")
+    return {"samples_per_s": n / seconds, "mb_per_s": stored_bytes * epochs / 1e6 / seconds,
+            "first_batch_s": first, "cpu_cores": cpu / seconds,
             "main_rss_mb": _rss_mb(), "worker_rss_mb": worker_rss, "total_pss_mb": total_pss,
             "samples": n}
 
@@ -146,7 +175,7 @@ def naive_imagefolder(images: Path, batch_size: int, workers: int, recipe: str =
     tf = v2.Compose([v2.PILToTensor(), _tv_train() if recipe == TRAIN else _tv_eval()])
     ds = datasets.ImageFolder(str(images), transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
-                                       num_workers=workers)
+                                       num_workers=workers, persistent_workers=workers > 0)
 
 
 class _TensorFiles(torch.utils.data.Dataset):
@@ -167,7 +196,7 @@ def tensor_files(folder: Path, batch_size: int, workers: int):
     labels = [int(p.parent.name) for p in files]
     return torch.utils.data.DataLoader(_TensorFiles([str(p) for p in files], labels),
                                        batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       collate_fn=_collate_stack)
+                                       collate_fn=_collate_stack, persistent_workers=workers > 0)
 
 
 class _InMemory(torch.utils.data.Dataset):
@@ -186,7 +215,7 @@ class _InMemory(torch.utils.data.Dataset):
 def in_memory(data: torch.Tensor, labels: torch.Tensor, batch_size: int, workers: int):
     return torch.utils.data.DataLoader(_InMemory(data, labels), batch_size=batch_size,
                                        shuffle=True, num_workers=workers,
-                                       collate_fn=_collate_stack)
+                                       collate_fn=_collate_stack, persistent_workers=workers > 0)
 
 
 def plain_webdataset(shards: Path, batch_size: int, workers: int):
@@ -200,7 +229,8 @@ def plain_webdataset(shards: Path, batch_size: int, workers: int):
                          workersplitter=wds.split_by_worker, empty_check=False)
           .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(tf, int)
           .batched(batch_size, partial=True))
-    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers,
+                         persistent_workers=workers > 0)
 
 
 def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = TRAIN,
@@ -210,7 +240,7 @@ def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = T
     crop = {TRAIN: shardkit.RandomResizedCrop(224), EVAL: shardkit.CenterCrop(224, resize=256),
             PRECROPPED: None}[recipe]
     ds = shardkit.StreamingDataset(shards, batch_size=batch_size, crop=crop)
-    return shardkit.make_loader(ds, num_workers=workers, persistent_workers=False,
+    return shardkit.make_loader(ds, num_workers=workers, persistent_workers=workers > 0,
                                 prefetch_factor=prefetch)
 
 

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .bench import _cpu_seconds, _rss_mb, read_limit
+from .bench import _cpu_seconds, _rss_mb, proc_cpu_seconds, read_limit
 
 BUCKET = "shardkit-bench"
 PREFIX = "raw"
@@ -50,16 +50,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc/PID/stat``."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class MotoServer:

@@ -21,7 +21,19 @@ class ShardkitLoader(DataLoader):
 
     That count is what makes ``dataset.state_dict()`` exact with worker processes: the loader hands
     out worker results round-robin, so the items consumed per worker follow from the total.
+    The same round-robin lets workers write batches into buffers the main process is done with
+    (``recycle_batches``; see ``shardkit/recycle.py``).
     """
+
+    recycle_batches: bool | None = None
+
+    def _recycles(self) -> bool:
+        if self.num_workers == 0 or not getattr(self, "in_order", True):
+            return False
+        if self.recycle_batches is not None:
+            return bool(self.recycle_batches)
+        # Pinned: the pin-memory thread copies each batch, the user never holds the shared one.
+        return bool(self.pin_memory) and torch.cuda.is_available()
 
     def __iter__(self) -> Iterator:
         ds = self.dataset
@@ -36,7 +48,12 @@ class ShardkitLoader(DataLoader):
             yield from super().__iter__()
             return
         resume = ds._resume if ds._resume is not None and ds._resume["epoch"] == ds._epoch else None
-        it = super().__iter__()  # starts (or reuses) the workers, which copy ds._resume
+        ds._recycle = ({"prefetch": self.prefetch_factor, "consumer": os.getpid()}
+                       if self._recycles() else None)
+        try:
+            it = super().__iter__()  # starts (or reuses) the workers, which copy ds._resume
+        finally:
+            ds._recycle = None  # for this loader's workers only
         ds._resume = None
         progress = {"num_workers": self.num_workers, "items": 0, "epoch": ds._epoch,
                     "shift": resume.get("shift", 0) if resume else 0,
@@ -49,12 +66,17 @@ class ShardkitLoader(DataLoader):
 
 def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | None = None,
                 persistent_workers: bool | None = None, prefetch_factor: int | None = None,
-                **kwargs) -> DataLoader:
+                recycle_batches: bool | None = None, **kwargs) -> DataLoader:
     """A DataLoader for a ``StreamingDataset`` that batches inside its workers.
 
     Defaults: ``num_workers`` = the CPUs this process may use, ``pin_memory`` when CUDA is present,
     persistent workers, ``prefetch_factor=2``. Every one can be overridden; ``kwargs`` go to
     ``DataLoader``. With ``in_memory=True`` the shards are loaded into shared memory first, once.
+
+    ``recycle_batches``: workers write a batch into the shared memory of an earlier one once the
+    main process maps it no more (a fresh buffer's page faults cost more than the copy). The
+    default is on when memory is pinned (the pin thread copies every batch) and off otherwise;
+    ``True`` is safe as long as CPU batches are not sent on to other processes.
     """
     if num_workers is None:
         num_workers = _available_cpus()
@@ -72,7 +94,9 @@ def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | N
     if num_workers > 0:
         kwargs["prefetch_factor"] = 2 if prefetch_factor is None else prefetch_factor
         kwargs["persistent_workers"] = persistent_workers
-    return ShardkitLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    loader = ShardkitLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    loader.recycle_batches = recycle_batches
+    return loader
 
 
 class GpuPrefetcher:

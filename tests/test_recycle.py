@@ -1,0 +1,137 @@
+"""Batch memory recycling (shardkit/recycle.py): a worker writes a batch into an earlier batch's
+shared memory only once the main process is done with it. Data is generated in a module fixture;
+every test compares the batches with those of a loader that never recycles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardkit import RandomResizedCrop, StreamingDataset, make_loader
+from shardkit.recycle import BatchRing
+
+from _helpers_read import image_folder, pack
+
+NUM, BATCH = 96, 4
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    src = image_folder(tmp_path_factory.mktemp("src"), classes=4, per_class=NUM // 4)
+    dest = tmp_path_factory.mktemp("ds")
+    pack(src, dest, mode="raw", max_samples=16)
+    return dest
+
+
+def _loader(source, recycle):
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    return make_loader(ds, num_workers=2, recycle_batches=recycle, prefetch_factor=2)
+
+
+def _shm_file(images: torch.Tensor) -> str:
+    """The shared-memory file a batch received from a worker lives in."""
+    fd, _ = images.untyped_storage()._share_fd_cpu_()
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.fixture(scope="module")
+def reference(source):
+    """Two epochs of batches from a loader that allocates every batch afresh."""
+    loader = _loader(source, False)
+    return [[(images.clone(), labels.clone()) for images, labels in loader] for _ in range(2)]
+
+
+def _same(got, want):
+    assert len(got) == len(want) == NUM // BATCH
+    for (images, labels), (ref_images, ref_labels) in zip(got, want):
+        assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+
+
+def test_released_batches_are_recycled_and_stay_right(source, reference):
+    loader = _loader(source, True)
+    files = []
+    for epoch in range(2):
+        got = []
+        for images, labels in loader:
+            files.append(_shm_file(images))
+            got.append((images.clone(), labels.clone()))
+            del images, labels  # released: its memory may come back
+        _same(got, reference[epoch])
+    # 2 workers × (prefetch 2 + 2) buffers at most; without recycling every batch has its own
+    assert len(set(files)) <= 2 * 4 < len(files) == 2 * NUM // BATCH
+
+
+def test_batches_the_user_holds_are_never_overwritten(source, reference):
+    loader = _loader(source, True)
+    held = list(loader)  # every batch still referenced when the next ones are made
+    _same(held, reference[0])
+    assert len({_shm_file(images) for images, _ in held}) == len(held)
+
+
+def test_a_mix_of_held_and_released_batches(source, reference):
+    loader = _loader(source, True)
+    kept, copies = [], []
+    for k, (images, labels) in enumerate(loader):
+        copies.append((images.clone(), labels.clone()))
+        if k % 3 == 0:
+            kept.append((k, images))  # a view is enough to keep the memory in use
+        del images, labels
+    _same(copies, reference[0])
+    for k, images in kept:
+        assert torch.equal(images, reference[0][k][0]), f"held batch {k} was overwritten"
+
+
+def test_when_batches_are_recycled_by_default(source, monkeypatch):
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16))
+    assert make_loader(ds, num_workers=2)._recycles() is False  # CPU: the user holds the batches
+    assert make_loader(ds, num_workers=2, recycle_batches=True)._recycles() is True
+    assert make_loader(ds, num_workers=0, recycle_batches=True)._recycles() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pinned = make_loader(ds, num_workers=2)
+    assert pinned.pin_memory and pinned._recycles() is True  # the pin thread copies each batch
+    assert make_loader(ds, num_workers=2, recycle_batches=False)._recycles() is False
+
+
+def test_the_workers_setting_does_not_outlive_their_loader(source):
+    loader = _loader(source, True)
+    it = iter(loader)
+    next(it)
+    assert loader.dataset._recycle is None  # a plain DataLoader over it later recycles nothing
+    plain = torch.utils.data.DataLoader(loader.dataset, batch_size=None, num_workers=2)
+    assert sum(len(labels) for _, labels in plain) == NUM
+
+
+def test_ring_reuses_only_old_released_buffers_of_the_same_size():
+    ring = BatchRing(prefetch=1, consumer=os.getppid())  # nothing there maps our buffers
+    ring.begin(limit=6)
+    p0 = ring.take(1000).data_ptr()  # batch 0, released at once
+    b1 = ring.take(1000)  # batch 1, held
+    b2 = ring.take(1000)  # batch 2: batch 0's buffer is old enough (<= 2 - prefetch - 1), free
+    assert b2.data_ptr() == p0 and ring.reused == 1
+    b3 = ring.take(1000)  # batch 3: batch 1's buffer is old enough but still held: fresh
+    assert b3.data_ptr() not in (p0, b1.data_ptr()) and ring.fresh == 3
+    b4 = ring.take(2000)  # another size: fresh
+    assert ring.fresh == 4 and len(ring.slots) <= 1 + 2  # at most prefetch + 2 kept
+    b5 = ring.take(1000)  # batch 5: the old enough ones (2, 3) are held: fresh
+    assert b5.data_ptr() not in (b2.data_ptr(), b3.data_ptr()) and ring.fresh == 5
+    del b1, b2, b3, b4, b5
+    ring.take(1000)  # batch 6 >= limit (a worker may have run out): never reused
+    assert ring.fresh == 6 and ring.reused == 1
+    ring.begin(limit=6)  # a new iteration: the last one's batches were all delivered
+    ring.take(1000)
+    assert ring.reused == 2
+
+
+def test_ring_never_reuses_what_its_consumer_maps(monkeypatch):
+    # This process plays the main process: it maps every buffer the ring made, so even a buffer
+    # nothing else refers to is not reused.
+    monkeypatch.setattr(os, "getppid", os.getpid)
+    ring = BatchRing(prefetch=0, consumer=os.getpid())
+    ring.begin(limit=10)
+    ring.take(4096)
+    ring.take(4096)
+    ring.take(4096)
+    assert ring.reused == 0 and ring.fresh == 3
