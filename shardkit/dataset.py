@@ -283,7 +283,9 @@ class StreamingDataset(IterableDataset):
         self._role, self._emitted = role, consumed
         plan = self._plan(role, num_workers)
         self.skipped = 0
-        samples = self._emit(plan, consumed)
+        # uint8 batches with a crop: each image is decoded straight into its slot of the batch
+        sink = _Sink() if self._views and self.crop is not None else None
+        samples = self._emit(plan, consumed, sink)
         ring = None
         if (self._recycle and info is not None and self.batch_size is not None and not consumed
                 and self._rest_in_force() is None):
@@ -304,30 +306,39 @@ class StreamingDataset(IterableDataset):
                     done += size
                     continue
                 take = size - max(0, consumed - done)
+                if sink is not None:
+                    h, w = self.crop.size
+                    sink.start(_batch_buffer((take, h, w, 3), ring))
                 items = [next(samples) for _ in range(take)]
                 done += size
                 self._emitted += take
-                yield self._collate(items, ring)
+                yield self._collate(items, ring, sink)
         if self.skipped:
             log.warning("shardkit: %d bad samples skipped (replaced) in epoch %d by worker %d",
                         self.skipped, self._epoch, worker)
 
-    def _emit(self, plan: planlib.WorkerPlan, consumed: int) -> Iterator:
+    def _emit(self, plan: planlib.WorkerPlan, consumed: int, sink: _Sink | None = None) -> Iterator:
+        """Processed samples in the plan's order; a bad one is replaced by the last good one.
+
+        With a ``sink``, each image is decoded into the sink's next slot; the last good sample is
+        then kept raw and decoded again into the slot of the bad one it replaces."""
         order = plan.order
         start = planlib.resume_position(order, consumed)
         already = set(order[:consumed].tolist()) if consumed else set()
         reader = self._read(plan.spans, start)
         held: dict[int, Any] = {}
-        last_good = None
+        last_good = None  # processed; raw with a sink
         for idx in order[consumed:].tolist():
             while idx not in held:
                 pos, sample = next(reader)
                 if pos not in already:
                     held[pos] = sample
-            sample = held.pop(idx)
+            raw = held.pop(idx)
+            out = None if sink is None else sink.slot()
+            sample = raw
             if not isinstance(sample, _BadSample):
                 try:
-                    sample = self._process(sample)
+                    sample = self._process(sample, out)
                 except DecodeError as exc:
                     sample = _BadSample(exc)
             if isinstance(sample, _BadSample):
@@ -335,36 +346,42 @@ class StreamingDataset(IterableDataset):
                     raise sample.error
                 self.skipped += 1
                 if last_good is None:
-                    last_good = self._first_good(plan, reader, held)
-                sample = last_good
-            last_good = sample
+                    last_good = self._first_good(plan, reader, held, raw=sink is not None)
+                if sink is None:
+                    sample = last_good
+                else:
+                    sample, raw = self._process(last_good, out), last_good
+            last_good = sample if sink is None else raw
             yield sample
 
-    def _first_good(self, plan, reader, held):
-        """A replacement for a bad first sample: the next good one of this worker's stream."""
+    def _first_good(self, plan, reader, held, raw: bool = False):
+        """A replacement for a bad first sample: the next good one of this worker's stream
+        (processed, or with ``raw`` as read, once it is known to process)."""
+        def good(cand):
+            if isinstance(cand, _BadSample):
+                return None
+            try:
+                processed = self._process(cand)
+            except DecodeError:
+                return None
+            return cand if raw else processed
+
         for pos in sorted(held):
-            cand = held[pos]
-            if not isinstance(cand, _BadSample):
-                try:
-                    return self._process(cand)
-                except DecodeError:
-                    continue
+            found = good(held[pos])
+            if found is not None:
+                return found
         for pos, cand in reader:
             held[pos] = cand
-            if not isinstance(cand, _BadSample):
-                try:
-                    return self._process(cand)
-                except DecodeError:
-                    continue
+            found = good(cand)
+            if found is not None:
+                return found
         # Every sample of this worker's share is bad: borrow the dataset's first good sample, so
         # that this rank still yields as many samples as the others.
         spans = tuple(planlib.Span(i, 0, int(n)) for i, n in enumerate(self._sizes()) if n)
         for _, cand in self._read(spans, 0):
-            if not isinstance(cand, _BadSample):
-                try:
-                    return self._process(cand)
-                except DecodeError:
-                    continue
+            found = good(cand)
+            if found is not None:
+                return found
         raise ShardError(self.manifest.base_url or "the listed shards",
                          "every sample of the dataset is bad")
 
@@ -557,7 +574,7 @@ class StreamingDataset(IterableDataset):
                                 start=lo, stop=hi)
 
     # ----------------------------------------------------------------- decoding
-    def _process(self, sample: dict):
+    def _process(self, sample: dict, out: np.ndarray | None = None):
         key, url = sample["__key__"], sample["__url__"]
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         try:
@@ -577,12 +594,12 @@ class StreamingDataset(IterableDataset):
             if field is not None:
                 if fast and self.crop is not None:
                     image = decode_image_hwc(sample[field], crop=self.crop, rng=rng,
-                                             max_pixels=self.max_pixels)
+                                             max_pixels=self.max_pixels, out=out)
                 else:
                     image = decode_image(bytes(sample[field]), mode=self.decode, crop=self.crop,
                                          rng=rng, max_pixels=self.max_pixels)
             elif "npy" in sample and fast:
-                image = decode_array_hwc(sample["npy"], crop=self.crop, rng=rng)
+                image = decode_array_hwc(sample["npy"], crop=self.crop, rng=rng, out=out)
             elif "npy" in sample:
                 image = decode_array(sample["npy"], crop=self.crop, rng=rng)
                 if self.decode == "pil":
@@ -601,17 +618,21 @@ class StreamingDataset(IterableDataset):
             return image, label, key
         return image, label
 
-    def _collate(self, items: list, ring=None):
+    def _collate(self, items: list, ring=None, sink: _Sink | None = None):
         images = [it[0] for it in items]
         labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-        if isinstance(images[0], (torch.Tensor, np.ndarray)):
+        batch = None if sink is None else sink.fill(images)
+        if batch is not None:
+            images = batch
+        elif isinstance(images[0], (torch.Tensor, np.ndarray)):
             # H×W×C arrays (fast path) or C×H×W tensors (Pillow path, user transforms)
             shapes = {tuple(im.shape) if isinstance(im, torch.Tensor)
                       else (im.shape[2], im.shape[0], im.shape[1]) for im in images}
             if len(shapes) != 1:
                 raise ValueError(f"batch_size needs images of one size, got {sorted(shapes)[:3]}; "
                                  "pass crop=shardkit.RandomResizedCrop(...) or CenterCrop(...)")
-            images = _batch(images, next(iter(shapes)), ring)
+            # (with a sink, its buffer was this batch's turn of the ring: not taken twice)
+            images = _batch(images, next(iter(shapes)), None if sink is not None else ring)
         if self.with_keys:
             return images, labels, [it[2] for it in items]
         return images, labels
@@ -852,6 +873,50 @@ class StreamingDataset(IterableDataset):
         return list(plan.batch_sizes) if self.batch_size else [1] * plan.num_samples
 
 
+class _Sink:
+    """The batch being made when images are decoded straight into it (H×W×C slots)."""
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None
+        self.slots: list = []
+        self.i = 0
+
+    def start(self, out: torch.Tensor) -> None:
+        self.out, self.slots, self.i = out, list(out.numpy()), 0
+
+    def slot(self) -> np.ndarray | None:
+        i = self.i
+        self.i += 1
+        return self.slots[i] if i < len(self.slots) else None
+
+    def fill(self, images: list) -> torch.Tensor | None:
+        """The N×C×H×W batch once every image is in its slot: most were decoded there; one a
+        fallback decoder (Pillow) returned on its own is copied in. None when an image does not
+        fit a slot (another size or channel count): the caller batches them another way."""
+        if len(images) != len(self.slots):
+            return None
+        for im, slot in zip(images, self.slots):
+            if isinstance(im, np.ndarray) and im.ctypes.data == slot.ctypes.data:
+                continue  # decoded in place
+            if isinstance(im, torch.Tensor) and im.dim() == 3:
+                im = im.permute(1, 2, 0).numpy()
+            if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != slot.shape:
+                return None
+            slot[...] = im
+        return self.out.permute(0, 3, 1, 2)
+
+
+def _batch_buffer(shape: tuple, ring=None) -> torch.Tensor:
+    """An uninitialised uint8 N×H×W×C tensor for a batch: in shared memory inside a DataLoader
+    worker (from ``ring`` when there is one), so sending it to the main process copies nothing."""
+    numel = int(np.prod(shape))
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    if ring is not None:
+        return ring.take(numel).view(shape)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel)).view(shape)
+
+
 def _batch(images: list, chw: tuple, ring=None) -> torch.Tensor:
     """Stack images into one N×C×H×W uint8 batch whose memory is channels-last (N×H×W×C).
 
@@ -865,12 +930,7 @@ def _batch(images: list, chw: tuple, ring=None) -> torch.Tensor:
         if images[0].dtype != torch.uint8 or not all(im.dtype == images[0].dtype for im in images):
             return torch.stack(images)
     c, h, w = chw
-    shape, numel = (len(images), h, w, c), len(images) * h * w * c
-    if get_worker_info() is not None:
-        out = (torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel))
-               if ring is None else ring.take(numel)).view(shape)
-    else:
-        out = torch.empty(shape, dtype=torch.uint8)
+    out = _batch_buffer((len(images), h, w, c), ring)
     if isinstance(images[0], np.ndarray):
         dst = out.numpy()
         for i, im in enumerate(images):

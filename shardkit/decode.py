@@ -387,30 +387,42 @@ def _cv2_ready():
     return _cv2
 
 
-def _resize_hwc(region: np.ndarray, out_size: Tuple[int, int], flip: bool) -> np.ndarray:
+def _resize_hwc(region: np.ndarray, out_size: Tuple[int, int], flip: bool,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Resize (and flip) an H×W×C region to ``out_size``; into ``out`` (a batch slot) when it is
+    an out_h×out_w×C array, with no intermediate image."""
     cv2 = _cv2_ready()
     out_w, out_h = out_size
     h, w = region.shape[:2]
+    if out is not None and out.shape != (out_h, out_w, region.shape[2]):
+        out = None
     if (w, h) == (out_w, out_h):
-        out = np.ascontiguousarray(region)
+        if out is None:
+            out = np.array(region)  # a copy: the region is the sample's own bytes
+        else:
+            out[...] = region
     else:
         shrink = out_w <= w and out_h <= h
-        out = cv2.resize(region, (out_w, out_h),
-                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        if out.ndim == 2:  # OpenCV drops a channel axis of size 1
-            out = out[:, :, None]
+        flag = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        if out is None:
+            out = cv2.resize(region, (out_w, out_h), interpolation=flag)
+            if out.ndim == 2:  # OpenCV drops a channel axis of size 1
+                out = out[:, :, None]
+        else:
+            cv2.resize(region, (out_w, out_h), dst=out, interpolation=flag)
     if flip:
-        out = cv2.flip(out, 1)  # contiguous: a negative-stride view would copy slowly later
-        if out.ndim == 2:
-            out = out[:, :, None]
+        # in place, contiguous: a negative-stride view would copy slowly later
+        cv2.flip(out, 1, dst=out)
     return out
 
 
 def decode_image_hwc(data, *, crop: CropRecipe, rng: Optional[random.Random],
-                     max_pixels: int = MAX_PIXELS) -> Union[np.ndarray, torch.Tensor]:
-    """Decode + crop for a batch slot: an H×W×3 uint8 array on the fast path, else what
-    :func:`decode_image` returns (a contiguous 3×H×W tensor). Same crop box as ``decode_image``
-    for the same ``rng``; pixels agree within resampling differences."""
+                     max_pixels: int = MAX_PIXELS,
+                     out: Optional[np.ndarray] = None) -> Union[np.ndarray, torch.Tensor]:
+    """Decode + crop for a batch slot: an H×W×3 uint8 array on the fast path (written into
+    ``out`` when given and of that shape), else what :func:`decode_image` returns (a contiguous
+    3×H×W tensor). Same crop box as ``decode_image`` for the same ``rng``; pixels agree within
+    resampling differences."""
     if _sj is None or _cv2 is None or bytes(data[:3]) != b"\xff\xd8\xff" \
             or getattr(crop, "interpolation", "bilinear") != "bilinear":
         return decode_image(bytes(data), crop=crop, rng=rng, max_pixels=max_pixels)
@@ -439,7 +451,7 @@ def decode_image_hwc(data, *, crop: CropRecipe, rng: Optional[random.Random],
     sx, sy = dw / width, dh / height
     x0, y0 = min(dw - 1, round(left * sx)), min(dh - 1, round(top * sy))
     x1, y1 = max(x0 + 1, min(dw, round(right * sx))), max(y0 + 1, min(dh, round(bottom * sy)))
-    return _resize_hwc(arr[y0:y1, x0:x1], p.out_size, p.flip)
+    return _resize_hwc(arr[y0:y1, x0:x1], p.out_size, p.flip, out)
 
 
 _NPY_HEADERS: dict = {}
@@ -463,8 +475,10 @@ def _npy_view(data) -> np.ndarray:
 
 
 def decode_array_hwc(data, *, crop: Optional[CropRecipe] = None,
-                     rng: Optional[random.Random] = None) -> Union[np.ndarray, torch.Tensor]:
-    """:func:`decode_array` for a batch slot: an H×W×C uint8 array (a view when uncropped)."""
+                     rng: Optional[random.Random] = None,
+                     out: Optional[np.ndarray] = None) -> Union[np.ndarray, torch.Tensor]:
+    """:func:`decode_array` for a batch slot: an H×W×C uint8 array (a view when uncropped;
+    written into ``out`` when cropped and ``out`` has its shape)."""
     if _cv2 is None or getattr(crop, "interpolation", "bilinear") != "bilinear":
         return decode_array(bytes(data), crop=crop, rng=rng)
     arr = _npy_view(data)
@@ -475,4 +489,4 @@ def decode_array_hwc(data, *, crop: Optional[CropRecipe] = None,
     height, width = arr.shape[:2]
     p = _crop_params(crop, width, height, rng)
     left, top, right, bottom = p.box
-    return _resize_hwc(arr[top:bottom, left:right], p.out_size, p.flip)
+    return _resize_hwc(arr[top:bottom, left:right], p.out_size, p.flip, out)

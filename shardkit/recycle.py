@@ -52,7 +52,7 @@ class BatchRing:
 
     def __init__(self, prefetch: int, consumer: int):
         self.prefetch, self.consumer = int(prefetch), int(consumer)
-        self.slots: list[list] = []  # [storage, nbytes, maps name, iteration, batch number]
+        self.slots: list[list] = []  # [storage, nbytes, maps name, iteration, batch number]: one size
         self.iteration = self.batch = self.limit = 0
         self.reused = self.fresh = 0
 
@@ -73,10 +73,14 @@ class BatchRing:
             return _flat(slot[0])
         storage = torch.UntypedStorage._new_shared(nbytes)
         self.fresh += 1
+        # Kept: full batches only (the largest size seen). A worker's last, partial batch would
+        # push out a buffer the next full batch needs.
+        if self.slots and nbytes > self.slots[-1][1]:
+            self.slots.clear()
         name = _shm_name(storage)
-        if name is not None:
+        if name is not None and (not self.slots or nbytes == self.slots[-1][1]):
             self.slots.append([storage, nbytes, name, self.iteration, j])
-            if len(self.slots) > self.prefetch + 2:
+            if len(self.slots) > self.prefetch + 2:  # batch j takes j - P - 1's; one spare
                 del self.slots[0]  # the oldest; whoever still uses it keeps it alive
         return _flat(storage)
 

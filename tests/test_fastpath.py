@@ -344,3 +344,67 @@ def test_fast_pack_leaves_exif_rotation_and_bad_jpegs_to_pillow(jpeg_set):
     assert enc._encode_image_fast(_item(), truncated, opts) is None
     with pytest.raises((SourceError, OSError)):
         enc._encode_image(_item(), truncated, opts)
+
+
+# --------------------------------------------------------------------------- decoded in place
+
+
+@pytest.fixture(scope="module")
+def small_raw(tmp_path_factory) -> Path:
+    src = image_folder(tmp_path_factory.mktemp("inplace_src"), classes=2, per_class=10,
+                       size=(48, 40))
+    dest = tmp_path_factory.mktemp("inplace") / "ds"
+    pack(src, dest, mode="raw", max_samples=8)
+    return dest
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_decoded_into_place_as_one_by_one(small_raw, workers):
+    crop = RandomResizedCrop(24)
+    raw = {key: bytes(data) for data, _, key in
+           StreamingDataset(small_raw, decode="raw", shuffle=False, with_keys=True)}
+    ds = StreamingDataset(small_raw, batch_size=6, crop=crop, with_keys=True, seed=5)
+    seen = 0
+    for images, _, keys in make_loader(ds, num_workers=workers):
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        for image, key in zip(images, keys):
+            want = dec.decode_image_hwc(raw[key], crop=crop, rng=random.Random(f"5/0/{key}"))
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), want), key
+            seen += 1
+    assert seen == len(raw) == 20
+
+
+@pytest.mark.parametrize("bad_at", [0, 3])
+def test_a_bad_image_in_a_batch_is_replaced_in_its_slot(small_raw, tmp_path, bad_at):
+    import shutil
+
+    from _helpers_read import members_of, shard_samples, write_shard
+
+    dest = tmp_path / "ds"
+    shutil.copytree(small_raw, dest)
+    shard = dest / shardkit.Manifest.load(dest).shards[0].url
+    samples = [members_of(s) for s in shard_samples(shard)]
+    samples[bad_at] = [(n, b"\xff\xd8\xff\xe0 not a jpeg" if n.endswith(".jpg") else d)
+                       for n, d in samples[bad_at]]
+    write_shard(dest, 0, samples)
+    ds = StreamingDataset(dest, batch_size=5, crop=RandomResizedCrop(24), with_keys=True,
+                          shuffle=False, on_error="skip")
+    images, labels, keys = next(iter(ds))
+    # replaced by the last good sample (the next good one when the first is bad), pixels too
+    twin = bad_at - 1 if bad_at else 1
+    assert keys[bad_at] == keys[twin] and labels[bad_at] == labels[twin]
+    assert torch.equal(images[bad_at], images[twin])
+    assert ds.skipped == 1
+
+
+def test_resize_into_a_slot_matches_a_fresh_resize():
+    region = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    for flip in (False, True):
+        for size in ((20, 16), (53, 37), (80, 60)):  # shrink, same size, enlarge
+            batch = np.zeros((2, size[1], size[0], 3), np.uint8)
+            got = dec._resize_hwc(region, size, flip, out=batch[1])
+            assert np.shares_memory(got, batch) and not batch[0].any()
+            assert np.array_equal(batch[1], dec._resize_hwc(region, size, flip))
+    wrong = np.zeros((16, 20, 1), np.uint8)  # another channel count: an image of its own
+    got = dec._resize_hwc(region, (20, 16), False, out=wrong)
+    assert got.shape == (16, 20, 3) and not np.shares_memory(got, wrong)

@@ -56,7 +56,7 @@ def test_make_loader_defaults(source, monkeypatch):
     ds = StreamingDataset(source)
     loader = make_loader(ds)
     assert loader.num_workers == len(os.sched_getaffinity(0))
-    assert loader.pin_memory is torch.cuda.is_available() is False
+    assert loader.pin_memory is torch.cuda.is_available()
     assert loader.persistent_workers is True
     assert loader.prefetch_factor == 2
     assert loader.batch_size is None

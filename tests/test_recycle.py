@@ -28,7 +28,10 @@ def source(tmp_path_factory) -> Path:
 
 def _loader(source, recycle):
     ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
-    return make_loader(ds, num_workers=2, recycle_batches=recycle, prefetch_factor=2)
+    # not pinned: these tests look at the shared memory the workers send (pinned batches are
+    # copies the pin thread makes)
+    return make_loader(ds, num_workers=2, recycle_batches=recycle, prefetch_factor=2,
+                       pin_memory=False)
 
 
 def _shm_file(images: torch.Tensor) -> str:
@@ -86,7 +89,9 @@ def test_a_mix_of_held_and_released_batches(source, reference):
 
 def test_when_batches_are_recycled_by_default(source, monkeypatch):
     ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16))
-    assert make_loader(ds, num_workers=2)._recycles() is False  # CPU: the user holds the batches
+    # not pinned: the user holds the very batches the workers made
+    assert make_loader(ds, num_workers=2, pin_memory=False)._recycles() is False
+    assert make_loader(ds, num_workers=2)._recycles() is torch.cuda.is_available()
     assert make_loader(ds, num_workers=2, recycle_batches=True)._recycles() is True
     assert make_loader(ds, num_workers=0, recycle_batches=True)._recycles() is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -104,25 +109,30 @@ def test_the_workers_setting_does_not_outlive_their_loader(source):
     assert sum(len(labels) for _, labels in plain) == NUM
 
 
-def test_ring_reuses_only_old_released_buffers_of_the_same_size():
+def test_ring_reuses_only_old_released_buffers_of_full_batches():
     ring = BatchRing(prefetch=1, consumer=os.getppid())  # nothing there maps our buffers
-    ring.begin(limit=6)
+    ring.begin(limit=7)
     p0 = ring.take(1000).data_ptr()  # batch 0, released at once
     b1 = ring.take(1000)  # batch 1, held
     b2 = ring.take(1000)  # batch 2: batch 0's buffer is old enough (<= 2 - prefetch - 1), free
     assert b2.data_ptr() == p0 and ring.reused == 1
     b3 = ring.take(1000)  # batch 3: batch 1's buffer is old enough but still held: fresh
     assert b3.data_ptr() not in (p0, b1.data_ptr()) and ring.fresh == 3
-    b4 = ring.take(2000)  # another size: fresh
-    assert ring.fresh == 4 and len(ring.slots) <= 1 + 2  # at most prefetch + 2 kept
-    b5 = ring.take(1000)  # batch 5: the old enough ones (2, 3) are held: fresh
-    assert b5.data_ptr() not in (b2.data_ptr(), b3.data_ptr()) and ring.fresh == 5
-    del b1, b2, b3, b4, b5
-    ring.take(1000)  # batch 6 >= limit (a worker may have run out): never reused
-    assert ring.fresh == 6 and ring.reused == 1
-    ring.begin(limit=6)  # a new iteration: the last one's batches were all delivered
-    ring.take(1000)
+    small = ring.take(600)  # batch 4: a last, partial batch: fresh, and not kept
+    assert ring.fresh == 4 and {s[1] for s in ring.slots} == {1000}
+    assert len(ring.slots) <= 1 + 2  # prefetch + 2 kept at most
+    b5 = ring.take(1000)  # batch 5: the old enough ones are all held: fresh
+    assert b5.data_ptr() not in (b1.data_ptr(), b2.data_ptr(), b3.data_ptr()) and ring.fresh == 5
+    del b1, b2, b3, b5, small
+    ring.take(1000)  # batch 6: an old enough one is free again
     assert ring.reused == 2
+    ring.take(1000)  # batch 7 >= limit (a worker may have run out): never reused
+    assert ring.fresh == 6 and ring.reused == 2
+    ring.begin(limit=7)  # a new iteration: the last one's batches were all delivered
+    ring.take(1000)
+    assert ring.reused == 3
+    ring.take(4000)  # larger batches from now on: the smaller buffers are let go
+    assert {s[1] for s in ring.slots} == {4000}
 
 
 def test_ring_never_reuses_what_its_consumer_maps(monkeypatch):
