@@ -238,7 +238,7 @@ def plain_webdataset(shards: Path, batch_size: int, workers: int):
 
 
 def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = TRAIN,
-                    prefetch: int | None = None):
+                    prefetch: int | None = None, recycle: bool = True):
     import shardkit
 
     crop = {TRAIN: shardkit.RandomResizedCrop(224), EVAL: shardkit.CenterCrop(224, resize=256),
@@ -247,7 +247,7 @@ def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = T
     # Recycled batch memory: the default on a GPU machine (pinned memory); asked for here, where
     # the consumer only counts and drops each batch.
     return shardkit.make_loader(ds, num_workers=workers, persistent_workers=workers > 0,
-                                prefetch_factor=prefetch, recycle_batches=workers > 0)
+                                prefetch_factor=prefetch, recycle_batches=recycle and workers > 0)
 
 
 # --------------------------------------------------------------------------- limits
@@ -403,6 +403,9 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
                                       packs["tensor256"].num_bytes, None),
         "shardkit tensor224, eval": (lambda: shardkit_loader(out / "tensor224", B, W, PRECROPPED),
                                      packs["tensor224"].num_bytes, None),
+        "shardkit tensor256, train, not recycled": (
+            lambda: shardkit_loader(out / "tensor256", B, W, recycle=False),
+            packs["tensor256"].num_bytes, None),
     }
     if cold:
         configs["naive ImageFolder (cold)"] = (lambda: naive_imagefolder(images, B, W),
@@ -459,10 +462,10 @@ def format_report(report: dict) -> str:
     lines = [f"{report['samples']} images ({report['image_bytes'] / 1e6:.0f} MB), batch "
              f"{report['batch_size']}, {report['workers']} workers, {report['cpus']} CPUs, "
              f"median of {report['repeats']}",
-             f"{'loader':34s} {'samples/s':>9s} {'MB/s':>7s} {'1st batch':>9s} {'cores':>5s} "
+             f"{'loader':40s} {'samples/s':>9s} {'MB/s':>7s} {'1st batch':>9s} {'cores':>5s} "
              f"{'main MB':>7s} {'worker MB':>9s} {'total MB':>8s} {'vs naive':>8s}"]
     for name, r in report["results"].items():
-        lines.append(f"{name:34s} {r['samples_per_s']:9.0f} {r['mb_per_s']:7.1f} "
+        lines.append(f"{name:40s} {r['samples_per_s']:9.0f} {r['mb_per_s']:7.1f} "
                      f"{r['first_batch_s']:8.2f}s {r['cpu_cores']:5.2f} {r['main_rss_mb']:7.0f} "
                      f"{r['worker_rss_mb']:9.0f} {r['total_pss_mb']:8.0f} {r['vs_naive']:7.2f}x")
     lines.append("limits:")

@@ -5,10 +5,13 @@ Storage-agnostic: callers pass ``fetch(offset)``, which yields the shard's bytes
 (``sha256(url)[:32].tar``) only ever holds a complete, verified file (unique temp, fsync, check,
 rename); one mismatch downloads again, a second raises :class:`CacheIntegrityError`. One download
 per machine: the downloader holds ``flock`` on ``<name>.lock`` (it dies with the process; a forked
-child drops its copies); others wait on it, then read the finished file. ``read()`` follows the
-download as it is written, raises its errors, and returns ``b""`` only once the shard is verified
-and unlocked. Early close: the download goes on to completion in the background (daemon thread).
-After each added file, LRU files (mtime, touched on hits) are evicted down to ``limit``, never a
+child drops its copies) and writes the name of its temp file into it; other readers follow the
+download as it is written: in the same process through shared state, in other processes by
+reading the growing temp file (and if that download fails or its process dies, they go on from
+their own download or the finished file, after checking that the bytes already returned match).
+``read()`` raises the download's errors and returns ``b""`` only once the shard is verified.
+Early close: the download goes on to completion in the background (daemon thread). After each
+added file, LRU files (mtime, touched on hits) are evicted down to ``limit``, never a
 locked one nor the new one, and temps whose lock is free (killed processes) are removed.
 """
 
@@ -35,6 +38,7 @@ Fetch = Callable[[int], Iterable[bytes]]
 _NAME = re.compile(r"^[0-9a-f]{32}\.tar$")
 _TEMP = re.compile(r"^\.([0-9a-f]{32}\.tar)\.tmp-[0-9a-f]{32}$")
 _BUFFER = 256 << 10
+_POLL = 0.002  # seconds between looks at another process's download when no new bytes are there
 _HELD: set[int] = set()  # lock fds this process holds
 
 
@@ -54,6 +58,14 @@ def _lock(path: Path, blocking: bool = True) -> Optional[int]:
             return None
         raise
     return fd
+
+
+def _lock_free(path: Path) -> bool:
+    held = _lock(path, blocking=False)
+    if held is None:
+        return False
+    _unlock(held)
+    return True
 
 
 def _unlock(fd: int) -> None:
@@ -137,6 +149,91 @@ class _Reader(io.RawIOBase):
         super().close()
 
 
+class _FileFollower(io.RawIOBase):
+    """Bytes ``[start, stop)`` of a shard that another process is downloading, read from its temp
+    file as it grows. EOF once that file is the verified shard (renamed to its final name). If the
+    download fails or its process dies, the rest comes from ``reopen(start)`` (our own download or
+    the finished file) once the bytes already returned are found to be the same."""
+
+    def __init__(self, url: str, fd: int, path: Path, start: int, stop: int,
+                 reopen: Callable[[int], BinaryIO]):
+        super().__init__()
+        self._url, self._fd, self._path = url, fd, path
+        self._start, self._stop, self._pos = start, stop, start
+        self._reopen, self._next = reopen, None
+
+    def readable(self) -> bool:
+        return True
+
+    def _state(self) -> str:
+        """"done" (our file is the verified shard), "gone" (that download ended without it) or
+        "growing"."""
+        mine = os.fstat(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            final = os.stat(self._path)
+            if (final.st_ino, final.st_dev) == (mine.st_ino, mine.st_dev):
+                return "done"
+        if mine.st_nlink == 0:  # the downloader removed it: a bad attempt, or it gave up
+            return "gone"
+        held = _lock(self._path.with_name(self._path.name + ".lock"), blocking=False)
+        if held is None:
+            return "growing"
+        _unlock(held)  # the lock was free: the downloader's process died (or just finished)
+        with contextlib.suppress(FileNotFoundError):
+            final = os.stat(self._path)
+            if (final.st_ino, final.st_dev) == (mine.st_ino, mine.st_dev):
+                return "done"
+        return "gone"
+
+    def readinto(self, buf) -> int:
+        while self._next is None:
+            want = min(len(buf), self._stop - self._pos)
+            if want > 0:
+                data = os.pread(self._fd, want, self._pos)
+                if data:
+                    buf[:len(data)] = data
+                    self._pos += len(data)
+                    return len(data)
+            elif not len(buf):
+                return 0
+            state = self._state()
+            if state == "done":
+                if want == 0:
+                    return 0  # the end of the range, and the shard is verified
+                if not os.pread(self._fd, 1, self._pos):
+                    raise CacheIntegrityError(self._url, "the cached shard is shorter than its "
+                                              "size")
+            elif state == "gone":
+                self._switch()
+            else:
+                time.sleep(_POLL)
+        return self._next.readinto(buf)
+
+    def _switch(self) -> None:
+        new = self._reopen(self._start)
+        try:
+            pos = self._start
+            while pos < self._pos:  # what we returned must be what the shard holds
+                n = min(1 << 20, self._pos - pos)
+                if os.pread(self._fd, n, pos) != new.read(n):
+                    raise CacheIntegrityError(self._url, "bytes already returned by read() came "
+                                              "from a corrupt download and differ from the shard")
+                pos += n
+        except BaseException:
+            new.close()
+            raise
+        os.close(self._fd)
+        self._fd, self._next = -1, new
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._next is not None:
+                self._next.close()
+            elif self._fd >= 0:
+                os.close(self._fd)
+        super().close()
+
+
 class ShardCache:
     """Shards under ``cache_dir``, at most ``limit`` bytes of complete files (None: no limit).
 
@@ -188,11 +285,12 @@ class ShardCache:
         return None
 
     def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
-             stop: int | None = None) -> BinaryIO:
+             stop: int | None = None, prefetch: bool = False) -> BinaryIO:
         """A readable binary file over bytes ``[start, stop)`` of the shard at ``url``: from disk
         when cached, else downloaded once per machine and returned as the bytes arrive.
         ``sha256`` None (shards listed by URL, whose hash nobody recorded): only the size is
-        checked."""
+        checked. ``prefetch``: only to start the download (closing the file lets it go on);
+        returns None at once when another process is downloading it."""
         stop = size if stop is None else stop
         if not (isinstance(size, int) and 0 <= start <= stop <= size):
             raise ValueError(f"need 0 <= start <= stop <= size, got {start=}, {stop=}, {size=}")
@@ -207,7 +305,16 @@ class ShardCache:
         opened = self._follow(path, url, start, stop)
         if opened is not None:
             return opened
-        lock = _lock(path.with_name(path.name + ".lock"))
+        lock_path = path.with_name(path.name + ".lock")
+        lock = _lock(lock_path, blocking=False)
+        if lock is None and prefetch:
+            return None
+        if lock is None:  # another process is downloading it: follow its temp file
+            opened = self._follow_other(path, url, start, stop, lambda s: self.open(
+                url, size=size, sha256=sha256, fetch=fetch, start=s, stop=stop))
+            if opened is not None:
+                return opened
+            lock = _lock(lock_path)
         try:
             opened = self._open_cached(url, size, sha256, start, stop)  # finished while we waited?
             if opened is not None:
@@ -227,6 +334,23 @@ class ShardCache:
             _unlock(lock)
             raise
         return io.BufferedReader(reader, buffer_size=_BUFFER)  # type: ignore[return-value]
+
+    def _follow_other(self, path: Path, url: str, start: int, stop: int,
+                      reopen: Callable[[int], BinaryIO]) -> BinaryIO | None:
+        """A reader of the temp file another process's download is writing, or None (the
+        download ended or cannot be found: the caller waits for the lock as before)."""
+        lock_path = path.with_name(path.name + ".lock")
+        for _ in range(100):  # the downloader names its temp file just after taking the lock
+            with contextlib.suppress(OSError):
+                name = lock_path.read_bytes().decode("ascii", "replace")
+                if _TEMP.match(name) and name.startswith(f".{path.name}.tmp-"):
+                    fd = os.open(self.cache_dir / name, os.O_RDONLY)
+                    reader = _FileFollower(url, fd, path, start, stop, reopen)
+                    return io.BufferedReader(reader, buffer_size=_BUFFER)  # type: ignore
+            if path.exists() or _lock_free(lock_path):  # finished, or nobody downloads it now
+                return None
+            time.sleep(_POLL)
+        return None
 
     def _open_cached(self, url: str, size: int, sha256: str, start: int, stop: int
                      ) -> BinaryIO | None:
@@ -251,6 +375,7 @@ class ShardCache:
             for _ in range(2):
                 temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
                 fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                os.pwrite(lock, temp.name.encode("ascii"), 0)  # for readers in other processes
                 with st.cond:  # the reader moves to this attempt at its next wake-up
                     st.fds.append(fd)
                     st.written = 0

@@ -43,7 +43,7 @@ from .decode import (MAX_PIXELS, ImageDecodeError, decode_array, decode_array_hw
                      decode_image_hwc)
 from .errors import DecodeError, ShardError
 from .manifest import ManifestError, decode_index
-from .storage import load_manifest, store_for
+from .storage import LocalStore, load_manifest, store_for
 from .writer import parse_bytes
 
 log = logging.getLogger("shardkit")
@@ -148,6 +148,7 @@ class StreamingDataset(IterableDataset):
         self._recent_offsets: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._recycle: dict | None = None  # set by shardkit's loader for its workers (recycle.py)
         self._ring = None  # this worker's BatchRing
+        self._prefetched: set[int] = set()  # shards whose cache download this process started
         self.skipped = 0
 
     @property
@@ -164,6 +165,7 @@ class StreamingDataset(IterableDataset):
         state = self.__dict__.copy()
         state["_recent_offsets"] = {}  # each process keeps its own
         state["_ring"] = None
+        state["_prefetched"] = set()
         if state["_world_arg"] is None:
             state["_rank_arg"], state["_world_arg"] = self.rank_world()
         return state
@@ -395,11 +397,12 @@ class StreamingDataset(IterableDataset):
         m = self.manifest
         store = store_for(m)
         pos = 0
-        for span in spans:
+        for k, span in enumerate(spans):
             n = span.stop - span.start
             if pos + n <= start:
                 pos += n
                 continue
+            self._prefetch(store, spans[k + 1:k + 1 + _PREFETCH_SPANS])
             offsets = self._shard_offsets(store, span.shard)
             j = span.start + max(0, start - pos)
             while j < span.stop:
@@ -420,6 +423,28 @@ class StreamingDataset(IterableDataset):
                         log.warning("shardkit: %s", exc)
                     j += 1
             pos += n
+
+    def _prefetch(self, store, spans) -> None:
+        """Start the cache's downloads of the shards the next spans read (remote, cached only).
+
+        A worker's plan visits many shards early on (its shuffle buffer fills from 64-sample
+        blocks all over the dataset); downloading them one at a time, each only once the reader
+        asks, left the network idle while it decoded. Downloads go on in the background, once per
+        machine, as for any reader; nothing is prefetched when the cache is too small to hold
+        the shards in flight."""
+        if self.cache_dir is None or self._memory is not None or isinstance(store, LocalStore):
+            return
+        m = self.manifest
+        for span in spans:
+            shard = m.shards[span.shard]
+            if span.shard in self._prefetched:
+                continue
+            if self.cache_limit is not None and self.cache_limit < 4 * shard.num_bytes:
+                return
+            self._prefetched.add(span.shard)
+            opened = self._open_stream(store, shard, 0, 0, prefetch=True)
+            if opened is not None:
+                opened.close()  # the download goes on
 
     def _shard_offsets(self, store, shard_no: int) -> np.ndarray:
         if shard_no in self._offsets_cache:
@@ -560,8 +585,9 @@ class StreamingDataset(IterableDataset):
         finally:
             stream.close()
 
-    def _open_stream(self, store, shard, lo: int, hi: int):
-        """Bytes ``[lo, hi)`` of a shard: through the shared on-disk cache when there is one."""
+    def _open_stream(self, store, shard, lo: int, hi: int, prefetch: bool = False):
+        """Bytes ``[lo, hi)`` of a shard: through the shared on-disk cache when there is one
+        (``prefetch``: see ``ShardCache.open``)."""
         if self.cache_dir is None:
             return store.open_range(shard.url, lo, hi)
         if self._cache is None:
@@ -571,7 +597,7 @@ class StreamingDataset(IterableDataset):
         return self._cache.open(store.url(shard.url), size=shard.num_bytes, sha256=shard.sha256,
                                 fetch=lambda offset: store.iter_bytes(shard.url, offset,
                                                                       shard.num_bytes),
-                                start=lo, stop=hi)
+                                start=lo, stop=hi, prefetch=prefetch)
 
     # ----------------------------------------------------------------- decoding
     def _process(self, sample: dict, out: np.ndarray | None = None):
@@ -1037,6 +1063,9 @@ def _parse_sample(buf, url: str, views: bool) -> dict | None:
     if off != n or key is None:
         return None
     return sample
+
+
+_PREFETCH_SPANS = 2  # a remote shard cache downloads the shards of this many spans ahead
 
 
 def _split_member(name: str, url: str) -> tuple[str, str]:

@@ -80,7 +80,7 @@ class BatchRing:
         name = _shm_name(storage)
         if name is not None and (not self.slots or nbytes == self.slots[-1][1]):
             self.slots.append([storage, nbytes, name, self.iteration, j])
-            if len(self.slots) > self.prefetch + 2:  # batch j takes j - P - 1's; one spare
+            if len(self.slots) > self.prefetch + 1:  # enough: batch j takes batch j - P - 1's
                 del self.slots[0]  # the oldest; whoever still uses it keeps it alive
         return _flat(storage)
 

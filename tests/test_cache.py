@@ -422,3 +422,99 @@ def test_a_follower_gets_the_download_error(tmp_path):
         f.close()
     wait_for_downloads()
     assert leftovers(cache) == [] and lock_is_free(cache, URL) and fetch_bad.calls == 0
+
+
+# --------------------------------------------------------------------------- other processes
+
+
+def _gated_downloader(cache_dir, gate, corrupt: bool, started):
+    """Download the shard in this (child) process; the first attempt holds at half-way until
+    ``gate`` exists. With ``corrupt``, that first attempt has byte 10 flipped."""
+    data = make_data(seed=5)
+    calls = []
+
+    def fetch(offset):
+        calls.append(offset)
+        body = data
+        if corrupt and len(calls) == 1:
+            body = data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+        deadline = time.monotonic() + 20  # no hang if the test never opens the gate
+        for i in range(offset, len(body), CHUNK):
+            while (len(calls) == 1 and i >= len(body) // 2 and not os.path.exists(gate)
+                   and time.monotonic() < deadline):
+                time.sleep(0.005)
+            yield body[i:i + CHUNK]
+
+    cache = ShardCache(cache_dir)
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch) as f:
+        started.set()
+        if not corrupt:
+            assert f.read() == data
+        else:  # our own reader would see the bad bytes too: just let the download finish
+            deadline = time.monotonic() + 20
+            while not cache.path_for(URL).exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            wait_for_downloads()
+
+
+def _start(target, *args):
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    child = ctx.Process(target=target, args=args + (started,))
+    child.start()
+    assert started.wait(20)
+    return child
+
+
+def test_another_process_follows_the_download_as_it_grows(tmp_path):
+    gate, data = tmp_path / "go", make_data(seed=5)
+    child = _start(_gated_downloader, tmp_path / "c", gate, False)
+    try:
+        cache, fetch = ShardCache(tmp_path / "c"), FakeFetch(data)
+        f = cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, start=1000)
+        # these bytes arrive while the other process's download waits at half-way
+        assert within(10, f.read, 50_000) == data[1000:51_000]
+        assert not cache.path_for(URL).exists()
+        gate.touch()
+        assert within(20, f.read) == data[51_000:]  # the end only once the shard is verified
+        assert cache.path_for(URL).read_bytes() == data
+        f.close()
+        child.join(20)
+        assert child.exitcode == 0 and fetch.calls == 0  # downloaded once, by the other one
+    finally:
+        child.kill()
+
+
+def test_a_follower_goes_on_alone_when_the_downloading_process_dies(tmp_path):
+    child = _start(_doomed, tmp_path)  # downloads one chunk, then hangs until killed
+    data = make_data()
+    cache, fetch = ShardCache(tmp_path), FakeFetch(data)
+    try:
+        f = cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch)
+        assert within(10, f.read, CHUNK) == data[:CHUNK]  # from the other process's temp file
+        assert fetch.calls == 0
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    assert within(20, f.read) == data[CHUNK:]  # the rest from our own download
+    f.close()
+    assert fetch.calls == 1 and cache.path_for(URL).read_bytes() == data
+
+
+def test_a_follower_never_keeps_bytes_of_a_corrupt_download(tmp_path):
+    gate, data = tmp_path / "go", make_data(seed=5)
+    child = _start(_gated_downloader, tmp_path / "c", gate, True)
+    try:
+        cache = ShardCache(tmp_path / "c")
+        f = cache.open(URL, size=len(data), sha256=sha(data), fetch=FakeFetch(data))
+        got = within(10, f.read, 1000)  # byte 10 of the first attempt is wrong
+        assert got != data[:1000] and got[11:] == data[11:1000]
+        gate.touch()  # the other process finds the mismatch and downloads again
+        with pytest.raises(CacheIntegrityError, match="differ from the shard"):
+            within(20, f.read)
+        f.close()
+        child.join(20)
+        assert child.exitcode == 0 and cache.path_for(URL).read_bytes() == data
+    finally:
+        child.kill()

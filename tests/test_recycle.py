@@ -63,7 +63,8 @@ def test_released_batches_are_recycled_and_stay_right(source, reference):
             got.append((images.clone(), labels.clone()))
             del images, labels  # released: its memory may come back
         _same(got, reference[epoch])
-    # 2 workers × (prefetch 2 + 2) buffers at most; without recycling every batch has its own
+    # 2 workers × (prefetch 2 + 1) buffers kept, and a few fresh ones when one was still in use;
+    # without recycling every batch has its own
     assert len(set(files)) <= 2 * 4 < len(files) == 2 * NUM // BATCH
 
 
@@ -120,7 +121,7 @@ def test_ring_reuses_only_old_released_buffers_of_full_batches():
     assert b3.data_ptr() not in (p0, b1.data_ptr()) and ring.fresh == 3
     small = ring.take(600)  # batch 4: a last, partial batch: fresh, and not kept
     assert ring.fresh == 4 and {s[1] for s in ring.slots} == {1000}
-    assert len(ring.slots) <= 1 + 2  # prefetch + 2 kept at most
+    assert len(ring.slots) <= 1 + 1  # prefetch + 1 kept at most
     b5 = ring.take(1000)  # batch 5: the old enough ones are all held: fresh
     assert b5.data_ptr() not in (b1.data_ptr(), b2.data_ptr(), b3.data_ptr()) and ring.fresh == 5
     del b1, b2, b3, b5, small
