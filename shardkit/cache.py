@@ -248,16 +248,25 @@ class ShardCache:
         # instead of waiting on the file lock for the whole shard (the lock is per process).
         self._live: dict[Path, _State] = {}
         self._live_lock = threading.Lock()
+        self._live_pid = os.getpid()
+
+    def _own_live(self) -> None:
+        """In a forked child (a DataLoader worker), forget the parent's downloads: their threads
+        did not come along, so following one would wait for ever (and its lock may have been
+        held at the fork). The child follows them through their temp files instead."""
+        if self._live_pid != os.getpid():
+            self._live, self._live_lock, self._live_pid = {}, threading.Lock(), os.getpid()
 
     def __getstate__(self) -> dict:  # a DataLoader worker gets its own (empty) table
         state = self.__dict__.copy()
         state.pop("_live", None)
         state.pop("_live_lock", None)
+        state.pop("_live_pid", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._live, self._live_lock = {}, threading.Lock()
+        self._live, self._live_lock, self._live_pid = {}, threading.Lock(), os.getpid()
 
     def _follow(self, path: Path, url: str, start: int, stop: int) -> BinaryIO | None:
         """A reader of a download this process is running, or None."""
@@ -298,6 +307,7 @@ class ShardCache:
                                    or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._own_live()
         path = self.path_for(url)
         opened = self._open_cached(url, size, sha256, start, stop)
         if opened is not None:
@@ -320,6 +330,7 @@ class ShardCache:
             if opened is not None:
                 _unlock(lock)
                 return opened
+            os.ftruncate(lock, 0)  # no reader may follow a dead download's temp from here on
             for temp in self.cache_dir.glob(f".{path.name}.tmp-*"):  # only we write these now
                 temp.unlink(missing_ok=True)
             reader = _Reader(url, state := _State([]), start, stop)

@@ -442,7 +442,10 @@ class StreamingDataset(IterableDataset):
             if self.cache_limit is not None and self.cache_limit < 4 * shard.num_bytes:
                 return
             self._prefetched.add(span.shard)
-            opened = self._open_stream(store, shard, 0, 0, prefetch=True)
+            try:
+                opened = self._open_stream(store, shard, 0, 0, prefetch=True)
+            except (OSError, ShardError):  # only a head start: reading it will say what is wrong
+                continue
             if opened is not None:
                 opened.close()  # the download goes on
 

@@ -518,3 +518,29 @@ def test_a_follower_never_keeps_bytes_of_a_corrupt_download(tmp_path):
         assert child.exitcode == 0 and cache.path_for(URL).read_bytes() == data
     finally:
         child.kill()
+
+
+def _read_in_child(cache, data, results):
+    with cache.open(URL, size=len(data), sha256=sha(data), fetch=FakeFetch(data)) as f:
+        results.put(sha(f.read()))
+
+
+def test_a_forked_child_follows_the_parents_download_by_its_file(tmp_path):
+    # A DataLoader worker forked while its parent downloads (e.g. a prefetch started by a first
+    # look at the data) must not wait on the parent's in-process state: no thread feeds it there.
+    data, gate = make_data(), threading.Event()
+    cache = ShardCache(tmp_path)
+    fetch = FakeFetch(data, gate=gate)  # holds after the first chunk until the gate opens
+    cache.open(URL, size=len(data), sha256=sha(data), fetch=fetch, prefetch=True).close()
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(cache, data, results))
+    child.start()
+    try:
+        time.sleep(0.2)
+        gate.set()
+        assert results.get(timeout=20) == sha(data)
+        child.join(10)
+        assert child.exitcode == 0 and fetch.calls == 1  # the parent's download, once
+    finally:
+        child.kill()
