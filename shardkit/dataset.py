@@ -505,6 +505,8 @@ class StreamingDataset(IterableDataset):
                 if sample is None:
                     break
                 if k == len(ends) - 1 and hi - lo > end:  # the archive's end: zero blocks only
+                    if hi - lo - end > _MAX_TAIL:  # not what a writer leaves: the strict path
+                        break                      # streams it (no buffer of a claimed size)
                     tail = _read_exact(stream, hi - lo - end)
                     # and the stream's end, where a streamed download is checked (sha256)
                     if tail is None or stream.read(1) or bytes(tail).count(0) != len(tail):
@@ -1022,6 +1024,7 @@ def _read_exact(stream, n: int) -> memoryview | None:
     return view
 
 
+_MAX_TAIL = 64 << 10  # archive end the fast path reads at once (writers leave 1-10 KiB of zeros)
 _USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
 
 

@@ -408,3 +408,32 @@ def test_resize_into_a_slot_matches_a_fresh_resize():
     wrong = np.zeros((16, 20, 1), np.uint8)  # another channel count: an image of its own
     got = dec._resize_hwc(region, (20, 16), False, out=wrong)
     assert got.shape == (16, 20, 3) and not np.shares_memory(got, wrong)
+
+
+def test_a_manifest_claiming_a_huge_shard_allocates_nothing_of_that_size(small_raw, tmp_path):
+    # The archive end (1 KiB of zeros as written) is read at once by the fast path; a manifest
+    # whose num_bytes claims a terabyte more must not become a buffer of that size (it was a
+    # MemoryError): the strict path streams the end instead.
+    import json
+    import shutil
+    import tracemalloc
+
+    dest = tmp_path / "ds"
+    shutil.copytree(small_raw, dest)
+    doc = json.loads((dest / "manifest.json").read_text())
+    doc["shards"][-1]["num_bytes"] += 1 << 40
+    (dest / "manifest.json").write_text(json.dumps(doc))
+    want = sorted(k for _, _, k in StreamingDataset(small_raw, decode="raw", with_keys=True))
+
+    def keys():
+        ds = StreamingDataset(dest, batch_size=4, crop=RandomResizedCrop(16), with_keys=True)
+        return sorted(k for _, _, ks in ds for k in ks)
+
+    keys()  # imports and first-use caches outside the measurement
+    tracemalloc.start()
+    try:
+        assert keys() == want
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak
