@@ -169,21 +169,21 @@ class _FileFollower(io.RawIOBase):
         """"done" (our file is the verified shard), "gone" (that download ended without it) or
         "growing"."""
         mine = os.fstat(self._fd)
-        with contextlib.suppress(FileNotFoundError):
-            final = os.stat(self._path)
-            if (final.st_ino, final.st_dev) == (mine.st_ino, mine.st_dev):
-                return "done"
+
+        def final() -> bool:
+            with contextlib.suppress(FileNotFoundError):
+                f = os.stat(self._path)
+                return (f.st_ino, f.st_dev) == (mine.st_ino, mine.st_dev)
+            return False
+
+        if final():
+            return "done"
         if mine.st_nlink == 0:  # the downloader removed it: a bad attempt, or it gave up
             return "gone"
-        held = _lock(self._path.with_name(self._path.name + ".lock"), blocking=False)
-        if held is None:
+        if not _lock_free(self._path.with_name(self._path.name + ".lock")):
             return "growing"
-        _unlock(held)  # the lock was free: the downloader's process died (or just finished)
-        with contextlib.suppress(FileNotFoundError):
-            final = os.stat(self._path)
-            if (final.st_ino, final.st_dev) == (mine.st_ino, mine.st_dev):
-                return "done"
-        return "gone"
+        # the lock was free: the downloader's process died, or it finished just now
+        return "done" if final() else "gone"
 
     def readinto(self, buf) -> int:
         while self._next is None:

@@ -43,6 +43,7 @@ from .decode import (MAX_PIXELS, ImageDecodeError, decode_array, decode_array_hw
                      decode_image_hwc)
 from .errors import DecodeError, ShardError
 from .manifest import ManifestError, decode_index
+from .recycle import BatchRing, _flat
 from .storage import LocalStore, load_manifest, store_for
 from .writer import parse_bytes
 
@@ -291,8 +292,6 @@ class StreamingDataset(IterableDataset):
         ring = None
         if (self._recycle and info is not None and self.batch_size is not None and not consumed
                 and self._rest_in_force() is None):
-            from .recycle import BatchRing
-
             if self._ring is None:
                 self._ring = BatchRing(self._recycle["prefetch"], self._recycle["consumer"])
             ring = self._ring
@@ -927,8 +926,8 @@ class _Sink:
         if len(images) != len(self.slots):
             return None
         for im, slot in zip(images, self.slots):
-            if isinstance(im, np.ndarray) and im.ctypes.data == slot.ctypes.data:
-                continue  # decoded in place
+            if im is slot:
+                continue  # decoded in place (the decoders return the ``out`` they were given)
             if isinstance(im, torch.Tensor) and im.dim() == 3:
                 im = im.permute(1, 2, 0).numpy()
             if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != slot.shape:
@@ -945,7 +944,7 @@ def _batch_buffer(shape: tuple, ring=None) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.uint8)
     if ring is not None:
         return ring.take(numel).view(shape)
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel)).view(shape)
+    return _flat(torch.UntypedStorage._new_shared(numel)).view(shape)
 
 
 def _batch(images: list, chw: tuple, ring=None) -> torch.Tensor:

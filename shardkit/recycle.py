@@ -44,6 +44,7 @@ def _shm_name(storage: torch.UntypedStorage) -> str | None:
 
 
 def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over ``storage`` (its own reference: what the use count counts)."""
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 

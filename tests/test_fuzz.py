@@ -381,6 +381,19 @@ def _mutate_doc(doc, data):
     return doc
 
 
+def _flip_write_consume(dest: Path, name: str, blob: bytearray, raw_flips, parse) -> None:
+    """Flip the drawn bytes of a manifest ``blob``, write it as ``name``: either it parses and the
+    dataset reads, or both name the file in a ManifestError."""
+    for frac, x in raw_flips:
+        blob[min(int(frac * len(blob)), len(blob) - 1)] ^= x
+    (dest / name).write_bytes(bytes(blob))
+    if _check_parse(parse, bytes(blob), dest, name) is not None:
+        consume(dest)
+    else:
+        assert isinstance(consume(dest), ManifestError)
+    shutil.rmtree(dest)
+
+
 def _check_parse(parse, blob, dest: Path, name: str):
     try:
         with time_limit():
@@ -400,14 +413,7 @@ def test_fuzz_json_manifest(good, scratch, data, raw_flips):
     dest = _copy(good, scratch)
     doc = _mutate_doc(json.loads((dest / MANIFEST_NAME).read_text()), data)
     blob = bytearray(json.dumps(doc).encode("utf-8", "surrogatepass"))
-    for frac, x in raw_flips:
-        blob[min(int(frac * len(blob)), len(blob) - 1)] ^= x
-    (dest / MANIFEST_NAME).write_bytes(bytes(blob))
-    if _check_parse(Manifest.from_json, bytes(blob), dest, MANIFEST_NAME) is not None:
-        consume(dest)
-    else:
-        assert isinstance(consume(dest), ManifestError)
-    shutil.rmtree(dest)
+    _flip_write_consume(dest, MANIFEST_NAME, blob, raw_flips, Manifest.from_json)
 
 
 msgpack_values = st.recursive(
@@ -436,15 +442,8 @@ def test_fuzz_msgpack_manifest(good, scratch, data, raw_flips):
         elif isinstance(parent, dict):
             del parent[path[-1]]
     blob = bytearray(msgpack.packb(doc, use_bin_type=True))
-    for frac, x in raw_flips:
-        blob[min(int(frac * len(blob)), len(blob) - 1)] ^= x
     (dest / MANIFEST_NAME).unlink()
-    (dest / MSGPACK_NAME).write_bytes(bytes(blob))
-    if _check_parse(Manifest.from_msgpack, bytes(blob), dest, MSGPACK_NAME) is not None:
-        consume(dest)
-    else:
-        assert isinstance(consume(dest), ManifestError)
-    shutil.rmtree(dest)
+    _flip_write_consume(dest, MSGPACK_NAME, blob, raw_flips, Manifest.from_msgpack)
 
 
 @pytest.mark.parametrize("url", ["../other/shard-000000.tar", "/etc/passwd", "a/../../x.tar",
