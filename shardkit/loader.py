@@ -48,8 +48,14 @@ class ShardkitLoader(DataLoader):
             yield from super().__iter__()
             return
         resume = ds._resume if ds._resume is not None and ds._resume["epoch"] == ds._epoch else None
-        ds._recycle = ({"prefetch": self.prefetch_factor, "consumer": os.getpid()}
-                       if self._recycles() else None)
+        received, limit = None, 0  # batches handed out per worker, for the workers' BatchRing
+        if self._recycles():
+            shared = self._received_counts()
+            received, limit = shared.numpy(), _batches(ds) // self.num_workers
+            ds._recycle = {"prefetch": self.prefetch_factor, "consumer": os.getpid(),
+                           "received": shared}
+        else:
+            ds._recycle = None
         try:
             it = super().__iter__()  # starts (or reuses) the workers, which copy ds._resume
         finally:
@@ -59,9 +65,30 @@ class ShardkitLoader(DataLoader):
                     "shift": resume.get("shift", 0) if resume else 0,
                     "base": dict(resume["consumed"]) if resume else {}}
         ds._progress = progress
+        # While every worker has batches left, item k came from worker k % W (round-robin, in
+        # order); it is marked handed out before the user gets it (still mapped here then).
+        counted, W = limit * self.num_workers, self.num_workers
         for item in it:
-            progress["items"] += 1
+            k = progress["items"]
+            if k < counted:
+                received[k % W] = k // W + 1
+            progress["items"] = k + 1
             yield item
+
+    def _received_counts(self):
+        """Zeroed shared counts, one per worker; the same array for the life of the loader (its
+        persistent workers keep the one they were started with)."""
+        if getattr(self, "_received", None) is None:
+            self._received = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_()
+        self._received.zero_()
+        return self._received
+
+
+def _batches(ds) -> int:
+    try:
+        return len(ds) if getattr(ds, "batch_size", None) is not None else 0
+    except TypeError:
+        return 0
 
 
 def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | None = None,

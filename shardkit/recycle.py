@@ -8,15 +8,18 @@ them when, and only when, all of these hold:
 
 1. the loader is shardkit's (``make_loader``), iterating in order, and told the worker its
    ``prefetch_factor`` P and the main process's pid (``ShardkitLoader`` does, for this iteration);
-2. the buffer held this worker's batch j - P - 1 or older (j: the batch being made). The main
-   process sends a worker its request for batch j only after it has taken batch j - P out of the
-   queue (one new request per batch received, P per worker ahead, round-robin), so the old
-   batch has arrived there, not in flight;
-3. every worker still has batches left (j < the smallest worker's count): once one runs out,
-   requests no longer alternate and 2 stops being a proof;
-4. nothing in this worker refers to the buffer any more (its storage's use count is the ring's
+2. the batch it held has arrived in the main process, not in flight (in the queue, a buffer is
+   mapped nowhere, and check 4 would see nothing). Either the main process says so: the loader
+   counts, in shared memory, the batches of each worker it has handed out (``received``, written
+   before the user gets the batch, so a batch handed out and dropped is reused at once); or it
+   follows from the batch's age: it was this worker's batch j - P - 1 or older (j: the batch
+   being made), and the main process sends a worker its request for batch j only after it has
+   taken batch j - P out of the queue (one new request per batch received, P per worker ahead,
+   round-robin). Both need every worker to have batches left (batch numbers below the smallest
+   worker's count): once one runs out, requests and batches no longer alternate;
+3. nothing in this worker refers to the buffer any more (its storage's use count is the ring's
    own), and this worker's parent is that main process;
-5. the main process maps the buffer no more (``/proc/<pid>/maps``, ~0.2 ms per batch): no tensor
+4. the main process maps the buffer no more (``/proc/<pid>/maps``, ~0.2 ms per batch): no tensor
    there, the user's or the pin-memory thread's, still uses it.
 
 Anything else gets a fresh buffer, as without the ring. What the checks cannot see is a batch the
@@ -51,8 +54,11 @@ def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
 class BatchRing:
     """A worker's recent shared batch buffers (see the module docstring for when one is reused)."""
 
-    def __init__(self, prefetch: int, consumer: int):
+    def __init__(self, prefetch: int, consumer: int, received=None, worker: int = 0):
         self.prefetch, self.consumer = int(prefetch), int(consumer)
+        # received[worker]: how many of this iteration's batches of this worker the main process
+        # has handed out (a shared int64 array the loader writes; None: rely on the age rule)
+        self.received, self.worker = received, int(worker)
         self.slots: list[list] = []  # [storage, nbytes, maps name, iteration, batch number]: one size
         self.iteration = self.batch = self.limit = 0
         self.reused = self.fresh = 0
@@ -86,10 +92,14 @@ class BatchRing:
         return _flat(storage)
 
     def _free(self, nbytes: int, j: int) -> list | None:
-        if j >= self.limit or os.getppid() != self.consumer:
+        if os.getppid() != self.consumer:
             return None
+        # arrived: handed out by the main process, or old enough while all workers are active
+        arrived = min(j, self.limit) - self.prefetch
+        if self.received is not None:
+            arrived = max(arrived, min(int(self.received[self.worker]), self.limit))
         ready = [s for s in self.slots
-                 if s[1] == nbytes and (s[3] < self.iteration or s[4] <= j - self.prefetch - 1)
+                 if s[1] == nbytes and (s[3] < self.iteration or s[4] < arrived)
                  and torch._C._storage_Use_Count(s[0]._cdata) == 1]
         if not ready:
             return None

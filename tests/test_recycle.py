@@ -68,6 +68,32 @@ def test_released_batches_are_recycled_and_stay_right(source, reference):
     assert len(set(files)) <= 2 * 4 < len(files) == 2 * NUM // BATCH
 
 
+class _Slow(StreamingDataset):
+    """Workers far slower than the main process, as in a loader-bound training run."""
+
+    def _process(self, sample, out=None):
+        import time
+
+        time.sleep(0.02)
+        return super()._process(sample, out)
+
+
+def test_a_fast_consumer_needs_few_buffers_even_with_a_deep_prefetch(source, reference):
+    # The main process counts the batches it hands out in shared memory: a worker reuses a
+    # released buffer as soon as the batch reached the user, not prefetch + 1 batches later
+    # (which would take 2 workers x 5 buffers here).
+    ds = _Slow(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    loader = make_loader(ds, num_workers=2, recycle_batches=True, prefetch_factor=4,
+                         pin_memory=False)
+    files, got = [], []
+    for images, labels in loader:
+        files.append(_shm_file(images))
+        got.append((images.clone(), labels.clone()))
+        del images, labels
+    _same(got, reference[0])
+    assert len(set(files)) < 2 * (4 + 1)
+
+
 def test_batches_the_user_holds_are_never_overwritten(source, reference):
     loader = _loader(source, True)
     held = list(loader)  # every batch still referenced when the next ones are made
@@ -127,13 +153,38 @@ def test_ring_reuses_only_old_released_buffers_of_full_batches():
     del b1, b2, b3, b5, small
     ring.take(1000)  # batch 6: an old enough one is free again
     assert ring.reused == 2
-    ring.take(1000)  # batch 7 >= limit (a worker may have run out): never reused
-    assert ring.fresh == 6 and ring.reused == 2
     ring.begin(limit=7)  # a new iteration: the last one's batches were all delivered
     ring.take(1000)
     assert ring.reused == 3
     ring.take(4000)  # larger batches from now on: the smaller buffers are let go
     assert {s[1] for s in ring.slots} == {4000}
+
+
+def test_ring_past_the_limit_reuses_only_what_arrived_before_it():
+    # Past the smallest worker's count (limit) requests no longer prove arrivals: only batches
+    # older than limit - prefetch count as arrived.
+    ring = BatchRing(prefetch=1, consumer=os.getppid())
+    ring.begin(limit=3)
+    first = ring.take(1000).data_ptr()  # batch 0
+    second = ring.take(1000).data_ptr()  # batch 1
+    assert ring.take(1000).data_ptr() == first  # batch 2 takes batch 0's (2 - 1 - 1 >= 0)
+    assert ring.take(1000).data_ptr() == second  # batch 3 >= limit: batch 1 < 3 - 1 arrived
+    ring.take(1000)  # batch 4: its slots hold batches 2 and 3, not known to have arrived
+    assert ring.fresh == 3 and ring.reused == 2
+
+
+def test_ring_reuses_what_the_main_process_says_it_handed_out():
+    received = torch.zeros(2, dtype=torch.int64)
+    ring = BatchRing(prefetch=2, consumer=os.getppid(), received=received, worker=1)
+    ring.begin(limit=10)
+    first = ring.take(1000).data_ptr()  # batch 0
+    ring.take(1000)  # batch 1: batch 0 neither old enough (1 - 2 - 1 < 0) nor handed out
+    assert ring.fresh == 2
+    received[0] = 5  # another worker's count says nothing about ours
+    ring.take(1000)
+    assert ring.fresh == 3
+    received[1] = 1  # our batch 0 has been handed out (and nothing maps it): reused at once
+    assert ring.take(1000).data_ptr() == first and ring.reused == 1
 
 
 def test_ring_never_reuses_what_its_consumer_maps(monkeypatch):
