@@ -6,7 +6,11 @@ recipe: resize 256 + center crop 224; batches of ``batch_size`` made by ``worker
 DataLoader workers. Each repeat of a configuration is a warm-up epoch (time to first batch) and
 two timed epochs (samples/s: the steady state of a long training run, not worker start-up).
 Reported per configuration: samples/s, MB/s of stored bytes, CPU cores used in the timed epochs,
-peak memory (RSS of the main process and the largest worker, PSS of all), time to first batch.
+time to first batch, and memory: the peak of the machine's anonymous + shared memory over all
+epochs, sampled every 2 ms, above what it was before the loader was made (``peak_mb``: main
+process and workers together, each page once, page cache not counted; other processes on the
+machine add to it), plus RSS of the main process and the largest worker and the PSS of all at
+each batch from one more epoch (``total_pss_mb``: it misses the peaks between batches).
 ``cold`` runs evict the files from the page cache before each timed epoch
 (``posix_fadvise(DONTNEED)``, no root needed). shardkit's loaders recycle batch memory
 (``recycle_batches=True``, their default with pinned memory on a GPU machine).
@@ -72,6 +76,47 @@ def _pss_mb(pid: int | str = "self") -> float:
     return _proc_mb(pid, "smaps_rollup", "Pss:")
 
 
+def used_mb() -> float:
+    """The machine's anonymous + shared memory (``/proc/meminfo`` AnonPages + Shmem), MB: what
+    processes hold, a page shared by several once, without the page cache; ~30 µs to read."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(("AnonPages:", "Shmem:")):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total / 1024
+
+
+class PeakMemory:
+    """The peak of :func:`used_mb` above its value at start, sampled every ``interval`` seconds
+    on a thread while the ``with`` block runs."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.interval, self.peak = interval, 0.0
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, used_mb() - self.base)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self.base = used_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, used_mb() - self.base)
+
+
 def _reset_peak() -> None:
     try:  # Linux >= 4.0: reset VmHWM so each configuration reports its own peak
         Path("/proc/self/clear_refs").write_text("5")
@@ -108,9 +153,17 @@ def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
     give the steady-state rate a weeks-long training run sees (on a small dataset, starting the
     workers would otherwise weigh as much as the work). ``cold_files`` are evicted from the page
     cache before every timed epoch. CPU is the main process's and its workers' during the timed
-    epochs. With ``memory``, the peak memory is sampled at every batch instead (reading
-    /proc/PID/smaps_rollup costs milliseconds, so timed runs do not do it).
+    epochs. ``peak_mb`` (:class:`PeakMemory`) covers every epoch, from before the loader is made.
+    With ``memory``, RSS and PSS are read at every batch of the warm-up epoch instead of timing
+    epochs (reading /proc/PID/smaps_rollup costs milliseconds, so timed runs do not do it).
     """
+    with PeakMemory() as peak:
+        result = _run_loader(make, stored_bytes, expected, cold_files, memory, epochs)
+    result["peak_mb"] = peak.peak
+    return result
+
+
+def _run_loader(make, stored_bytes, expected, cold_files, memory, epochs) -> dict:
     _reset_peak()
     if cold_files:
         evict(cold_files)
@@ -436,6 +489,7 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
         mem = _time_loader(make, nbytes, n, cold_files, memory=True)
         results[name].update({k: mem[k] for k in ("main_rss_mb", "worker_rss_mb", "total_pss_mb")})
     limits = {k: statistics.median(v) for k, v in limits_runs.items() if v}
+    memory = memory_budget(results, packs, W)
     rate = {k: r["samples_per_s"] for k, r in results.items()}
     ratios = {
         "raw train / naive (warm)": rate["shardkit raw, train"] / rate["naive ImageFolder (warm)"],
@@ -452,10 +506,25 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
         r["vs_naive"] = r["samples_per_s"] / rate["naive ImageFolder (warm)"]
     report = {"samples": n, "image_bytes": folder_bytes, "batch_size": B, "workers": W,
               "repeats": repeats, "cpus": cpus, "results": results, "limits": limits,
-              "ratios": ratios}
+              "ratios": ratios, "memory": memory}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     chart(report, out / "bench.png")
     return report
+
+
+def memory_budget(results: dict, packs: dict, workers: int, shuffle_buffer: int = 1000) -> dict:
+    """The memory target: shardkit's peak no more than the naive loader's plus its shuffle buffers
+    (each worker holds up to ``shuffle_buffer`` read samples, as stored, before emitting them)."""
+    naive = results["naive ImageFolder (warm)"]["peak_mb"]
+    out = {"naive peak MB": naive}
+    for kind, row in (("raw", "shardkit raw, train"), ("tensor256", "shardkit tensor256, train"),
+                      ("tensor256", "shardkit tensor256, train, not recycled")):
+        m = packs[kind]
+        held = min(shuffle_buffer, -(-m.num_samples // workers)) * workers
+        buffer = held * m.num_bytes / m.num_samples / 2**20
+        over = results[row]["peak_mb"] - naive
+        out[row] = {"over naive MB": over, "shuffle buffer MB": buffer, "ok": over <= buffer}
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -463,11 +532,12 @@ def format_report(report: dict) -> str:
              f"{report['batch_size']}, {report['workers']} workers, {report['cpus']} CPUs, "
              f"median of {report['repeats']}",
              f"{'loader':40s} {'samples/s':>9s} {'MB/s':>7s} {'1st batch':>9s} {'cores':>5s} "
-             f"{'main MB':>7s} {'worker MB':>9s} {'total MB':>8s} {'vs naive':>8s}"]
+             f"{'main MB':>7s} {'worker MB':>9s} {'PSS MB':>7s} {'peak MB':>7s} {'vs naive':>8s}"]
     for name, r in report["results"].items():
         lines.append(f"{name:40s} {r['samples_per_s']:9.0f} {r['mb_per_s']:7.1f} "
                      f"{r['first_batch_s']:8.2f}s {r['cpu_cores']:5.2f} {r['main_rss_mb']:7.0f} "
-                     f"{r['worker_rss_mb']:9.0f} {r['total_pss_mb']:8.0f} {r['vs_naive']:7.2f}x")
+                     f"{r['worker_rss_mb']:9.0f} {r['total_pss_mb']:7.0f} {r['peak_mb']:7.0f} "
+                     f"{r['vs_naive']:7.2f}x")
     lines.append("limits:")
     for name, v in report["limits"].items():
         unit = "" if "MB/s" in name else " samples/s"
@@ -475,6 +545,14 @@ def format_report(report: dict) -> str:
     lines.append("ratios:")
     for name, v in report["ratios"].items():
         lines.append(f"  {name:40s} {v:6.2f}x")
+    memory = report.get("memory")
+    if memory:
+        lines.append(f"memory: peak above the naive loader's ({memory['naive peak MB']:.0f} MB) "
+                     "against the shuffle buffers:")
+        for name, m in memory.items():
+            if isinstance(m, dict):
+                lines.append(f"  {name:40s} {m['over naive MB']:+6.0f} MB of "
+                             f"{m['shuffle buffer MB']:4.0f} MB  {'ok' if m['ok'] else 'OVER'}")
     return "\n".join(lines)
 
 

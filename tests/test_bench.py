@@ -55,8 +55,16 @@ def test_loader_bench_tiny_counts_every_sample_and_writes_its_report(tmp_path):
     assert report["samples"] == 16
     # every configuration yielded exactly the 16 samples (_time_loader raises otherwise)
     assert {r["samples"] for r in report["results"].values()} == {16}
-    assert all(r["samples_per_s"] > 0 and r["total_pss_mb"] > 0
+    assert all(r["samples_per_s"] > 0 and r["total_pss_mb"] > 0 and r["peak_mb"] >= 0
                for r in report["results"].values())
+    # the memory target: each worker's shuffle buffer (here all 8 samples a worker reads)
+    memory = report["memory"]
+    assert memory["naive peak MB"] == report["results"]["naive ImageFolder (warm)"]["peak_mb"]
+    raw_mb = sum(p.stat().st_size for p in (tmp_path / "raw").glob("*.tar")) / 2**20
+    row = memory["shardkit raw, train"]
+    assert row["shuffle buffer MB"] == pytest.approx(raw_mb, rel=0.02)
+    assert row["ok"] == (row["over naive MB"] <= row["shuffle buffer MB"])
+    assert "shuffle buffer" in bench.format_report(report)
     assert set(report["ratios"]) >= {"raw train / naive (warm)", "raw train / plain webdataset",
                                      "tensor224 eval / copy limit"}
     # 16 shards or more, so plain webdataset gets a shard per worker
@@ -77,3 +85,27 @@ def test_pack_bench_and_auto_tiny(tmp_path):
     assert set(result["sweep"]) == {"1x2", "2x2"}
     assert result["best"]["num_workers"] in (1, 2)
     assert result["bottleneck"] in ("read", "decode") or result["bottleneck"].startswith("transform")
+
+
+def test_peak_memory_sees_a_short_lived_allocation_in_another_process():
+    # A child process holds 200 MB for a moment and frees it: only a sampler sees that, and
+    # the peak counts it once (the child's pages, not the parent's shared ones).
+    import multiprocessing
+
+    from shardkit.bench import PeakMemory
+
+    ctx = multiprocessing.get_context("fork")
+    with PeakMemory() as peak:
+        child = ctx.Process(target=_hold, args=(200 << 20, 0.2))
+        child.start()
+        child.join()
+    assert child.exitcode == 0
+    assert 150 <= peak.peak < 1000
+
+
+def _hold(nbytes: int, seconds: float) -> None:
+    import time
+
+    block = b"\x01" * nbytes  # every page written
+    time.sleep(seconds)
+    del block
