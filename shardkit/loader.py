@@ -49,9 +49,13 @@ class ShardkitLoader(DataLoader):
             return
         resume = ds._resume if ds._resume is not None and ds._resume["epoch"] == ds._epoch else None
         received, limit = None, 0  # batches handed out per worker, for the workers' BatchRing
+        if getattr(self, "_received", None) is not None:
+            self._received.zero_()  # persistent workers that recycle nothing now see no counts
         if self._recycles():
             shared = self._received_counts()
-            received, limit = shared.numpy(), _batches(ds) // self.num_workers
+            received = shared.numpy()
+            # a resumed epoch's workers have unequal counts: no counts, only the age rule then
+            limit = 0 if resume else _batches(ds) // self.num_workers
             ds._recycle = {"prefetch": self.prefetch_factor, "consumer": os.getpid(),
                            "received": shared}
         else:
@@ -76,9 +80,11 @@ class ShardkitLoader(DataLoader):
             yield item
 
     def _received_counts(self):
-        """Zeroed shared counts, one per worker; the same array for the life of the loader (its
-        persistent workers keep the one they were started with)."""
-        if getattr(self, "_received", None) is None:
+        """Zeroed shared counts, one per worker. Persistent workers keep the array they were
+        started with, so it lives as long as the loader; other workers are started by each
+        iteration and get one of their own (two iterations at once, e.g. ``zip(loader, loader)``,
+        must not read each other's counts)."""
+        if getattr(self, "_received", None) is None or not self.persistent_workers:
             self._received = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_()
         self._received.zero_()
         return self._received

@@ -94,6 +94,49 @@ def test_a_fast_consumer_needs_few_buffers_even_with_a_deep_prefetch(source, ref
     assert len(set(files)) < 2 * (4 + 1)
 
 
+def test_counts_of_an_earlier_epoch_never_reach_a_later_one(source, reference):
+    # Persistent workers keep the counts array they were started with. An epoch that recycles
+    # nothing in the main process must not leave them the last epoch's counts: batches that
+    # wait in the queue (the user is slow to start) would be taken for handed out.
+    import time
+
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    # prefetch 4: batches j - 3 .. j - 1 can be sent and not yet received when batch j is made
+    loader = make_loader(ds, num_workers=2, recycle_batches=True, prefetch_factor=4,
+                         pin_memory=False)
+    first = [(images.clone(), labels.clone()) for images, labels in loader]
+    _same(first, reference[0])
+    loader.recycle_batches = False
+    held = []
+    for images, labels in loader:  # a slow user who keeps every batch: the queue stays full
+        held.append((images, labels))
+        time.sleep(0.03)
+    _same(held, reference[1])
+
+
+def test_two_iterations_at_once_never_read_each_others_counts(source, reference):
+    # Without persistent workers every iteration starts workers of its own: one that ran to its
+    # end must not make the other's workers take their queued batches for handed out.
+    import time
+
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    loader = make_loader(ds, num_workers=2, recycle_batches=True, prefetch_factor=4,
+                         pin_memory=False, persistent_workers=False)
+    slow, fast = iter(loader), iter(loader)
+    held, copies = [next(slow)], []
+    for _ in range(10):  # one iteration ahead of the other
+        images, labels = next(fast)
+        copies.append((images.clone(), labels.clone()))
+    for images, labels in slow:  # the one behind keeps every batch; both go on in turn
+        held.append((images, labels))
+        time.sleep(0.005)
+        images, labels = next(fast, (None, None))
+        if images is not None:
+            copies.append((images.clone(), labels.clone()))
+    _same(held, reference[0])
+    _same(copies, reference[0])
+
+
 def test_batches_the_user_holds_are_never_overwritten(source, reference):
     loader = _loader(source, True)
     held = list(loader)  # every batch still referenced when the next ones are made
@@ -178,12 +221,11 @@ def test_ring_reuses_what_the_main_process_says_it_handed_out():
     ring = BatchRing(prefetch=2, consumer=os.getppid(), received=received, worker=1)
     ring.begin(limit=10)
     first = ring.take(1000).data_ptr()  # batch 0
+    received[0] = 5  # another worker's count says nothing about ours
     ring.take(1000)  # batch 1: batch 0 neither old enough (1 - 2 - 1 < 0) nor handed out
     assert ring.fresh == 2
-    received[0] = 5  # another worker's count says nothing about ours
-    ring.take(1000)
-    assert ring.fresh == 3
-    received[1] = 1  # our batch 0 has been handed out (and nothing maps it): reused at once
+    received[1] = 1  # our batch 0 has been handed out (and nothing maps it): reused at once,
+    # where the age rule alone would wait until batch 3
     assert ring.take(1000).data_ptr() == first and ring.reused == 1
 
 
