@@ -286,8 +286,9 @@ class StreamingDataset(IterableDataset):
         self._role, self._emitted = role, consumed
         plan = self._plan(role, num_workers)
         self.skipped = 0
-        # uint8 batches with a crop: each image is decoded straight into its slot of the batch
-        sink = _Sink() if self._views and self.crop is not None else None
+        # uint8 batches: each image goes to its slot of the batch as it is emitted (decoded
+        # straight into it with a crop; copied while its bytes are fresh in the cache without)
+        sink = _Sink(None if self.crop is None else self.crop.size) if self._views else None
         samples = self._emit(plan, consumed, sink)
         ring = None
         if (self._recycle and info is not None and self.batch_size is not None and not consumed
@@ -309,8 +310,7 @@ class StreamingDataset(IterableDataset):
                     continue
                 take = size - max(0, consumed - done)
                 if sink is not None:
-                    h, w = self.crop.size
-                    sink.start(_batch_buffer((take, h, w, 3), ring))
+                    sink.start(take, ring)
                 items = [next(samples) for _ in range(take)]
                 done += size
                 self._emitted += take
@@ -354,7 +354,7 @@ class StreamingDataset(IterableDataset):
                 else:
                     sample, raw = self._process(last_good, out), last_good
             last_good = sample if sink is None else raw
-            yield sample
+            yield sample if sink is None else sink.settle(sample)
 
     def _first_good(self, plan, reader, held, raw: bool = False):
         """A replacement for a bad first sample: the next good one of this worker's stream
@@ -662,8 +662,9 @@ class StreamingDataset(IterableDataset):
             if len(shapes) != 1:
                 raise ValueError(f"batch_size needs images of one size, got {sorted(shapes)[:3]}; "
                                  "pass crop=shardkit.RandomResizedCrop(...) or CenterCrop(...)")
-            # (with a sink, its buffer was this batch's turn of the ring: not taken twice)
-            images = _batch(images, next(iter(shapes)), None if sink is not None else ring)
+            # (a sink that took a buffer took this batch's turn of the ring: not taken twice)
+            taken = sink is not None and sink.out is not None
+            images = _batch(images, next(iter(shapes)), None if taken else ring)
         if self.with_keys:
             return images, labels, [it[2] for it in items]
         return images, labels
@@ -905,20 +906,47 @@ class StreamingDataset(IterableDataset):
 
 
 class _Sink:
-    """The batch being made when images are decoded straight into it (H×W×C slots)."""
+    """The batch being made, slot by slot (H×W×C), as its images are emitted.
 
-    def __init__(self):
+    With a crop (``size`` known) the buffer is taken when the batch starts and images are decoded
+    straight into their slots. Without one it is taken with the first image's shape, and each
+    image is copied in as it comes (``settle``): a sample read just before is still in the CPU
+    cache, and its read buffer is freed at once instead of at the end of the batch."""
+
+    def __init__(self, size: tuple[int, int] | None = None):
+        self.size = size
         self.out: torch.Tensor | None = None
         self.slots: list = []
-        self.i = 0
+        self.i = self.n = 0
+        self.ring = None
 
-    def start(self, out: torch.Tensor) -> None:
-        self.out, self.slots, self.i = out, list(out.numpy()), 0
+    def start(self, n: int, ring=None) -> None:
+        self.n, self.ring, self.i, self.out, self.slots = n, ring, 0, None, []
+        if self.size is not None:
+            self._take((n, *self.size, 3))
+
+    def _take(self, shape: tuple) -> None:
+        self.out = _batch_buffer(shape, self.ring)
+        self.slots = list(self.out.numpy())
 
     def slot(self) -> np.ndarray | None:
         i = self.i
         self.i += 1
         return self.slots[i] if i < len(self.slots) else None
+
+    def settle(self, item):
+        """The emitted ``item`` (image, label, ...) with its image in its slot when it fits."""
+        im = item[0]
+        if self.size is not None or not isinstance(im, np.ndarray) or im.dtype != np.uint8 \
+                or im.ndim != 3:
+            return item
+        if self.out is None:
+            self._take((self.n, *im.shape))
+        slot = self.slots[self.i - 1] if self.i - 1 < len(self.slots) else None
+        if slot is None or slot.shape != im.shape:
+            return item  # another size: fill() gives up, the batch is made the old way
+        slot[...] = im
+        return (slot, *item[1:])
 
     def fill(self, images: list) -> torch.Tensor | None:
         """The N×C×H×W batch once every image is in its slot: most were decoded there; one a

@@ -397,6 +397,52 @@ def test_a_bad_image_in_a_batch_is_replaced_in_its_slot(small_raw, tmp_path, bad
     assert ds.skipped == 1
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uncropped_arrays_are_copied_into_their_slots_shuffled(packed, workers):
+    # Pre-cropped tensor shards: each array is copied into its slot as it is emitted, in the
+    # shuffled order, and every sample lands once.
+    want = {key: dec.decode_array_hwc(data).copy() for data, _, key in
+            StreamingDataset(packed["tensor"], decode="raw", shuffle=False, with_keys=True)}
+    ds = StreamingDataset(packed["tensor"], batch_size=4, with_keys=True, seed=2)
+    seen = []
+    for images, labels, keys in make_loader(ds, num_workers=workers, persistent_workers=False):
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        for image, key in zip(images, keys):
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), want[key]), key
+            seen.append(key)
+    assert sorted(seen) == sorted(want) and seen != sorted(seen)
+
+
+@pytest.mark.parametrize("bad_at", [0, 2])
+def test_a_bad_array_is_replaced_in_its_slot_without_a_crop(packed, tmp_path, bad_at):
+    import shutil
+
+    from _helpers_read import members_of, shard_samples, write_shard
+
+    dest = tmp_path / "ds"
+    shutil.copytree(packed["tensor"], dest)
+    shard = dest / shardkit.Manifest.load(dest).shards[0].url
+    samples = [members_of(s) for s in shard_samples(shard)]
+    samples[bad_at] = [(n, b"not an array" if n.endswith(".npy") else d)
+                       for n, d in samples[bad_at]]
+    write_shard(dest, 0, samples)
+    ds = StreamingDataset(dest, batch_size=4, with_keys=True, shuffle=False, on_error="skip")
+    images, labels, keys = next(iter(ds))
+    twin = bad_at - 1 if bad_at else 1
+    assert keys[bad_at] == keys[twin] and labels[bad_at] == labels[twin]
+    assert torch.equal(images[bad_at], images[twin])
+    assert not torch.equal(images[twin], images[3]) and ds.skipped == 1
+
+
+def test_uncropped_images_of_different_sizes_are_refused_by_name(tmp_path):
+    src = image_folder(tmp_path / "src", classes=1, per_class=2, size=(48, 40))
+    Image.new("RGB", (30, 20), "red").save(next((tmp_path / "src").rglob("*.jpg")))
+    pack(src, tmp_path / "ds", mode="raw")
+    ds = StreamingDataset(tmp_path / "ds", batch_size=2, shuffle=False)
+    with pytest.raises(ValueError, match="one size"):
+        next(iter(ds))
+
+
 def test_resize_into_a_slot_matches_a_fresh_resize():
     region = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
     for flip in (False, True):
