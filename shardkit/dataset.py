@@ -149,6 +149,7 @@ class StreamingDataset(IterableDataset):
         self._recent_offsets: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._recycle: dict | None = None  # set by shardkit's loader for its workers (recycle.py)
         self._ring = None  # this worker's BatchRing
+        self._crop_seed: str | None = None  # "seed/epoch/" of the running iteration
         self._prefetched: set[int] = set()  # shards whose cache download this process started
         self.skipped = 0
 
@@ -285,6 +286,7 @@ class StreamingDataset(IterableDataset):
         role = (worker + shift) % num_workers
         self._role, self._emitted = role, consumed
         plan = self._plan(role, num_workers)
+        self._crop_seed = f"{self.seed}/{self._epoch}/"  # crops follow the plan's epoch
         self.skipped = 0
         # uint8 batches: each image goes to its slot of the batch as it is emitted (decoded
         # straight into it with a crop; copied while its bytes are fresh in the cache without)
@@ -618,7 +620,8 @@ class StreamingDataset(IterableDataset):
                 label = -1
             rng = None
             if self.crop is not None:
-                rng = random.Random(f"{self.seed}/{self._epoch}/{key}")
+                prefix = self._crop_seed or f"{self.seed}/{self._epoch}/"
+                rng = random.Random(prefix + key)
             # Batches of uint8 images without a user transform take the fast path: images come
             # as H×W×C arrays and go straight into a channels-last batch (see _collate).
             fast = self._views

@@ -387,6 +387,9 @@ def _cv2_ready():
     return _cv2
 
 
+_AREA_FROM = 1.2  # shrink factor from which _resize_hwc uses OpenCV's area filter
+
+
 def _resize_hwc(region: np.ndarray, out_size: Tuple[int, int], flip: bool,
                 out: Optional[np.ndarray] = None) -> np.ndarray:
     """Resize (and flip) an H×W×C region to ``out_size``; into ``out`` (a batch slot) when it is
@@ -402,7 +405,10 @@ def _resize_hwc(region: np.ndarray, out_size: Tuple[int, int], flip: bool,
         else:
             out[...] = region
     else:
-        shrink = out_w <= w and out_h <= h
+        # Shrinking needs the area filter against aliasing, but it costs ~5× bilinear (350 vs
+        # 70 µs for 256² -> 224²); below _AREA_FROM, bilinear differs from Pillow's antialiased
+        # filter by < 2 levels on photos (1.14×: 1.5), as OpenCV vs Pillow does anyway.
+        shrink = out_w <= w and out_h <= h and max(w / out_w, h / out_h) >= _AREA_FROM
         flag = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         if out is None:
             out = cv2.resize(region, (out_w, out_h), interpolation=flag)
