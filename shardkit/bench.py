@@ -2,8 +2,8 @@
 
 Every configuration reads the same images in one run, repeats interleaved (A B C A B C …), so the
 ratios hold on a shared, noisy machine. Train recipe: random-resized crop to 224 + flip; eval
-recipe: resize 256 + center crop 224; batches of ``batch_size`` made by ``workers`` persistent
-DataLoader workers. Each repeat of a configuration is a warm-up epoch (time to first batch) and
+recipe: resize 256 + center crop 224, read in order (no shuffle); batches of ``batch_size``
+made by ``workers`` persistent DataLoader workers. Each repeat of a configuration is a warm-up epoch (time to first batch) and
 two timed epochs (samples/s: the steady state of a long training run, not worker start-up).
 Reported per configuration: samples/s, MB/s of stored bytes, CPU cores used in the timed epochs,
 time to first batch, and memory: the peak of the machine's anonymous + shared memory over all
@@ -296,7 +296,9 @@ def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = T
 
     crop = {TRAIN: shardkit.RandomResizedCrop(224), EVAL: shardkit.CenterCrop(224, resize=256),
             PRECROPPED: None}[recipe]
-    ds = shardkit.StreamingDataset(shards, batch_size=batch_size, crop=crop)
+    # evaluation reads in order, as torchvision's reference scripts do (SequentialSampler)
+    ds = shardkit.StreamingDataset(shards, batch_size=batch_size, crop=crop,
+                                   shuffle=recipe == TRAIN)
     # Recycled batch memory: the default on a GPU machine (pinned memory); asked for here, where
     # the consumer only counts and drops each batch.
     return shardkit.make_loader(ds, num_workers=workers, persistent_workers=workers > 0,
