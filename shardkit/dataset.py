@@ -296,8 +296,9 @@ class StreamingDataset(IterableDataset):
         if (self._recycle and info is not None and self.batch_size is not None and not consumed
                 and self._rest_in_force() is None):
             if self._ring is None:
-                self._ring = BatchRing(self._recycle["prefetch"], self._recycle["consumer"],
-                                       self._recycle.get("received"), worker)
+                rc = self._recycle
+                self._ring = BatchRing(rc["prefetch"], rc["consumer"], rc.get("received"), worker,
+                                       rc.get("consumer_start"))
             ring = self._ring
             ring.begin(len(self) // num_workers)
         if self.batch_size is None:

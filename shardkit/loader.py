@@ -8,6 +8,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from .recycle import process_start
+
 
 def _available_cpus() -> int:
     try:
@@ -57,7 +59,7 @@ class ShardkitLoader(DataLoader):
             # a resumed epoch's workers have unequal counts: no counts, only the age rule then
             limit = 0 if resume else _batches(ds) // self.num_workers
             ds._recycle = {"prefetch": self.prefetch_factor, "consumer": os.getpid(),
-                           "received": shared}
+                           "consumer_start": process_start(os.getpid()), "received": shared}
         else:
             ds._recycle = None
         try:

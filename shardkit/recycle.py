@@ -18,7 +18,8 @@ them when, and only when, all of these hold:
    round-robin). Both need every worker to have batches left (batch numbers below the smallest
    worker's count): once one runs out, requests and batches no longer alternate;
 3. nothing in this worker refers to the buffer any more (its storage's use count is the ring's
-   own), and this worker's parent is that main process;
+   own), and the main process is still the one that started the workers (same pid and start
+   time: workers started by fork, spawn or a forkserver alike);
 4. the main process maps the buffer no more (``/proc/<pid>/maps``, ~0.2 ms per batch): no tensor
    there, the user's or the pin-memory thread's, still uses it.
 
@@ -46,6 +47,17 @@ def _shm_name(storage: torch.UntypedStorage) -> str | None:
     return path if path.startswith("/") else None
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None when there is none: with
+    the pid, it names one process for good (pids are reused, start times with them)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2:].split()[19])  # field 22, after the command name
+
+
 def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over ``storage`` (its own reference: what the use count counts)."""
     return torch.empty(0, dtype=torch.uint8).set_(storage)
@@ -54,8 +66,12 @@ def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
 class BatchRing:
     """A worker's recent shared batch buffers (see the module docstring for when one is reused)."""
 
-    def __init__(self, prefetch: int, consumer: int, received=None, worker: int = 0):
+    def __init__(self, prefetch: int, consumer: int, received=None, worker: int = 0,
+                 consumer_start: int | None = None):
         self.prefetch, self.consumer = int(prefetch), int(consumer)
+        # the consumer's start time (/proc/PID/stat): the pid is that process, not a reused one
+        self.consumer_start = (process_start(self.consumer) if consumer_start is None
+                               else int(consumer_start))
         # received[worker]: how many of this iteration's batches of this worker the main process
         # has handed out (a shared int64 array the loader writes; None: rely on the age rule)
         self.received, self.worker = received, int(worker)
@@ -92,7 +108,7 @@ class BatchRing:
         return _flat(storage)
 
     def _free(self, nbytes: int, j: int) -> list | None:
-        if os.getppid() != self.consumer:
+        if self.consumer_start is None or process_start(self.consumer) != self.consumer_start:
             return None
         # arrived: handed out by the main process, or old enough while all workers are active
         arrived = min(j, self.limit) - self.prefetch

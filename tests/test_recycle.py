@@ -229,13 +229,46 @@ def test_ring_reuses_what_the_main_process_says_it_handed_out():
     assert ring.take(1000).data_ptr() == first and ring.reused == 1
 
 
-def test_ring_never_reuses_what_its_consumer_maps(monkeypatch):
+def test_ring_never_reuses_what_its_consumer_maps():
     # This process plays the main process: it maps every buffer the ring made, so even a buffer
     # nothing else refers to is not reused.
-    monkeypatch.setattr(os, "getppid", os.getpid)
     ring = BatchRing(prefetch=0, consumer=os.getpid())
     ring.begin(limit=10)
     ring.take(4096)
     ring.take(4096)
     ring.take(4096)
     assert ring.reused == 0 and ring.fresh == 3
+
+
+def test_ring_reuses_nothing_once_its_consumer_is_another_process():
+    # A pid names one process only together with its start time: a consumer that ended (its pid
+    # free for reuse) or a start time that does not match means no reuse at all.
+    from shardkit.recycle import process_start
+
+    parent = os.getppid()
+    ring = BatchRing(prefetch=0, consumer=parent, consumer_start=process_start(parent) + 1)
+    ring.begin(limit=10)
+    for _ in range(3):
+        ring.take(4096)
+    assert ring.reused == 0 and ring.fresh == 3
+    assert process_start(2**22 + 7) is None  # no such process
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_workers_not_forked_from_the_main_process_recycle_too(source, reference, context):
+    # Python 3.14 starts DataLoader workers with a forkserver by default: their parent is not
+    # the main process, which must not switch recycling off (nor make it unsafe).
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    loader = make_loader(ds, num_workers=2, recycle_batches=True, prefetch_factor=2,
+                         pin_memory=False, multiprocessing_context=context)
+    files, got, kept = [], [], []
+    for k, (images, labels) in enumerate(loader):
+        files.append(_shm_file(images))
+        got.append((images.clone(), labels.clone()))
+        if k % 3 == 0:
+            kept.append((k, images))  # held: never overwritten
+        del images, labels
+    _same(got, reference[0])
+    for k, images in kept:
+        assert torch.equal(images, reference[0][k][0]), f"held batch {k} was overwritten"
+    assert len(set(files)) < len(files)  # buffers were reused
