@@ -3,8 +3,9 @@
 Every configuration reads the same images in one run, repeats interleaved (A B C A B C …), so the
 ratios hold on a shared, noisy machine. Train recipe: random-resized crop to 224 + flip; eval
 recipe: resize 256 + center crop 224, read in order (no shuffle); batches of ``batch_size``
-made by ``workers`` persistent DataLoader workers. Each repeat of a configuration is a warm-up epoch (time to first batch) and
-two timed epochs (samples/s: the steady state of a long training run, not worker start-up).
+made by ``workers`` persistent DataLoader workers. Each repeat of a configuration is a warm-up
+epoch (time to first batch) and two timed epochs (samples/s: the steady state of a long training
+run, not worker start-up).
 Reported per configuration: samples/s, MB/s of stored bytes, CPU cores used in the timed epochs,
 time to first batch, and memory: the peak of the machine's anonymous + shared memory over all
 epochs, sampled every 2 ms, above what it was before the loader was made (``peak_mb``: main
@@ -98,7 +99,8 @@ class PeakMemory:
         import threading
 
         self.interval, self.peak = interval, 0.0
-        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while True:
@@ -514,9 +516,17 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
     return report
 
 
-def memory_budget(results: dict, packs: dict, workers: int, shuffle_buffer: int = 1000) -> dict:
+def memory_budget(results: dict, packs: dict, workers: int,
+                  shuffle_buffer: int | None = None) -> dict:
     """The memory target: shardkit's peak no more than the naive loader's plus its shuffle buffers
-    (each worker holds up to ``shuffle_buffer`` read samples, as stored, before emitting them)."""
+    (each worker holds up to ``shuffle_buffer`` read samples, as stored, before emitting them;
+    default: ``StreamingDataset``'s, which the benchmark's loaders use)."""
+    if shuffle_buffer is None:
+        import inspect
+
+        from .dataset import StreamingDataset
+
+        shuffle_buffer = inspect.signature(StreamingDataset).parameters["shuffle_buffer"].default
     naive = results["naive ImageFolder (warm)"]["peak_mb"]
     out = {"naive peak MB": naive}
     for kind, row in (("raw", "shardkit raw, train"), ("tensor256", "shardkit tensor256, train"),

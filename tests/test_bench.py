@@ -100,7 +100,7 @@ def test_peak_memory_sees_a_short_lived_allocation_in_another_process():
         child.start()
         child.join()
     assert child.exitcode == 0
-    assert 150 <= peak.peak < 1000
+    assert 100 <= peak.peak < 1000  # machine-wide: other processes may free memory meanwhile
 
 
 def _hold(nbytes: int, seconds: float) -> None:

@@ -398,11 +398,12 @@ def test_a_bad_image_in_a_batch_is_replaced_in_its_slot(small_raw, tmp_path, bad
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_uncropped_arrays_are_copied_into_their_slots_shuffled(packed, workers):
+def test_uncropped_arrays_are_copied_into_their_slots_shuffled(packed, workers, monkeypatch):
     # Pre-cropped tensor shards: each array is copied into its slot as it is emitted, in the
-    # shuffled order, and every sample lands once.
+    # shuffled order, and every sample lands once (never by batching at the end).
     want = {key: dec.decode_array_hwc(data).copy() for data, _, key in
             StreamingDataset(packed["tensor"], decode="raw", shuffle=False, with_keys=True)}
+    monkeypatch.setattr(dsmod, "_batch", lambda *a, **k: pytest.fail("batched at the end"))
     ds = StreamingDataset(packed["tensor"], batch_size=4, with_keys=True, seed=2)
     seen = []
     for images, labels, keys in make_loader(ds, num_workers=workers, persistent_workers=False):
@@ -413,7 +414,7 @@ def test_uncropped_arrays_are_copied_into_their_slots_shuffled(packed, workers):
     assert sorted(seen) == sorted(want) and seen != sorted(seen)
 
 
-@pytest.mark.parametrize("bad_at", [0, 2])
+@pytest.mark.parametrize("bad_at", [0, 2, 4])  # 4: the first of the second batch
 def test_a_bad_array_is_replaced_in_its_slot_without_a_crop(packed, tmp_path, bad_at):
     import shutil
 
@@ -427,11 +428,25 @@ def test_a_bad_array_is_replaced_in_its_slot_without_a_crop(packed, tmp_path, ba
                        for n, d in samples[bad_at]]
     write_shard(dest, 0, samples)
     ds = StreamingDataset(dest, batch_size=4, with_keys=True, shuffle=False, on_error="skip")
-    images, labels, keys = next(iter(ds))
+    batches = list(ds)
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    keys = [k for b in batches for k in b[2]]
     twin = bad_at - 1 if bad_at else 1
     assert keys[bad_at] == keys[twin] and labels[bad_at] == labels[twin]
     assert torch.equal(images[bad_at], images[twin])
-    assert not torch.equal(images[twin], images[3]) and ds.skipped == 1
+    assert len(set(keys)) == len(keys) - 1 and ds.skipped == 1
+    assert not torch.equal(images[twin], images[bad_at + 2])
+
+
+def test_uncropped_arrays_of_different_shapes_are_refused_by_name(tmp_path):
+    for i, shape in enumerate([(8, 8, 3), (8, 8, 3), (6, 8, 3)]):
+        (tmp_path / "src" / "a").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "src" / "a" / f"{i}.npy", np.full(shape, i, np.uint8))
+    pack(tmp_path / "src", tmp_path / "ds", mode="raw")  # arrays stay .npy members
+    ds = StreamingDataset(tmp_path / "ds", batch_size=3, shuffle=False)
+    with pytest.raises(ValueError, match="one size"):
+        next(iter(ds))
 
 
 def test_uncropped_images_of_different_sizes_are_refused_by_name(tmp_path):
@@ -441,6 +456,18 @@ def test_uncropped_images_of_different_sizes_are_refused_by_name(tmp_path):
     ds = StreamingDataset(tmp_path / "ds", batch_size=2, shuffle=False)
     with pytest.raises(ValueError, match="one size"):
         next(iter(ds))
+
+
+@pytest.mark.parametrize("side, flag", [(230, "INTER_LINEAR"), (268, "INTER_LINEAR"),
+                                        (269, "INTER_AREA"), (448, "INTER_AREA"),
+                                        (100, "INTER_LINEAR")])
+def test_the_crop_shrinks_with_the_area_filter_from_1_2x_on(side, flag):
+    import cv2
+
+    region = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    got = dec._resize_hwc(region, (224, 224), flip=False)
+    want = cv2.resize(region, (224, 224), interpolation=getattr(cv2, flag))
+    assert np.array_equal(got, want)
 
 
 def test_resize_into_a_slot_matches_a_fresh_resize():

@@ -272,3 +272,29 @@ def test_workers_not_forked_from_the_main_process_recycle_too(source, reference,
     for k, images in kept:
         assert torch.equal(images, reference[0][k][0]), f"held batch {k} was overwritten"
     assert len(set(files)) < len(files)  # buffers were reused
+
+
+@pytest.fixture(scope="module")
+def tensor_source(tmp_path_factory) -> Path:
+    src = image_folder(tmp_path_factory.mktemp("tsrc"), classes=2, per_class=12)
+    dest = tmp_path_factory.mktemp("tds")
+    pack(src, dest, mode="tensor", size=16, max_samples=8)
+    return dest
+
+
+@pytest.mark.parametrize("crop", [None, RandomResizedCrop(12)])
+def test_each_batch_takes_the_ring_once(tensor_source, monkeypatch, crop):
+    # The ring's proof counts takes as batches: a batch made slot by slot (uncropped: the buffer
+    # is taken with the first image's shape) must not take a second buffer when it is stacked.
+    takes = torch.zeros(2, dtype=torch.int64).share_memory_()
+    real = BatchRing.take
+
+    def counted(self, nbytes):
+        takes[self.worker] += 1
+        return real(self, nbytes)
+
+    monkeypatch.setattr(BatchRing, "take", counted)  # the forked workers inherit it
+    ds = StreamingDataset(tensor_source, batch_size=5, crop=crop, seed=1)
+    loader = make_loader(ds, num_workers=2, recycle_batches=True, pin_memory=False)
+    batches = [len(labels) for _, labels in loader]
+    assert sum(batches) == 24 and int(takes.sum()) == len(batches)
