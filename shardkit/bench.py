@@ -139,12 +139,12 @@ def _children() -> list[int]:
 
 def proc_cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc/PID/stat``."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    from .recycle import proc_stat
+
+    fields = proc_stat(pid)
+    if fields is None:
         return 0.0
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15
 
 
 def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,

@@ -47,15 +47,22 @@ def _shm_name(storage: torch.UntypedStorage) -> str | None:
     return path if path.startswith("/") else None
 
 
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot), or None when there is none: with
-    the pid, it names one process for good (pids are reused, start times with them)."""
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` from field 3 (state) on, or None when there is no such
+    process (the command name before them may hold spaces and parentheses)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
-    return int(text[text.rindex(")") + 2:].split()[19])  # field 22, after the command name
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None when there is none: with
+    the pid, it names one process for good (pids are reused, start times with them)."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])  # field 22
 
 
 def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
