@@ -52,7 +52,7 @@ class ShardkitLoader(DataLoader):
         resume = ds._resume if ds._resume is not None and ds._resume["epoch"] == ds._epoch else None
         received, limit = None, 0  # batches handed out per worker, for the workers' BatchRing
         if getattr(self, "_received", None) is not None:
-            self._received.zero_()  # persistent workers that recycle nothing now see no counts
+            self._received.zero_()  # a new iteration; one that recycles nothing shows no counts
         if self._recycles():
             shared = self._received_counts()
             received = shared.numpy()
@@ -82,13 +82,12 @@ class ShardkitLoader(DataLoader):
             yield item
 
     def _received_counts(self):
-        """Zeroed shared counts, one per worker. Persistent workers keep the array they were
-        started with, so it lives as long as the loader; other workers are started by each
-        iteration and get one of their own (two iterations at once, e.g. ``zip(loader, loader)``,
-        must not read each other's counts)."""
+        """Shared counts, one per worker (zeroed by ``__iter__``). Persistent workers keep the
+        array they were started with, so it lives as long as the loader; other workers are
+        started by each iteration and get one of their own (two iterations at once, e.g.
+        ``zip(loader, loader)``, must not read each other's counts)."""
         if getattr(self, "_received", None) is None or not self.persistent_workers:
             self._received = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_()
-        self._received.zero_()
         return self._received
 
 
