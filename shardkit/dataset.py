@@ -621,8 +621,7 @@ class StreamingDataset(IterableDataset):
                 label = -1
             rng = None
             if self.crop is not None:
-                prefix = self._crop_seed or f"{self.seed}/{self._epoch}/"
-                rng = random.Random(prefix + key)
+                rng = random.Random(self._crop_seed + key)  # set by __iter__
             # Batches of uint8 images without a user transform take the fast path: images come
             # as H×W×C arrays and go straight into a channels-last batch (see _collate).
             fast = self._views
@@ -943,13 +942,12 @@ class _Sink:
         im = item[0]
         if self.size is not None or not isinstance(im, np.ndarray) or im.dtype != np.uint8 \
                 or im.ndim != 3:
-            return item
+            return item  # no buffer is taken for what cannot go into one
         if self.out is None:
             self._take((self.n, *im.shape))
         slot = self.slots[self.i - 1] if self.i - 1 < len(self.slots) else None
-        if slot is None or slot.shape != im.shape:
-            return item  # another size: fill() gives up, the batch is made the old way
-        slot[...] = im
+        if slot is None or not _put(slot, im):
+            return item  # another size or type: fill() gives up, the batch is made the old way
         return (slot, *item[1:])
 
     def fill(self, images: list) -> torch.Tensor | None:
@@ -959,14 +957,20 @@ class _Sink:
         if len(images) != len(self.slots):
             return None
         for im, slot in zip(images, self.slots):
-            if im is slot:
-                continue  # decoded in place (the decoders return the ``out`` they were given)
-            if isinstance(im, torch.Tensor) and im.dim() == 3:
-                im = im.permute(1, 2, 0).numpy()
-            if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != slot.shape:
+            # decoded or copied in place already (the decoders return the ``out`` they were given)
+            if im is not slot and not _put(slot, im):
                 return None
-            slot[...] = im
         return self.out.permute(0, 3, 1, 2)
+
+
+def _put(slot: np.ndarray, im) -> bool:
+    """Copy an H×W×C uint8 array, or a C×H×W uint8 tensor, into ``slot`` if it fits."""
+    if isinstance(im, torch.Tensor) and im.dim() == 3:
+        im = im.permute(1, 2, 0).numpy()
+    if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != slot.shape:
+        return False
+    slot[...] = im
+    return True
 
 
 def _batch_buffer(shape: tuple, ring=None) -> torch.Tensor:
