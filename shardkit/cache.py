@@ -188,12 +188,11 @@ class _FileFollower(io.RawIOBase):
     def readinto(self, buf) -> int:
         while self._next is None:
             want = min(len(buf), self._stop - self._pos)
-            if want > 0:
-                data = os.pread(self._fd, want, self._pos)
-                if data:
-                    buf[:len(data)] = data
-                    self._pos += len(data)
-                    return len(data)
+            if want > 0:  # straight into the caller's buffer: no bytes object in between
+                got = os.preadv(self._fd, [memoryview(buf).cast("B")[:want]], self._pos)
+                if got:
+                    self._pos += got
+                    return got
             elif not len(buf):
                 return 0
             state = self._state()
