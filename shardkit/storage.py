@@ -1007,6 +1007,12 @@ class LocalDest:
         os.replace(tmp, self.folder / name)
         fsync_dir(self.folder)
 
+    def publish(self, journal: str, name: str, data: bytes) -> None:
+        """Write ``data`` as ``name`` and remove ``journal`` in one step that a kill cannot
+        split: ``data`` replaces the journal (atomically), then the journal is renamed."""
+        self.write_atomic(journal, data)
+        self.commit(self.folder / journal, name)
+
     def remove(self, name: str) -> None:
         (self.folder / name).unlink(missing_ok=True)
 
@@ -1077,6 +1083,13 @@ class RemoteDest:
     def commit(self, tmp: Path, name: str) -> None:
         self._do("upload", name, lambda: self.store.fs.put_file(str(tmp), self.store.path(name)))
         tmp.unlink(missing_ok=True)
+
+    def publish(self, journal: str, name: str, data: bytes) -> None:
+        """Write ``data`` as ``name``, then remove ``journal``. Object stores cannot rename
+        atomically: a kill between the two leaves a stale journal beside a complete dataset,
+        which ``--resume`` removes."""
+        self.write_atomic(name, data)
+        self.remove(journal)
 
     def remove(self, name: str) -> None:
         if self.exists(name):

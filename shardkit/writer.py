@@ -203,9 +203,10 @@ def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples,
     manifest = Manifest(classes=scan.classes, num_samples=sum(s.num_samples for s in writer.shards),
                         shards=writer.shards, options=options, skipped=writer.skipped,
                         ignored=scan.ignored, tensor=tensor)
-    out.write_atomic(MANIFEST_NAME if part is None else part_manifest_name(part),
-                     manifest.to_json().encode("utf-8"))
-    out.remove(_journal_name(part))
+    # The journal becomes the manifest: wherever a kill lands, the folder holds either the
+    # journal (unfinished, or finished and published by --resume) or the manifest, never both.
+    out.publish(_journal_name(part), MANIFEST_NAME if part is None else part_manifest_name(part),
+                manifest.to_json().encode("utf-8"))
     _remove_temporaries(out, part, prefix)
     manifest.base_url = out.url("").rstrip("/")
     manifest.stats = {"seconds": time.perf_counter() - started, "bytes": manifest.num_bytes,
@@ -406,6 +407,8 @@ def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: b
             raise DestinationError(f"{out.url('')}: holds a manifest that cannot be read ({exc}); "
                                    "use an empty folder or overwrite=True") from exc
         if resume and existing.options.get("fingerprint") == fingerprint:
+            out.remove(journal_name)  # left by a kill between a remote manifest and its removal
+            _remove_temporaries(out, part, prefix)
             existing.base_url = out.url("").rstrip("/")
             existing.stats = {"seconds": 0.0, "samples": existing.num_samples,
                               "shards": len(existing.shards), "bytes": existing.num_bytes,
@@ -443,6 +446,11 @@ def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: b
     _remove_temporaries(out, part, prefix)
     if journal is None:
         return [], 0, [], None
+    if journal.get("format") is not None:  # the finished manifest, killed before it was published
+        finished = _finished_journal(out, journal_name, raw, fingerprint, part)
+        if finished is not None:
+            return finished
+        journal = {}
     if journal.get("fingerprint") != fingerprint:
         raise DestinationError(f"{out.url('')}: holds an unfinished pack of different files or "
                                "options; use an empty folder or overwrite=True (--overwrite)")
@@ -457,6 +465,24 @@ def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: b
         consumed = entry["consumed"]
     skipped = [s for s in journal["skipped"] if s["pos"] < consumed]
     return entries, consumed, skipped, journal.get("tensor") if entries else None
+
+
+def _finished_journal(out, journal_name: str, raw: bytes, fingerprint: str, part):
+    """A journal that holds this pack's finished manifest (the packer was killed between writing
+    it and renaming it to the manifest's name): published now and returned; None if it is not
+    this pack's."""
+    try:
+        done = Manifest.from_json(raw, out.url(journal_name))
+    except ManifestError:
+        return None
+    if done.options.get("fingerprint") != fingerprint:
+        return None
+    out.publish(journal_name, MANIFEST_NAME if part is None else part_manifest_name(part), raw)
+    done.base_url = out.url("").rstrip("/")
+    done.stats = {"seconds": 0.0, "samples": done.num_samples, "shards": len(done.shards),
+                  "bytes": done.num_bytes, "skipped": len(done.skipped), "ignored": done.ignored,
+                  "resumed_shards": len(done.shards)}
+    return done
 
 
 def _part_done(out, part, fingerprint: str, resume: bool) -> Manifest | None:

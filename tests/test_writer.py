@@ -420,6 +420,48 @@ def test_resume_after_crash_at_each_step(mixed_folder, tmp_path, monkeypatch, wh
     assert all_files(dest) == ref
 
 
+def test_kill_before_the_manifest_is_published_resumes_to_the_same_files(mixed_folder, tmp_path,
+                                                                          monkeypatch):
+    """The finished manifest replaces the journal, then is renamed: a kill between the two
+    leaves the journal only (never both), and --resume publishes it without packing again."""
+    kw = dict(max_samples=4)
+    ref_m = pack(mixed_folder, tmp_path / "ref", **kw)
+    ref = all_files(Path(ref_m.base_url))
+    dest = tmp_path / "out"
+    real_replace = os.replace
+
+    def replace(a, b):
+        if Path(b).name == MANIFEST_NAME:
+            raise _Crash()
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Crash):
+        pack(mixed_folder, dest, **kw)
+    monkeypatch.undo()
+    assert not (dest / MANIFEST_NAME).exists()
+    assert json.loads((dest / JOURNAL_NAME).read_bytes())["format"] == "shardkit"
+    encoded = []
+    monkeypatch.setattr(writer_mod, "_encode_chunk", lambda *a: encoded.append(a) or [])
+    m = pack(mixed_folder, dest, resume=True, **kw)
+    assert not encoded  # nothing packed again
+    assert m == ref_m and m.stats["resumed_shards"] == len(ref_m.shards) == 5
+    assert all_files(dest) == ref
+
+
+def test_resume_of_a_complete_pack_removes_a_stale_journal(mixed_folder, tmp_path):
+    """An object store cannot rename: a kill between its manifest and the journal's removal
+    leaves both; --resume keeps the dataset and removes the journal."""
+    kw = dict(max_samples=4)
+    ref = all_files(Path(pack(mixed_folder, tmp_path / "ref", **kw).base_url))
+    dest = tmp_path / "out"
+    pack(mixed_folder, dest, **kw)
+    (dest / JOURNAL_NAME).write_bytes(b'{"fingerprint": "x", "shards": []}')
+    m = pack(mixed_folder, dest, resume=True, **kw)
+    assert m.stats["resumed_shards"] == 5
+    assert all_files(dest) == ref
+
+
 def test_resume_redoes_a_damaged_shard(mixed_folder, tmp_path, monkeypatch):
     kw = dict(max_samples=4)
     ref = all_files(Path(pack(mixed_folder, tmp_path / "ref", **kw).base_url))
