@@ -12,15 +12,8 @@ import os
 import sys
 import warnings
 
+from .common import available_cpus, format_bytes
 from .errors import ShardkitError
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _parse_part(text: str) -> tuple[int, int]:
@@ -141,7 +134,7 @@ def _merge_main(args) -> int:
         return 1
     if not args.quiet:
         print(f"merged {args.merge_parts} parts: {m.num_samples} samples in {len(m.shards)} shards "
-              f"({_fmt_bytes(m.num_bytes)}) -> {args.dest}")
+              f"({format_bytes(m.num_bytes)}) -> {args.dest}")
     return 0
 
 
@@ -156,14 +149,14 @@ def _pack_distributed(args, kwargs) -> int:
     import torch
     import torch.distributed as dist
 
-    from .writer import _default_workers, merge_parts
+    from .writer import merge_parts
 
     own = not dist.is_initialized()
     if own:  # a part may take hours longer than another: the collectives wait for the slowest
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # share this machine's CPUs
-        kwargs["workers"] = max(1, _default_workers() // max(1, int(os.environ["LOCAL_WORLD_SIZE"])))
+        kwargs["workers"] = max(1, available_cpus() // max(1, int(os.environ["LOCAL_WORLD_SIZE"])))
     kwargs.update(part=(rank, world), finalize=False)
     code, m, bug = 1, None, None
     try:
@@ -210,7 +203,7 @@ def _print_pack_summary(args, m, merged: bool | None = None) -> None:
         else:
             end = (f"; waiting for part(s) {', '.join(map(str, s['waiting_for']))} (the last part "
                    f"to finish writes manifest.json; or run with --merge-parts {n})")
-    print(f"{what}packed {s['samples']} samples into {s['shards']} shards ({_fmt_bytes(s['bytes'])}), "
+    print(f"{what}packed {s['samples']} samples into {s['shards']} shards ({format_bytes(s['bytes'])}), "
           f"skipped {s['skipped']}, ignored {s['ignored']} non-image files{resumed}, "
           f"in {s['seconds']:.1f} s -> {args.dest}{end}")
     for entry in m.skipped[:20]:
@@ -236,8 +229,8 @@ def show_main(argv=None) -> int:
     print(f"samples   {m.num_samples}")
     classes = "none (flat folder)" if m.classes is None else f"{len(m.classes)}: " + ", ".join(m.classes[:10]) + (" ..." if len(m.classes) > 10 else "")
     print(f"classes   {classes}")
-    print(f"shards    {len(m.shards)}, {_fmt_bytes(sum(sizes))} in all, "
-          f"{_fmt_bytes(min(sizes))} to {_fmt_bytes(max(sizes))} each")
+    print(f"shards    {len(m.shards)}, {format_bytes(sum(sizes))} in all, "
+          f"{format_bytes(min(sizes))} to {format_bytes(max(sizes))} each")
     opts = {k: v for k, v in m.options.items() if k != "fingerprint" and v is not None}
     print("options   " + ", ".join(f"{k}={v}" for k, v in opts.items()))
     if m.tensor:
@@ -245,7 +238,7 @@ def show_main(argv=None) -> int:
     print(f"skipped   {len(m.skipped)}" + "".join(f"\n  {s['path']}: {s['reason']}" for s in m.skipped[:10]))
     print(f"ignored   {m.ignored} non-image files")
     for s in m.shards[:10]:
-        print(f"  {s.url}  {s.num_samples} samples  {_fmt_bytes(s.num_bytes)}  sha256 {s.sha256[:16]}…")
+        print(f"  {s.url}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  sha256 {s.sha256[:16]}…")
     if len(m.shards) > 10:
         print(f"  ... {len(m.shards) - 10} more shards")
     if args.keys and m.shards:
@@ -254,17 +247,21 @@ def show_main(argv=None) -> int:
 
 
 def _first_keys(m, n: int) -> list[str]:
-    import tarfile
-    from pathlib import Path
+    """The first ``n`` sample keys of the first shard, read through the manifest's store."""
+    from .shardformat import iter_keys
 
+    shard = m.shards[0]
+    store = m.shard_store()
     keys: list[str] = []
-    with tarfile.open(Path(m.base_url) / m.shards[0].url, mode="r:") as tf:
-        for info in tf:
-            key = info.name.split(".", 1)[0]
+    stream = store.open_range(shard.url, 0, shard.num_bytes)
+    try:
+        for key, _ in iter_keys(stream, store.url(shard.url)):
             if key not in keys:
                 keys.append(key)
                 if len(keys) >= n:
                     break
+    finally:
+        stream.close()
     return keys
 
 
@@ -285,12 +282,12 @@ def verify_main(argv=None) -> int:
         print(f"MISMATCH {url}: {what}", file=sys.stderr)
     status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
     print(f"verify {status}: {report.shards} shards, {report.samples} samples, "
-          f"{_fmt_bytes(report.bytes)} read")
+          f"{format_bytes(report.bytes)} read")
     return 0 if report.ok else 1
 
 
 def demo_main(argv=None) -> int:
-    from .demo import run_demo
+    from .bench.demo import run_demo
 
     p = argparse.ArgumentParser(prog="shardkit demo", description="Make, pack and read a small dataset.")
     p.add_argument("--dir", default="demo-data", help="working folder (default ./demo-data)")
@@ -302,7 +299,7 @@ def bench_main(argv=None) -> int:
     import json
     from pathlib import Path
 
-    from .bench import auto, format_report, run, run_pack
+    from .bench.loaders import auto, format_report, run, run_pack
 
     p = argparse.ArgumentParser(prog="shardkit bench",
                                 description="Compare loaders (or packing) on the same images in one run.")
@@ -322,7 +319,7 @@ def bench_main(argv=None) -> int:
                    help="local disk against a local S3 server (moto, own process): cold, no, warm cache")
     args = p.parse_args(argv)
     if args.s3:
-        from .bench_s3 import format_s3_report, run_s3
+        from .bench.s3 import format_s3_report, run_s3
 
         report = run_s3(Path(args.source) if args.source else None, Path(args.out),
                         classes=args.classes, per_class=args.per_class,

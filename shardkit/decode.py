@@ -36,12 +36,11 @@ import torch
 from PIL import Image
 
 from .errors import ShardkitError
+from .shardformat import MAX_PIXELS  # default limit on width × height (decompression bombs)
 
 __all__ = ["MAX_PIXELS", "CenterCrop", "CropParams", "ImageDecodeError", "RandomResizedCrop",
            "decode_array", "decode_image", "pil_to_tensor"]
 
-MAX_PIXELS: int = 100_000_000
-"""Default limit on width × height; larger images are refused before decoding (decompression bombs)."""
 
 MODES = ("uint8", "pil", "raw")
 

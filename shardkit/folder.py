@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SourceError
+from .shardformat import IMAGE_FIELDS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = tuple(f".{field}" for field in IMAGE_FIELDS)
 ARRAY_EXTENSIONS = (".npy", ".pt")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_STEM_CHARS = 48

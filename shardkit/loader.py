@@ -8,14 +8,10 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .recycle import process_start
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from .common import available_cpus
+from .dataset import StreamingDataset
+from .recycle import RecycleSpec, process_start
+from .state import LoaderLink
 
 
 class ShardkitLoader(DataLoader):
@@ -24,10 +20,12 @@ class ShardkitLoader(DataLoader):
     That count is what makes ``dataset.state_dict()`` exact with worker processes: the loader hands
     out worker results round-robin, so the items consumed per worker follow from the total.
     The same round-robin lets workers write batches into buffers the main process is done with
-    (``recycle_batches``; see ``shardkit/recycle.py``).
+    (``recycle_batches``; see ``shardkit/recycle.py``). It talks to the dataset through one
+    object, :meth:`StreamingDataset.link_loader`'s :class:`~shardkit.state.LoaderLink`.
     """
 
     recycle_batches: bool | None = None
+    _link: LoaderLink | None = None
 
     def _recycles(self) -> bool:
         if self.num_workers == 0 or not getattr(self, "in_order", True):
@@ -39,46 +37,33 @@ class ShardkitLoader(DataLoader):
 
     def __iter__(self) -> Iterator:
         ds = self.dataset
-        if not hasattr(ds, "_progress"):
+        if not isinstance(ds, StreamingDataset):
             yield from super().__iter__()
             return
-        # A pending global state becomes an exact resume or an elastic rest plan now that the
-        # number of workers is known, before the workers copy the dataset.
-        ds._resolve_resume(max(1, self.num_workers))
-        if self.num_workers == 0:
-            ds._progress = None  # the dataset counts for itself in this process
-            yield from super().__iter__()
-            return
-        resume = ds._resume if ds._resume is not None and ds._resume["epoch"] == ds._epoch else None
-        received, limit = None, 0  # batches handed out per worker, for the workers' BatchRing
+        if self._link is None:
+            self._link = ds.link_loader(self.num_workers)
+        link = self._link
+        received, limit, spec = None, 0, None  # batches handed out per worker, for BatchRing
         if getattr(self, "_received", None) is not None:
             self._received.zero_()  # a new iteration; one that recycles nothing shows no counts
-        if self._recycles():
+        if self.num_workers and self._recycles():
             shared = self._received_counts()
             received = shared.numpy()
             # a resumed epoch's workers have unequal counts: no counts, only the age rule then
-            limit = 0 if resume else _batches(ds) // self.num_workers
-            ds._recycle = {"prefetch": self.prefetch_factor, "consumer": os.getpid(),
-                           "consumer_start": process_start(os.getpid()), "received": shared}
-        else:
-            ds._recycle = None
-        try:
-            it = super().__iter__()  # starts (or reuses) the workers, which copy ds._resume
-        finally:
-            ds._recycle = None  # for this loader's workers only
-        ds._resume = None
-        progress = {"num_workers": self.num_workers, "items": 0, "epoch": ds._epoch,
-                    "shift": resume.get("shift", 0) if resume else 0,
-                    "base": dict(resume["consumed"]) if resume else {}}
-        ds._progress = progress
+            limit = 0 if link.resumed() else _batches(ds) // self.num_workers
+            spec = RecycleSpec(prefetch=self.prefetch_factor, consumer=os.getpid(),
+                               consumer_start=process_start(os.getpid()), received=shared)
+        # A pending global state becomes an exact resume or an elastic rest plan now that the
+        # number of workers is known, before the workers copy the dataset.
+        with link.iteration(spec, received, limit) as progress:
+            it = super().__iter__()  # starts (or reuses) the workers, which copy the dataset
+        if progress is None:  # no worker processes: the dataset counts for itself
+            yield from it
+            return
         # While every worker has batches left, item k came from worker k % W (round-robin, in
         # order); it is marked handed out before the user gets it (still mapped here then).
-        counted, W = limit * self.num_workers, self.num_workers
         for item in it:
-            k = progress["items"]
-            if k < counted:
-                received[k % W] = k // W + 1
-            progress["items"] = k + 1
+            progress.handed_out()
             yield item
 
     def _received_counts(self):
@@ -113,23 +98,25 @@ def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | N
     ``True`` is safe as long as CPU batches are not sent on to other processes.
     """
     if num_workers is None:
-        num_workers = _available_cpus()
+        num_workers = available_cpus()
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
-    if getattr(dataset, "in_memory", False):
-        dataset.preload()
-    if hasattr(dataset, "_resolve_resume"):  # a loaded state: exact or elastic, and len() knows
-        dataset._resolve_resume(max(1, num_workers))
+    link = None
+    if isinstance(dataset, StreamingDataset):
+        if dataset.in_memory:
+            dataset.preload()
+        link = dataset.link_loader(num_workers)  # a loaded state: exact or elastic, len() knows
     kwargs.setdefault("batch_size", None)  # batches are made inside the workers
     if num_workers > 0:
         kwargs["prefetch_factor"] = 2 if prefetch_factor is None else prefetch_factor
         kwargs["persistent_workers"] = persistent_workers
     loader = ShardkitLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
     loader.recycle_batches = recycle_batches
+    loader._link = link
     return loader
 
 

@@ -1,21 +1,21 @@
-"""``manifest.json`` and the per-shard index files: the format's contract with readers.
+"""``manifest.json``: what a dataset holds, and the one path that loads it from a source.
 
-A dataset is a folder (or object-store prefix) holding ``<prefix>-000000.tar`` … , one
-``<prefix>-000000.idx`` beside each shard, and ``manifest.json``, written last.
+A dataset is a folder (or object-store prefix) holding ``<prefix>-000000.tar`` … , one index file
+beside each shard (:mod:`shardkit.shardformat`), and ``manifest.json``, written last.
 
 Compact encoding (``manifest.msgpack``): the same content as ``manifest.json`` in msgpack, for
 manifests with ~100,000 shards, with the shard list stored column-wise: integer columns as packed
 little-endian uint64 bytes, sha256 columns as concatenated raw 32-byte digests, URL columns as a
 ``prefix`` + zero-padded counter + ``suffix`` pattern when every URL follows it
 (``shard-000000.tar`` ...), and plain lists otherwise. JSON stays the canonical format that ``pack`` writes; the msgpack
-file is an optional companion (:func:`shardkit.scale.write_manifest` writes both) that
+file is an optional companion (:func:`write_manifest` writes both) that
 :meth:`Manifest.load` reads when the source names it (``.../manifest.msgpack``), or when a dataset
 folder or prefix has no ``manifest.json``. A folder holding both is read from its JSON, so a stale
 companion can never override the canonical file.
 
-Index file (``.idx``): 8 magic bytes ``SKIDX\\x01\\0\\0``, then ``num_samples + 1`` little-endian
-uint64 byte offsets: where each sample's first tar header starts, and finally where the
-end-of-archive blocks start. A reader can seek to any sample without reading what precedes it.
+Loading: :func:`load_manifest` (and :meth:`Manifest.load`, :meth:`Manifest.from_urls`) resolve a
+source to a store (:mod:`shardkit.storage`) once; the manifest keeps it (``manifest.store``) and
+every shard and index file is read through it.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ManifestError
+from .errors import ManifestError, ShardError
+from .shardformat import MANIFEST_NAME, MSGPACK_NAME, decode_index, index_extent
+from .storage import ListedStore, LocalStore, Store, make_dest, make_store
 
 FORMAT = "shardkit"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-MSGPACK_NAME = "manifest.msgpack"
 MSGPACK_ENCODING = "shardkit-columns/1"  # layout of the msgpack file's shard columns
-INDEX_MAGIC = b"SKIDX\x01\0\0"
 
 
 def _version() -> str:
@@ -83,6 +82,13 @@ class Manifest:
     @property
     def num_bytes(self) -> int:
         return sum(s.num_bytes for s in self.shards)
+
+    def shard_store(self) -> Store:
+        """Where this manifest's shards and index files are read from: the store it was loaded
+        through, or for a manifest made in memory the folder ``base_url`` (else the current one)."""
+        if self.store is not None:
+            return self.store
+        return LocalStore(self.base_url or os.getcwd())
 
     def shard_sizes(self) -> np.ndarray:
         """Samples per shard as a read-only int64 array (what :mod:`shardkit.plan` takes).
@@ -171,9 +177,6 @@ class Manifest:
 
         ``timeout`` (seconds without a byte) and ``retries`` apply to every remote request of the
         manifest and, through ``manifest.store``, of the shards and index files read with it."""
-        from .errors import ShardError
-        from .storage import LocalStore, make_store
-
         named = _names_msgpack(source)
         if named is not None:  # a .msgpack manifest named explicitly: its folder is the dataset
             source, msgpack_name = named
@@ -233,9 +236,6 @@ class Manifest:
         import hashlib
         from concurrent.futures import ThreadPoolExecutor
 
-        from .errors import ShardError
-        from .storage import ListedStore
-
         store = ListedStore(urls, storage_options, timeout=timeout, retries=retries)
 
         def shard(names: tuple[str, str]) -> ShardInfo:
@@ -245,18 +245,12 @@ class Manifest:
             except ShardError as exc:
                 raise ShardError(url, f"cannot read its index file {index_url} "
                                       f"({exc.reason})") from None
-            n = (len(data) - len(INDEX_MAGIC)) // 8 - 1
-            if n < 0 or (len(data) - len(INDEX_MAGIC)) % 8 or not data.startswith(INDEX_MAGIC):
-                raise ShardError(index_url, f"not a shardkit index file ({len(data)} bytes)")
-            end = int.from_bytes(data[-8:], "little")  # where the end-of-archive blocks start
-            if end >= 2**63 - 1024:
-                raise ShardError(index_url, "index offsets are inconsistent with the shard")
+            n, num_bytes = index_extent(data, index_url)
             try:
-                decode_index(data, n, end + 1024, index_url)
+                decode_index(data, n, num_bytes, index_url)
             except ManifestError as exc:
                 raise ShardError(index_url, str(exc).removeprefix(f"{index_url}: ")) from None
-            # shardkit's shards end with exactly 1024 zero bytes after the last sample.
-            return ShardInfo(url=url, num_samples=n, num_bytes=end + 1024, sha256=None,
+            return ShardInfo(url=url, num_samples=n, num_bytes=num_bytes, sha256=None,
                              index_url=index_url,
                              index_sha256=hashlib.sha256(data).hexdigest())
 
@@ -415,20 +409,30 @@ def _decode_column(column: object, count: int, where: str) -> list:
     raise bad(f"unknown column kind {kind!r}")
 
 
-def encode_index(offsets) -> bytes:
-    return INDEX_MAGIC + np.asarray(offsets, dtype="<u8").tobytes()
+def load_manifest(source, storage_options: dict | None = None, *, timeout: float = 60.0,
+                  retries: int = 6) -> Manifest:
+    """The manifest of a source: a :class:`Manifest` as it is; a list or tuple of shard URLs
+    (:meth:`Manifest.from_urls`); a dataset folder, manifest path or URL (:meth:`Manifest.load`)."""
+    if isinstance(source, Manifest):
+        return source
+    if isinstance(source, (list, tuple)):
+        return Manifest.from_urls(source, storage_options, timeout=timeout, retries=retries)
+    return Manifest.load(source, storage_options=storage_options, timeout=timeout, retries=retries)
 
 
-def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str) -> np.ndarray:
-    """Parse and validate an index file against the manifest's counts."""
-    expected = len(INDEX_MAGIC) + 8 * (num_samples + 1)
-    if not data.startswith(INDEX_MAGIC) or len(data) != expected:
-        raise ManifestError(f"{where}: index file is malformed or does not match the manifest "
-                            f"({len(data)} bytes, expected {expected})")
-    raw = np.frombuffer(data, dtype="<u8", offset=len(INDEX_MAGIC))
-    if int(raw.max()) + 1024 > num_bytes:  # in Python ints: no int64 wrap-around below
-        raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
-    offsets = raw.astype(np.int64)
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 1024):
-        raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
-    return offsets
+def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None, *,
+                   json_too: bool = True) -> None:
+    """Write ``manifest.msgpack`` and then (``json_too``) the canonical ``manifest.json``."""
+    out = make_dest(dest, storage_options)
+    if not getattr(out, "remote", False):
+        out.prepare()
+    out.write_atomic(MSGPACK_NAME, manifest.to_msgpack())
+    if json_too:
+        out.write_atomic(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+
+
+def write_msgpack_companion(source, storage_options: dict | None = None) -> Manifest:
+    """Add ``manifest.msgpack`` beside the ``manifest.json`` of an existing dataset."""
+    manifest = Manifest.load(source, storage_options)
+    write_manifest(manifest, manifest.base_url, storage_options, json_too=False)
+    return manifest

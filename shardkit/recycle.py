@@ -32,6 +32,7 @@ asks for it (``make_loader(recycle_batches=True)``).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -65,9 +66,25 @@ def process_start(pid: int) -> int | None:
     return None if fields is None else int(fields[19])  # field 22
 
 
-def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
+def flat_tensor(storage: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over ``storage`` (its own reference: what the use count counts)."""
     return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+@dataclass(frozen=True)
+class RecycleSpec:
+    """What shardkit's loader tells the workers it starts for one iteration: its
+    ``prefetch_factor``, the main process (pid and start time) and the shared ``received``
+    counts (one int64 per worker; see check 2 of the module docstring)."""
+
+    prefetch: int
+    consumer: int
+    consumer_start: int | None
+    received: torch.Tensor | None = None
+
+    def ring(self, worker: int) -> "BatchRing":
+        """The :class:`BatchRing` of DataLoader worker ``worker``."""
+        return BatchRing(self.prefetch, self.consumer, self.received, worker, self.consumer_start)
 
 
 class BatchRing:
@@ -100,7 +117,7 @@ class BatchRing:
         if slot is not None:
             slot[3], slot[4] = self.iteration, j
             self.reused += 1
-            return _flat(slot[0])
+            return flat_tensor(slot[0])
         storage = torch.UntypedStorage._new_shared(nbytes)
         self.fresh += 1
         # Kept: full batches only (the largest size seen). A worker's last, partial batch would
@@ -112,7 +129,7 @@ class BatchRing:
             self.slots.append([storage, nbytes, name, self.iteration, j])
             if len(self.slots) > self.prefetch + 1:  # enough: batch j takes batch j - P - 1's
                 del self.slots[0]  # the oldest; whoever still uses it keeps it alive
-        return _flat(storage)
+        return flat_tensor(storage)
 
     def _free(self, nbytes: int, j: int) -> list | None:
         if self.consumer_start is None or process_start(self.consumer) != self.consumer_start:

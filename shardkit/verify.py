@@ -1,13 +1,15 @@
-"""Re-read every shard of a dataset and check it against the manifest."""
+"""Re-read every shard of a dataset and check it against the manifest (local or remote)."""
 
 from __future__ import annotations
 
 import hashlib
-import tarfile
+import io
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .manifest import Manifest, decode_index
+from .errors import ManifestError, ShardError
+from .manifest import Manifest
+from .shardformat import decode_index, iter_keys
 
 
 @dataclass
@@ -23,21 +25,23 @@ class VerifyReport:
 
 
 def verify(source, storage_options=None, progress: bool = False) -> VerifyReport:
-    """Check sizes, sha256, index files and per-shard sample counts against the manifest."""
-    manifest = Manifest.load(source, storage_options=storage_options)
-    base = Path(manifest.base_url)
-    report = VerifyReport()
-    from tqdm.auto import tqdm
-    import sys
+    """Check sizes, sha256, index files and per-shard sample counts against the manifest.
 
+    ``source`` is anything :meth:`Manifest.load` takes (a folder, ``s3://``, ``http(s)://``);
+    every file is read through the store the manifest was loaded with."""
+    from tqdm.auto import tqdm
+
+    manifest = Manifest.load(source, storage_options=storage_options)
+    store = manifest.shard_store()
+    report = VerifyReport()
     for shard in tqdm(manifest.shards, unit="shard", desc="verify",
                       disable=not progress or not sys.stderr.isatty(), file=sys.stderr):
-        path = base / shard.url
         report.shards += 1
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            report.problems.append((shard.url, f"cannot read: {exc.strerror or exc}"))
+            data = store.read_bytes(shard.url)
+        except ShardError as exc:
+            reason = exc.reason if exc.reason.startswith("cannot") else f"cannot read: {exc.reason}"
+            report.problems.append((shard.url, reason))
             continue
         report.bytes += len(data)
         if len(data) != shard.num_bytes:
@@ -45,11 +49,13 @@ def verify(source, storage_options=None, progress: bool = False) -> VerifyReport
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             report.problems.append((shard.url, "sha256 differs from the manifest"))
         try:
-            index = (base / shard.index_url).read_bytes()
+            index = store.read_bytes(shard.index_url)
             if hashlib.sha256(index).hexdigest() != shard.index_sha256:
                 raise ValueError("sha256 of the index differs from the manifest")
             decode_index(index, shard.num_samples, shard.num_bytes, shard.index_url)
-        except (OSError, ValueError) as exc:
+        except ShardError as exc:
+            report.problems.append((shard.index_url, exc.reason))
+        except (ManifestError, ValueError) as exc:
             report.problems.append((shard.index_url, str(exc)))
         keys = _count_samples(data, shard.url, report)
         report.samples += keys
@@ -59,19 +65,15 @@ def verify(source, storage_options=None, progress: bool = False) -> VerifyReport
 
 
 def _count_samples(data: bytes, url: str, report: VerifyReport) -> int:
-    import io
-
     keys = set()
     last = None
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for info in tf:
-                key = info.name.split(".", 1)[0]
-                if key != last:
-                    if key in keys:
-                        report.problems.append((url, f"sample {key!r} is not contiguous"))
-                    keys.add(key)
-                    last = key
-    except tarfile.TarError as exc:
-        report.problems.append((url, f"not a readable tar: {exc}"))
+        for key, _ in iter_keys(io.BytesIO(data), url):
+            if key != last:
+                if key in keys:
+                    report.problems.append((url, f"sample {key!r} is not contiguous"))
+                keys.add(key)
+                last = key
+    except ShardError as exc:
+        report.problems.append((url, exc.reason))
     return len(keys)

@@ -44,35 +44,19 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from .encode import MAX_PIXELS, EncodeOptions, encode_parts
+from .common import available_cpus, parse_bytes
+from .encode import EncodeOptions, encode_parts
 from .errors import DestinationError, ManifestError, ShardkitError, SourceError, WriteError
 from .folder import Item, scan_folder
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo, encode_index
+from .manifest import Manifest, ShardInfo
+from .shardformat import END_OF_ARCHIVE, MANIFEST_NAME, MAX_PIXELS, encode_index
 from .storage import make_dest
 
 JOURNAL_NAME = ".shardkit-pack.json"
 PART_JOURNAL = ".shardkit-pack-{tag}.json"
 PART_MANIFEST = ".shardkit-part-{tag}.json"
-END_OF_ARCHIVE = b"\0" * 1024
 MODES = ("raw", "resize", "tensor")
 ON_ERROR = ("raise", "skip")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | str) -> int:
-    """``256MB`` -> 256_000_000, ``1GiB`` -> 1_073_741_824, ints unchanged."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = value, 1
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"max_bytes: cannot parse {value!r} (examples: 256MB, 1GiB, 100000)")
-        number, unit = float(match.group(1)), _UNITS[match.group(2).lower()]
-    result = int(number * unit)
-    if result < 4096:
-        raise ValueError(f"max_bytes must be at least 4096 bytes, got {value!r}")
-    return result
 
 
 def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, quality: int = 90,
@@ -109,7 +93,7 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
     if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
         raise ValueError(f"prefix must be letters, digits or _, got {prefix!r}")
     limit = parse_bytes(max_bytes)
-    workers = _default_workers() if workers is None else max(1, int(workers))
+    workers = available_cpus() if workers is None else max(1, int(workers))
     part = _check_part(part)
 
     scan = scan_folder(src)
@@ -216,13 +200,6 @@ def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples,
     if part is not None:
         _finalize_stats(out, manifest, part, options["fingerprint"], finalize)
     return manifest
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _fingerprint(options: dict, order: list[Item]) -> str:

@@ -8,17 +8,18 @@ with a matching index and manifest entry.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from collections import Counter
 from pathlib import Path
 
+import pytest
+import torch
+
 import shardkit
-from shardkit.encode import member
-from shardkit.manifest import MANIFEST_NAME, encode_index
-from shardkit.synth import make_image_folder
-from shardkit.writer import END_OF_ARCHIVE
+from shardkit import StreamingDataset, make_loader
+from shardkit.bench.synth import make_image_folder
+from shardkit.shardformat import END_OF_ARCHIVE, MANIFEST_NAME, decode_index, encode_index, member
 
 
 def image_folder(root: Path, *, classes: int = 5, per_class: int = 13, size=(32, 24)) -> Path:
@@ -103,9 +104,56 @@ def members_of(sample: tuple[str, dict]) -> list[tuple[str, bytes]]:
     return [(f"{key}.{f}", fields[f]) for f in order]
 
 
-def jpeg_bytes(size=(32, 24), color=(200, 30, 30)) -> bytes:
-    from PIL import Image
+def same_items(a, b) -> bool:
+    """Equal items: tensors by value and shape, tuples and lists element-wise."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_items(x, y) for x, y in zip(a, b))
+    return a == b
 
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="JPEG")
-    return buf.getvalue()
+
+def offsets_of(src, shard_no=0):
+    """The sample offsets of one shard of a dataset folder, from its index file."""
+    m = shardkit.Manifest.load(src)
+    s = m.shards[shard_no]
+    return decode_index((Path(m.base_url) / s.index_url).read_bytes(), s.num_samples, s.num_bytes, "")
+
+
+# ----------------------------------------------------------------- datasets of test_dataset, test_state
+
+NUM = 65  # 5 classes x 13: leaves a remainder for 2 and 3 ranks
+LAYOUTS = {"one": NUM, "nine": 8, "many": 3}  # max_samples -> 1, 9 (= 3 ranks x 3 workers), 22 shards
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return image_folder(tmp_path_factory.mktemp("src"), classes=5, per_class=13)
+
+
+@pytest.fixture(scope="module")
+def datasets(folder, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name, max_samples in LAYOUTS.items():
+        dest = tmp_path_factory.mktemp(f"ds_{name}")
+        pack(folder, dest, mode="raw", max_samples=max_samples)
+        out[name] = dest
+    assert [len(shardkit.Manifest.load(out[n]).shards) for n in LAYOUTS] == [1, 9, 22]
+    return out
+
+
+@pytest.fixture(scope="module")
+def keys(datasets) -> list[str]:
+    ks = all_keys(datasets["one"])
+    assert len(ks) == NUM == len(set(ks))
+    return ks
+
+
+def run(source, num_workers=0, **kw):
+    """(dataset, len before iterating, items of one epoch through make_loader)."""
+    kw.setdefault("decode", "raw")
+    kw.setdefault("with_keys", True)
+    ds = StreamingDataset(source, **kw)
+    n = len(ds)
+    loader = make_loader(ds, num_workers=num_workers)
+    return ds, n, list(loader)

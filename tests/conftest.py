@@ -7,6 +7,7 @@ but noisy, so JPEG sizes and shard boundaries behave like real data rather than 
 from __future__ import annotations
 
 import io
+import re
 import os
 import struct
 import sys
@@ -120,3 +121,72 @@ def class_folder(tmp_path_factory) -> Path:
 def src(tmp_path) -> Path:
     """A fresh, writable copy-sized class folder per test."""
     return make_class_folder(tmp_path / "src", per_class=4)
+
+
+# --------------------------------------------------------------------------- after a killed packer
+
+JOURNAL = ".shardkit-pack.json"
+FINAL = re.compile(r"shard-\d{6}\.(tar|idx)")
+TEMPORARY = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
+
+
+def check_interrupted(dest: Path) -> int:
+    """After a packer was stopped: no manifest; every file is a final shard or index, the journal
+    or a temporary; every final shard is complete (its index gives exactly its samples' first
+    members, it ends with the end-of-archive blocks) and, when the journal lists it, has the
+    journal's size and sha256. Returns the number of final shards."""
+    import hashlib
+    import json
+    import tarfile
+
+    from shardkit.shardformat import END_OF_ARCHIVE, MANIFEST_NAME, decode_index
+
+    names = [p.name for p in dest.iterdir()] if dest.exists() else []
+    assert MANIFEST_NAME not in names
+    for name in names:
+        assert FINAL.fullmatch(name) or name == JOURNAL or TEMPORARY.fullmatch(name), name
+    journal = {}
+    if JOURNAL in names:
+        doc = json.loads((dest / JOURNAL).read_text())
+        for entry in doc["shards"]:  # a finished manifest not yet published lists ShardInfo
+            shard = entry if "format" in doc else entry["shard"]
+            journal[shard["url"]] = shard
+    tars = sorted(n for n in names if n.endswith(".tar") and FINAL.fullmatch(n))
+    for name in tars:
+        data = (dest / name).read_bytes()
+        index = (dest / name.replace(".tar", ".idx")).read_bytes()  # written before the rename
+        offsets = decode_index(index, (len(index) - 8) // 8 - 1, len(data), name)
+        assert int(offsets[-1]) + len(END_OF_ARCHIVE) == len(data), name
+        assert data.endswith(END_OF_ARCHIVE), name
+        starts, last = [], None
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for m in tf:
+                key = m.name.split(".", 1)[0]
+                tf.extractfile(m).read()
+                if key != last:
+                    starts.append(m.offset)
+                    last = key
+        assert starts == offsets[:-1].tolist(), name
+        if name in journal:
+            assert hashlib.sha256(data).hexdigest() == journal[name]["sha256"], name
+            assert len(data) == journal[name]["num_bytes"], name
+    return len(tars)
+
+
+def damage_shard(folder: Path, damage: str, shard: str = "shard-000001") -> None:
+    """Damage one shard of a packed folder: ``flip_byte``, ``truncate``, ``missing`` or
+    ``flip_index`` (a byte of its index file)."""
+    target = folder / f"{shard}.tar"
+    data = bytearray(target.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 3] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[: len(data) - 1536]))
+    elif damage == "missing":
+        target.unlink()
+    else:
+        idx = folder / f"{shard}.idx"
+        raw = bytearray(idx.read_bytes())
+        raw[-1] ^= 0x01
+        idx.write_bytes(bytes(raw))

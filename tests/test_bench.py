@@ -10,7 +10,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("boto3")
 pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask, flask-cors)")
 
-from shardkit.bench_s3 import CONFIGS, format_s3_report, run_s3
+from shardkit.bench.s3 import CONFIGS, format_s3_report, run_s3
 from shardkit.cli import main
 
 
@@ -48,7 +48,7 @@ def test_bench_cli_s3(tmp_path, capsys):
 def test_loader_bench_tiny_counts_every_sample_and_writes_its_report(tmp_path):
     from PIL import Image
 
-    from shardkit import bench
+    from shardkit.bench import loaders as bench
 
     report = bench.run(None, tmp_path, classes=2, per_class=8, batch_size=4, repeats=1,
                        cold=False)
@@ -76,7 +76,7 @@ def test_loader_bench_tiny_counts_every_sample_and_writes_its_report(tmp_path):
 
 @pytest.mark.slow
 def test_pack_bench_and_auto_tiny(tmp_path):
-    from shardkit import bench
+    from shardkit.bench import loaders as bench
 
     report = bench.run_pack(None, tmp_path, classes=2, per_class=6, workers=2, repeats=1)
     assert report["files"] == 12 and all(v > 0 for v in report["seconds"].values())
@@ -92,7 +92,7 @@ def test_peak_memory_sees_a_short_lived_allocation_in_another_process():
     # the peak counts it once (the child's pages, not the parent's shared ones).
     import multiprocessing
 
-    from shardkit.bench import PeakMemory
+    from shardkit.bench.loaders import PeakMemory
 
     ctx = multiprocessing.get_context("fork")
     with PeakMemory() as peak:

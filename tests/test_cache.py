@@ -1,7 +1,9 @@
 """ShardCache: download once, stream while downloading, verify, survive kills, evict LRU.
 
-Shard bytes are random data made in the test; ``fetch`` is a fake that yields chunks of them,
-optionally slowly, corrupted or failing. Nothing touches the network.
+Unit tests: shard bytes are random data made in the test; ``fetch`` is a fake that yields chunks
+of them, optionally slowly, corrupted or failing. Then the cache under ``StreamingDataset`` with
+the real test servers on 127.0.0.1 (``_helpers_remote``): shared by workers and ranks, ahead of
+the reader, bounded, and checked.
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from shardkit import StreamingDataset, make_loader
 from shardkit.cache import CacheIntegrityError, ShardCache
 from shardkit.errors import ShardError
+
+from _helpers_remote import BUCKET, LOADER_TIMEOUT, Data, check_same, read_all  # noqa: E402
+from _helpers_remote import big, reference, served, served_big, small  # noqa: E402, F401 - fixtures
+from _helpers_read import shard_samples
+
 
 CHUNK = 16 << 10
 URL = "https://data.example.com/train/shard-000001.tar"
@@ -544,3 +553,147 @@ def test_a_forked_child_follows_the_parents_download_by_its_file(tmp_path):
         assert child.exitcode == 0 and fetch.calls == 1  # the parent's download, once
     finally:
         child.kill()
+
+
+# --------------------------------------------------------------------------- through remote stores
+
+
+def _cache_files(cache_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in cache_dir.glob("*.tar")}
+
+
+def test_cache_shared_by_workers_and_ranks_downloads_each_shard_once(small, served, tmp_path):
+    source, _ = served.source("http")
+    srv, cache_dir = served.srv, tmp_path / "cache"
+    srv.delay(0.01, chunk=4096)  # downloads take a while, so readers overlap
+    kw = dict(decode="raw", with_keys=True, cache_dir=cache_dir, world_size=2, block_size=2)
+    ranks = [StreamingDataset(source, rank=r, **kw) for r in range(2)]
+    loaders = [make_loader(ds, num_workers=2, persistent_workers=False, timeout=LOADER_TIMEOUT)
+               for ds in ranks]
+
+    def epoch():
+        keys: list[list[str]] = [[], []]
+        for pair in zip(*loaders, strict=True):  # both ranks at once, 4 worker processes
+            for rank, (_, _, key) in enumerate(pair):
+                keys[rank].append(key)
+        return keys
+
+    everything = sorted(k for k, _, _ in reference_keys(small))
+    keys = epoch()
+    assert sorted(keys[0] + keys[1]) == everything
+    shard_of = {key: no for no, path in enumerate(small.shard_urls())
+                for key, _ in shard_samples(small.local / path)}
+    shared = {shard_of[k] for k in keys[0]} & {shard_of[k] for k in keys[1]}
+    assert shared, "no shard is read by both ranks: the test proves less than it says"
+    for url in small.shard_urls():  # every shard's bytes asked for exactly once
+        assert served.bytes_asked(url) == len(small.files[url]), (url, served.gets(url))
+    assert sorted(_cache_files(cache_dir).values()) == sorted(len(small.files[u])
+                                                              for u in small.shard_urls())
+    srv.delay(0)
+    srv.clear_counters()
+    for ds in ranks:
+        ds.set_epoch(1)
+    keys = epoch()
+    assert sorted(keys[0] + keys[1]) == everything
+    assert not any(served.gets(url) for url in small.shard_urls()), srv.requests
+
+
+def test_the_cache_downloads_the_next_spans_shards_ahead(small, served, reference, tmp_path):
+    source, _ = served.source("http")
+    cache_dir = tmp_path / "cache"
+    ds = StreamingDataset(source, decode="raw", with_keys=True, seed=7, cache_dir=cache_dir)
+    shards = [small.manifest.shards[s.shard].url for s in ds.plan(0, 1).spans]
+    cache = ShardCache(cache_dir)
+    it = iter(ds)
+    got = [next(it)]
+    # while the first span is read, the shards of the next two spans are downloaded too
+    deadline = time.monotonic() + 20
+    while not all(cache.cached(served.srv.url + f"{BUCKET}/ds/{url}", len(small.files[url]), "")
+                  for url in shards[:3]):
+        assert time.monotonic() < deadline, _cache_files(cache_dir)
+        time.sleep(0.01)
+    assert len(set(shards)) > 3 and len(_cache_files(cache_dir)) == len(set(shards[:3]))
+    got += list(it)
+    check_same([(k, bytes(x), int(y)) for x, y, k in got], reference(small))
+    for url in small.shard_urls():  # each downloaded once: ahead or when read, never both
+        assert served.bytes_asked(url) == len(small.files[url]), (url, served.gets(url))
+
+
+def reference_keys(data: Data):
+    return read_all(data.local, shuffle=False)
+
+
+def test_cache_limit_keeps_the_cache_small_and_yields_everything(small, served, reference,
+                                                                  tmp_path):
+    source, _ = served.source("http")
+    cache_dir = tmp_path / "cache"
+    sizes = [s.num_bytes for s in small.manifest.shards]
+    limit = sum(sizes) // 3
+    ds = StreamingDataset(source, decode="raw", with_keys=True, seed=7, cache_dir=cache_dir,
+                          cache_limit=limit)
+    got, peak = [], 0
+    for x, y, k in ds:
+        got.append((k, bytes(x), int(y)))
+        peak = max(peak, sum(_cache_files(cache_dir).values()))
+    check_same(got, reference(small))
+    assert peak <= limit + max(sizes)
+    assert sum(_cache_files(cache_dir).values()) <= limit + max(sizes)
+    assert len(_cache_files(cache_dir)) < len(sizes)  # something was evicted
+
+
+def _corrupt(path: Path, at: int) -> bytes:
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[at] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    return good
+
+
+def test_corrupted_once_is_downloaded_again_and_read_correctly(big, served_big, reference,
+                                                               tmp_path, monkeypatch):
+    source, _ = served_big.source("http")
+    shard = big.manifest.shards[0]
+    on_disk = served_big.folder / shard.url
+    good = _corrupt(on_disk, shard.num_bytes - 10)  # end-of-archive block: only sha256 sees it
+    fills = []
+    real_fill = ShardCache._fill
+
+    def fill(fd, size, sha256, fetch, st):
+        problem = real_fill(fd, size, sha256, fetch, st)
+        if sha256 == shard.sha256:  # not another shard's download (the next ones start ahead)
+            fills.append(problem)
+            on_disk.write_bytes(good)  # the server serves the right bytes from now on
+        return problem
+
+    monkeypatch.setattr(ShardCache, "_fill", staticmethod(fill))
+    cache = ShardCache(tmp_path / "cache")
+    ds = StreamingDataset(source, decode="raw", with_keys=True, shuffle=False,
+                          cache_dir=cache.cache_dir)
+    it = iter(ds)
+    first = next(it)  # streams from the first download while it is still being checked
+    final = cache.path_for(f"{source}{shard.url}")
+    deadline = time.monotonic() + 20
+    while not final.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    got = [(k, bytes(x), int(y)) for x, y, k in [first] + list(it)]
+    check_same(got, reference(big, shuffle=False))
+    assert fills[0] is not None and "sha256" in fills[0] and fills[1] is None
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == shard.sha256
+    asked = served_big.bytes_asked(shard.url)
+    assert asked == 2 * shard.num_bytes  # downloaded twice, then correct
+
+
+def test_corrupted_for_good_is_an_integrity_error_and_nothing_is_cached(small, served, tmp_path):
+    source, _ = served.source("http")
+    shard = small.manifest.shards[0]
+    _corrupt(served.folder / shard.url, shard.num_bytes - 10)
+    cache = ShardCache(tmp_path / "cache")
+    url = f"{source}{shard.url}"
+    with pytest.raises(CacheIntegrityError) as info:
+        read_all(source, shuffle=False, cache_dir=cache.cache_dir)
+    assert url in str(info.value)
+    final = cache.path_for(url)
+    assert not final.exists()
+    # (the next shards' downloads, started ahead, may still be writing their own temp files)
+    assert not [p for p in cache.cache_dir.iterdir() if p.name.startswith(f".{final.name}.tmp-")]
+    assert served.bytes_asked(shard.url) == 2 * shard.num_bytes  # two tries, then the error

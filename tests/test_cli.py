@@ -15,7 +15,8 @@ from importlib import import_module
 
 import numpy as np
 import pytest
-from conftest import REPO, jpeg_bytes, make_class_folder, photo, png_bytes, subprocess_env, write
+from conftest import (REPO, damage_shard, jpeg_bytes, make_class_folder, photo, png_bytes,
+                      subprocess_env, write)
 from PIL import Image
 
 from shardkit import Manifest
@@ -192,20 +193,7 @@ def test_verify_ok(dataset, capfd):
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "missing", "flip_index"])
 def test_verify_fails_naming_the_shard(dataset, capfd, damage):
-    target = dataset / "shard-000001.tar"
-    data = bytearray(target.read_bytes())
-    if damage == "flip_byte":
-        data[len(data) // 3] ^= 0x01
-        target.write_bytes(bytes(data))
-    elif damage == "truncate":
-        target.write_bytes(bytes(data[: len(data) - 1536]))
-    elif damage == "missing":
-        target.unlink()
-    else:
-        idx = dataset / "shard-000001.idx"
-        raw = bytearray(idx.read_bytes())
-        raw[-1] ^= 0x01
-        idx.write_bytes(bytes(raw))
+    damage_shard(dataset, damage)
     assert run_main(["verify", dataset, "--quiet"]) == 1
     out, err = capfd.readouterr()
     assert "FAILED" in out

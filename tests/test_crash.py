@@ -7,34 +7,25 @@ otherwise it runs the packer under RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import io
-import json
 import os
 import random
-import re
 import resource
 import signal
 import subprocess
 import sys
-import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 import shardkit
 from shardkit import StreamingDataset
-from shardkit.manifest import MANIFEST_NAME, decode_index
+from shardkit.shardformat import MANIFEST_NAME
 
 from _helpers_read import image_folder, pack
-from conftest import REPO, make_class_folder, subprocess_env
+from conftest import (JOURNAL, REPO, TEMPORARY, all_files, check_interrupted, make_class_folder,
+                      subprocess_env)
 
-JOURNAL = ".shardkit-pack.json"
-FINAL = re.compile(r"shard-\d{6}\.(tar|idx)")
-TEMPORARY = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
 
 
 # --------------------------------------------------------------------------- a killed worker
@@ -80,33 +71,7 @@ def _start(src, dest, *extra) -> subprocess.Popen:
 
 
 def _files(dest: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(dest.iterdir()) if p.is_file()}
-
-
-def check_interrupted(dest: Path) -> int:
-    """After a kill: no manifest; every file is a final shard/index, the journal or a temporary;
-    every final shard is complete (its index, its tar members) and matches the journal's sha256."""
-    names = [p.name for p in dest.iterdir()] if dest.exists() else []
-    assert MANIFEST_NAME not in names
-    for name in names:
-        assert FINAL.fullmatch(name) or name == JOURNAL or TEMPORARY.fullmatch(name), name
-    journal = {}
-    if JOURNAL in names:
-        for entry in json.loads((dest / JOURNAL).read_text())["shards"]:
-            journal[entry["shard"]["url"]] = entry["shard"]
-    tars = sorted(n for n in names if n.endswith(".tar") and FINAL.fullmatch(n))
-    for name in tars:
-        data = (dest / name).read_bytes()
-        index = (dest / name.replace(".tar", ".idx")).read_bytes()  # written before the rename
-        n = (len(index) - 8) // 8 - 1
-        offsets = decode_index(index, n, len(data), name)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            starts = {m.offset for m in tf.getmembers()}
-        assert set(offsets[:-1].tolist()) <= starts and data.endswith(b"\0" * 1024)
-        if name in journal:
-            assert hashlib.sha256(data).hexdigest() == journal[name]["sha256"]
-            assert len(data) == journal[name]["num_bytes"]
-    return len(tars)
+    return all_files(dest)
 
 
 @pytest.mark.slow

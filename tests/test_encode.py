@@ -13,7 +13,8 @@ import torch
 from conftest import jpeg_bytes, photo, png_bytes, png_with_size, write
 from PIL import Image
 
-from shardkit.encode import MTIME, EncodeOptions, encode_sample
+from shardkit.encode import EncodeOptions, encode_sample
+from shardkit.shardformat import MTIME
 from shardkit.errors import SourceError
 from shardkit.folder import Item
 

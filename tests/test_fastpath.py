@@ -16,7 +16,7 @@ from PIL import Image
 
 import shardkit
 from shardkit import CenterCrop, RandomResizedCrop, StreamingDataset, make_loader
-from shardkit import dataset as dsmod
+from shardkit import assembly
 from shardkit import decode as dec
 from shardkit.decode import ImageDecodeError, decode_array, decode_image
 
@@ -161,12 +161,6 @@ def _samples(source, **kw) -> dict:
     return {k: bytes(img) for img, _, k in ds}
 
 
-def test_fast_and_strict_tar_paths_give_the_same_samples(packed, monkeypatch):
-    fast = _samples(packed["raw"])
-    monkeypatch.setattr(dsmod, "_parse_sample", lambda *a: None)  # everything to the strict path
-    assert _samples(packed["raw"]) == fast and len(fast) == 21
-
-
 def test_batches_are_channels_last_and_match_the_per_sample_path(packed):
     for source, crop in ((packed["raw"], RandomResizedCrop(24)), (packed["tensor"], None),
                          (packed["tensor"], CenterCrop(24))):
@@ -185,35 +179,6 @@ def test_batches_are_channels_last_and_match_the_per_sample_path(packed):
         assert seen == 2 * len(single)
 
 
-def test_a_tar_written_by_gnu_format_reads_through_the_fast_path(packed, tmp_path, monkeypatch):
-    import shutil
-
-    dest = tmp_path / "gnu"
-    shutil.copytree(packed["raw"], dest)
-    m = shardkit.Manifest.load(dest)
-    calls = []
-    real = dsmod._parse_sample
-    monkeypatch.setattr(dsmod, "_parse_sample", lambda *a: calls.append(1) or real(*a))
-    before = _samples(dest)
-    # rewrite the first shard member by member with tarfile's GNU headers ('ustar  ' magic):
-    # same sizes, so the index still holds
-    shard = dest / m.shards[0].url
-    members = []
-    with tarfile.open(shard) as tar:
-        for info in tar:
-            members.append((info.name, tar.extractfile(info).read()))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue().ljust(m.shards[0].num_bytes, b"\0")[:m.shards[0].num_bytes]
-    shard.write_bytes(data)
-    assert _samples(dest, ) == before
-    assert sum(calls) >= 2 * m.num_samples
-
-
 def test_a_nonzero_archive_end_is_noticed(packed, tmp_path):
     import shutil
 
@@ -222,7 +187,7 @@ def test_a_nonzero_archive_end_is_noticed(packed, tmp_path):
     m = shardkit.Manifest.load(dest)
     shard = dest / m.shards[0].url
     data = bytearray(shard.read_bytes())
-    end = int(shardkit.manifest.decode_index((dest / m.shards[0].index_url).read_bytes(),
+    end = int(shardkit.shardformat.decode_index((dest / m.shards[0].index_url).read_bytes(),
                                              m.shards[0].num_samples, len(data), "idx")[-1])
     info = tarfile.TarInfo("extra.cls")
     info.size = 1
@@ -230,48 +195,6 @@ def test_a_nonzero_archive_end_is_noticed(packed, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(shardkit.errors.ShardError, match="more samples than its index"):
         _samples(dest)
-
-
-def test_read_exact_handles_short_reads():
-    class Dribble(io.RawIOBase):
-        def __init__(self, data):
-            self.data = data
-
-        def readable(self):
-            return True
-
-        def readinto(self, b):
-            n = min(3, len(b), len(self.data))
-            b[:n], self.data = self.data[:n], self.data[n:]
-            return n
-
-    assert dsmod._read_exact(Dribble(b"abcdefghij"), 10) == b"abcdefghij"
-    assert dsmod._read_exact(Dribble(b"abc"), 10) is None
-
-
-def test_member_with_dotdot_or_bad_checksum_is_left_to_the_strict_path():
-    def header(name: str, size: int, fix=None) -> bytearray:
-        info = tarfile.TarInfo(name)
-        info.size = size
-        h = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
-        if fix:
-            fix(h)
-        return h
-
-    good = header("k.cls", 1) + b"3".ljust(512, b"\0")
-    assert dsmod._parse_sample(bytearray(good), "u", False) == {"__key__": "k", "__url__": "u",
-                                                                "cls": b"3"}
-    bad_name = header("../k.cls", 1) + b"3".ljust(512, b"\0")
-    assert dsmod._parse_sample(bytearray(bad_name), "u", False) is None
-
-    def flip(h):
-        h[0] = ord("j")  # name changed after the checksum was computed
-
-    assert dsmod._parse_sample(bytearray(header("k.cls", 1, flip) + b"3".ljust(512, b"\0")),
-                               "u", False) is None
-    two_keys = good + header("x.jpg", 1) + b"3".ljust(512, b"\0")
-    assert dsmod._parse_sample(bytearray(two_keys), "u", False) is None
-    assert dsmod._parse_sample(bytearray(good[:-1]), "u", False) is None
 
 
 # ------------------------------------------------------------------------ fuzz
@@ -403,7 +326,7 @@ def test_uncropped_arrays_are_copied_into_their_slots_shuffled(packed, workers, 
     # shuffled order, and every sample lands once (never by batching at the end).
     want = {key: dec.decode_array_hwc(data).copy() for data, _, key in
             StreamingDataset(packed["tensor"], decode="raw", shuffle=False, with_keys=True)}
-    monkeypatch.setattr(dsmod, "_batch", lambda *a, **k: pytest.fail("batched at the end"))
+    monkeypatch.setattr(assembly, "stack", lambda *a, **k: pytest.fail("batched at the end"))
     ds = StreamingDataset(packed["tensor"], batch_size=4, with_keys=True, seed=2)
     seen = []
     for images, labels, keys in make_loader(ds, num_workers=workers, persistent_workers=False):

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 import shardkit
 from shardkit import StreamingDataset
 from shardkit.errors import ManifestError, ShardkitError, SourceError
-from shardkit.manifest import INDEX_MAGIC, MANIFEST_NAME, MSGPACK_NAME, Manifest
+from shardkit.manifest import Manifest
+from shardkit.shardformat import INDEX_MAGIC, MANIFEST_NAME, MSGPACK_NAME
 from shardkit.verify import verify
 
 from _helpers_read import image_folder, pack

@@ -1,5 +1,5 @@
-"""Behaviour of make_loader, ShardkitLoader and GpuPrefetcher, plus resume through torchdata's
-StatefulDataLoader. Data is generated in a module fixture."""
+"""Behaviour of make_loader, ShardkitLoader and GpuPrefetcher (resume through torchdata's
+StatefulDataLoader is in test_state.py). Data is generated in a module fixture."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.utils.data import get_worker_info
 import shardkit
 from shardkit import GpuPrefetcher, RandomResizedCrop, StreamingDataset, make_loader
 
-from _helpers_read import image_folder, keys_of, pack
+from _helpers_read import image_folder, pack
 
 NUM = 60
 
@@ -63,7 +63,7 @@ def test_make_loader_defaults(source, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert make_loader(ds, num_workers=1).pin_memory is True  # only decided, never iterated here
-    monkeypatch.setattr(shardkit.loader, "_available_cpus", lambda: 5)
+    monkeypatch.setattr(shardkit.loader, "available_cpus", lambda: 5)
     assert make_loader(ds).num_workers == 5
 
 
@@ -141,45 +141,3 @@ def test_gpu_prefetcher_on_cuda(source):
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(images.cpu(), (x.float() / 255 - mean) / std, atol=1e-5)
         assert torch.equal(labels.cpu(), y)
-
-
-# --------------------------------------------------------------------------- 5: StatefulDataLoader
-
-
-def _stateful_case(source, num_workers, k, **kw):
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
-    full = list(StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
-                                   num_workers=num_workers))
-    loader = StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
-                                num_workers=num_workers)
-    it = iter(loader)
-    head = [next(it) for _ in range(k)]
-    state = loader.state_dict()
-    del it
-    resumed = StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
-                                 num_workers=num_workers)
-    resumed.load_state_dict(state)
-    rest = list(resumed)
-    batched = kw.get("batch_size") is not None
-    assert keys_of(head, batched=batched) == keys_of(full[:k], batched=batched)
-    assert keys_of(rest, batched=batched) == keys_of(full[k:], batched=batched), (num_workers, k)
-    for a, b in zip(rest, full[k:]):
-        assert torch.equal(a[0], b[0]) if isinstance(a[0], torch.Tensor) else a[0] == b[0]
-
-
-@pytest.mark.parametrize("num_workers,ks", [(0, (0, 7, NUM)), (1, (4, NUM)), (2, (0, 5, 30)),
-                                            pytest.param(3, (1, 8, NUM), marks=pytest.mark.slow)])
-def test_stateful_dataloader_resume(source, num_workers, ks):
-    pytest.importorskip("torchdata.stateful_dataloader")
-    kw = dict(with_keys=True, crop=RandomResizedCrop(12), block_size=4, shuffle_buffer=6)
-    for k in ks:
-        _stateful_case(source, num_workers, k, **kw)
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_stateful_dataloader_resume_with_batches(source, num_workers):
-    pytest.importorskip("torchdata.stateful_dataloader")
-    kw = dict(with_keys=True, decode="raw", batch_size=4, block_size=4, shuffle_buffer=6)
-    for k in (3, 7):
-        _stateful_case(source, num_workers, k, **kw)

@@ -11,7 +11,7 @@ from conftest import samples_of
 
 from shardkit import Manifest, pack_folder
 from shardkit.errors import ManifestError
-from shardkit.manifest import decode_index
+from shardkit.shardformat import decode_index
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import shardkit
 from shardkit import Manifest, pack_folder, verify
 from shardkit.errors import DestinationError
 from shardkit.folder import scan_folder
-from shardkit.manifest import MANIFEST_NAME
+from shardkit.shardformat import MANIFEST_NAME
 from shardkit.writer import merge_parts, part_manifest_name, part_tag
 
 PACK = [sys.executable, str(REPO / "tools" / "pack.py")]

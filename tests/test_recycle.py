@@ -68,21 +68,29 @@ def test_released_batches_are_recycled_and_stay_right(source, reference):
     assert len(set(files)) <= 2 * 4 < len(files) == 2 * NUM // BATCH
 
 
-class _Slow(StreamingDataset):
-    """Workers far slower than the main process, as in a loader-bound training run."""
+def _slow_workers(monkeypatch) -> None:
+    """Workers far slower than the main process, as in a loader-bound training run (forked
+    workers inherit the patch)."""
+    import time
 
-    def _process(self, sample, out=None):
-        import time
+    from shardkit.assembly import SampleDecoder
 
+    real = SampleDecoder.__call__
+
+    def slow(self, sample, out=None):
         time.sleep(0.02)
-        return super()._process(sample, out)
+        return real(self, sample, out)
+
+    monkeypatch.setattr(SampleDecoder, "__call__", slow)
 
 
-def test_a_fast_consumer_needs_few_buffers_even_with_a_deep_prefetch(source, reference):
+def test_a_fast_consumer_needs_few_buffers_even_with_a_deep_prefetch(source, reference,
+                                                                      monkeypatch):
     # The main process counts the batches it hands out in shared memory: a worker reuses a
     # released buffer as soon as the batch reached the user, not prefetch + 1 batches later
     # (which would take 2 workers x 5 buffers here).
-    ds = _Slow(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    _slow_workers(monkeypatch)
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
     loader = make_loader(ds, num_workers=2, recycle_batches=True, prefetch_factor=4,
                          pin_memory=False)
     files, got = [], []
@@ -174,7 +182,7 @@ def test_the_workers_setting_does_not_outlive_their_loader(source):
     loader = _loader(source, True)
     it = iter(loader)
     next(it)
-    assert loader.dataset._recycle is None  # a plain DataLoader over it later recycles nothing
+    assert loader.dataset._state.recycle is None  # a plain DataLoader over it later recycles nothing
     plain = torch.utils.data.DataLoader(loader.dataset, batch_size=None, num_workers=2)
     assert sum(len(labels) for _, labels in plain) == NUM
 

@@ -14,10 +14,10 @@ import pytest
 
 from shardkit import Manifest, ShardInfo, pack_folder
 from shardkit.errors import ManifestError
-from shardkit.manifest import MSGPACK_NAME
+from shardkit.manifest import write_manifest, write_msgpack_companion
+from shardkit.shardformat import MSGPACK_NAME
 from shardkit.plan import _BlockPermutation, epoch_plan, rank_num_samples
-from shardkit.scale import (format_table, resume_state_sizes, run, synthetic_manifest,
-                            write_manifest, write_msgpack_companion)
+from shardkit.bench.scale import format_table, resume_state_sizes, run, synthetic_manifest
 
 
 # --------------------------------------------------------------------------- msgpack manifest

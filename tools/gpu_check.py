@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import shardkit
-from shardkit.synth import make_image_folder
+from shardkit.bench.synth import make_image_folder
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -1,8 +1,8 @@
 """Scale on paper, measured by simulation: a 100,000-shard, 1,000,000,000-sample manifest.
 
 :func:`synthetic_manifest` builds such a manifest in memory (no shard exists; names, counts and
-digests look like ``pack``'s), :func:`write_manifest` writes it as ``manifest.json`` and its compact
-companion ``manifest.msgpack``, and :func:`run` measures, each case in a fresh process that has
+digests look like ``pack``'s), :func:`shardkit.manifest.write_manifest` writes it as
+``manifest.json`` and its compact companion ``manifest.msgpack``, and :func:`run` measures, each case in a fresh process that has
 already imported torch (as a training process has), the wall time and the peak memory beyond
 that of
 
@@ -11,8 +11,8 @@ that of
   workers, and of all the workers of one rank,
 
 plus the size of a per-worker resume state. ``python tools/scale.py`` prints the table and writes
-the figures as JSON. :func:`write_msgpack_companion` adds ``manifest.msgpack`` beside an existing
-dataset's ``manifest.json``.
+the figures as JSON; ``--companion SOURCE`` adds ``manifest.msgpack`` beside an existing
+dataset's ``manifest.json`` (:func:`shardkit.manifest.write_msgpack_companion`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import MANIFEST_NAME, MSGPACK_NAME, Manifest, ShardInfo
+from ..manifest import Manifest, ShardInfo, write_manifest, write_msgpack_companion
+from ..shardformat import MANIFEST_NAME, MSGPACK_NAME
 
-__all__ = ["run", "synthetic_manifest", "write_manifest", "write_msgpack_companion",
-           "resume_state_sizes", "format_table", "main"]
+__all__ = ["run", "synthetic_manifest", "resume_state_sizes", "format_table", "main"]
 
 NUM_SHARDS = 100_000
 NUM_SAMPLES = 1_000_000_000
@@ -75,26 +75,6 @@ def synthetic_manifest(num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAMP
     return Manifest(classes=[f"class_{c:04d}" for c in range(classes)], num_samples=num_samples,
                     shards=shards, options={"mode": "raw", "size": None, "quality": 90,
                                             "seed": seed, "shuffle": True, "synthetic": True})
-
-
-def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None, *,
-                   json_too: bool = True) -> None:
-    """Write ``manifest.msgpack`` and then (``json_too``) the canonical ``manifest.json``."""
-    from .storage import make_dest
-
-    out = make_dest(dest, storage_options)
-    if not getattr(out, "remote", False):
-        out.prepare()
-    out.write_atomic(MSGPACK_NAME, manifest.to_msgpack())
-    if json_too:
-        out.write_atomic(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
-
-
-def write_msgpack_companion(source, storage_options: dict | None = None) -> Manifest:
-    """Add ``manifest.msgpack`` beside the ``manifest.json`` of an existing dataset."""
-    manifest = Manifest.load(source, storage_options)
-    write_manifest(manifest, manifest.base_url, storage_options, json_too=False)
-    return manifest
 
 
 def resume_state_sizes(num_workers: int = NUM_WORKERS, world_size: int = WORLD_SIZE,

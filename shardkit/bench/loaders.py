@@ -139,7 +139,7 @@ def _children() -> list[int]:
 
 def proc_cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc/PID/stat``."""
-    from .recycle import proc_stat
+    from ..recycle import proc_stat
 
     fields = proc_stat(pid)
     if fields is None:
@@ -433,7 +433,7 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
         per_class: int = 200, batch_size: int = 256, workers: int = 2, repeats: int = 3,
         cold: bool = True) -> dict:
     """Make (or take) an image folder, pack it, and time every configuration ``repeats`` times."""
-    from shardkit.synth import make_image_folder
+    from .synth import make_image_folder
 
     out.mkdir(parents=True, exist_ok=True)
     images = Path(folder or make_image_folder(out / "images", classes=classes, per_class=per_class))
@@ -524,7 +524,7 @@ def memory_budget(results: dict, packs: dict, workers: int,
     if shuffle_buffer is None:
         import inspect
 
-        from .dataset import StreamingDataset
+        from ..dataset import StreamingDataset
 
         shuffle_buffer = inspect.signature(StreamingDataset).parameters["shuffle_buffer"].default
     naive = results["naive ImageFolder (warm)"]["peak_mb"]
@@ -652,7 +652,7 @@ def run_pack(folder: Path | None = None, out: Path = Path("bench-out"), *, class
     import subprocess
 
     import shardkit
-    from shardkit.synth import make_image_folder
+    from .synth import make_image_folder
 
     out.mkdir(parents=True, exist_ok=True)
     images = Path(folder or make_image_folder(out / "images", classes=classes, per_class=per_class))

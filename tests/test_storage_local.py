@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import shardkit
-from shardkit import StreamingDataset, make_loader, storage
+from shardkit import StreamingDataset, make_loader
+from shardkit.storage import local as local_storage
 from shardkit.errors import ManifestError, ShardError
 from shardkit.storage import LocalStore, make_store
 
@@ -164,7 +165,7 @@ def test_local_reads_give_the_same_bytes_in_every_mode(tmp_path, monkeypatch, mo
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     if mode == "streamed":
-        monkeypatch.setattr(storage, "_NOWAIT", None)
+        monkeypatch.setattr(local_storage, "_NOWAIT", None)
     store = LocalStore(tmp_path, timeout=None if mode == "no timeout" else 60)
     assert store.read_bytes("f.bin") == data
     rng = np.random.default_rng(1)
@@ -210,14 +211,14 @@ def test_readers_leave_no_threads_behind(packed, tmp_path):
         list(ds)
     assert threading.active_count() <= before + 8  # idle helpers are kept for reuse, a few
     (tmp_path / "big.bin").write_bytes(bytes(20 << 20))
-    idle = storage._helpers["idle"]
+    idle = local_storage._helpers["idle"]
     reader = LocalStore(tmp_path).open_range("big.bin", 0, 20 << 20)
     reader.read(10)  # its helper has read ahead and now waits for the reader
     del reader  # abandoned, not closed: the helper stops all the same, and is idle again
     deadline = time.monotonic() + 10
-    while storage._helpers["idle"] < max(idle, 1) and time.monotonic() < deadline:
+    while local_storage._helpers["idle"] < max(idle, 1) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert storage._helpers["idle"] >= max(idle, 1)
+    assert local_storage._helpers["idle"] >= max(idle, 1)
 
 
 def test_stalled_folder_is_an_error_when_loading_the_manifest(packed, monkeypatch):

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import _fmt_bytes
+from ..common import format_bytes
 
 
 def _naive_imagefolder(images: Path, batch_size: int, workers: int) -> float:
@@ -28,9 +28,9 @@ def _naive_imagefolder(images: Path, batch_size: int, workers: int) -> float:
 def _stream(dest: Path, batch_size: int, workers: int) -> tuple[float, int, int]:
     from tqdm.auto import tqdm
 
-    from .dataset import StreamingDataset
-    from .decode import RandomResizedCrop
-    from .loader import make_loader
+    from ..dataset import StreamingDataset
+    from ..decode import RandomResizedCrop
+    from ..loader import make_loader
 
     ds = StreamingDataset(dest, batch_size=batch_size, crop=RandomResizedCrop(224), with_keys=True)
     loader = make_loader(ds, num_workers=workers, persistent_workers=False)
@@ -46,21 +46,21 @@ def _stream(dest: Path, batch_size: int, workers: int) -> tuple[float, int, int]
 
 def run_demo(workdir: str = "demo-data", classes: int = 10, per_class: int = 30) -> int:
     from .synth import make_image_folder
-    from .writer import pack_folder
+    from ..writer import pack_folder
 
     root = Path(workdir)
     t0 = time.perf_counter()
     images = make_image_folder(root / "images", classes=classes, per_class=per_class)
     n = classes * per_class
     print(f"[1/3] image folder: {images} ({classes} classes x {per_class} photo-like JPEGs, "
-          f"{_fmt_bytes(sum(p.stat().st_size for p in images.rglob('*.jpg')))}) "
+          f"{format_bytes(sum(p.stat().st_size for p in images.rglob('*.jpg')))}) "
           f"in {time.perf_counter() - t0:.1f} s")
     for mode, size in (("raw", None), ("resize", 256), ("tensor", 224)):
         dest = root / f"shards-{mode}"
         m = pack_folder(images, dest, mode=mode, size=size, max_bytes="8MB", overwrite=True)
         s = m.stats
         print(f"[2/3] packed {mode:6s}: {s['samples']} samples -> {s['shards']} shards "
-              f"({_fmt_bytes(s['bytes'])}) in {s['seconds']:.1f} s "
+              f"({format_bytes(s['bytes'])}) in {s['seconds']:.1f} s "
               f"({s['samples'] / max(s['seconds'], 1e-9):.0f} images/s) -> {dest}")
     print(f"      classes: {', '.join(m.classes[:3])}, ... ({len(m.classes)} in all)")
     workers = 2

@@ -3,7 +3,7 @@
 A caller may read shards from anywhere (local paths, s3://, http(s)://, several hosts and
 prefixes at once); a manifest file may not point outside its own dataset. Every read is compared
 with the read of the packed folder: the same keys, bytes, labels and order. The servers are the
-real ones of test_storage.py (moto's S3 in server mode, ``FaultyHTTPServer``) on 127.0.0.1.
+real ones of _helpers_remote.py (moto's S3 in server mode, ``FaultyHTTPServer``) on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask,
 import shardkit  # noqa: E402
 from shardkit import Manifest, StreamingDataset  # noqa: E402
 from shardkit.errors import ManifestError, ShardError  # noqa: E402
-from shardkit.manifest import MANIFEST_NAME  # noqa: E402
+from shardkit.shardformat import MANIFEST_NAME  # noqa: E402
 from shardkit.storage import ListedStore  # noqa: E402
 
-import test_storage as _ts  # noqa: E402
+import _helpers_remote as _ts  # noqa: E402
 
 BUCKET, FAST = _ts.BUCKET, _ts.FAST
 check_same, clean_aws_env, read_all, upload = (_ts.check_same, _ts.clean_aws_env, _ts.read_all,

@@ -1,0 +1,273 @@
+"""Sample and batch assembly: raw samples in read order -> items in the plan's order -> batches.
+
+:class:`SampleDecoder` turns a raw sample dict into ``(image, label[, key])``: the label from
+``cls``, the image decoded (with the decode-fused crop, seeded per sample from ``seed/epoch/key``)
+and transformed. :func:`emit` holds read samples until the plan emits them (the worker's shuffle
+buffer) and replaces a bad one by the last good one, so that every rank still yields the same
+number of samples and batches. :class:`Sink` puts each emitted uint8 image straight into its slot
+of a channels-last batch (decoded into it with a crop), :func:`collate` makes the batch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from .decode import ImageDecodeError, decode_array, decode_array_hwc, decode_image, decode_image_hwc
+from .errors import DecodeError, ShardError
+from .plan import WorkerPlan, resume_position
+from .reader import BadSample, Skips
+from .recycle import flat_tensor
+from .shardformat import IMAGE_FIELDS
+
+
+class SampleDecoder:
+    """A raw sample dict -> ``(image, label)`` or ``(image, label, key)``.
+
+    ``fast``: uint8 batches without a transform: images come as H×W×C arrays (views of the read
+    buffer when uncropped) and go straight into a channels-last batch."""
+
+    def __init__(self, *, decode: str, crop, transform: Callable | None, with_keys: bool,
+                 max_pixels: int, fast: bool):
+        self.decode, self.crop, self.transform = decode, crop, transform
+        self.with_keys, self.max_pixels, self.fast = with_keys, max_pixels, fast
+        self.crop_seed = ""  # "seed/epoch/" of the running iteration: crops follow the plan's epoch
+
+    def __call__(self, sample: dict, out: np.ndarray | None = None):
+        key, url = sample["__key__"], sample["__url__"]
+        field = next((f for f in IMAGE_FIELDS if f in sample), None)
+        try:
+            if "cls" in sample:
+                text = sample["cls"]
+                if not (0 < len(text) <= 10 and text.isdigit()):
+                    raise ImageDecodeError(f"class label {text[:20]!r} is not a number")
+                label = int(text)
+            else:
+                label = -1
+            crop = self.crop
+            rng = None if crop is None else random.Random(self.crop_seed + key)
+            if field is not None:
+                if self.fast and crop is not None:
+                    image = decode_image_hwc(sample[field], crop=crop, rng=rng,
+                                             max_pixels=self.max_pixels, out=out)
+                else:
+                    image = decode_image(bytes(sample[field]), mode=self.decode, crop=crop,
+                                         rng=rng, max_pixels=self.max_pixels)
+            elif "npy" in sample and self.fast:
+                image = decode_array_hwc(sample["npy"], crop=crop, rng=rng, out=out)
+            elif "npy" in sample:
+                image = decode_array(sample["npy"], crop=crop, rng=rng)
+                if self.decode == "pil":
+                    from PIL import Image
+
+                    image = Image.fromarray(image.permute(1, 2, 0).numpy())
+                elif self.decode == "raw":
+                    image = sample["npy"]
+            else:
+                raise ImageDecodeError("sample has no image (no jpg/png/webp/npy member)")
+        except ImageDecodeError as exc:
+            raise DecodeError(url, exc.reason, key=key) from None
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.with_keys:
+            return image, label, key
+        return image, label
+
+
+def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], process,
+         on_error: str, skips: Skips, sink: "Sink | None" = None, where: str = "") -> Iterator:
+    """Processed samples in the plan's order from its ``consumed``-th on; a bad one is replaced
+    by the last good one (``on_error="skip"``) or raised.
+
+    ``read(spans, start)`` yields ``(stream position, raw sample or BadSample)`` (``spans`` None:
+    the whole dataset); ``process`` is a :class:`SampleDecoder`; ``where`` names the dataset.
+    With a ``sink``, each image is decoded into the sink's next slot; the last good sample is then
+    kept raw and decoded again into the slot of the bad one it replaces."""
+    order = plan.order
+    start = resume_position(order, consumed)
+    already = set(order[:consumed].tolist()) if consumed else set()
+    reader = read(plan.spans, start)
+    held: dict[int, Any] = {}
+    last_good = None  # processed; raw with a sink
+    for idx in order[consumed:].tolist():
+        while idx not in held:
+            pos, sample = next(reader)
+            if pos not in already:
+                held[pos] = sample
+        raw = held.pop(idx)
+        out = None if sink is None else sink.slot()
+        sample = raw
+        if not isinstance(sample, BadSample):
+            try:
+                sample = process(sample, out)
+            except DecodeError as exc:
+                sample = BadSample(exc)
+        if isinstance(sample, BadSample):
+            if on_error == "raise":
+                raise sample.error
+            skips.samples += 1
+            if last_good is None:
+                last_good = _first_good(reader, held, process, read, where, raw=sink is not None)
+            if sink is None:
+                sample = last_good
+            else:
+                sample, raw = process(last_good, out), last_good
+        last_good = sample if sink is None else raw
+        yield sample if sink is None else sink.settle(sample)
+
+
+def _first_good(reader, held: dict, process, read, where: str, raw: bool = False):
+    """A replacement for a bad first sample: the next good one of this worker's stream
+    (processed, or with ``raw`` as read, once it is known to process)."""
+    def good(cand):
+        if isinstance(cand, BadSample):
+            return None
+        try:
+            processed = process(cand)
+        except DecodeError:
+            return None
+        return cand if raw else processed
+
+    for pos in sorted(held):
+        found = good(held[pos])
+        if found is not None:
+            return found
+    for pos, cand in reader:
+        held[pos] = cand
+        found = good(cand)
+        if found is not None:
+            return found
+    # Every sample of this worker's share is bad: borrow the dataset's first good sample, so
+    # that this rank still yields as many samples as the others.
+    for _, cand in read(None, 0):
+        found = good(cand)
+        if found is not None:
+            return found
+    raise ShardError(where, "every sample of the dataset is bad")
+
+
+class Sink:
+    """The batch being made, slot by slot (H×W×C), as its images are emitted.
+
+    With a crop (``size`` known) the buffer is taken when the batch starts and images are decoded
+    straight into their slots. Without one it is taken with the first image's shape, and each
+    image is copied in as it comes (``settle``): a sample read just before is still in the CPU
+    cache, and its read buffer is freed at once instead of at the end of the batch."""
+
+    def __init__(self, size: tuple[int, int] | None = None):
+        self.size = size
+        self.out: torch.Tensor | None = None
+        self.slots: list = []
+        self.i = self.n = 0
+        self.ring = None
+
+    def start(self, n: int, ring=None) -> None:
+        self.n, self.ring, self.i, self.out, self.slots = n, ring, 0, None, []
+        if self.size is not None:
+            self._take((n, *self.size, 3))
+
+    def _take(self, shape: tuple) -> None:
+        self.out = batch_buffer(shape, self.ring)
+        self.slots = list(self.out.numpy())
+
+    def slot(self) -> np.ndarray | None:
+        i = self.i
+        self.i += 1
+        return self.slots[i] if i < len(self.slots) else None
+
+    def settle(self, item):
+        """The emitted ``item`` (image, label, ...) with its image in its slot when it fits."""
+        im = item[0]
+        if self.size is not None or not isinstance(im, np.ndarray) or im.dtype != np.uint8 \
+                or im.ndim != 3:
+            return item  # no buffer is taken for what cannot go into one
+        if self.out is None:
+            self._take((self.n, *im.shape))
+        slot = self.slots[self.i - 1] if self.i - 1 < len(self.slots) else None
+        if slot is None or not _put(slot, im):
+            return item  # another size or type: fill() gives up, the batch is made the old way
+        return (slot, *item[1:])
+
+    def fill(self, images: list) -> torch.Tensor | None:
+        """The N×C×H×W batch once every image is in its slot: most were decoded there; one a
+        fallback decoder (Pillow) returned on its own is copied in. None when an image does not
+        fit a slot (another size or channel count): the caller batches them another way."""
+        if len(images) != len(self.slots):
+            return None
+        for im, slot in zip(images, self.slots):
+            # decoded or copied in place already (the decoders return the ``out`` they were given)
+            if im is not slot and not _put(slot, im):
+                return None
+        return self.out.permute(0, 3, 1, 2)
+
+
+def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None):
+    """One batch ``(images, int64 labels[, keys])`` of emitted items."""
+    images = [it[0] for it in items]
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    batch = None if sink is None else sink.fill(images)
+    if batch is not None:
+        images = batch
+    elif isinstance(images[0], (torch.Tensor, np.ndarray)):
+        # H×W×C arrays (fast path) or C×H×W tensors (Pillow path, user transforms)
+        shapes = {tuple(im.shape) if isinstance(im, torch.Tensor)
+                  else (im.shape[2], im.shape[0], im.shape[1]) for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"batch_size needs images of one size, got {sorted(shapes)[:3]}; "
+                             "pass crop=shardkit.RandomResizedCrop(...) or CenterCrop(...)")
+        # (a sink that took a buffer took this batch's turn of the ring: not taken twice)
+        taken = sink is not None and sink.out is not None
+        images = stack(images, next(iter(shapes)), None if taken else ring)
+    if with_keys:
+        return images, labels, [it[2] for it in items]
+    return images, labels
+
+
+def _put(slot: np.ndarray, im) -> bool:
+    """Copy an H×W×C uint8 array, or a C×H×W uint8 tensor, into ``slot`` if it fits."""
+    if isinstance(im, torch.Tensor) and im.dim() == 3:
+        im = im.permute(1, 2, 0).numpy()
+    if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != slot.shape:
+        return False
+    slot[...] = im
+    return True
+
+
+def batch_buffer(shape: tuple, ring=None) -> torch.Tensor:
+    """An uninitialised uint8 N×H×W×C tensor for a batch: in shared memory inside a DataLoader
+    worker (from ``ring`` when there is one), so sending it to the main process copies nothing."""
+    numel = int(np.prod(shape))
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    if ring is not None:
+        return ring.take(numel).view(shape)
+    return flat_tensor(torch.UntypedStorage._new_shared(numel)).view(shape)
+
+
+def stack(images: list, chw: tuple, ring=None) -> torch.Tensor:
+    """Stack images into one N×C×H×W uint8 batch whose memory is channels-last (N×H×W×C).
+
+    H×W×C arrays land with one contiguous copy each; inside a DataLoader worker the batch is
+    allocated in shared memory, so sending it to the main process copies nothing more; with a
+    ``ring`` (recycle.py), in a buffer of an earlier batch that the main process is done with.
+    """
+    if not all(isinstance(im, np.ndarray) for im in images):
+        images = [torch.as_tensor(im) if isinstance(im, torch.Tensor)
+                  else torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]
+        if images[0].dtype != torch.uint8 or not all(im.dtype == images[0].dtype for im in images):
+            return torch.stack(images)
+    c, h, w = chw
+    out = batch_buffer((len(images), h, w, c), ring)
+    if isinstance(images[0], np.ndarray):
+        dst = out.numpy()
+        for i, im in enumerate(images):
+            dst[i] = im
+    else:
+        nchw = out.permute(0, 3, 1, 2)
+        for i, im in enumerate(images):
+            nchw[i].copy_(im)
+    return out.permute(0, 3, 1, 2)

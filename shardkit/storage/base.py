@@ -1,0 +1,34 @@
+"""What every store is: names below one folder or prefix, read whole or by byte range."""
+
+from __future__ import annotations
+
+import re
+
+
+def redact(url: str) -> str:
+    """A URL without ``user:password@`` and without query-string secrets."""
+    url = re.sub(r"(://)[^/@]*@", r"\1", url)
+    return re.sub(r"\?.*$", "", url)
+
+
+class Store:
+    """Files below one folder or prefix, by plain relative name. Subclasses: ``local``,
+    ``remote`` (one per protocol), ``listed`` (a caller's own list of URLs)."""
+
+    def url(self, name: str) -> str: ...
+
+    def read_bytes(self, name: str) -> bytes: ...
+
+    def open_range(self, name: str, start: int, stop: int): ...
+
+    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
+        """The bytes ``[start, stop)`` as a stream of chunks (for the cache's downloads)."""
+        reader = self.open_range(name, start, stop)
+        try:
+            while True:
+                data = reader.read(chunk)
+                if not data:
+                    return
+                yield data
+        finally:
+            reader.close()

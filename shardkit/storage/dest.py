@@ -1,0 +1,191 @@
+"""Where packing writes: a local folder (temporary name, fsync, rename) or an S3 prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from ..errors import DestinationError, ShardError
+from .base import redact
+from .urls import open_store, split_source
+
+
+class LocalDest:
+    """A local destination folder: temporary name, fsync, rename."""
+
+    remote = False
+
+    def __init__(self, folder):
+        self.folder = Path(folder).expanduser()
+        self.staging = self.folder
+
+    def url(self, name: str) -> str:
+        return str(self.folder / name)
+
+    def prepare(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DestinationError(f"{self.folder}: destination exists and is not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.folder.iterdir()]
+
+    def exists(self, name: str) -> bool:
+        return (self.folder / name).exists()
+
+    def read_bytes(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        tmp = self.folder / f".{name}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        fsync_dir(self.folder)
+
+    def commit(self, tmp: Path, name: str) -> None:
+        os.replace(tmp, self.folder / name)
+        fsync_dir(self.folder)
+
+    def publish(self, journal: str, name: str, data: bytes) -> None:
+        """Write ``data`` as ``name`` and remove ``journal`` in one step that a kill cannot
+        split: ``data`` replaces the journal (atomically), then the journal is renamed."""
+        self.write_atomic(journal, data)
+        self.commit(self.folder / journal, name)
+
+    def remove(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+    def intact(self, name: str, size: int | None, sha256: str) -> bool:
+        path = self.folder / name
+        try:
+            if size is not None and path.stat().st_size != size:
+                return False
+            return sha256_file(path) == sha256
+        except OSError:
+            return False
+
+    def remove_temporaries(self) -> None:
+        for p in self.folder.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteDest:
+    """An object-store prefix: shards are staged locally, uploaded when finished (multipart for
+    large ones, by s3fs), the journal and manifest are single PUTs, which are atomic."""
+
+    remote = True
+
+    def __init__(self, source: str, storage_options: dict | None = None):
+        protocol, base, _ = split_source(source)
+        store = None if protocol == "file" else open_store(protocol, base, storage_options)
+        if store is None or not store.writable:
+            raise ValueError(f"{redact(source)}: packing writes to local folders or s3:// only")
+        self.store = store
+        self.staging = Path(tempfile.mkdtemp(prefix="shardkit-stage-"))
+
+    def url(self, name: str) -> str:
+        return self.store.url(name)
+
+    def _do(self, what, name, fn):
+        return self.store.retry(what, name, fn)
+
+    def prepare(self) -> None:
+        pass
+
+    def names(self) -> list[str]:
+        def ls():
+            try:
+                return [p.rsplit("/", 1)[-1] for p in self.store.fs.ls(self.store.base, detail=False,
+                                                                      refresh=True)]
+            except FileNotFoundError:
+                return []
+
+        return self._do("list", "", ls)
+
+    def exists(self, name: str) -> bool:
+        return self.store.exists(name)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        try:
+            return self.store.read_bytes(name)
+        except ShardError as exc:
+            if exc.reason == "not found":
+                return None
+            raise
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        self._do("upload", name, lambda: self.store.fs.pipe_file(self.store.path(name), data))
+
+    def commit(self, tmp: Path, name: str) -> None:
+        self._do("upload", name, lambda: self.store.fs.put_file(str(tmp), self.store.path(name)))
+        tmp.unlink(missing_ok=True)
+
+    def publish(self, journal: str, name: str, data: bytes) -> None:
+        """Write ``data`` as ``name``, then remove ``journal``. Object stores cannot rename
+        atomically: a kill between the two leaves a stale journal beside a complete dataset,
+        which ``--resume`` removes."""
+        self.write_atomic(name, data)
+        self.remove(journal)
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self._do("delete", name, lambda: self.store.fs.rm_file(self.store.path(name)))
+
+    def intact(self, name: str, size: int | None, sha256: str) -> bool:
+        # Uploads are atomic: an object that exists with the recorded size is the finished shard.
+        try:
+            info = self._do("stat", name, lambda: self.store.fs.info(self.store.path(name)))
+        except ShardError:
+            return False
+        if size is None:
+            data = self.read_bytes(name)
+            return data is not None and hashlib.sha256(data).hexdigest() == sha256
+        return int(info.get("size", -1)) == size
+
+    def remove_temporaries(self) -> None:
+        pass
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def make_dest(dest, storage_options: dict | None = None):
+    text = os.fspath(dest)
+    if "://" in text and not text.startswith("file://"):
+        return RemoteDest(text, storage_options)
+    return LocalDest(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(folder) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,79 @@
+"""A caller's own list of shard URLs, wherever each lives."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ShardError
+from ..shardformat import index_name
+from .base import Store, redact
+from .urls import REMOTE_PROTOCOLS, open_store, split_file_url
+
+
+class ListedStore(Store):
+    """The shard files a caller listed, each with the index file beside it (the same name with
+    ``.idx`` instead of ``.tar``), wherever each lives: local paths, ``s3://`` and ``http(s)://``
+    URLs on any host or prefix. Each file is read through the store of its own folder or prefix.
+
+    Names are the files' display URLs (credentials removed); nothing but the listed files and
+    their index files can be read through it. Built by :meth:`shardkit.Manifest.from_urls` only:
+    a manifest file never gets one, so only the caller's code decides where reads go.
+    ``storage_options`` apply to every remote URL, or per protocol when keyed by ``"s3"``,
+    ``"http"``, ``"https"``."""
+
+    def __init__(self, urls, storage_options: dict | None = None, *, timeout: float = 60.0,
+                 retries: int = 6):
+        if isinstance(urls, (str, bytes, os.PathLike)):
+            raise TypeError("pass a list of shard URLs, not a single one")
+        self._files: dict[str, tuple[Store, str]] = {}
+        self.shards: list[tuple[str, str]] = []  # (shard URL, index URL) in the given order
+        stores: dict[tuple[str, str], Store] = {}
+        for url in urls:
+            protocol, base, name = split_file_url(url)
+            if not name.endswith(".tar") or name == ".tar":
+                raise ValueError(f"{redact(os.fspath(url))}: a shard URL must name a .tar file "
+                                 "(its index is the same name with .idx)")
+            store = stores.get((protocol, base))
+            if store is None:
+                store = open_store(protocol, base, _options_for(storage_options, protocol),
+                                   retries=retries, timeout=timeout)
+                stores[(protocol, base)] = store
+            index = index_name(name)
+            shard_url, index_url = store.url(name), store.url(index)
+            if shard_url in self._files:
+                raise ValueError(f"{shard_url}: listed twice")
+            self._files[shard_url], self._files[index_url] = (store, name), (store, index)
+            self.shards.append((shard_url, index_url))
+        if not self.shards:
+            raise ValueError("no shard URLs given")
+
+    def _file(self, name: str) -> tuple[Store, str]:
+        try:
+            return self._files[name]
+        except (KeyError, TypeError):
+            raise ShardError(str(name), "not one of the listed shard URLs") from None
+
+    def url(self, name: str) -> str:
+        return name
+
+    def read_bytes(self, name: str) -> bytes:
+        store, own = self._file(name)
+        return store.read_bytes(own)
+
+    def open_range(self, name: str, start: int, stop: int):
+        store, own = self._file(name)
+        return store.open_range(own, start, stop)
+
+    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
+        store, own = self._file(name)
+        return store.iter_bytes(own, start, stop, chunk)
+
+
+def _options_for(storage_options: dict | None, protocol: str) -> dict | None:
+    """``storage_options`` for one protocol: the dict itself, or its entry for ``protocol`` when
+    it is keyed by protocols."""
+    if storage_options and set(storage_options) <= set(REMOTE_PROTOCOLS) \
+            and all(v is None or isinstance(v, dict) for v in storage_options.values()):
+        return storage_options.get(protocol)
+    return storage_options
+

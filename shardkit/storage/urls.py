@@ -1,0 +1,89 @@
+"""Sources and URLs: which store a dataset or a file lives in. Protocol dispatch happens here only.
+
+A *source* is a dataset folder, a ``manifest.json`` path, ``s3://bucket/prefix[/manifest.json]``
+or ``http(s)://host/path/[manifest.json]``. It resolves to a :class:`~shardkit.storage.base.Store`
+rooted at the dataset's folder or prefix; shard and index names from the manifest are plain
+relative names resolved inside it, never elsewhere. Only a caller's own list of shard URLs
+(:class:`~shardkit.storage.listed.ListedStore`) reads from other folders, prefixes or hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..shardformat import MANIFEST_NAME
+from .base import Store, redact
+from .local import LocalStore
+from .remote import STORES
+
+REMOTE_PROTOCOLS = tuple(STORES)
+
+
+def _scheme(text: str) -> tuple[str | None, str]:
+    """``(protocol, rest)`` of a remote URL, ``(None, text)`` of a local path; other schemes are
+    refused."""
+    match = re.match(r"^([a-z][a-z0-9+.-]*)://(.*)$", text)
+    if not match:
+        return None, text
+    protocol, rest = match.group(1), match.group(2)
+    if protocol not in REMOTE_PROTOCOLS:
+        raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} "
+                         f"(use a local path, s3://, http:// or https://)")
+    return protocol, rest
+
+
+def split_source(source) -> tuple[str, str, str]:
+    """``(protocol, base, manifest_name)`` for a dataset source (protocol ``"file"`` for local)."""
+    text = os.fspath(source) if not isinstance(source, str) else source
+    text = text.removeprefix("file://")
+    protocol, rest = _scheme(text)
+    if protocol is not None:
+        if rest.endswith(".json"):
+            base, _, name = rest.rpartition("/")
+            return protocol, base, name
+        return protocol, rest.rstrip("/"), MANIFEST_NAME
+    path = Path(text).expanduser()
+    if path.suffix == ".json" and not path.is_dir():
+        return "file", str(path.parent), path.name
+    return "file", str(path), MANIFEST_NAME
+
+
+def split_file_url(url) -> tuple[str, str, str]:
+    """``(protocol, base, name)`` of one file's URL or path: its folder or prefix, and its name.
+
+    Local paths are made absolute (so DataLoader workers and later ``chdir`` agree). Remote URLs
+    with a query string or fragment are refused: shardkit derives other URLs from them."""
+    if not isinstance(url, (str, os.PathLike)):
+        raise TypeError(f"a shard URL must be a str or a path, got {type(url).__name__}")
+    text = os.fspath(url)
+    if not isinstance(text, str):
+        raise TypeError(f"a shard URL must be a str or a path, got {type(text).__name__}")
+    text = text.removeprefix("file://")
+    protocol, rest = _scheme(text)
+    if protocol is not None:
+        if "?" in rest or "#" in rest:
+            raise ValueError(f"{redact(text)}: URLs with a query string or fragment are not "
+                             "supported")
+        base, _, name = rest.rpartition("/")
+        if not base or not name:
+            raise ValueError(f"{redact(text)}: not the URL of a file")
+        return protocol, base, name
+    path = os.path.abspath(os.path.expanduser(text))
+    return "file", os.path.dirname(path), os.path.basename(path)
+
+
+def open_store(protocol: str, base: str, storage_options: dict | None = None, *,
+               retries: int = 6, timeout: float = 60.0) -> Store:
+    """The store of folder or prefix ``base`` under ``protocol`` (``"file"``: a local folder)."""
+    if protocol == "file":
+        return LocalStore(base, timeout=timeout)
+    return STORES[protocol](protocol, base, storage_options, retries=retries, timeout=timeout)
+
+
+def make_store(source, storage_options: dict | None = None, *, retries: int = 6,
+               timeout: float = 60.0) -> tuple[Store, str]:
+    """``(store, manifest name)`` of a dataset source."""
+    protocol, base, name = split_source(source)
+    return open_store(protocol, base, storage_options, retries=retries, timeout=timeout), name

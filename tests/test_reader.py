@@ -1,0 +1,275 @@
+"""The shard reader (shardkit/reader.py): in-memory datasets, and bad shards and samples under
+``on_error="raise"`` and ``"skip"``."""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import io
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+import shardkit
+from shardkit import CenterCrop, StreamingDataset, make_loader
+from shardkit.errors import DecodeError, ShardError
+from shardkit.storage import LocalStore
+
+from _helpers_read import (all_keys, image_folder, keys_of, members_of,
+                           pack, shard_samples, write_shard)
+from _helpers_read import offsets_of, same_items
+from _helpers_read import datasets, folder  # noqa: F401 - fixtures, used by name
+
+
+# --------------------------------------------------------------------------- 9: in memory
+
+
+def _forbid_file_access(monkeypatch, folder: Path):
+    """Any read of ``folder`` raises (also inside forked workers, where a raise reaches us)."""
+    def refuse(*a, **k):
+        raise AssertionError("in-memory dataset touched its files")
+
+    real_open = builtins.open
+
+    def guarded_open(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and str(folder) in os.fspath(file):
+            refuse()
+        return real_open(file, *a, **k)
+
+    real_read_bytes = LocalStore.read_bytes
+
+    def guarded_read_bytes(self, name):
+        if not name.endswith(".json"):  # shards and index files; a new dataset reads its manifest
+            refuse()
+        return real_read_bytes(self, name)
+
+    monkeypatch.setattr(LocalStore, "open_range", refuse)
+    monkeypatch.setattr(LocalStore, "read_bytes", guarded_read_bytes)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_in_memory_opens_no_files_after_preload(datasets, monkeypatch, num_workers):
+    src = datasets["nine"]
+    kw = dict(crop=CenterCrop(12), with_keys=True, seed=1)
+    on_disk = []
+    for epoch in (0, 1):
+        ds = StreamingDataset(src, **kw)
+        ds.set_epoch(epoch)
+        on_disk.append(list(make_loader(ds, num_workers=num_workers)))
+
+    mem = StreamingDataset(src, in_memory=True, **kw)
+    loader = make_loader(mem, num_workers=num_workers)  # preloads
+    with monkeypatch.context() as m:
+        _forbid_file_access(m, Path(src))
+        with pytest.raises(Exception, match="touched its files"):  # the spy works
+            list(StreamingDataset(src, **kw))
+        got = []
+        for epoch in (0, 1):
+            mem.set_epoch(epoch)
+            got.append(list(loader))
+    assert same_items(got, on_disk)
+
+
+def test_in_memory_over_the_limit_is_a_memory_error_before_loading(datasets, monkeypatch):
+    src = datasets["nine"]
+    calls = []
+    real = LocalStore.read_bytes
+    monkeypatch.setattr(LocalStore, "read_bytes",
+                        lambda self, name: calls.append(name) or real(self, name))
+    ds = StreamingDataset(src, in_memory=True, memory_limit=4096)
+    with pytest.raises(MemoryError, match="memory_limit"):
+        make_loader(ds, num_workers=0)
+    with pytest.raises(MemoryError, match="memory_limit"):
+        next(iter(ds))
+    assert not [c for c in calls if c.endswith((".tar", ".idx"))]
+
+
+# --------------------------------------------------------------------------- 10: bad shards
+
+BAD_SHARD = 1  # the middle of 4 shards of 5 samples
+BAD_SAMPLE = 2  # the middle sample of that shard
+
+
+@pytest.fixture(scope="module")
+def good_small(tmp_path_factory) -> Path:
+    src = image_folder(tmp_path_factory.mktemp("small_src"), classes=4, per_class=5)
+    dest = tmp_path_factory.mktemp("small") / "ds"
+    pack(src, dest, mode="raw", max_samples=5)
+    assert len(shardkit.Manifest.load(dest).shards) == 4
+    return dest
+
+
+@pytest.fixture
+def bad(good_small, tmp_path):
+    """A writable copy of the small dataset and facts about its bad shard."""
+    dest = tmp_path / "ds"
+    shutil.copytree(good_small, dest)
+    m = shardkit.Manifest.load(dest)
+    shard = dest / m.shards[BAD_SHARD].url
+    samples = shard_samples(shard)
+
+    class Bad:
+        path = dest
+        url = str(shard)
+        keys = all_keys(dest)
+        shard_samples = samples
+        bad_key = samples[BAD_SAMPLE][0]
+        offsets = offsets_of(dest, BAD_SHARD)
+    return Bad
+
+
+def _epoch_keys(src, world=1, num_workers=0, **kw):
+    """Keys per rank of one epoch (and the datasets), with on_error as given."""
+    per_rank, sets = [], []
+    for rank in range(world):
+        ds = StreamingDataset(src, decode="uint8", with_keys=True, rank=rank, world_size=world, **kw)
+        n = len(ds)
+        items = list(make_loader(ds, num_workers=num_workers))
+        assert len(items) == n  # same count on every rank, bad samples or not
+        per_rank.append(keys_of(items, batched=False))
+        sets.append(ds)
+    return per_rank, sets
+
+
+def _check_raise(src, *, url, key=None, match=None, error=ShardError):
+    for num_workers in (0, 2):
+        # From a worker process torch re-raises what it cannot rebuild (ShardError takes url and
+        # reason) as a RuntimeError carrying the original type name and message.
+        with pytest.raises(error if num_workers == 0 else (error, RuntimeError)) as info:
+            _epoch_keys(src, num_workers=num_workers, on_error="raise")
+        text = str(info.value)
+        del info
+        gc.collect()  # shut the failed loader's workers down now, not at interpreter exit
+        if num_workers:
+            assert error.__name__ in text, text
+        assert url in text, text
+        if key is not None:
+            assert key in text, text
+        if match is not None:
+            assert match in text, text
+
+
+def _check_skip(src, all_keys_, missing: set, caplog, *, skipped=None):
+    skipped = len(missing) if skipped is None else skipped
+    with caplog.at_level(logging.WARNING, logger="shardkit"):
+        (keys,), (ds,) = _epoch_keys(src, on_error="skip")
+    assert ds.skipped == skipped
+    assert f"{skipped} bad samples skipped" in caplog.text
+    assert set(keys) == set(all_keys_) - missing  # every other key is there
+    assert len(keys) == len(all_keys_)  # the epoch is not shorter: bad ones are replaced
+    for world, workers in ((2, 0), (2, 2), (3, 2)):
+        per_rank, _ = _epoch_keys(src, world, workers, on_error="skip")
+        assert len({len(k) for k in per_rank}) == 1
+        union = set().union(*map(set, per_rank))
+        expected = set(all_keys_) - missing
+        assert union <= expected
+        assert len(expected - union) <= len(all_keys_) % world  # only the remainder dropped
+
+
+def test_truncated_shard(bad, caplog):
+    data = Path(bad.url).read_bytes()
+    cut = int(bad.offsets[BAD_SAMPLE]) + 512 * 3 + 100  # inside the image of the bad sample
+    Path(bad.url).write_bytes(data[:cut])
+    _check_raise(bad.path, url=bad.url, key=bad.bad_key, match="truncated")
+    lost = {k for k, _ in bad.shard_samples[BAD_SAMPLE:]}
+    _check_skip(bad.path, bad.keys, lost, caplog)
+
+
+def test_shard_cut_at_a_sample_boundary_ends_early(bad):
+    data = Path(bad.url).read_bytes()
+    Path(bad.url).write_bytes(data[:int(bad.offsets[BAD_SAMPLE])])
+    prev = bad.shard_samples[BAD_SAMPLE - 1][0]
+    _check_raise(bad.path, url=bad.url, key=prev, match="ended early")
+
+
+def test_corrupt_header_mid_shard(bad, caplog):
+    data = bytearray(Path(bad.url).read_bytes())
+    start = int(bad.offsets[BAD_SAMPLE])
+    data[start + 100:start + 160] = b"\xff" * 60  # mode, uid, gid, size, mtime, checksum
+    Path(bad.url).write_bytes(bytes(data))
+    prev = bad.shard_samples[BAD_SAMPLE - 1][0]
+    _check_raise(bad.path, url=bad.url, key=prev, match=f"sample {BAD_SAMPLE}")
+    # only the sample whose header is broken is lost: reading restarts at the next offset
+    _check_skip(bad.path, bad.keys, {bad.bad_key}, caplog)
+
+
+def test_corrupt_image_bytes(bad, caplog):
+    samples = [members_of(s) for s in bad.shard_samples]
+    samples[BAD_SAMPLE] = [(n, b"\xff\xd8 definitely not a jpeg" * 10 if n.endswith(".jpg") else d)
+                           for n, d in samples[BAD_SAMPLE]]
+    write_shard(bad.path, BAD_SHARD, samples)
+    _check_raise(bad.path, url=bad.url, key=bad.bad_key, error=DecodeError)
+    _check_skip(bad.path, bad.keys, {bad.bad_key}, caplog)
+
+
+def test_sample_without_its_image(bad, caplog):
+    samples = [members_of(s) for s in bad.shard_samples]
+    samples[BAD_SAMPLE] = [(n, d) for n, d in samples[BAD_SAMPLE] if not n.endswith(".jpg")]
+    write_shard(bad.path, BAD_SHARD, samples)
+    _check_raise(bad.path, url=bad.url, key=bad.bad_key, match="no image", error=DecodeError)
+    _check_skip(bad.path, bad.keys, {bad.bad_key}, caplog)
+
+
+def test_member_with_dotdot_is_refused_and_never_written(bad, caplog, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    samples = [members_of(s) for s in bad.shard_samples]
+    evil = f"../{bad.bad_key}.jpg"
+    samples[BAD_SAMPLE] = [(evil if n.endswith(".jpg") else n, d) for n, d in samples[BAD_SAMPLE]]
+    write_shard(bad.path, BAD_SHARD, samples)
+    _check_raise(bad.path, url=bad.url, match=repr(evil))
+    _check_skip(bad.path, bad.keys, {bad.bad_key}, caplog)
+    for where in (tmp_path, tmp_path.parent, bad.path.parent, Path(bad.url).parent.parent):
+        assert not (where / f"{bad.bad_key}.jpg").exists()
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that something unpickled it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (builtins.open, (self.path, "w"))
+
+
+def test_pickle_members_are_never_unpickled(bad, tmp_path):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Marker(control)))  # the payload really does create its file
+    assert control.exists()
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Marker(marker))
+    samples = [members_of(s) for s in bad.shard_samples]
+    key = bad.bad_key
+    samples[BAD_SAMPLE] += [(f"{key}.pyd", payload), (f"{key}.pickle", payload),
+                            (f"{key}.pth", payload)]
+    write_shard(bad.path, BAD_SHARD, samples)
+    for decode in ("uint8", "pil", "raw"):
+        for workers in (0, 2):
+            ds = StreamingDataset(bad.path, decode=decode, with_keys=True)
+            got = keys_of(list(make_loader(ds, num_workers=workers)), batched=False)
+            assert sorted(got) == sorted(bad.keys)
+    assert not marker.exists()
+
+
+def test_shard_holding_more_than_the_manifest_says(bad, caplog):
+    samples = [members_of(s) for s in bad.shard_samples]
+    extra = [(n.replace(bad.shard_samples[0][0], "stowaway"), d) for n, d in samples[0]]
+    write_shard(bad.path, BAD_SHARD, samples + [extra], index_samples=len(samples))
+    _check_raise(bad.path, url=bad.url, key="stowaway", match="more samples")
+    (keys,), (ds,) = _epoch_keys(bad.path, on_error="skip")
+    assert sorted(keys) == sorted(bad.keys) and ds.skipped == 1
+
+
+def test_skip_never_hides_code_bugs(datasets):
+    def buggy(image):
+        raise TypeError("a bug in user code")
+
+    ds = StreamingDataset(datasets["nine"], transform=buggy, on_error="skip")
+    with pytest.raises(TypeError, match="a bug"):
+        next(iter(ds))

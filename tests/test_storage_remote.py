@@ -1,0 +1,326 @@
+"""Remote stores (``storage.remote``) end to end: reading from s3:// and http(s)://, streaming,
+faults, safety.
+
+Real servers on 127.0.0.1 only (tests/servers.py, through ``_helpers_remote``). Every read is
+compared with the local read of the same dataset: exactly the same keys, bytes and order, nothing
+lost or duplicated. Every wait is bounded: DataLoader ``timeout=``, subprocess ``timeout=``, small
+``timeout``/``retries`` on the dataset where a server misbehaves on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("aiohttp")
+pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask, flask-cors)")
+
+import shardkit  # noqa: E402
+from servers import server_down_url  # noqa: E402
+from shardkit import StreamingDataset, make_loader  # noqa: E402
+from shardkit.reader import ShardReader  # noqa: E402
+from shardkit.errors import ManifestError, ShardError  # noqa: E402
+from shardkit.shardformat import MANIFEST_NAME  # noqa: E402
+
+from _helpers_read import pack  # noqa: E402
+from _helpers_remote import BUCKET, FAST, LOADER_TIMEOUT, PROTOS, bucket_objects, check_same, clean_aws_env, read_all, upload  # noqa: E402
+from _helpers_remote import aws_env, big, moto_server, reference, s3, served, served_big, small  # noqa: E402, F401 - fixtures
+
+
+
+# --------------------------------------------------------------------------- 2: reading
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_s3_http_and_local_reads_agree(small, aws_env, served, reference, num_workers):
+    want = reference(small, num_workers=num_workers)  # the local read with as many workers
+    assert sorted(k for k, _, _ in want) == sorted(
+        k for k, _, _ in read_all(small.local, shuffle=False))  # every sample once
+    sources = [upload(aws_env, small, "ds"),                       # endpoint + keys from env only
+               served.source("http")[0],                          # folder URL
+               served.source("http")[0] + MANIFEST_NAME]          # manifest URL
+    for source in sources:
+        check_same(read_all(source, num_workers), want)
+    # the same seed gives the same order on every backend; another seed another order
+    other = read_all(sources[0], num_workers, seed=8)
+    assert sorted(other) == sorted(want) and other != want
+    if num_workers:  # workers forked after the parent has used the store itself
+        ds = StreamingDataset(sources[0], decode="raw", with_keys=True, seed=7)
+        assert len(list(ds)) == len(want)
+        items = list(make_loader(ds, num_workers=num_workers, persistent_workers=False,
+                                 timeout=LOADER_TIMEOUT))
+        check_same([(k, bytes(x), int(y)) for x, y, k in items], want)
+
+
+def test_storage_options_override_the_environment(small, s3, monkeypatch, tmp_path, reference):
+    source = upload(s3, small, "ds")
+    clean_aws_env(monkeypatch, tmp_path)
+    with server_down_url() as down:  # the environment points at nothing
+        monkeypatch.setenv("AWS_ENDPOINT_URL", down.rstrip("/"))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env")
+        with pytest.raises(ManifestError, match=f"s3://{BUCKET}/ds/manifest.json"):
+            read_all(source, **FAST)
+        check_same(read_all(source, storage_options=s3.storage_options()), reference(small))
+
+
+# --------------------------------------------------------------------------- 3: streaming
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["direct", "cache"])
+def test_first_sample_arrives_before_the_shard_has_been_sent(big, served_big, reference, tmp_path,
+                                                              cache):
+    srv = served_big.srv
+    source, _ = served_big.source("http")
+    ds = StreamingDataset(source, decode="raw", with_keys=True, shuffle=False,
+                          cache_dir=tmp_path / "cache" if cache else None)
+    ds.manifest  # noqa: B018 - loaded before the delay
+    size = big.manifest.shards[0].num_bytes
+    srv.delay(0.05, chunk=64 << 10)  # ~1.3 MB/s: the shard takes ~2.4 s to send
+    it = iter(ds)
+    first = next(it)
+    sent = srv.bytes_sent
+    srv.delay(0)
+    rest = list(it)
+    # with a cache, the next span's shard downloads alongside (as slowly): count both
+    assert sent < (1.2 if cache else 0.6) * size, f"{sent} of {size} bytes sent before a sample"
+    got = [(k, bytes(x), int(y)) for x, y, k in [first] + rest]
+    check_same(got, reference(big, shuffle=False))
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_resume_mid_shard_is_a_range_request_at_the_sample_offset(big, served_big, reference,
+                                                                   proto):
+    source, options = served_big.source(proto)
+    k = 45
+    kw = dict(decode="raw", with_keys=True, shuffle=False, storage_options=options)
+    ds = StreamingDataset(source, **kw)
+    it = iter(ds)
+    head = [next(it) for _ in range(k)]
+    state = ds.state_dict()
+    del it
+    served_big.srv.clear_counters()
+    resumed = StreamingDataset(source, **kw)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    got = [(key, bytes(x), int(y)) for x, y, key in head + rest]
+    check_same(got, reference(big, shuffle=False))
+    shard0 = big.manifest.shards[0]
+    offset = int(big.offsets(0)[k])
+    gets = served_big.gets(shard0.url)
+    assert gets and gets[0].startswith(f"bytes={offset}-"), gets
+    assert served_big.bytes_asked(shard0.url) == shard0.num_bytes - offset  # nothing before it
+
+
+# --------------------------------------------------------------------------- 4: faults
+
+
+def _after_first_index(monkeypatch, action) -> None:
+    """Run ``action()`` once, when the first index file has been read (next GET: shard bytes)."""
+    real = ShardReader._index
+    pending = [action]
+
+    def index(self, shard):
+        offsets = real(self, shard)
+        while pending:
+            pending.pop()()
+        return offsets
+
+    monkeypatch.setattr(ShardReader, "_index", index)
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_connections_dropped_mid_shard(big, served_big, reference, proto):
+    source, options = served_big.source(proto)
+    srv = served_big.srv
+    srv.drop_after(200_000, times=5)
+    got = read_all(source, storage_options=options)
+    check_same(got, reference(big))
+    # one streamed GET per shard without faults; each drop costs one more, from the right byte
+    tar_gets = sum(len(served_big.gets(url)) for url in big.shard_urls())
+    assert tar_gets >= len(big.shard_urls()) + 3, "the drops did not hit the shards"
+
+
+def test_connections_reset_mid_shard_with_workers(small, served, reference):
+    source, _ = served.source("http")
+    served.srv.drop_after(3000, times=5, reset=True)
+    check_same(read_all(source, 2), reference(small, num_workers=2))
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_bursts_of_server_errors(small, served, reference, proto, monkeypatch):
+    source, options = served.source(proto)
+    srv = served.srv
+    read_all(source, storage_options=options)
+    clean = len(srv.requests)  # requests of a read without faults (s3fs adds HEADs)
+    srv.clear_counters()
+    srv.fail(503, times=3)  # the manifest's requests
+    _after_first_index(monkeypatch, lambda: srv.fail(500, times=3))  # then the first shard's
+    check_same(read_all(source, storage_options=options), reference(small))
+    assert len(srv.requests) == clean + 6  # each failed request was retried once
+    assert sum(len(served.gets(url)) for url in small.shard_urls()) == len(small.shard_urls()) + 3
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_slow_server_still_completes(small, served, reference, proto):
+    source, options = served.source(proto)
+    served.srv.delay(0.005, chunk=4096)
+    check_same(read_all(source, storage_options=options), reference(small))
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_stalled_server_is_an_error_naming_the_url(small, served, proto, monkeypatch):
+    source, options = served.source(proto)
+    ds = StreamingDataset(source, decode="raw", shuffle=False, storage_options=options, timeout=1,
+                          retries=1)
+    _after_first_index(monkeypatch, served.srv.stall)  # every GET: headers, then silence
+    t = time.monotonic()
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    elapsed = time.monotonic() - t
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert "after 2 tries" in str(info.value)
+    assert str(info.value).startswith(f"{source.rstrip('/')}/{small.shard_urls()[0]}: "), info.value
+
+
+def test_stalled_manifest_read_is_bounded_too(small, served):
+    source, _ = served.source("http")
+    served.srv.stall(before_headers=True)
+    t = time.monotonic()
+    with pytest.raises(ManifestError, match=f"{source}{MANIFEST_NAME}"):
+        StreamingDataset(source, timeout=1, retries=1).manifest  # noqa: B018
+    assert time.monotonic() - t < 15
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_server_that_stops_answering_gives_up_after_the_retries(small, served, proto,
+                                                                 monkeypatch):
+    source, options = served.source(proto)
+    ds = StreamingDataset(source, decode="raw", shuffle=False, storage_options=options, **FAST)
+
+    def stop():
+        served.srv.fail(503, times=1000)
+        served.srv.clear_counters()
+
+    _after_first_index(monkeypatch, stop)
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    first = small.shard_urls()[0]
+    assert str(info.value).startswith(f"{source.rstrip('/')}/{first}: ")
+    assert "after 3 tries" in str(info.value)
+    assert len(served.gets(first)) == 3  # retries=2: three GETs, then the error
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_server_ignoring_range_requests_is_a_clear_error_not_wrong_bytes(big, served_big, proto,
+                                                                         monkeypatch):
+    source, options = served_big.source(proto)
+    ds = StreamingDataset(source, decode="raw", shuffle=False, storage_options=options)
+    _after_first_index(monkeypatch, served_big.srv.ignore_range)  # 3 MB back for a 1 MB range
+    with pytest.raises(ShardError, match="Range") as info:
+        list(ds)
+    assert str(info.value).startswith(f"{source.rstrip('/')}/{big.shard_urls()[0]}: ")
+    assert len(served_big.gets(big.shard_urls()[0])) == 1  # not retried: it would not help
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_server_down_at_start_is_a_manifest_error(proto):
+    with server_down_url() as url:
+        if proto == "http":
+            source, options, where = url + "ds/", None, url + "ds/" + MANIFEST_NAME
+        else:
+            source = f"s3://{BUCKET}/ds"
+            options = {"key": "k", "secret": "s",
+                       "client_kwargs": {"endpoint_url": url.rstrip("/")}}
+            where = f"{source}/{MANIFEST_NAME}"
+        t = time.monotonic()
+        with pytest.raises(ManifestError) as info:
+            list(StreamingDataset(source, storage_options=options, **FAST))
+        assert time.monotonic() - t < 10
+    assert str(info.value).startswith(where + ": cannot read the manifest")
+
+
+
+# --------------------------------------------------------------------------- 6: safety
+
+
+@pytest.mark.parametrize("bad_url", ["../other/shard-000000.tar", "/etc/passwd",
+                                     "http://evil/x.tar"])
+@pytest.mark.parametrize("proto", ["http", "s3"])
+def test_manifest_pointing_outside_the_dataset_is_refused(small, s3, served, bad_url, proto):
+    doc = json.loads(small.files[MANIFEST_NAME])
+    doc["shards"][1]["url"] = bad_url
+    text = json.dumps(doc).encode()
+    if proto == "http":
+        (served.folder / MANIFEST_NAME).write_bytes(text)
+        source, options = served.source("http")
+    else:
+        upload(s3, small, "evil")
+        s3.put(BUCKET, f"evil/{MANIFEST_NAME}", text)
+        source, options = f"s3://{BUCKET}/evil", s3.storage_options()
+    with pytest.raises(ManifestError, match="not a plain relative name"):
+        shardkit.Manifest.load(source, storage_options=options)
+    served.srv.clear_counters()
+    with pytest.raises(ManifestError):
+        list(StreamingDataset(source, storage_options=options))
+    assert not [r for r in served.srv.requests if "etc" in r[1] or "other" in r[1]]
+
+
+KEY, SECRET = "AKIDSECRET123", "SECRETSECRET456"
+
+
+def _no_secrets(exc: BaseException, *texts: str) -> None:
+    shown = [str(exc), repr(exc), "".join(traceback.format_exception(exc)), *texts]
+    for text in shown:
+        assert KEY not in text and SECRET not in text, text
+
+
+def test_credentials_never_appear_in_errors_logs_or_the_manifest(small, s3, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG, logger="shardkit")
+    caplog.set_level(logging.INFO)
+    options = {"key": KEY, "secret": SECRET,
+               "client_kwargs": {"endpoint_url": s3.endpoint_url, "region_name": "us-east-1"}}
+    pack(small.src, f"s3://{BUCKET}/secret", storage_options=options, **small.options)
+    for name, blob in bucket_objects(s3, "secret").items():
+        assert KEY.encode() not in blob and SECRET.encode() not in blob, name
+
+    # a bucket that does not exist
+    with pytest.raises(ManifestError) as info:
+        list(StreamingDataset("s3://no-such-bucket/ds", storage_options=options, **FAST))
+    _no_secrets(info.value, caplog.text)
+    # a shard read that fails: the object went away after the manifest was read
+    ds = StreamingDataset(f"s3://{BUCKET}/secret", storage_options=options, shuffle=False, **FAST)
+    ds.manifest  # noqa: B018
+    s3.client().delete_object(Bucket=BUCKET, Key=f"secret/{small.shard_urls()[0]}")
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    _no_secrets(info.value, caplog.text)
+    # a server that went away
+    with server_down_url() as down:
+        options["client_kwargs"]["endpoint_url"] = down.rstrip("/")
+        with pytest.raises(ManifestError) as info:
+            list(StreamingDataset(f"s3://{BUCKET}/secret", storage_options=options, **FAST))
+    _no_secrets(info.value, caplog.text)
+    assert "s3://shards/secret/manifest.json" in str(info.value)
+
+
+def test_http_user_and_password_are_redacted(small, served, caplog):
+    caplog.set_level(logging.DEBUG, logger="shardkit")
+    url = served.srv.url.replace("http://", "http://alice:pa55word@") + f"{BUCKET}/ds/"
+    check_same(read_all(url, shuffle=False), read_all(small.local, shuffle=False))
+    ds = StreamingDataset(url, decode="raw", shuffle=False, **FAST)
+    assert "pa55word" not in ds.manifest.base_url and "alice" not in ds.manifest.base_url
+    served.srv.fail(503, times=1000)
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    with pytest.raises(ManifestError) as info2:
+        StreamingDataset(url, **FAST).manifest  # noqa: B018
+    for exc in (info.value, info2.value):
+        shown = [str(exc), repr(exc), "".join(traceback.format_exception(exc)), caplog.text]
+        assert not any("pa55word" in t or "alice" in t for t in shown), shown
+        assert f"{served.srv.url}{BUCKET}/ds/" in str(exc)
