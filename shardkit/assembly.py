@@ -20,7 +20,8 @@ from torch.utils.data import get_worker_info
 from .decode import ImageDecodeError, decode_array, decode_array_hwc, decode_image, decode_image_hwc
 from .errors import DecodeError, ShardError
 from .plan import WorkerPlan, resume_position
-from .reader import BadSample, Skips
+from .reader import BadSample
+from .skiplog import Region
 from .recycle import flat_tensor
 from .shardformat import IMAGE_FIELDS
 
@@ -79,12 +80,14 @@ class SampleDecoder:
 
 
 def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], process,
-         on_error: str, skips: Skips, sink: "Sink | None" = None, where: str = "") -> Iterator:
+         on_error: str, skips: Region, sink: "Sink | None" = None,
+         nothing_readable: Callable[[], Exception] | None = None) -> Iterator:
     """Processed samples in the plan's order from its ``consumed``-th on; a bad one is replaced
     by the last good one (``on_error="skip"``) or raised.
 
     ``read(spans, start)`` yields ``(stream position, raw sample or BadSample)`` (``spans`` None:
-    the whole dataset); ``process`` is a :class:`SampleDecoder`; ``where`` names the dataset.
+    the whole dataset); ``process`` is a :class:`SampleDecoder`; ``nothing_readable()`` is the
+    error when no sample of the dataset can be read.
     With a ``sink``, each image is decoded into the sink's next slot; the last good sample is then
     kept raw and decoded again into the slot of the bad one it replaces."""
     order = plan.order
@@ -109,9 +112,10 @@ def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], 
         if isinstance(sample, BadSample):
             if on_error == "raise":
                 raise sample.error
-            skips.samples += 1
+            skips.sample(raw.shard if isinstance(raw, BadSample) else None)
             if last_good is None:
-                last_good = _first_good(reader, held, process, read, where, raw=sink is not None)
+                last_good = _first_good(reader, held, process, read, nothing_readable,
+                                        raw=sink is not None)
             if sink is None:
                 sample = last_good
             else:
@@ -120,7 +124,7 @@ def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], 
         yield sample if sink is None else sink.settle(sample)
 
 
-def _first_good(reader, held: dict, process, read, where: str, raw: bool = False):
+def _first_good(reader, held: dict, process, read, nothing_readable, raw: bool = False):
     """A replacement for a bad first sample: the next good one of this worker's stream
     (processed, or with ``raw`` as read, once it is known to process)."""
     def good(cand):
@@ -147,7 +151,9 @@ def _first_good(reader, held: dict, process, read, where: str, raw: bool = False
         found = good(cand)
         if found is not None:
             return found
-    raise ShardError(where, "every sample of the dataset is bad")
+    if nothing_readable is not None:
+        raise nothing_readable()
+    raise ShardError("the dataset", "no sample of the dataset can be read")
 
 
 class Sink:

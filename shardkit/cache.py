@@ -45,6 +45,8 @@ _HELD: set[int] = set()  # lock fds this process holds
 class CacheIntegrityError(ShardError):
     """A downloaded shard does not match the manifest's size and sha256 (names the shard URL)."""
 
+    gave_up = True  # downloaded twice already: its other samples are not worth trying
+
 
 def _lock(path: Path, blocking: bool = True) -> Optional[int]:
     """An fd holding ``flock(LOCK_EX)`` on ``path`` (created if needed); None if busy, non-blocking."""

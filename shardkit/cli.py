@@ -42,15 +42,16 @@ def _parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
-def pack_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="shardkit pack", description="Pack an image folder into tar shards.")
+def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="image folder (one sub-folder per class, or a flat folder)")
     p.add_argument("dest", help="output folder for the shards and manifest.json")
     p.add_argument("--mode", choices=("raw", "resize", "tensor"), default="raw",
                    help="raw: original bytes; resize: shorter side to --size, JPEG; "
                         "tensor: size x size uint8 .npy (default: raw)")
-    p.add_argument("--size", type=int, help="target shorter side in pixels (resize, tensor)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality in resize mode (default 90)")
+    p.add_argument("--size", type=int,
+                   help="target shorter side in pixels (resize and tensor modes only)")
+    p.add_argument("--quality", type=int, default=90,
+                   help="JPEG quality (resize mode only; default 90)")
     p.add_argument("--max-bytes", default="256MB", help="largest shard, e.g. 256MB, 1GiB (default 256MB)")
     p.add_argument("--max-samples", type=int, help="most samples per shard")
     p.add_argument("--workers", type=int, help="encoding processes (default: all CPUs)")
@@ -75,7 +76,9 @@ def pack_main(argv=None) -> int:
     many.add_argument("--merge-parts", type=int, metavar="N",
                       help="only write manifest.json from the N finished parts in DEST (SRC is "
                            "not read)")
-    args = p.parse_args(argv)
+
+
+def _pack(args) -> int:
     if args.merge_parts is not None:
         return _merge_main(args)
     world = os.environ.get("WORLD_SIZE", "1")
@@ -212,13 +215,15 @@ def _print_pack_summary(args, m, merged: bool | None = None) -> None:
         print(f"  ... and {len(m.skipped) - 20} more (listed in manifest.json)", file=sys.stderr)
 
 
-def show_main(argv=None) -> int:
+def _show_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="dataset folder, manifest.json, or an s3:// or http(s):// URL "
+                                  "of either")
+    p.add_argument("--keys", type=int, default=5, help="how many sample keys to print (default 5)")
+
+
+def _show(args) -> int:
     from .manifest import Manifest
 
-    p = argparse.ArgumentParser(prog="shardkit show", description="Summarise a packed dataset.")
-    p.add_argument("source", help="dataset folder or manifest.json")
-    p.add_argument("--keys", type=int, default=5, help="how many sample keys to print (default 5)")
-    args = p.parse_args(argv)
     try:
         m = Manifest.load(args.source)
     except (ShardkitError, OSError) as exc:
@@ -265,14 +270,15 @@ def _first_keys(m, n: int) -> list[str]:
     return keys
 
 
-def verify_main(argv=None) -> int:
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="dataset folder, manifest.json, or an s3:// or http(s):// URL "
+                                  "of either")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _verify(args) -> int:
     from .verify import verify
 
-    p = argparse.ArgumentParser(prog="shardkit verify",
-                                description="Re-read every shard; check counts and sha256.")
-    p.add_argument("source", help="dataset folder or manifest.json")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
     try:
         report = verify(args.source, progress=not args.quiet)
     except (ShardkitError, OSError) as exc:
@@ -286,38 +292,42 @@ def verify_main(argv=None) -> int:
     return 0 if report.ok else 1
 
 
-def demo_main(argv=None) -> int:
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="demo-data", help="working folder (default ./demo-data)")
+
+
+def _demo(args) -> int:
     from .bench.demo import run_demo
 
-    p = argparse.ArgumentParser(prog="shardkit demo", description="Make, pack and read a small dataset.")
-    p.add_argument("--dir", default="demo-data", help="working folder (default ./demo-data)")
-    args = p.parse_args(argv)
     return run_demo(args.dir)
 
 
-def bench_main(argv=None) -> int:
-    import json
-    from pathlib import Path
-
-    from .bench.loaders import auto, format_report, run, run_pack
-
-    p = argparse.ArgumentParser(prog="shardkit bench",
-                                description="Compare loaders (or packing) on the same images in one run.")
+def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?",
                    help="image folder (default: make a synthetic one); with --auto: a dataset")
     p.add_argument("--out", default="bench-out", help="working folder (default ./bench-out)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--per-class", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--classes", type=int, default=10,
+                   help="classes of the synthetic image folder (default 10)")
+    p.add_argument("--per-class", type=int, default=200,
+                   help="images per class of the synthetic folder (default 200)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each configuration, interleaved; the median counts (default 3)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     p.add_argument("--pack", action="store_true", help="measure packing speed instead of loading")
     p.add_argument("--auto", action="store_true",
                    help="sweep num_workers and prefetch on SOURCE (a dataset) and name the bottleneck")
     p.add_argument("--s3", action="store_true",
                    help="local disk against a local S3 server (moto, own process): cold, no, warm cache")
-    args = p.parse_args(argv)
+
+
+def _bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench.loaders import auto, format_report, run, run_pack
+
     if args.s3:
         from .bench.s3 import format_s3_report, run_s3
 
@@ -329,7 +339,8 @@ def bench_main(argv=None) -> int:
         return 0
     if args.auto:
         if not args.source:
-            p.error("--auto needs SOURCE, a packed dataset")
+            print("error: --auto needs SOURCE, a packed dataset", file=sys.stderr)
+            return 2
         result = auto(Path(args.source), batch_size=args.batch_size)
         print(json.dumps(result, indent=1))
         best = result["best"]
@@ -354,17 +365,48 @@ def bench_main(argv=None) -> int:
     return 0
 
 
-VERBS = {"pack": pack_main, "show": show_main, "verify": verify_main, "demo": demo_main,
-         "bench": bench_main}
+# verb -> (what it does, in one line; its arguments; what it runs)
+VERBS = {
+    "pack": ("pack an image folder into tar shards and manifest.json", _pack_args, _pack),
+    "show": ("summarise a dataset: counts, classes, shards, options, a few keys", _show_args,
+             _show),
+    "verify": ("re-read every shard: sizes, sha256, index files, sample counts", _verify_args,
+               _verify),
+    "demo": ("make a small image folder, pack it, stream it, compare with ImageFolder",
+             _demo_args, _demo),
+    "bench": ("compare loaders (or packing) on the same images in one run", _bench_args, _bench),
+}
+
+
+def _verb_main(verb: str):
+    what, add, run = VERBS[verb]
+
+    def verb_main(argv=None) -> int:
+        p = argparse.ArgumentParser(prog=f"shardkit {verb}", description=what[0].upper() + what[1:] + ".")
+        add(p)
+        return run(p.parse_args(argv))
+
+    verb_main.__name__ = f"{verb}_main"
+    verb_main.__doc__ = f"``shardkit {verb}``: {what} (``tools/{verb}.py``)."
+    return verb_main
+
+
+pack_main, show_main, verify_main, demo_main, bench_main = map(_verb_main, VERBS)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in VERBS:
-        print("usage: shardkit {" + ",".join(VERBS) + "} ...", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="shardkit", description="Pack image folders into tar shards and stream them into "
+        "PyTorch training.", epilog="Each verb has its own options: shardkit VERB --help.")
+    p.add_argument("--version", action="version", version=f"shardkit {__version__}")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", title="verbs", required=True)
+    for verb, (what, add, _) in VERBS.items():
+        add(verbs.add_parser(verb, help=what, description=what[0].upper() + what[1:] + "."))
+    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return VERBS[argv[0]](argv[1:])
+    return VERBS[args.verb][2](args)
 
 
 if __name__ == "__main__":

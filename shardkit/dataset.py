@@ -31,9 +31,11 @@ from . import plan as planlib
 from .assembly import SampleDecoder, Sink, collate, emit
 from .common import parse_bytes
 from .decode import MODES as DECODE_MODES
+from .errors import ShardError
 from .manifest import load_manifest
-from .reader import ShardReader, Skips, default_memory_limit, tune_worker_malloc
+from .reader import ShardFault, ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS
+from .skiplog import Region, SkipLog
 from .state import PLAN_SETTINGS, EpochState, LoaderLink, initialized_dist
 
 log = logging.getLogger("shardkit")
@@ -69,6 +71,16 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if decode == "raw" and crop is not None:
             raise ValueError("crop needs decoding; it cannot be used with decode='raw'")
+        if crop is not None and not (callable(getattr(crop, "params", None))
+                                     and isinstance(getattr(crop, "size", None), tuple)):
+            raise TypeError(
+                f"crop must be shardkit.RandomResizedCrop(...) or shardkit.CenterCrop(...) (a "
+                f"crop fused into decoding), got {type(crop).__module__}.{type(crop).__name__}; "
+                "pass torchvision transforms as transform=, which runs on the decoded image")
+        if drop_last and batch_size is None:
+            raise ValueError("drop_last drops a rank's last partial batch: it needs batch_size")
+        if memory_limit is not None and not in_memory:
+            raise ValueError("memory_limit bounds in_memory=True; it does nothing without it")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if world_size is not None and not 0 <= rank < world_size:
@@ -106,7 +118,7 @@ class StreamingDataset(IterableDataset):
         self._manifest = None
         self._reader: ShardReader | None = None
         self._ring = None  # this worker's BatchRing (recycle.py)
-        self._skips = Skips()
+        self._skiplog = SkipLog()  # shared: what skip mode cost, seen from every process
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -137,8 +149,32 @@ class StreamingDataset(IterableDataset):
 
     @property
     def skipped(self) -> int:
-        """Bad samples this process's last iteration replaced or dropped (``on_error="skip"``)."""
-        return self._skips.samples
+        """Bad samples replaced or dropped (``on_error="skip"``) in this rank's current or last
+        epoch, by this process and its DataLoader workers."""
+        return self._skiplog.skipped(self._last_tag())
+
+    @property
+    def bad_shards(self) -> list[dict]:
+        """The bad shards of this rank's current or last epoch (``on_error="skip"``), by shard:
+        ``url``, ``reason``, ``first_lost`` (its first sample that could not be read) and
+        ``samples_lost`` (how many of its samples this rank lost)."""
+        out = self._skiplog.bad_shards(self._last_tag())
+        for entry in out:
+            entry["url"] = self.manifest.shard_store().url(self.manifest.shards[entry["shard"]].url)
+        return out
+
+    def _last_tag(self) -> int:
+        """The iteration the skip log speaks of: the latest one of the current generation (a
+        plain DataLoader's workers advance epochs without this process)."""
+        return self._skiplog.latest(self._state.tag)
+
+    def log_bad_shards(self, logged: set) -> None:
+        """Log the bad shards of the current iteration not in ``logged`` (shardkit's loader does,
+        in the main process, for its workers), and add them to it."""
+        for entry in self.bad_shards:
+            if entry["shard"] not in logged:
+                logged.add(entry["shard"])
+                log.warning("shardkit: bad shard %s: %s", entry["url"], entry["reason"])
 
     def set_epoch(self, epoch: int) -> None:
         self._state.set_epoch(epoch)
@@ -168,7 +204,7 @@ class StreamingDataset(IterableDataset):
         """How shardkit's loader (``make_loader``) talks to this dataset: a loaded state is
         resolved for ``num_workers`` now, and :meth:`LoaderLink.iteration` wraps the start of
         each iteration's workers (see :class:`shardkit.state.LoaderLink`)."""
-        return LoaderLink(self._state, num_workers)
+        return LoaderLink(self._state, num_workers, report=self.log_bad_shards)
 
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator:
@@ -179,16 +215,18 @@ class StreamingDataset(IterableDataset):
         if self.in_memory:
             self.preload()
         st = self._state
-        consumed = st.begin(worker, num_workers)
+        consumed = st.begin(worker, num_workers, in_worker=info is not None)
         plan = st.plan(st.role, num_workers)
         self._decoder.crop_seed = f"{self.seed}/{st.epoch}/"  # crops follow the plan's epoch
-        self._skips = skips = Skips()
+        skips = self._skiplog.begin(worker, st.tag)
+        self.reader.begin()
+        # the main process logs what its loader's workers find (ShardkitLoader polls)
+        report = partial(self._report, skips, quiet=info is not None and st.managed is not None)
         # uint8 batches: each image goes to its slot of the batch as it is emitted (decoded
         # straight into it with a crop; copied while its bytes are fresh in the cache without)
         sink = Sink(None if self.crop is None else self.crop.size) if self._fast else None
-        samples = emit(plan, consumed, partial(self._read, skips=skips), self._decoder,
-                       self.on_error, skips, sink,
-                       where=self.manifest.base_url or "the listed shards")
+        samples = emit(plan, consumed, partial(self._read, skips=skips, report=report),
+                       self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable)
         ring = None
         if (st.recycle is not None and info is not None and self.batch_size is not None
                 and not consumed and not st.rest_in_force()):
@@ -217,11 +255,24 @@ class StreamingDataset(IterableDataset):
             log.warning("shardkit: %d bad samples skipped (replaced) in epoch %d by worker %d",
                         skips.samples, st.epoch, worker)
 
-    def _read(self, spans, start: int, skips: Skips):
+    def _read(self, spans, start: int, skips: Region, report):
         """Raw samples of ``spans`` (None: every shard) from stream position ``start`` on."""
         if spans is None:
             spans = tuple(planlib.Span(i, 0, int(n)) for i, n in enumerate(self._shard_sizes()) if n)
-        return self.reader.read(spans, start, skips)
+        return self.reader.read(spans, start, skips, report)
+
+    def _report(self, skips: Region, shard: int, fault: ShardFault, quiet: bool) -> None:
+        """A bad shard: listed in the skip log, and logged once per iteration of this rank."""
+        if skips.shard(shard, fault.first_lost, fault.error.reason) and not quiet:
+            log.warning("shardkit: bad shard %s", fault.error)
+
+    def _unreadable(self) -> Exception:
+        where = self.manifest.base_url or "the listed shards"
+        bad = self.bad_shards
+        listed = "; ".join(f"{b['url']}: {b['reason']}" for b in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        return ShardError(where, "no sample of the dataset can be read" +
+                          (f": {len(bad)} bad shards: {listed}{more}" if bad else ""))
 
     # ----------------------------------------------------------------- resume
     def state_dict(self, *, gather: bool | None = None) -> dict:

@@ -28,6 +28,7 @@ import io
 import math
 import random
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence, Tuple, Union
 
@@ -67,11 +68,20 @@ class CropParams:
 
     ``box`` is ``(left, top, right, bottom)`` in pixels of the original (full-size) image,
     ``out_size`` is ``(width, height)`` of the output, ``flip`` asks for a horizontal flip.
+    ``pad`` is ``(left, top, right, bottom)``: zero borders of the output around the resized box
+    (a centre crop larger than the resized image, as torchvision pads it).
     """
 
     box: Tuple[int, int, int, int]
     out_size: Tuple[int, int]
     flip: bool = False
+    pad: Tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    @property
+    def inner_size(self) -> Tuple[int, int]:
+        """``(width, height)`` the box is resized to: the output without its zero borders."""
+        left, top, right, bottom = self.pad
+        return self.out_size[0] - left - right, self.out_size[1] - top - bottom
 
 
 class CropRecipe(Protocol):
@@ -152,7 +162,11 @@ class RandomResizedCrop:
 class CenterCrop:
     """Eval crop: resize the shorter side to ``resize`` (default ``round(size / 0.875)``), then take
     the central ``size`` (an int or ``(height, width)``).  Deterministic; ``rng`` is ignored.
-    If ``resize`` is smaller than ``size`` the box is clamped to the image (stretched, not padded)."""
+
+    The same as torchvision's ``v2.Resize(resize)`` then ``v2.CenterCrop(size)``, fused into
+    decoding: an image smaller than ``resize`` is enlarged (as ``Resize`` does; a warning says so
+    when it is more than twice), and where ``size`` is larger than the resized image the output
+    gets zero borders (as ``CenterCrop`` pads), never a stretched image."""
 
     def __init__(self, size: Union[int, Sequence[int]], *, resize: Optional[int] = None,
                  interpolation: str = "bilinear"):
@@ -169,11 +183,29 @@ class CenterCrop:
         """The central box, in original pixels, that becomes the output after resize + crop."""
         out_h, out_w = self.size
         factor = min(width, height) / self.resize  # original pixels per resized pixel
-        bw = min(width, max(1, int(round(out_w * factor))))
-        bh = min(height, max(1, int(round(out_h * factor))))
+        if factor < 0.5:
+            warnings.warn(f"{self!r} enlarges a {width}x{height} image {1 / factor:.1f}x (it "
+                          f"resizes the shorter side to {self.resize}); pass resize= to change "
+                          "that", stacklevel=2)
+
+        # the resized image's size as v2.Resize makes it: the longer side is truncated
+        longer = int(self.resize * max(width, height) / min(width, height))
+        rw, rh = (self.resize, longer) if width <= height else (longer, self.resize)
+
+        def axis(out: int, size: int, resized: int) -> tuple[int, int, int]:
+            """The box's length in original pixels and the zero borders before and after."""
+            box = max(1, int(round(out * factor)))
+            if box <= size and out <= resized:
+                return box, 0, 0
+            inner = max(1, min(out, resized))  # the whole resized image, centred as v2 pads
+            return size, (out - inner) // 2, out - inner - (out - inner) // 2
+
+        bw, pad_l, pad_r = axis(out_w, width, rw)
+        bh, pad_t, pad_b = axis(out_h, height, rh)
         left = int(round((width - bw) / 2.0))
         top = int(round((height - bh) / 2.0))
-        return CropParams((left, top, left + bw, top + bh), (out_w, out_h), False)
+        return CropParams((left, top, left + bw, top + bh), (out_w, out_h), False,
+                          (pad_l, pad_t, pad_r, pad_b))
 
 
 def _crop_params(crop: CropRecipe, width: int, height: int, rng: Optional[random.Random]) -> CropParams:
@@ -241,7 +273,7 @@ def _decode_pil(im: Image.Image, p: Optional[CropParams], resample: int) -> Imag
         return _to_rgb(im)
     scale = 1  # DCT reduction actually applied
     if im.format == "JPEG":
-        want = _dct_scale(p.box, p.out_size)
+        want = _dct_scale(p.box, p.inner_size)
         if want > 1:
             # Pillow picks the largest s in (8, 4, 2, 1) with s <= min(W // req_w, H // req_h);
             # requesting (W // want, H // want) makes that exactly ``want``.
@@ -252,7 +284,11 @@ def _decode_pil(im: Image.Image, p: Optional[CropParams], resample: int) -> Imag
     im.load()
     # Reduced pixel i covers original pixels [i*s, (i+1)*s), so the box maps by plain division.
     box = tuple(v / scale for v in p.box)
-    out = _to_rgb(im).resize(p.out_size, resample=resample, box=box, reducing_gap=None)
+    out = _to_rgb(im).resize(p.inner_size, resample=resample, box=box, reducing_gap=None)
+    if p.inner_size != p.out_size:  # zero borders around it
+        canvas = Image.new("RGB", p.out_size)
+        canvas.paste(out, p.pad[:2])
+        out = canvas
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else out
 
 
@@ -343,10 +379,13 @@ def decode_array(data: bytes, *, crop: Optional[CropRecipe] = None,
     left, top, right, bottom = p.box
     # A channels-last view: torchvision's uint8 antialiased bilinear kernel works on it directly.
     hwc = torch.from_numpy(arr[top:bottom, left:right].copy())
-    out_w, out_h = p.out_size
+    out_w, out_h = p.inner_size
     chw = hwc.permute(2, 0, 1)
     if (out_h, out_w) != (bottom - top, right - left):
         chw = _tv_resize(chw, (out_h, out_w), getattr(crop, "interpolation", "bilinear"))
+    if p.inner_size != p.out_size:
+        pad_l, pad_t, pad_r, pad_b = p.pad
+        chw = torch.nn.functional.pad(chw, (pad_l, pad_r, pad_t, pad_b))
     if p.flip:
         chw = chw.flip(-1)
     return chw.contiguous()
@@ -390,10 +429,25 @@ _AREA_FROM = 1.2  # shrink factor from which _resize_hwc uses OpenCV's area filt
 
 
 def _resize_hwc(region: np.ndarray, out_size: Tuple[int, int], flip: bool,
-                out: Optional[np.ndarray] = None) -> np.ndarray:
+                out: Optional[np.ndarray] = None,
+                pad: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> np.ndarray:
     """Resize (and flip) an H×W×C region to ``out_size``; into ``out`` (a batch slot) when it is
-    an out_h×out_w×C array, with no intermediate image."""
+    an out_h×out_w×C array, with no intermediate image. ``pad``: zero borders (left, top, right,
+    bottom) of the output around the resized region."""
     cv2 = _cv2_ready()
+    if any(pad):
+        left, top, right, bottom = pad
+        w, h = out_size
+        inner = _resize_hwc(region, (w - left - right, h - top - bottom), False)
+        shape = (h, w, inner.shape[2])
+        if out is None or out.shape != shape:
+            out = np.zeros(shape, dtype=inner.dtype)
+        else:
+            out[...] = 0
+        out[top:h - bottom, left:w - right] = inner
+        if flip:
+            cv2.flip(out, 1, dst=out)
+        return out
     out_w, out_h = out_size
     h, w = region.shape[:2]
     if out is not None and out.shape != (out_h, out_w, region.shape[2]):
@@ -444,7 +498,7 @@ def decode_image_hwc(data, *, crop: CropRecipe, rng: Optional[random.Random],
     out_w, out_h = p.out_size
     # DCT reduction 1/2, 1/4 or 1/8 when the box stays at least the output size (as Pillow's draft
     # mode); libjpeg-turbo's other M/8 scales decode slower than full size, so they are not used.
-    s = _dct_scale(p.box, p.out_size)
+    s = _dct_scale(p.box, p.inner_size)
     try:
         arr = _sj.decode_jpeg(data, "RGB", min_height=math.ceil(height / s),
                               min_width=math.ceil(width / s))
@@ -456,7 +510,7 @@ def decode_image_hwc(data, *, crop: CropRecipe, rng: Optional[random.Random],
     sx, sy = dw / width, dh / height
     x0, y0 = min(dw - 1, round(left * sx)), min(dh - 1, round(top * sy))
     x1, y1 = max(x0 + 1, min(dw, round(right * sx))), max(y0 + 1, min(dh, round(bottom * sy)))
-    return _resize_hwc(arr[y0:y1, x0:x1], p.out_size, p.flip, out)
+    return _resize_hwc(arr[y0:y1, x0:x1], p.out_size, p.flip, out, p.pad)
 
 
 _NPY_HEADERS: dict = {}
@@ -494,4 +548,4 @@ def decode_array_hwc(data, *, crop: Optional[CropRecipe] = None,
     height, width = arr.shape[:2]
     p = _crop_params(crop, width, height, rng)
     left, top, right, bottom = p.box
-    return _resize_hwc(arr[top:bottom, left:right], p.out_size, p.flip, out)
+    return _resize_hwc(arr[top:bottom, left:right], p.out_size, p.flip, out, p.pad)

@@ -41,7 +41,12 @@ class ManifestError(ShardkitError, ValueError):
 
 
 class ShardError(ShardkitError, IOError):
-    """A shard cannot be read as the manifest describes it (names the shard URL and sample key)."""
+    """A shard cannot be read as the manifest describes it (names the shard URL and sample key).
+
+    ``gave_up`` is True when a store gave up on a read that kept failing (retries or the timeout
+    ran out): what comes after it in the same file is not worth trying again."""
+
+    gave_up = False
 
     def __init__(self, url, reason: str | None = None, key=None):
         if reason is None:  # re-created from its message (e.g. by DataLoader in the main process)

@@ -1,8 +1,9 @@
 """Scan a source folder: which files are samples, their labels and their keys.
 
 Layouts:
-- ImageFolder: one sub-folder per class (nested folders inside a class are walked too). Class
-  indices follow the sorted folder names, as in torchvision's ``ImageFolder``.
+- ImageFolder: one sub-folder per class (nested folders inside a class are walked too, whatever
+  their names: ``cats/album.jpg/x.jpg`` is an image of class ``cats``). Class indices follow the
+  sorted folder names, as in torchvision's ``ImageFolder``.
 - Flat: images directly in the source folder, no labels.
 
 Problems found while scanning (symlink loops, unreadable folders, empty class folders) are returned,
@@ -108,9 +109,7 @@ def _walk_files(top: str, top_rel: str, problems: list[tuple[str, str]],
             except OSError as exc:  # ELOOP on a self-referencing link
                 problems.append((entry_rel, f"unreadable: {exc.strerror or exc}"))
                 continue
-            if is_dir and _kind_of(entry.name) is not None:
-                problems.append((entry_rel, "a folder named like an image file (expected a file)"))
-            elif is_dir:
+            if is_dir:  # walked into whatever its name, as torchvision's ImageFolder does
                 subdirs.append((entry.path, entry_rel))
             else:
                 out.append((entry_rel, entry))
@@ -132,10 +131,7 @@ def scan_folder(src: str | os.PathLike) -> Scan:
         top_entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise SourceError(root, f"cannot list source folder: {exc.strerror or exc}") from exc
-    for e in top_entries:
-        if _is_dir(e) and _kind_of(e.name) is not None:
-            problems.append((e.name, "a folder named like an image file (expected a file)"))
-    class_dirs = [e for e in top_entries if _is_dir(e) and _kind_of(e.name) is None]
+    class_dirs = [e for e in top_entries if _is_dir(e)]  # classes, whatever their names
     top_files = [e for e in top_entries if not _is_dir(e)]
     items: list[Item] = []
     ignored = 0

@@ -65,6 +65,30 @@ class ShardkitLoader(DataLoader):
         for item in it:
             progress.handed_out()
             yield item
+        progress.finish()
+
+    def state_dict(self) -> dict:
+        """Where this loader's epoch stands (the ``state_dict`` / ``load_state_dict`` protocol that
+        PyTorch Lightning and torchdata use): its dataset's :meth:`StreamingDataset.state_dict`,
+        exact with worker processes."""
+        return self._streaming_dataset().state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: the next iteration yields exactly what was not consumed
+        (the next epoch when the state was taken at an epoch's end). Persistent workers that
+        already run are replaced, so that they start from the state."""
+        ds = self._streaming_dataset()
+        ds.load_state_dict(state)
+        if getattr(self, "_iterator", None) is not None:  # persistent workers hold old copies
+            self._iterator._shutdown_workers()
+            self._iterator = None
+        self._link = ds.link_loader(self.num_workers)
+
+    def _streaming_dataset(self) -> StreamingDataset:
+        if not isinstance(self.dataset, StreamingDataset):
+            raise TypeError(f"state_dict() needs a shardkit.StreamingDataset, this loader reads a "
+                            f"{type(self.dataset).__name__}")
+        return self.dataset
 
     def _received_counts(self):
         """Shared counts, one per worker (zeroed by ``__iter__``). Persistent workers keep the
@@ -105,6 +129,10 @@ def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | N
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
+    if getattr(dataset, "batch_size", None) is not None and kwargs.get("batch_size") is not None:
+        raise ValueError(f"the dataset makes batches of {dataset.batch_size} in the workers; "
+                         f"make_loader(batch_size={kwargs['batch_size']}) would batch those "
+                         "batches again: leave batch_size out (or give the dataset batch_size=None)")
     link = None
     if isinstance(dataset, StreamingDataset):
         if dataset.in_memory:

@@ -18,13 +18,16 @@ import io
 import logging
 import os
 import tarfile
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .errors import ManifestError, ShardError
-from .shardformat import MAX_TAIL, decode_index, parse_sample, strict_samples
+from .shardformat import (BLOCK, MAX_TAIL, decode_index, header_checksum_ok, parse_sample,
+                          strict_samples)
+from .skiplog import Region
 from .storage import LocalStore
 
 log = logging.getLogger("shardkit")
@@ -36,19 +39,19 @@ RECENT_INDEXES = 32  # index files a process keeps (8 bytes per sample each)
 class BadSample:
     """Stands in the read stream for a sample that could not be read (``on_error="skip"``)."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "shard")
 
-    def __init__(self, error: Exception):
-        self.error = error
+    def __init__(self, error: Exception, shard: int | None = None):
+        self.error, self.shard = error, shard
 
 
-class Skips:
-    """What ``on_error="skip"`` cost one iteration of one process: samples replaced or dropped."""
+@dataclass(frozen=True)
+class ShardFault:
+    """A fault of a whole shard: its samples from ``first_lost`` on cannot be read (``error``
+    says why, naming the shard)."""
 
-    __slots__ = ("samples",)
-
-    def __init__(self):
-        self.samples = 0
+    first_lost: int
+    error: ShardError
 
 
 class ShardReader:
@@ -68,12 +71,14 @@ class ShardReader:
 
     def _per_process(self) -> None:
         self._cache = None
+        self._faults: dict[int, ShardFault] = {}  # shard faults found in this iteration
+        self._head = b""  # the first bytes of the shard last diagnosed
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._prefetched: set[int] = set()  # shards whose cache download this process started
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched"):
+        for name in ("_cache", "_recent", "_prefetched", "_faults", "_head"):
             del state[name]
         return state
 
@@ -93,22 +98,42 @@ class ShardReader:
                               "(memory_limit=...); use in_memory=False")
         memory, offsets = {}, {}
         for i, shard in enumerate(m.shards):
-            data = self.store.read_bytes(shard.url)
-            if len(data) != shard.num_bytes:
-                raise ShardError(self.store.url(shard.url),
-                                 f"{len(data)} bytes, manifest says {shard.num_bytes}")
-            memory[i] = torch.frombuffer(bytearray(data), dtype=torch.uint8).share_memory_()
-            offsets[i] = self._index(shard)
+            url = self.store.url(shard.url)
+            try:
+                data = self.store.read_bytes(shard.url)
+            except ShardError as exc:  # skip mode: its samples will come as bad ones
+                if self.on_error == "raise":
+                    raise ShardError(url, f"missing or unreadable: {exc.reason}") from None
+                data = None
+            if data is not None and len(data) != shard.num_bytes and self.on_error == "raise":
+                raise ShardError(url, f"{len(data):,} bytes, the manifest says {shard.num_bytes:,}"
+                                      + (" (truncated)" if len(data) < shard.num_bytes else ""))
+            memory[i] = None if data is None else torch.frombuffer(
+                bytearray(data) or bytearray(1), dtype=torch.uint8)[:len(data)].share_memory_()
+            try:
+                offsets[i] = self._index(shard)
+            except ShardError:
+                if self.on_error == "raise":
+                    raise
         self.memory, self._offsets_cache = memory, offsets
 
     # ----------------------------------------------------------------- spans
-    def read(self, spans, start: int, skips: Skips) -> Iterator[tuple[int, object]]:
+    def begin(self) -> None:
+        """A new iteration: shard faults are looked at again (a file may have come back)."""
+        self._faults.clear()
+
+    def read(self, spans, start: int, skips: Region,
+             report: Callable[[int, ShardFault], None] | None = None) -> Iterator[tuple[int, object]]:
         """Yield ``(stream position, raw sample dict or BadSample)`` from position ``start`` on.
 
-        A failure costs only the sample it hits: reading restarts at the next sample's byte offset
-        from the index, so under ``on_error="skip"`` every other sample of the shard still comes.
+        A failure costs only what it makes unreadable. A bad sample costs itself: reading
+        restarts at the next sample's byte offset from the index. A fault of the whole shard
+        (missing, empty, truncated, not a tar, an unusable index, a store that gave up) is
+        diagnosed once (:meth:`_diagnose`): the samples the index proves intact are still read,
+        the others come as ``BadSample`` without touching the store again. Under
+        ``on_error="raise"`` the first failure raises (the shard's fault when there is one).
+        ``report(shard, fault)`` is told of each shard fault once per iteration.
         """
-        m = self.manifest
         pos = 0
         for k, span in enumerate(spans):
             n = span.stop - span.start
@@ -116,26 +141,107 @@ class ShardReader:
                 pos += n
                 continue
             self._prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS])
-            offsets = self.offsets(span.shard)
             j = span.start + max(0, start - pos)
+            offsets = self._offsets_or_fault(span.shard, report)
             while j < span.stop:
+                fault = self._faults.get(span.shard)
+                if fault is not None and j >= fault.first_lost:
+                    yield pos + j - span.start, BadSample(fault.error, span.shard)
+                    j += 1
+                    continue
+                stop = span.stop if fault is None else min(span.stop, fault.first_lost)
                 try:
-                    for sample in self._samples(span.shard, offsets, j, span.stop):
+                    for sample in self._samples(span.shard, offsets, j, stop, tail=fault is None):
                         yield pos + j - span.start, sample
                         j += 1
                 except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                     if not isinstance(exc, ShardError):
-                        exc = ShardError(self.store.url(m.shards[span.shard].url),
-                                         f"corrupt tar data at sample {j}: {exc}")
+                        exc = ShardError(self._url(span.shard), f"corrupt tar data at sample {j}: {exc}")
+                    if fault is None:
+                        fault = self._diagnose(span.shard, offsets, j, exc)
+                        if fault is not None:
+                            self._fault(span.shard, fault, report)
+                            continue  # the intact samples from j on, then BadSamples
                     if self.on_error == "raise":
                         raise exc from None
                     if j < span.stop:
-                        yield pos + j - span.start, BadSample(exc)
+                        yield pos + j - span.start, BadSample(exc, span.shard)
                     else:  # extra data after the shard's last sample: no slot to fill
-                        skips.samples += 1
+                        skips.sample(span.shard)
                         log.warning("shardkit: %s", exc)
                     j += 1
             pos += n
+
+    def _url(self, shard_no: int) -> str:
+        return self.store.url(self.manifest.shards[shard_no].url)
+
+    def _fault(self, shard_no: int, fault: ShardFault, report) -> None:
+        """Record a shard fault for this iteration (raised at once under ``on_error="raise"``)."""
+        if self.on_error == "raise":
+            raise fault.error from None
+        self._faults[shard_no] = fault
+        if report is not None:
+            report(shard_no, fault)
+
+    def _offsets_or_fault(self, shard_no: int, report) -> np.ndarray | None:
+        """The shard's sample offsets, or None when its index is unusable (a fault from sample 0:
+        an index that cannot be trusted proves no sample intact)."""
+        if shard_no in self._faults and self._faults[shard_no].first_lost == 0:
+            return None
+        try:
+            return self.offsets(shard_no)
+        except ShardError as exc:
+            self._fault(shard_no, ShardFault(0, exc), report)
+            return None
+
+    def _diagnose(self, shard_no: int, offsets: np.ndarray, j: int,
+                  exc: ShardError) -> ShardFault | None:
+        """Whether the failure at sample ``j`` is the whole shard's: the file is missing or
+        empty, shorter than the manifest says, not a tar archive, or the store gave up on it.
+        None when the file is as the manifest says (then only the sample is bad)."""
+        shard = self.manifest.shards[shard_no]
+        url = self.store.url(shard.url)
+        if exc.gave_up:  # the store gave up on the file (retries, a timeout, a wrong download)
+            if type(exc) is not ShardError:  # a subclass says more (CacheIntegrityError): as it is
+                return ShardFault(j, exc)
+            return ShardFault(j, ShardError(url, f"unreadable from sample {j} on: {exc.reason}"))
+        try:
+            if self.memory is not None:
+                data = self.memory[shard_no]
+                size = None if data is None else len(data)
+            else:
+                size = self.store.size(shard.url)
+        except ShardError as err:  # cannot even say how large it is
+            return ShardFault(j, ShardError(url, f"unreadable from sample {j} on: {err.reason}"))
+        expected, count = shard.num_bytes, len(offsets) - 1
+        if size is None or size == 0:
+            what = "the file does not exist" if size is None else "the file has 0 bytes"
+            return ShardFault(0, ShardError(url, f"missing or empty: {what}"))
+        if size > 0 and not self._starts_like_a_tar(shard_no, size):
+            return ShardFault(0, ShardError(url, f"not a tar archive{_kind_of(self._head)}"))
+        if 0 < size < expected:
+            intact = int(np.searchsorted(offsets[1:], size, side="right"))
+            return ShardFault(intact, ShardError(
+                url, f"truncated: the index expects {expected:,} bytes, the file has {size:,} "
+                     f"({intact} of {count} samples intact)", key=exc.key))
+        return None
+
+    def _starts_like_a_tar(self, shard_no: int, size: int) -> bool:
+        """Whether the shard's first 512 bytes are a tar header (its checksum holds)."""
+        self._head = b""
+        try:
+            if self.memory is not None:
+                head = bytes(self.memory[shard_no][:BLOCK].numpy())  # not None: size > 0
+            else:
+                stream = self.store.open_range(self.manifest.shards[shard_no].url, 0, min(size, BLOCK))
+                try:
+                    head = bytes(read_exact(stream, min(size, BLOCK)) or b"")
+                finally:
+                    stream.close()
+        except (OSError, ShardError):
+            return True  # cannot tell: leave it to the samples
+        self._head = head
+        return header_checksum_ok(head)
 
     def _prefetch(self, spans) -> None:
         """Start the cache's downloads of the shards the next spans read (remote, cached only).
@@ -179,30 +285,44 @@ class ShardReader:
         return offsets
 
     def _index(self, shard) -> np.ndarray:
+        """A shard's offsets from its index file, checked against the manifest; a ShardError
+        naming the shard and its index otherwise."""
         store = self.store
-        data = store.read_bytes(shard.index_url)
-        if hashlib.sha256(data).hexdigest() != shard.index_sha256:
-            raise ShardError(store.url(shard.index_url), "index sha256 differs from the manifest")
+        url, index_url = store.url(shard.url), store.url(shard.index_url)
         try:
-            return decode_index(data, shard.num_samples, shard.num_bytes, store.url(shard.index_url))
+            data = store.read_bytes(shard.index_url)
+        except ShardError as exc:
+            raise ShardError(url, f"its index {index_url} cannot be read ({exc.reason})") from None
+        if hashlib.sha256(data).hexdigest() != shard.index_sha256:
+            raise ShardError(url, f"its index {index_url} is not the one the manifest lists "
+                                  "(sha256 differs)")
+        try:
+            return decode_index(data, shard.num_samples, shard.num_bytes, index_url)
         except ManifestError as exc:
-            raise ShardError(store.url(shard.index_url), str(exc)) from None
+            reason = str(exc).removeprefix(f"{index_url}: ")
+            raise ShardError(url, f"its index {index_url} does not match the manifest: {reason}") \
+                from None
 
     # ----------------------------------------------------------------- samples
-    def _range(self, shard_no: int, offsets: np.ndarray, first: int, stop: int):
+    def _range(self, shard_no: int, offsets: np.ndarray, first: int, stop: int, tail: bool = True):
         """``(lo, hi, ends, stream)``: the bytes of samples ``first .. stop-1`` (to the archive's
-        end when ``stop`` is the last), the samples' ends relative to ``lo``, and a stream of them."""
+        end when ``stop`` is the last and ``tail``), the samples' ends relative to ``lo``, and a
+        stream of them."""
         shard = self.manifest.shards[shard_no]
         lo = int(offsets[first])
-        hi = shard.num_bytes if stop == len(offsets) - 1 else int(offsets[stop])
+        hi = shard.num_bytes if tail and stop == len(offsets) - 1 else int(offsets[stop])
         ends = (offsets[first + 1:stop + 1] - lo).tolist()
         if self.memory is not None:
-            stream = io.BytesIO(memoryview(self.memory[shard_no].numpy())[lo:hi])
+            data = self.memory[shard_no]
+            if data is None:
+                raise ShardError(self.store.url(shard.url), "missing or unreadable (preloaded)")
+            stream = io.BytesIO(memoryview(data.numpy())[lo:hi])
         else:
             stream = self._open_stream(shard, lo, hi)
         return lo, hi, ends, stream
 
-    def _samples(self, shard_no: int, offsets: np.ndarray, first: int, stop: int) -> Iterator[dict]:
+    def _samples(self, shard_no: int, offsets: np.ndarray, first: int, stop: int,
+                 tail: bool = True) -> Iterator[dict]:
         """Samples ``first .. stop-1`` of a shard, each exactly the bytes the index gives it.
 
         The fast path reads each sample's bytes in one call and parses its plain USTAR headers
@@ -211,9 +331,10 @@ class ShardReader:
         over to the strict ``tarfile``-based path at that sample, which decides and names the
         error; so both paths accept and refuse exactly the same shards.
         """
-        url = self.store.url(self.manifest.shards[shard_no].url)
+        shard = self.manifest.shards[shard_no]
+        url, index_url = self.store.url(shard.url), self.store.url(shard.index_url)
         views = self.views
-        lo, hi, ends, stream = self._range(shard_no, offsets, first, stop)
+        lo, hi, ends, stream = self._range(shard_no, offsets, first, stop, tail)
         k, prev, sample_key = 0, 0, None
         try:
             for k, end in enumerate(ends):  # noqa: B007 - k is where the strict path takes over
@@ -235,10 +356,10 @@ class ShardReader:
         finally:
             stream.close()
         first += k
-        lo, hi, ends, stream = self._range(shard_no, offsets, first, stop)
+        lo, hi, ends, stream = self._range(shard_no, offsets, first, stop, tail)
         try:
             yield from strict_samples(stream, url, ends, first, len(offsets) - 1, hi - lo,
-                                      prev_key=sample_key)
+                                      prev_key=sample_key, index_url=index_url)
         finally:
             stream.close()
 
@@ -306,3 +427,12 @@ def tune_worker_malloc() -> None:
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: its allocator decides
+
+
+def _kind_of(head: bytes) -> str:
+    """What a file that is not a tar seems to be, for messages."""
+    for magic, what in ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ", "xz"),
+                        (b"(\xb5/\xfd", "zstd"), (b"PK\x03\x04", "zip")):
+        if head.startswith(magic):
+            return f" ({what}-compressed data; shards are plain, uncompressed tar)"
+    return ""

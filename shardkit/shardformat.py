@@ -152,15 +152,18 @@ def parse_sample(buf, url: str, views: bool) -> dict | None:
 
 
 def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, total: int,
-                   length: int, prev_key: str | None = None) -> Iterator[dict]:
+                   length: int, prev_key: str | None = None,
+                   index_url: str | None = None) -> Iterator[dict]:
     """Samples from ``stream``, a shard's bytes from sample ``first``'s offset on, each checked
     against the index's boundaries ``ends`` (relative to that offset).
 
     ``total`` is the shard's sample count (for messages), ``length`` the number of bytes the
     stream holds (to the archive's end when the last sample is included, so that extra members
     are noticed). A sample is yielded when a member ends exactly at the next boundary; anything
-    else is a :class:`ShardError` naming the shard URL and the key.
+    else is a :class:`ShardError` naming the shard URL and the key (and ``index_url`` where the
+    shard and its index disagree).
     """
+    by_index = "its index" if index_url is None else f"its index {index_url}"
     current: dict | None = None
     k, prev = 0, prev_key
     try:
@@ -174,7 +177,7 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
         for info in tar:
             key, field = split_member(info.name, url)
             if k >= len(ends):
-                raise ShardError(url, f"holds more samples than its index says ({info.name!r} "
+                raise ShardError(url, f"holds more samples than {by_index} says ({info.name!r} "
                                       "after the last one)", key=key)
             if not info.isreg() or info.sparse is not None:
                 raise ShardError(url, f"member {info.name!r} is not a regular file", key=key)
@@ -187,7 +190,7 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
                 current = {"__key__": key, "__url__": url}
             elif key != current["__key__"]:
                 raise ShardError(url, f"member {info.name!r} lies inside sample "
-                                      f"{current['__key__']!r} by the index", key=key)
+                                      f"{current['__key__']!r} by {by_index}", key=key)
             if field in current:
                 raise ShardError(url, f"duplicate member {info.name!r}", key=key)
             try:
@@ -197,8 +200,8 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
                                  key=key) from None
             if tar.offset >= ends[k]:
                 if tar.offset != ends[k]:
-                    raise ShardError(url, f"member {info.name!r} crosses the index's sample "
-                                          "boundary", key=key)
+                    raise ShardError(url, f"member {info.name!r} crosses a sample boundary of "
+                                          f"{by_index}", key=key)
                 yield current
                 prev, current, k = key, None, k + 1
         if k < len(ends):
@@ -208,6 +211,19 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
     except tarfile.TarError as exc:
         raise ShardError(url, f"corrupt tar data at sample {first + k} (after {prev!r}): "
                               f"{exc}") from None
+
+
+def header_checksum_ok(block: bytes) -> bool:
+    """Whether ``block`` is a tar header: 512 bytes whose checksum field holds their sum (the test
+    tarfile makes; plain zeros, compressed data or text fail it)."""
+    if len(block) < BLOCK:
+        return False
+    h = block[:BLOCK]
+    try:
+        checksum = int(bytes(h[148:156]).rstrip(b"\0 ").lstrip(b" ") or b"x", 8)
+    except ValueError:
+        return False
+    return sum(h) - sum(h[148:156]) + 256 == checksum
 
 
 def iter_keys(fileobj: BinaryIO, url: str) -> Iterator[tuple[str, str]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -32,6 +33,8 @@ import torch
 from . import plan as planlib
 
 STATE_VERSION = 1
+PLAIN_WORKERS = 64  # a plain DataLoader's workers advance epochs by themselves up to this many
+REPORT_EVERY = 1.0  # seconds between the main process's looks for bad shards its workers found
 # Settings that decide a plan besides (seed, epoch, world size, workers); recorded in global states.
 PLAN_SETTINGS = ("shuffle", "block_size", "shuffle_buffer", "remainder", "batch_size", "drop_last")
 
@@ -74,6 +77,9 @@ class Progress:
     items: int = 0
     received: np.ndarray | None = None
     counted: int = 0
+    report: Callable[[set], None] | None = None  # logs bad shards not logged yet
+    logged: set = field(default_factory=set)
+    _next_report: float = 0.0
 
     def handed_out(self) -> None:
         """One more item goes to the user (call it before yielding: the batch is still mapped)."""
@@ -82,6 +88,14 @@ class Progress:
             w = self.num_workers
             self.received[k % w] = k // w + 1
         self.items = k + 1
+        if self.report is not None and time.monotonic() >= self._next_report:
+            self._next_report = time.monotonic() + REPORT_EVERY
+            self.report(self.logged)
+
+    def finish(self) -> None:
+        """The iteration is over: log the bad shards found since the last look."""
+        if self.report is not None:
+            self.report(self.logged)
 
 
 class EpochState:
@@ -92,7 +106,20 @@ class EpochState:
         self.seed, self.settings = seed, dict(settings)  # PLAN_SETTINGS -> values
         self._sizes = sizes  # the manifest's samples per shard (loaded on first use)
         self._rank_arg, self._world_arg = rank, world_size
-        self._cell = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Shared with every DataLoader worker: [epoch, generation (bumped by every set_epoch,
+        # loaded state and advance), generation + 1 when a plain DataLoader's workers iterated].
+        self._cell = torch.zeros(3, dtype=torch.int64).share_memory_()
+        # A plain DataLoader's worker w of W keeps [generation + 1, epoch of its last iteration]
+        # in slot [W, w]: the workers of one loader advance together without the main process.
+        self._slots = torch.zeros(PLAIN_WORKERS + 1, PLAIN_WORKERS, 2,
+                                  dtype=torch.int64).share_memory_()
+        self._advance = False  # main process: the next iteration starts the next epoch
+        # shardkit's loader, for the workers it starts: the epoch of that iteration (the main
+        # process advances epochs; later iterations of persistent workers read the cell)
+        self.managed: int | None = None
+        self._pid = None  # the process whose iterations this copy counts (see _worker_epoch)
+        self._iter_epoch: int | None = None  # in a worker: the epoch of its running iteration
+        self._loaded_epoch: int | None = None  # in a worker: of a state loaded there
         self.resume: dict | None = None  # applied to the next iteration of its epoch
         self.rest: dict | None = None  # an elastic resume's rest plan, in force for its epoch
         self.emitted = 0  # samples this process's iterator has emitted (worker state)
@@ -115,14 +142,21 @@ class EpochState:
 
     @property
     def epoch(self) -> int:
-        return int(self._cell[0])
+        """The epoch: of the running iteration in a DataLoader worker, else the dataset's."""
+        return int(self._cell[0]) if self._iter_epoch is None else self._iter_epoch
 
-    @epoch.setter
-    def epoch(self, epoch: int) -> None:
+    @property
+    def tag(self) -> int:
+        """Names the running (or last) iteration: its generation and epoch (see skiplog.py)."""
+        return (int(self._cell[1]) << 32) + self.epoch
+
+    def _set(self, epoch: int) -> None:
         self._cell[0] = epoch
+        self._cell[1] += 1
+        self._advance = False
 
     def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or epoch < 0:
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if self.resume is not None and self.resume["epoch"] != epoch:
             self.resume = None
@@ -130,7 +164,36 @@ class EpochState:
             self.rest = None
         if epoch != self.epoch:  # progress counts belong to the previous epoch
             self.emitted, self.progress = 0, None
-        self.epoch = epoch
+        self._set(epoch)
+
+    def start_iteration(self) -> None:
+        """In the main process, before an iteration (its own, or a loader's workers'): the epoch
+        advances by one unless ``set_epoch`` or ``load_state_dict`` came since the last one."""
+        if self._advance:
+            self.set_epoch(self.epoch + 1)
+        self._advance = True
+
+    def _worker_epoch(self, worker: int, num_workers: int) -> int:
+        """In a DataLoader worker: the epoch of the iteration it starts. Under shardkit's loader
+        the main process has advanced it already; under a plain DataLoader each worker advances
+        its own slot, which all workers of that loader do alike."""
+        gen = int(self._cell[1])
+        first, self._pid = self._pid != os.getpid(), os.getpid()
+        if self.managed is not None and self._loaded_epoch is None:
+            # A new worker takes the epoch it was started for: the main process may start another
+            # iteration (and advance the cell) before this one reads it.
+            return self.managed if first else int(self._cell[0])
+        self._cell[2] = gen + 1  # the main process cannot count what a plain DataLoader hands out
+        slot = self._slots[num_workers, worker] if num_workers <= PLAIN_WORKERS else None
+        if self._loaded_epoch is not None:  # a state loaded in this worker (StatefulDataLoader)
+            epoch, self._loaded_epoch = self._loaded_epoch, None
+        elif slot is not None and int(slot[0]) == gen + 1:
+            epoch = int(slot[1]) + 1
+        else:
+            epoch = int(self._cell[0])
+        if slot is not None:
+            slot[0], slot[1] = gen + 1, epoch
+        return epoch
 
     # ----------------------------------------------------------------- plans
     def num_items(self) -> int:
@@ -165,13 +228,22 @@ class EpochState:
     def rest_in_force(self) -> bool:
         return self._rest_in_force() is not None
 
+    def resume_pending(self) -> bool:
+        """Whether the next iteration resumes inside its epoch (from a loaded state)."""
+        return not self._advance and self.resume is not None and self.resume["epoch"] == self.epoch
+
     def _rest_in_force(self) -> dict | None:
         rest = self.rest
         return rest if rest is not None and rest["epoch"] == self.epoch else None
 
-    def begin(self, worker: int, num_workers: int) -> int:
-        """An iteration of DataLoader worker ``worker`` starts: apply a resume of this epoch;
-        returns how many samples of its role's plan were consumed before (``self.role``)."""
+    def begin(self, worker: int, num_workers: int, in_worker: bool) -> int:
+        """An iteration of DataLoader worker ``worker`` starts (``in_worker``: in a worker
+        process, else in the main process): fix its epoch, apply a resume of that epoch; returns
+        how many samples of its role's plan were consumed before (``self.role``)."""
+        if in_worker:
+            self._iter_epoch = self._worker_epoch(worker, num_workers)
+        else:
+            self.start_iteration()
         self.resolve_resume(num_workers)
         consumed, shift = 0, 0
         if self.resume is not None and self.resume["epoch"] == self.epoch:
@@ -189,7 +261,8 @@ class EpochState:
 
     # ----------------------------------------------------------------- state dicts
     def local_state(self, worker_info) -> dict:
-        """This rank's state (inside a DataLoader worker: that worker's own)."""
+        """This rank's state (inside a DataLoader worker: that worker's own). Once every sample
+        of the epoch was consumed it is the next epoch's start: resuming from it starts there."""
         rank, world = self.rank_world()
         base = {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "rank": rank,
                 "world_size": world}
@@ -198,12 +271,31 @@ class EpochState:
                      "consumed": {str(self.role): self.emitted}}
         elif self.progress is not None:
             state = {**base, **self._progress_state()}
+        elif int(self._cell[2]) == int(self._cell[1]) + 1:
+            raise ValueError(
+                "state_dict(): this epoch is read by the workers of a plain DataLoader, which "
+                "does not tell the dataset what it handed to the user, so the state would be "
+                "wrong; use shardkit.make_loader(ds) (then loader.state_dict() or "
+                "ds.state_dict()), or torchdata's StatefulDataLoader (its state_dict())")
         else:
             state = {**base, "num_workers": 1, "shift": 0, "consumed": {"0": self.emitted}}
+        if self._finished(state, worker_info):
+            return {**base, "epoch": self.epoch + 1, "num_workers": state["num_workers"],
+                    "shift": 0, "consumed": {}}
         rest = self._rest_in_force()
         if rest is not None:
             state["base"] = rest["state"]
         return state
+
+    def _finished(self, state: dict, worker_info) -> bool:
+        """Whether ``state`` has consumed every sample its roles' plans hold this epoch."""
+        workers = state["num_workers"]
+        roles = [self.role] if worker_info is not None else range(workers)
+        consumed = state["consumed"]
+        if not consumed or not any(consumed.values()):
+            return False
+        return all(int(consumed.get(str(r), 0)) >= self.plan(r, workers).num_samples
+                   for r in roles)
 
     def merge_states(self, states) -> dict:
         """The global state of a job from its ranks' own states (see
@@ -244,7 +336,10 @@ class EpochState:
         rank, world = self.rank_world()
         if state["seed"] != self.seed:
             raise ValueError(f"state is from seed={state['seed']}; this dataset has seed={self.seed}")
-        self.epoch = state["epoch"]
+        if worker_info is None:
+            self._set(state["epoch"])  # the next iteration resumes this epoch
+        else:  # a state loaded in a worker (StatefulDataLoader): its next iteration resumes it
+            self._iter_epoch = self._loaded_epoch = state["epoch"]
         if "ranks" not in state:  # one rank's state
             if worker_info is not None and self.resume is not None:  # merge per-worker states
                 self.resume["consumed"].update(state["consumed"])
@@ -381,8 +476,10 @@ class LoaderLink:
     reaches the workers it starts (they copy the dataset), a resume is handed to them and then
     cleared here, and the :class:`Progress` it yields is what the loader counts."""
 
-    def __init__(self, state: EpochState, num_workers: int):
+    def __init__(self, state: EpochState, num_workers: int,
+                 report: Callable[[set], None] | None = None):
         self._state, self.num_workers = state, num_workers
+        self._report = report  # logs bad shards its workers found, once each (see Progress)
         state.resolve_resume(max(1, num_workers))
 
     @contextlib.contextmanager
@@ -393,25 +490,27 @@ class LoaderLink:
         update with :meth:`Progress.handed_out` per item. ``received``/``limit``: the recycle
         counts (see :class:`Progress`)."""
         st = self._state
-        st.resolve_resume(max(1, self.num_workers))
-        if self.num_workers == 0:
+        if self.num_workers == 0:  # the dataset iterates in this process and counts for itself
+            st.resolve_resume(1)
             st.progress = None
             yield None
             return
+        st.start_iteration()  # the next epoch, unless set_epoch or a loaded state came first
+        st.resolve_resume(self.num_workers)
         resume = st.resume if st.resume is not None and st.resume["epoch"] == st.epoch else None
         progress = Progress(num_workers=self.num_workers, epoch=st.epoch,
                             shift=resume.get("shift", 0) if resume else 0,
                             base=dict(resume["consumed"]) if resume else {},
-                            received=received, counted=limit * self.num_workers)
-        st.recycle = recycle
+                            received=received, counted=limit * self.num_workers,
+                            report=self._report)
+        st.recycle, st.managed = recycle, st.epoch
         try:
             yield progress
         finally:
-            st.recycle = None  # for this loader's workers only
+            st.recycle, st.managed = None, None  # for this loader's workers only
         st.resume = None
         st.progress = progress
 
     def resumed(self) -> bool:
         """Whether the next iteration resumes inside its epoch (the workers' counts differ)."""
-        st = self._state
-        return st.resume is not None and st.resume["epoch"] == st.epoch
+        return self._state.resume_pending()

@@ -86,8 +86,14 @@ def pack_folder(src, dest, *, mode: str = "raw", size: int | None = None, qualit
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if mode in ("resize", "tensor") and (size is None or int(size) < 1):
         raise ValueError(f"size is required (a positive number of pixels) for mode={mode!r}")
+    if mode == "raw" and size is not None:
+        raise ValueError(f"size={size!r} does nothing in mode='raw', which stores the original "
+                         "bytes; use mode='resize' (JPEG, shorter side to size) or 'tensor'")
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality must be between 1 and 100, got {quality!r}")
+    if mode != "resize" and int(quality) != 90:
+        raise ValueError(f"quality={quality!r} does nothing in mode={mode!r}: only mode='resize' "
+                         "encodes JPEGs")
     if max_samples is not None and int(max_samples) < 1:
         raise ValueError(f"max_samples must be at least 1, got {max_samples!r}")
     if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):

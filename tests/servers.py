@@ -224,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng_header = self.headers.get("Range")
         owner._record(self.command, self.path, rng_header)
 
-        status = owner._take_failure()
+        status = owner._take_failure(self.path)
         if status is not None:
             body = f"injected {status}\n".encode()
             self.send_response(status)
@@ -357,8 +357,9 @@ class FaultyHTTPServer:
     ``drop_after(n_bytes, times=1, reset=False)``
         the next ``times`` GET bodies stop after ``n_bytes`` and the connection is closed
         (FIN, or RST with ``reset=True``) although Content-Length announced the full length.
-    ``fail(status=503, times=3)``
-        the next ``times`` requests (GET or HEAD) are answered with ``status``.
+    ``fail(status=503, times=3, path=None)``
+        the next ``times`` requests (GET or HEAD; ``times=-1``: all until :meth:`reset`) are
+        answered with ``status``; with ``path``, only requests for paths ending with it.
     ``delay(seconds_per_chunk, chunk=64 KiB)``
         bodies are sent in ``chunk``-byte pieces with a sleep between them, until ``delay(0)``.
     ``stall(times=None, before_headers=False)``
@@ -453,9 +454,9 @@ class FaultyHTTPServer:
         with self._lock:
             self._drop = (int(n_bytes), int(times), bool(reset))
 
-    def fail(self, status: int = 503, times: int = 3) -> None:
+    def fail(self, status: int = 503, times: int = 3, path: str | None = None) -> None:
         with self._lock:
-            self._fail = (int(status), int(times))
+            self._fail = (int(status), int(times), path)
 
     def delay(self, seconds_per_chunk: float, chunk: int = 64 * 1024) -> None:
         if chunk <= 0:
@@ -474,7 +475,7 @@ class FaultyHTTPServer:
     def reset(self) -> None:
         with self._lock:
             self._drop = (0, 0, False)
-            self._fail = (503, 0)
+            self._fail = (503, 0, None)
             self._delay = (0.0, 64 * 1024)
             self._stall = (0, False)
             self._ignore_range = False
@@ -506,12 +507,12 @@ class FaultyHTTPServer:
         with self._lock:
             self._bytes_sent += n
 
-    def _take_failure(self) -> int | None:
+    def _take_failure(self, path: str) -> int | None:
         with self._lock:
-            status, times = self._fail
-            if times <= 0:
+            status, times, only = self._fail
+            if times == 0 or (only is not None and not path.split("?")[0].endswith(only)):
                 return None
-            self._fail = (status, times - 1)
+            self._fail = (status, times - 1 if times > 0 else times, only)
             return status
 
     def _take_drop(self):

@@ -133,6 +133,8 @@ def test_data_errors_exit_1_naming_the_problem(class_folder, tmp_path, capfd, ca
     ["pack", "SRC", "DEST", "--mode", "resize"], ["pack", "SRC", "DEST", "--max-bytes", "lots"],
     ["pack", "SRC", "DEST", "--max-samples", "0"], ["pack", "SRC", "DEST", "--quality", "101"],
     ["pack", "SRC", "DEST", "--workers", "two"], ["show"], ["verify"],
+    ["pack", "SRC", "DEST", "--size", "64"], ["pack", "SRC", "DEST", "--quality", "80"],
+    ["pack", "SRC", "DEST", "--mode", "tensor", "--size", "8", "--quality", "80"],
 ])
 def test_usage_errors_exit_2(class_folder, tmp_path, capfd, argv):
     argv = [{"SRC": class_folder, "DEST": tmp_path / "out"}.get(a, a) for a in argv]
@@ -230,3 +232,50 @@ def test_console_entry_point_is_the_cli(class_folder, tmp_path, capfd):
     assert entry is main
     assert entry(["pack", str(class_folder), str(tmp_path / "out"), "--workers", "1"]) == 0
     assert SUMMARY.match(capfd.readouterr().out.strip())
+
+
+# --------------------------------------------------------------------------- help and version
+
+
+def test_help_lists_every_verb_with_what_it_does(capfd):
+    from shardkit.cli import VERBS
+
+    assert run_main(["--help"]) == 0
+    out = capfd.readouterr().out
+    for verb, (what, _, _) in VERBS.items():
+        assert re.search(rf"^\s+{verb}\s+{re.escape(what[:30])}", out, re.M), (verb, out)
+
+
+def test_unknown_or_missing_verb_is_a_usage_error_naming_the_choices(capfd):
+    assert run_main(["foo"]) == 2
+    err = capfd.readouterr().err
+    assert "invalid choice: 'foo'" in err and "pack" in err and "verify" in err
+    assert run_main([]) == 2
+    assert "required: VERB" in capfd.readouterr().err
+
+
+def test_version(capfd):
+    import shardkit
+
+    assert run_main(["--version"]) == 0
+    assert capfd.readouterr().out.strip() == f"shardkit {shardkit.__version__}"
+
+
+def test_every_option_of_every_verb_has_help():
+    import argparse
+
+    from shardkit.cli import VERBS
+
+    for verb, (_, add, _) in VERBS.items():
+        p = argparse.ArgumentParser(prog=verb)
+        add(p)
+        for action in p._actions:
+            assert action.help, (verb, action.dest)
+
+
+def test_options_a_mode_ignores_are_refused_by_name(class_folder, tmp_path, capfd):
+    assert run_main(["pack", class_folder, tmp_path / "o", "--size", "64", "--quiet"]) == 2
+    assert "size=64 does nothing in mode='raw'" in capfd.readouterr().err
+    assert run_main(["pack", class_folder, tmp_path / "o", "--quality", "80", "--quiet"]) == 2
+    assert "quality=80 does nothing in mode='raw'" in capfd.readouterr().err
+    assert not (tmp_path / "o").exists()

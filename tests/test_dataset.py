@@ -165,6 +165,7 @@ def test_same_seed_and_epoch_same_order_other_epoch_or_seed_differs(datasets, ke
     # single-process iteration too
     single = StreamingDataset(src, decode="raw", with_keys=True, seed=3)
     first = [k for *_, k in single]
+    single.set_epoch(0)
     assert first == [k for *_, k in single]
     single.set_epoch(1)
     assert [k for *_, k in single] != first
@@ -265,7 +266,9 @@ def test_crops_are_reproducible_per_epoch(datasets):
     by_key = lambda items: {k: im for im, _, k in items}  # noqa: E731
     ds = StreamingDataset(src, **kw)
     loader = make_loader(ds, num_workers=2)
-    a, b = by_key(loader), by_key(loader)
+    a = by_key(loader)
+    ds.set_epoch(0)
+    b = by_key(loader)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = by_key(StreamingDataset(src, **kw))
     assert all(torch.equal(a[k], other[k]) for k in a)  # worker count does not matter
@@ -290,3 +293,58 @@ def test_torchvision_v2_transform_runs_after_the_crop(datasets):
     for im, _, k in floats:
         assert im.dtype == torch.float32 and tuple(im.shape) == (3, 16, 16)
         assert torch.allclose(im, base[k].flip(-1).float() / 255)
+
+
+# --------------------------------------------------------------------------- arguments, checked
+
+
+def test_a_crop_that_is_not_shardkits_is_a_type_error_pointing_to_transform(datasets):
+    from torchvision.transforms import v2
+
+    with pytest.raises(TypeError, match=r"shardkit.RandomResizedCrop.*CenterCrop.*"
+                                        r"torchvision.transforms.v2.*CenterCrop.*transform="):
+        StreamingDataset(datasets["nine"], crop=v2.CenterCrop(8))
+    with pytest.raises(TypeError, match="transform="):
+        StreamingDataset(datasets["nine"], crop=lambda im: im)
+    # the way it is meant: the torchvision transform after the decoding
+    ds = StreamingDataset(datasets["nine"], transform=v2.CenterCrop(8))
+    image, _ = next(iter(ds))
+    assert tuple(image.shape) == (3, 8, 8)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(drop_last=True), "drop_last.*needs batch_size"),
+    (dict(memory_limit="1GB"), "memory_limit.*in_memory=True"),
+])
+def test_options_that_would_do_nothing_are_refused(datasets, kw, match):
+    with pytest.raises(ValueError, match=match):
+        StreamingDataset(datasets["nine"], **kw)
+
+
+def test_make_loader_refuses_to_batch_batches(datasets):
+    ds = StreamingDataset(datasets["nine"], batch_size=4, crop=CenterCrop(8))
+    with pytest.raises(ValueError, match="batches of 4 in the workers.*batch_size=8"):
+        make_loader(ds, batch_size=8)
+    unbatched = StreamingDataset(datasets["nine"], crop=CenterCrop(8))
+    images, labels = next(iter(make_loader(unbatched, num_workers=0, batch_size=8)))
+    assert tuple(images.shape) == (8, 3, 8, 8)  # a per-sample dataset may be batched by it
+
+
+def test_a_center_crop_larger_than_the_image_is_padded_as_torchvision_pads(tmp_path):
+    from torchvision.transforms import v2
+
+    src = image_folder(tmp_path / "src", classes=1, per_class=3, size=(40, 30))
+    pack(src, tmp_path / "ds")
+    crop = CenterCrop(48, resize=32)  # the resized image is 42x32: zero rows above and below
+    plain = StreamingDataset(tmp_path / "ds", with_keys=True, transform=lambda x: x, crop=crop)
+    batched = StreamingDataset(tmp_path / "ds", with_keys=True, batch_size=3, crop=crop)
+    got = {k: im for im, _, k in plain}
+    (images, _, keys), = list(make_loader(batched, num_workers=0))
+    for raw, _, key in StreamingDataset(tmp_path / "ds", decode="raw", with_keys=True):
+        ref = v2.CenterCrop(48)(v2.Resize(32, antialias=True)(
+            torch.from_numpy(np.asarray(Image.open(io.BytesIO(bytes(raw))).convert("RGB"))
+                             ).permute(2, 0, 1)))
+        for im in (got[key], images[keys.index(key)]):
+            assert im.shape == ref.shape == (3, 48, 48)
+            assert torch.equal(im.sum(0) == 0, ref.sum(0) == 0)  # the same zero borders
+            assert (im.float() - ref.float()).abs().mean() < 8

@@ -446,3 +446,13 @@ def test_recipe_box_outside_image_is_a_bug_not_a_decode_error():
         with pytest.raises(ValueError, match="not inside") as info:
             fn(data, crop=OutOfBounds(), rng=random.Random(0))
         assert not isinstance(info.value, ImageDecodeError)
+
+
+def test_center_crop_says_when_it_enlarges_an_image_more_than_twice():
+    with pytest.warns(UserWarning, match=r"enlarges a 400x300 image 15.6x .*resize="):
+        CenterCrop(4096).params(400, 300)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CenterCrop(224).params(400, 300)  # shrinking: nothing to say

@@ -103,14 +103,14 @@ def test_problems_are_reported_not_raised(tmp_path):
     root = make_class_folder(tmp_path / "src", per_class=2)
     (root / "cat" / "dangling.jpg").symlink_to(root / "cat" / "no-such-file.jpg")
     (root / "cat" / "self.jpg").symlink_to("self.jpg")  # ln -s self.jpg self.jpg: ELOOP
-    (root / "cat" / "dir.jpg").mkdir()
+    (root / "cat" / "dir.jpg").mkdir()  # an empty sub-folder, whatever its name: nothing
     (root / "dog" / "loop").symlink_to("..")  # a folder link to its parent
     (root / "empty").mkdir()
     write(root / "stray.jpg", jpeg_bytes(photo()))  # beside the class folders
     scan = scan_folder(root)
     problems = dict(scan.problems)
     assert "symlink" in problems["dog/loop"] and "loop" in problems["dog/loop"]
-    assert "folder" in problems["cat/dir.jpg"]
+    assert "cat/dir.jpg" not in problems
     assert "empty" in problems["empty"]
     assert "class" in problems["stray.jpg"]
     assert "symbolic links" in problems["cat/self.jpg"]  # ELOOP, found while walking
@@ -128,3 +128,16 @@ def test_self_referencing_link_in_flat_folder_does_not_crash(tmp_path):
     scan = scan_folder(tmp_path)
     assert scan.classes is None  # the looping links did not turn the folder into classes
     assert sorted(i.relpath for i in scan.items) == ["a.jpg", "x.jpg"]
+
+
+def test_folders_named_like_images_are_walked_into(tmp_path):
+    # as torchvision's ImageFolder: a folder is a folder, whatever its name
+    root = tmp_path / "src"
+    write(root / "cats" / "directory.jpg" / "inner.jpg", jpeg_bytes(photo()))
+    write(root / "cats" / "top.jpg", jpeg_bytes(photo()))
+    write(root / "dogs.png" / "d.jpg", jpeg_bytes(photo()))
+    scan = scan_folder(root)
+    assert scan.problems == []
+    assert scan.classes == ["cats", "dogs.png"]
+    assert sorted((i.relpath, i.label) for i in scan.items) == [
+        ("cats/directory.jpg/inner.jpg", 0), ("cats/top.jpg", 0), ("dogs.png/d.jpg", 1)]

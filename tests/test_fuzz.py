@@ -528,7 +528,8 @@ def test_fuzz_pack_folder(scratch, files, on_error, mode):
     written = _write_tree(src, files)
     try:
         with time_limit(60):
-            m = shardkit.pack_folder(src, dest, mode=mode, size=8, workers=1, progress=False,
+            m = shardkit.pack_folder(src, dest, mode=mode, size=8 if mode == "resize" else None,
+                                     workers=1, progress=False,
                                      on_error=on_error, max_samples=2, max_pixels=10**6)
     except SourceError as exc:  # the bad file (or the empty source) is named
         assert not (dest / MANIFEST_NAME).exists()

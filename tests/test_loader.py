@@ -98,6 +98,7 @@ def test_gpu_prefetcher_on_cpu_normalizes_like_by_hand(source):
     ds = StreamingDataset(source, batch_size=8, crop=RandomResizedCrop(16), with_keys=True)
     loader = make_loader(ds, num_workers=0)
     raw = list(loader)
+    ds.set_epoch(0)  # the same epoch again (each new iteration starts the next one)
     pre = GpuPrefetcher(loader, "cpu", mean=MEAN, std=STD)
     assert len(pre) == len(loader) == len(raw)
     out = list(pre)

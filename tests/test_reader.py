@@ -17,6 +17,7 @@ import pytest
 import shardkit
 from shardkit import CenterCrop, StreamingDataset, make_loader
 from shardkit.errors import DecodeError, ShardError
+from shardkit.shardformat import END_OF_ARCHIVE, encode_index, member
 from shardkit.storage import LocalStore
 
 from _helpers_read import (all_keys, image_folder, keys_of, members_of,
@@ -172,20 +173,121 @@ def _check_skip(src, all_keys_, missing: set, caplog, *, skipped=None):
         assert len(expected - union) <= len(all_keys_) % world  # only the remainder dropped
 
 
-def test_truncated_shard(bad, caplog):
-    data = Path(bad.url).read_bytes()
-    cut = int(bad.offsets[BAD_SAMPLE]) + 512 * 3 + 100  # inside the image of the bad sample
-    Path(bad.url).write_bytes(data[:cut])
-    _check_raise(bad.path, url=bad.url, key=bad.bad_key, match="truncated")
-    lost = {k for k, _ in bad.shard_samples[BAD_SAMPLE:]}
-    _check_skip(bad.path, bad.keys, lost, caplog)
+# ------------------------------------------------------------------- faults of a whole shard
 
 
-def test_shard_cut_at_a_sample_boundary_ends_early(bad):
-    data = Path(bad.url).read_bytes()
-    Path(bad.url).write_bytes(data[:int(bad.offsets[BAD_SAMPLE])])
-    prev = bad.shard_samples[BAD_SAMPLE - 1][0]
-    _check_raise(bad.path, url=bad.url, key=prev, match="ended early")
+def _gzip(path: Path) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(path.read_bytes()))
+
+
+def _regrow(bad) -> None:
+    """The shard rewritten with sample 2's image 700 bytes longer; the index stays as it was."""
+    samples = [members_of(s) for s in bad.shard_samples]
+    samples[BAD_SAMPLE] = [(n, d + b"\0" * 700 if n.endswith(".jpg") else d)
+                           for n, d in samples[BAD_SAMPLE]]
+    blob = b"".join(member(n, d) for sample in samples for n, d in sample) + END_OF_ARCHIVE
+    Path(bad.url).write_bytes(blob)
+
+
+# fault -> (how, samples lost, words of the error in raise mode, names the index, shard-level)
+SHARD_FAULTS = {
+    "missing": (lambda b: Path(b.url).unlink(), range(5), "missing or empty", False, True),
+    "empty": (lambda b: Path(b.url).write_bytes(b""), range(5), "missing or empty", False, True),
+    "truncated mid-member": (
+        lambda b: Path(b.url).write_bytes(Path(b.url).read_bytes()[:int(b.offsets[2]) + 1636]),
+        range(2, 5), "truncated: the index expects", False, True),
+    "truncated at a sample boundary": (
+        lambda b: Path(b.url).write_bytes(Path(b.url).read_bytes()[:int(b.offsets[2])]),
+        range(2, 5), "truncated: the index expects", False, True),
+    "gzip named .tar": (lambda b: _gzip(Path(b.url)), range(5), "not a tar archive (gzip", False,
+                        True),
+    "index missing": (lambda b: Path(b.url).with_suffix(".idx").unlink(), range(5),
+                      "cannot be read", True, True),
+    "index not the manifest's": (
+        lambda b: Path(b.url).with_suffix(".idx").write_bytes(
+            encode_index([0, 1024, *(int(v) for v in b.offsets[2:])])),
+        range(5), "is not the one the manifest lists", True, True),
+    "index inconsistent with the bytes": (_regrow, range(2, 5), "sample boundary of its index",
+                                          True, False),
+}
+
+
+@pytest.mark.parametrize("fault", list(SHARD_FAULTS))
+def test_shard_faults_raise_naming_the_shard_once(bad, fault):
+    how, lost, words, names_index, _ = SHARD_FAULTS[fault]
+    how(bad)
+    # (through workers for two of them: a failed loader's workers take 5 s each to shut down)
+    for num_workers in (0, 2) if fault in ("missing", "truncated mid-member") else (0,):
+        with pytest.raises((ShardError, RuntimeError)) as info:
+            _epoch_keys(bad.path, num_workers=num_workers, on_error="raise")
+        text = str(info.value)
+        del info
+        gc.collect()
+        assert "ShardError" in text or num_workers == 0, text
+        assert words in text, text
+        assert text.count(bad.url) == 1, text  # the .tar, and no path twice
+        idx = str(Path(bad.url).with_suffix(".idx"))
+        assert text.count(idx) == (1 if names_index else 0), text
+        if fault.startswith("truncated"):
+            size = Path(bad.url).stat().st_size
+            assert f"the file has {size:,}" in text and "2 of 5 samples intact" in text, text
+
+
+@pytest.mark.parametrize("fault", list(SHARD_FAULTS))
+def test_shard_faults_in_skip_mode_cost_only_what_they_make_unreadable(bad, fault, caplog):
+    how, lost, words, _, shard_level = SHARD_FAULTS[fault]
+    how(bad)
+    missing = {bad.shard_samples[i][0] for i in lost}
+    expected = set(bad.keys) - missing
+    for num_workers in (0, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shardkit"):
+            (keys,), (ds,) = _epoch_keys(bad.path, num_workers=num_workers, on_error="skip")
+        assert set(keys) == expected  # every intact sample, the others replaced
+        assert len(keys) == len(bad.keys)  # the epoch is as long as ever
+        assert ds.skipped == len(missing)  # seen in the main process, workers or not
+        listed = ds.bad_shards
+        if shard_level:
+            assert [(b["url"], b["samples_lost"]) for b in listed] == [(bad.url, len(missing))]
+            assert words in listed[0]["reason"] and listed[0]["first_lost"] == min(lost)
+            assert caplog.text.count(f"bad shard {bad.url}") == 1, caplog.text  # logged once
+        else:
+            assert listed == []
+    for world, workers in ((2, 0), (3, 2)):
+        per_rank, sets = _epoch_keys(bad.path, world, workers, on_error="skip")
+        assert len({len(k) for k in per_rank}) == 1  # equal batches on every rank
+        union = set().union(*map(set, per_rank))
+        assert union <= expected and len(expected - union) <= len(bad.keys) % world
+        assert sum(ds.skipped for ds in sets) == len(missing)
+
+
+def test_bad_shards_are_logged_once_per_epoch_and_found_again_next_epoch(bad, caplog):
+    Path(bad.url).unlink()
+    ds = StreamingDataset(bad.path, with_keys=True, on_error="skip", batch_size=4,
+                          crop=CenterCrop(8))
+    loader = make_loader(ds, num_workers=2)
+    for epoch in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shardkit"):
+            got = keys_of(list(loader), batched=True)
+        assert len(got) == len(bad.keys) and ds.skipped == 5
+        assert caplog.text.count(f"bad shard {bad.url}") == 1, caplog.text
+        assert ds.bad_shards[0]["reason"].startswith("missing or empty")
+
+
+def test_a_dataset_with_no_readable_shard_raises(bad):
+    m = shardkit.Manifest.load(bad.path)
+    for s in m.shards:
+        (bad.path / s.url).unlink()
+    for num_workers in (0, 2):
+        with pytest.raises((ShardError, RuntimeError), match="no sample of the dataset can be "
+                                                              "read") as info:
+            _epoch_keys(bad.path, num_workers=num_workers, on_error="skip")
+        assert "missing or empty" in str(info.value)
+        del info
+        gc.collect()
 
 
 def test_corrupt_header_mid_shard(bad, caplog):

@@ -142,7 +142,7 @@ def test_two_iterations_at_once_never_read_each_others_counts(source, reference)
         if images is not None:
             copies.append((images.clone(), labels.clone()))
     _same(held, reference[0])
-    _same(copies, reference[0])
+    _same(copies, reference[1])  # the second iteration of the loader is the next epoch
 
 
 def test_batches_the_user_holds_are_never_overwritten(source, reference):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from shardkit import RandomResizedCrop, StreamingDataset, make_loader
 from shardkit.storage import LocalStore
 
-from _helpers_read import (keys_of)
+from _helpers_read import keys_of
 from _helpers_read import NUM, offsets_of, same_items
 from _helpers_read import datasets, folder, keys  # noqa: F401 - fixtures, used by name
 
@@ -24,10 +25,12 @@ from _helpers_read import datasets, folder, keys  # noqa: F401 - fixtures, used 
 _FULL: dict = {}
 
 
-def _full(src, num_workers, **kw):
-    key = (str(src), num_workers, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+def _full(src, num_workers, epoch=0, **kw):
+    key = (str(src), num_workers, epoch, tuple(sorted((k, repr(v)) for k, v in kw.items())))
     if key not in _FULL:
-        _FULL[key] = list(make_loader(StreamingDataset(src, **kw), num_workers=num_workers))
+        ds = StreamingDataset(src, **kw)
+        ds.set_epoch(epoch)
+        _FULL[key] = list(make_loader(ds, num_workers=num_workers))
     return _FULL[key]
 
 
@@ -44,6 +47,9 @@ def _resume_case(src, num_workers, k, **kw):
     resumed.load_state_dict(json.loads(text))
     rest = list(make_loader(resumed, num_workers=num_workers))
     assert same_items(head, full[:k])
+    if k == len(full):  # a state taken once the epoch is consumed starts the next one
+        assert state["epoch"] == 1 and same_items(rest, _full(src, num_workers, epoch=1, **kw))
+        return
     assert len(head) + len(rest) == len(full)
     assert same_items(rest, full[k:])
 
@@ -144,8 +150,9 @@ def test_resume_reads_from_a_byte_offset(datasets, tmp_path, monkeypatch, num_wo
 def _stateful_case(source, num_workers, k, **kw):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    full = list(StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
-                                   num_workers=num_workers))
+    whole = StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
+                               num_workers=num_workers)
+    full, following = list(whole), list(whole)  # each iteration starts the next epoch
     loader = StatefulDataLoader(StreamingDataset(source, **kw), batch_size=None,
                                 num_workers=num_workers)
     it = iter(loader)
@@ -158,6 +165,14 @@ def _stateful_case(source, num_workers, k, **kw):
     rest = list(resumed)
     batched = kw.get("batch_size") is not None
     assert keys_of(head, batched=batched) == keys_of(full[:k], batched=batched)
+    assert keys_of(following, batched=batched) != keys_of(full, batched=batched)
+    if k == len(full):  # a state taken once the epoch is consumed starts the next one
+        # (StatefulDataLoader goes on with its round-robin over the workers where it stopped,
+        # a fresh iteration starts at worker 0: the same samples, interleaved otherwise)
+        assert sorted(keys_of(rest, batched=batched)) == sorted(keys_of(following, batched=batched))
+        if num_workers <= 1 or len(full) % num_workers == 0:
+            assert keys_of(rest, batched=batched) == keys_of(following, batched=batched)
+        return
     assert keys_of(rest, batched=batched) == keys_of(full[k:], batched=batched), (num_workers, k)
     for a, b in zip(rest, full[k:]):
         assert torch.equal(a[0], b[0]) if isinstance(a[0], torch.Tensor) else a[0] == b[0]
@@ -178,3 +193,92 @@ def test_stateful_dataloader_resume_with_batches(datasets, num_workers):
     kw = dict(with_keys=True, decode="raw", batch_size=4, block_size=4, shuffle_buffer=6)
     for k in (3, 7):
         _stateful_case(datasets["nine"], num_workers, k, **kw)
+
+
+# --------------------------------------------------------------------------- epochs by themselves
+
+
+def _epochs(loader, n: int) -> list[list[str]]:
+    """Keys of ``n`` iterations of ``loader``, never calling set_epoch (as Lightning does)."""
+    return [keys_of(list(loader), batched=loader.dataset.batch_size is not None) for _ in range(n)]
+
+
+@pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, True), (2, False)])
+def test_each_iteration_starts_the_next_epoch_without_set_epoch(datasets, keys, num_workers,
+                                                                 persistent):
+    kw = dict(with_keys=True, decode="raw", batch_size=4, seed=5)
+    ds = StreamingDataset(datasets["nine"], **kw)
+    loader = make_loader(ds, num_workers=num_workers, persistent_workers=persistent)
+    got = _epochs(loader, 3)
+    for e, epoch_keys in enumerate(got):
+        assert sorted(epoch_keys) == sorted(keys)  # every sample once per epoch
+        ref = StreamingDataset(datasets["nine"], **kw)
+        ref.set_epoch(e)  # what set_epoch(e) gives: the same order
+        assert epoch_keys == keys_of(list(make_loader(ref, num_workers=num_workers)), batched=True)
+    assert len({tuple(k) for k in got}) == 3  # a different order each epoch
+    ds.set_epoch(1)  # set_epoch still wins
+    assert keys_of(list(loader), batched=True) == got[1]
+    assert keys_of(list(loader), batched=True) == got[2]  # and the epochs go on from there
+
+
+def test_a_plain_dataloader_advances_epochs_too_but_cannot_report_progress(datasets, keys):
+    ds = StreamingDataset(datasets["nine"], with_keys=True, decode="raw", seed=5)
+    for persistent in (True, False):
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                             persistent_workers=persistent)
+        ds.set_epoch(0)
+        first, second = (keys_of(list(loader), batched=False) for _ in range(2))
+        assert sorted(first) == sorted(second) == sorted(keys) and first != second
+        ref = StreamingDataset(datasets["nine"], with_keys=True, decode="raw", seed=5)
+        ref.set_epoch(1)
+        assert second == keys_of(list(torch.utils.data.DataLoader(ref, batch_size=None,
+                                                                   num_workers=2)),
+                                 batched=False)
+        with pytest.raises(ValueError, match="plain DataLoader.*make_loader"):
+            ds.state_dict()  # never a state of zeros
+
+
+@runtime_checkable
+class _Stateful(Protocol):
+    """What PyTorch Lightning checks before it saves and restores a dataloader's state."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
+
+
+def _fit(make_loader_, epochs: int, stop_at: int | None = None, checkpoint: dict | None = None):
+    """A Lightning-style fit loop: ``iter(loader)`` every epoch, never ``set_epoch``; it can stop
+    after ``stop_at`` steps with a checkpoint (JSON, as a file would hold it), or resume one."""
+    loader = make_loader_()
+    assert isinstance(loader, _Stateful)
+    start_epoch, skip = 0, 0
+    if checkpoint is not None:
+        loader.load_state_dict(json.loads(checkpoint["loader"]))
+        start_epoch, skip = checkpoint["epoch"], checkpoint["batch"]
+        if skip == len(loader):  # that epoch was over: the loop goes on with the next
+            start_epoch, skip = start_epoch + 1, 0
+    seen, step = [], 0
+    for epoch in range(start_epoch, epochs):
+        for batch, (_, _, keys) in enumerate(loader, start=skip if epoch == start_epoch else 0):
+            seen.append((epoch, batch, tuple(keys)))
+            step += 1
+            if step == stop_at:
+                return seen, {"epoch": epoch, "batch": batch + 1,
+                              "loader": json.dumps(loader.state_dict())}
+    return seen, None
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [7, 17, 34])  # mid-epoch, mid-epoch 2, at an epoch's end
+def test_a_lightning_style_loop_resumes_mid_epoch_exactly(datasets, num_workers, stop_at):
+    def make():
+        ds = StreamingDataset(datasets["nine"], with_keys=True, batch_size=4, seed=2,
+                              crop=RandomResizedCrop(8))
+        return make_loader(ds, num_workers=num_workers)
+
+    whole, _ = _fit(make, epochs=3)
+    assert len(whole) == 3 * 17 and len({k for *_, k in whole}) == 3 * 17
+    head, checkpoint = _fit(make, epochs=3, stop_at=stop_at)
+    tail, _ = _fit(make, epochs=3, checkpoint=checkpoint)
+    assert head + tail == whole  # the same batches, in the same epochs and order

@@ -135,7 +135,9 @@ def test_stalled_index_file_is_an_error_naming_it(packed, tmp_path):
         ds = StreamingDataset(s.folder, timeout=1, shuffle=False)
         result, _ = bounded(lambda: list(ds))
         assert isinstance(result, ShardError), result
-        assert result.url == str(s.path) and "no data for 1 s" in str(result)
+        # the shard is named, and its index, whose read stalled
+        assert result.url == str(s.path.with_suffix(".tar")) and "no data for 1 s" in str(result)
+        assert f"its index {s.path} cannot be read" in str(result)
     finally:
         s.close()
 

@@ -27,7 +27,7 @@ from shardkit.reader import ShardReader  # noqa: E402
 from shardkit.errors import ManifestError, ShardError  # noqa: E402
 from shardkit.shardformat import MANIFEST_NAME  # noqa: E402
 
-from _helpers_read import pack  # noqa: E402
+from _helpers_read import pack, shard_samples  # noqa: E402
 from _helpers_remote import BUCKET, FAST, LOADER_TIMEOUT, PROTOS, bucket_objects, check_same, clean_aws_env, read_all, upload  # noqa: E402
 from _helpers_remote import aws_env, big, moto_server, reference, s3, served, served_big, small  # noqa: E402, F401 - fixtures
 
@@ -52,6 +52,7 @@ def test_s3_http_and_local_reads_agree(small, aws_env, served, reference, num_wo
     if num_workers:  # workers forked after the parent has used the store itself
         ds = StreamingDataset(sources[0], decode="raw", with_keys=True, seed=7)
         assert len(list(ds)) == len(want)
+        ds.set_epoch(0)  # the same epoch again
         items = list(make_loader(ds, num_workers=num_workers, persistent_workers=False,
                                  timeout=LOADER_TIMEOUT))
         check_same([(k, bytes(x), int(y)) for x, y, k in items], want)
@@ -214,6 +215,33 @@ def test_server_that_stops_answering_gives_up_after_the_retries(small, served, p
     assert str(info.value).startswith(f"{source.rstrip('/')}/{first}: ")
     assert "after 3 tries" in str(info.value)
     assert len(served.gets(first)) == 3  # retries=2: three GETs, then the error
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_failing_past_its_retries_costs_only_its_samples_in_skip_mode(
+        small, served, reference, proto, num_workers, caplog):
+    source, options = served.source(proto)
+    bad = small.shard_urls()[1]
+    served.srv.fail(503, times=-1, path=bad)  # every GET of that shard, for good
+    ds = StreamingDataset(source, decode="raw", with_keys=True, seed=7, on_error="skip",
+                          storage_options=options, **FAST)
+    with caplog.at_level(logging.WARNING, logger="shardkit"):
+        got = read_all_of(ds, num_workers)
+    lost = {k for k, _ in shard_samples(small.local / bad)}
+    want = [k for k, _, _ in reference(small, seed=7)]
+    assert {k for k, _, _ in got} == set(want) - lost and len(got) == len(want)
+    assert ds.skipped == len(lost)
+    (entry,) = ds.bad_shards
+    assert entry["url"].endswith(bad) and "failed after 3 tries" in entry["reason"]
+    assert entry["samples_lost"] == len(lost)
+    assert caplog.text.count(f"bad shard {entry['url']}") == 1
+
+
+def read_all_of(ds, num_workers: int) -> list[tuple[str, bytes, int]]:
+    items = list(ds) if num_workers == 0 else list(make_loader(
+        ds, num_workers=num_workers, persistent_workers=False, timeout=LOADER_TIMEOUT))
+    return [(key, bytes(image), int(label)) for image, label, key in items]
 
 
 @pytest.mark.parametrize("proto", PROTOS)

@@ -523,9 +523,6 @@ def _setup_bad(root: Path, case: str) -> tuple[str, str]:
     if case == "self_symlink":
         (root / "dog" / "x.jpg").symlink_to("x.jpg")
         return "dog/x.jpg", "symbolic links"
-    if case == "directory_named_jpg":
-        (root / "dog" / "y.jpg").mkdir()
-        return "dog/y.jpg", "folder"
     if case == "symlink_loop":
         (root / "dog" / "loop").symlink_to("..")
         return "dog/loop", "symlink loop"
@@ -536,7 +533,7 @@ def _setup_bad(root: Path, case: str) -> tuple[str, str]:
 
 
 BAD_CASES = ["truncated_jpeg", "corrupt_bytes", "zero_bytes", "png_named_jpg", "bomb_header",
-             "dangling_symlink", "self_symlink", "directory_named_jpg", "symlink_loop", "empty_class"]
+             "dangling_symlink", "self_symlink", "symlink_loop", "empty_class"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -555,6 +552,23 @@ def test_bad_input_raises_by_default_and_is_skipped_on_request(tmp_path, case, m
     assert len(m.skipped) == 1 and m.skipped[0]["path"] == rel
     assert reason.lower() in m.skipped[0]["reason"].lower()
     assert Manifest.load(tmp_path / "b").skipped == m.skipped
+
+
+@pytest.mark.parametrize("mode", ["raw", "resize"])
+def test_folders_named_like_images_are_packed_like_imagefolder_reads_them(tmp_path, mode):
+    from shardkit import StreamingDataset, make_loader
+
+    src = make_class_folder(tmp_path / "src", per_class=2)
+    write(src / "cat" / "directory.jpg" / "inner.jpg", jpeg_bytes(photo(seed=7)))
+    size = 32 if mode == "resize" else None
+    m = pack(src, tmp_path / "out", mode=mode, size=size)  # on_error="raise": nothing is bad
+    assert m.num_samples == 7 and m.skipped == []
+    items = list(make_loader(StreamingDataset(tmp_path / "out", decode="raw", with_keys=True),
+                             num_workers=2))
+    by_key = {k: int(y) for _, y, k in items}
+    paths = {json.loads(s["json"])["path"]: s["__key__"] for s in dataset_samples(tmp_path / "out")}
+    assert by_key[paths["cat/directory.jpg/inner.jpg"]] == m.classes.index("cat")
+    assert len(by_key) == 7
 
 
 def test_pixel_limit_via_pack(tmp_path):

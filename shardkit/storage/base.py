@@ -21,6 +21,11 @@ class Store:
 
     def open_range(self, name: str, start: int, stop: int): ...
 
+    def size(self, name: str) -> int | None:
+        """The size of ``name`` in bytes; None when it does not exist, -1 when the store does not
+        know (a ShardError when it cannot say: unreachable, stalled)."""
+        raise NotImplementedError
+
     def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
         """The bytes ``[start, stop)`` as a stream of chunks (for the cache's downloads)."""
         reader = self.open_range(name, start, stop)

@@ -60,6 +60,10 @@ class ListedStore(Store):
         store, own = self._file(name)
         return store.read_bytes(own)
 
+    def size(self, name: str) -> int | None:
+        store, own = self._file(name)
+        return store.size(own)
+
     def open_range(self, name: str, start: int, stop: int):
         store, own = self._file(name)
         return store.open_range(own, start, stop)

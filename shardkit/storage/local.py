@@ -62,6 +62,19 @@ class LocalStore(Store):
             return path.exists()
         return _bounded(path.exists, self.timeout, self.url(name))
 
+    def size(self, name: str) -> int | None:
+        path = self.base / name
+
+        def stat() -> int | None:
+            try:
+                return os.stat(path).st_size
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise ShardError(self.url(name), f"cannot stat: {exc.strerror or exc}") from None
+
+        return stat() if self.timeout is None else _bounded(stat, self.timeout, self.url(name))
+
     def open_range(self, name: str, start: int, stop: int):
         """A file object positioned at ``start`` that ends at ``stop`` (exclusive)."""
         if self.timeout is not None:
@@ -250,11 +263,17 @@ def _bounded(fn, timeout: float, url: str):
     _in_helper(job)
     with cond:
         if not cond.wait_for(lambda: box, timeout):
-            raise ShardError(url, f"no answer for {timeout:g} s (stalled file or mount?)")
+            raise _stalled(url, f"no answer for {timeout:g} s")
     ok, value = box[0]
     if ok:
         return value
     raise value
+
+
+def _stalled(url: str, what: str) -> ShardError:
+    error = ShardError(url, f"{what} (stalled file or mount?)")
+    error.gave_up = True
+    return error
 
 
 def _read_error(url: str, what: str, exc: BaseException) -> BaseException:
@@ -301,8 +320,7 @@ class _LocalReader(io.RawIOBase):
     def _wait(self, ready, what: str) -> None:
         """Under ``cond``: wait at most ``timeout`` for ``ready()``."""
         if not self._state.cond.wait_for(ready, self.timeout):
-            raise self._fail(ShardError(self.url, f"{what} for {self.timeout:g} s (stalled "
-                                                  "file or mount?)"))
+            raise self._fail(_stalled(self.url, f"{what} for {self.timeout:g} s"))
 
     def _start(self) -> None:
         st = self._state

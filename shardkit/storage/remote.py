@@ -131,8 +131,10 @@ class RemoteStore(Store):
             raise ShardError(self.url(name), "not found") from None
         if not _transient(exc) or attempt >= self.retries:
             tries = f" after {attempt + 1} tries" if attempt else ""
-            raise ShardError(self.url(name), f"{what} failed{tries}: "
-                             f"{type(exc).__name__}: {redact(str(exc))[:200]}") from None
+            error = ShardError(self.url(name), f"{what} failed{tries}: "
+                               f"{type(exc).__name__}: {redact(str(exc))[:200]}")
+            error.gave_up = _transient(exc)
+            raise error from None
         time.sleep(delay * (0.5 + random.random()))
 
     def read_bytes(self, name: str) -> bytes:
@@ -178,6 +180,16 @@ class RemoteStore(Store):
     def exists(self, name: str) -> bool:
         return self.retry("stat", name, lambda: self.fs.exists(self.path(name)))
 
+    def size(self, name: str) -> int | None:
+        try:
+            info = self.retry("stat", name, lambda: self.fs.info(self.path(name)))
+        except ShardError as exc:
+            if exc.reason == "not found":
+                return None
+            raise
+        size = info.get("size")
+        return -1 if size is None else int(size)  # a server that does not say
+
 
 class _RangeStream:
     """One GET of bytes ``[start, stop)`` of a remote object, read piece by piece as it arrives.
@@ -207,9 +219,11 @@ class _RangeStream:
         """A Range request must get ``206 Partial Content`` with the asked length (a server that
         ignores Range answers ``200`` with the whole object)."""
         if status != 206 or (length is not None and int(length) != self.stop - self.start):
-            raise ShardError(self._url, f"asked for bytes {self.start}..{self.stop}, got "
-                             f"status {status} with {length} bytes (server ignores Range "
-                             "requests?)")
+            error = ShardError(self._url, f"asked for bytes {self.start}..{self.stop}, got "
+                               f"status {status} with {length} bytes (server ignores Range "
+                               "requests?)")
+            error.gave_up = True  # no other range of this file will do better
+            raise error
 
     async def _read(self, n: int) -> bytes:
         parts, got = [], 0
