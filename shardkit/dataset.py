@@ -35,7 +35,7 @@ from .errors import ShardError
 from .manifest import load_manifest
 from .reader import ShardFault, ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS
-from .skiplog import Region, SkipLog
+from .skiplog import NEW, UNLISTED, Region, SkipLog
 from .state import PLAN_SETTINGS, EpochState, LoaderLink, initialized_dist
 
 log = logging.getLogger("shardkit")
@@ -175,6 +175,7 @@ class StreamingDataset(IterableDataset):
             if entry["shard"] not in logged:
                 logged.add(entry["shard"])
                 log.warning("shardkit: bad shard %s: %s", entry["url"], entry["reason"])
+        # (bad shards past what the shared table lists are logged by the workers that found them)
 
     def set_epoch(self, epoch: int) -> None:
         self._state.set_epoch(epoch)
@@ -208,6 +209,12 @@ class StreamingDataset(IterableDataset):
 
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator:
+        """One epoch of this rank's share, from this process or DataLoader worker.
+
+        The epoch is fixed here, when the iterator is made, not when the first item is asked
+        for: a DataLoader calls ``iter()`` in every worker as each of its iterations starts (and
+        in a persistent worker at each reset), so all the workers of an iteration take the same
+        epoch even when it is abandoned before some of them produced anything."""
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
@@ -234,6 +241,12 @@ class StreamingDataset(IterableDataset):
                 self._ring = st.recycle.ring(worker)
             ring = self._ring
             ring.begin(len(self) // num_workers)
+        return self._items(plan, consumed, samples, sink, ring, skips, worker)
+
+    def _items(self, plan, consumed: int, samples: Iterator, sink, ring, skips: Region,
+               worker: int) -> Iterator:
+        """The items of an iteration set up by ``__iter__``: samples, or batches of them."""
+        st = self._state
         if self.batch_size is None:
             for sample in samples:
                 st.emitted += 1
@@ -262,17 +275,20 @@ class StreamingDataset(IterableDataset):
         return self.reader.read(spans, start, skips, report)
 
     def _report(self, skips: Region, shard: int, fault: ShardFault, quiet: bool) -> None:
-        """A bad shard: listed in the skip log, and logged once per iteration of this rank."""
-        if skips.shard(shard, fault.first_lost, fault.error.reason) and not quiet:
+        """A bad shard: listed in the skip log, and logged once per iteration of this rank (by
+        the main process when it looks, unless the table is full)."""
+        status = skips.shard(shard, fault.first_lost, fault.error.reason)
+        if status == UNLISTED or (status == NEW and not quiet):
             log.warning("shardkit: bad shard %s", fault.error)
 
     def _unreadable(self) -> Exception:
         where = self.manifest.base_url or "the listed shards"
         bad = self.bad_shards
+        total = len(bad) + self._skiplog.unlisted(self._last_tag())
         listed = "; ".join(f"{b['url']}: {b['reason']}" for b in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        more = f" (and {total - len(bad[:5])} more)" if total > len(bad[:5]) else ""
         return ShardError(where, "no sample of the dataset can be read" +
-                          (f": {len(bad)} bad shards: {listed}{more}" if bad else ""))
+                          (f": {total} bad shards: {listed}{more}" if bad else ""))
 
     # ----------------------------------------------------------------- resume
     def state_dict(self, *, gather: bool | None = None) -> dict:

@@ -175,6 +175,7 @@ class CenterCrop:
         if self.resize <= 0:
             raise ValueError(f"resize must be positive, got {resize!r}")
         self.interpolation = _check_interpolation(interpolation)
+        self._warned = False
 
     def __repr__(self) -> str:
         return f"CenterCrop(size={self.size}, resize={self.resize}, interpolation={self.interpolation!r})"
@@ -183,7 +184,8 @@ class CenterCrop:
         """The central box, in original pixels, that becomes the output after resize + crop."""
         out_h, out_w = self.size
         factor = min(width, height) / self.resize  # original pixels per resized pixel
-        if factor < 0.5:
+        if factor < 0.5 and not self._warned:
+            self._warned = True  # once per crop and process: images of many sizes would repeat it
             warnings.warn(f"{self!r} enlarges a {width}x{height} image {1 / factor:.1f}x (it "
                           f"resizes the shorter side to {self.resize}); pass resize= to change "
                           "that", stacklevel=2)

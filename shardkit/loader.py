@@ -62,10 +62,12 @@ class ShardkitLoader(DataLoader):
             return
         # While every worker has batches left, item k came from worker k % W (round-robin, in
         # order); it is marked handed out before the user gets it (still mapped here then).
-        for item in it:
-            progress.handed_out()
-            yield item
-        progress.finish()
+        try:
+            for item in it:
+                progress.handed_out()
+                yield item
+        finally:  # also when the user stops early
+            progress.finish()
 
     def state_dict(self) -> dict:
         """Where this loader's epoch stands (the ``state_dict`` / ``load_state_dict`` protocol that

@@ -24,17 +24,18 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import ManifestError, ShardError
-from .shardformat import MANIFEST_NAME, MSGPACK_NAME, decode_index, index_extent
+from .shardformat import (MANIFEST_NAME, MANIFEST_PATH, META_DIR, MSGPACK_NAME, MSGPACK_PATH,
+                          decode_index, index_extent)
 from .storage import ListedStore, LocalStore, Store, make_dest, make_store
 
 FORMAT = "shardkit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what pack and index write: .shardkit/ beside the shards
+READ_VERSIONS = (1, 2)  # 1: manifest.json and <prefix>-000000.idx beside the shards
 MSGPACK_ENCODING = "shardkit-columns/1"  # layout of the msgpack file's shard columns
 
 
@@ -175,39 +176,15 @@ class Manifest:
              retries: int = 6) -> "Manifest":
         """Load from a dataset folder, a manifest path, or an s3:// / http(s):// URL of either.
 
-        ``timeout`` (seconds without a byte) and ``retries`` apply to every remote request of the
-        manifest and, through ``manifest.store``, of the shards and index files read with it."""
-        named = _names_msgpack(source)
-        if named is not None:  # a .msgpack manifest named explicitly: its folder is the dataset
-            source, msgpack_name = named
-        store, name = make_store(source, storage_options, retries=retries, timeout=timeout)
-        if named is not None:
-            name = msgpack_name
-        # A folder or prefix without manifest.json may hold only the compact manifest.
-        fallback = named is None and name == MANIFEST_NAME and not _names_file(source)
+        A folder or prefix is looked at in this order: ``.shardkit/manifest.json`` (format
+        version 2), ``manifest.json`` (version 1), then the compact ``manifest.msgpack`` in the
+        same two places (a folder holding both is read from its JSON, so a stale companion can
+        never override the canonical file). ``timeout`` (seconds without a byte) and ``retries``
+        apply to every remote request of the manifest and, through ``manifest.store``, of the
+        shards and index files read with it."""
+        store, names = _locate(source, storage_options, timeout=timeout, retries=retries)
+        name, data = _read_first(store, names)
         where = store.url(name)
-        try:
-            missing = isinstance(store, LocalStore) and not store.exists(name)  # timeout-bounded
-        except ShardError as exc:
-            raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
-        if missing:
-            if fallback and (store.base / MSGPACK_NAME).is_file():
-                name, where = MSGPACK_NAME, store.url(MSGPACK_NAME)
-            else:
-                hint = ""
-                if store.base.is_dir() and any(store.base.glob("*.tar")):
-                    hint = " (an unfinished pack? re-run pack with --resume)"
-                raise ManifestError(f"{where}: no manifest found{hint}")
-        try:
-            data = store.read_bytes(name)
-        except ShardError as exc:
-            if not (fallback and exc.reason == "not found" and name == MANIFEST_NAME):
-                raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
-            try:  # remote prefix without manifest.json: try the compact one
-                data = store.read_bytes(MSGPACK_NAME)
-            except ShardError:
-                raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
-            name, where = MSGPACK_NAME, store.url(MSGPACK_NAME)
         if name.endswith(".msgpack"):
             manifest = cls.from_msgpack(data, where)
         else:
@@ -238,13 +215,19 @@ class Manifest:
 
         store = ListedStore(urls, storage_options, timeout=timeout, retries=retries)
 
-        def shard(names: tuple[str, str]) -> ShardInfo:
-            url, index_url = names
-            try:
-                data = store.read_bytes(index_url)
-            except ShardError as exc:
-                raise ShardError(url, f"cannot read its index file {index_url} "
-                                      f"({exc.reason})") from None
+        def shard(names: tuple[str, tuple[str, ...]]) -> ShardInfo:
+            url, candidates = names
+            for index_url in candidates:  # .shardkit/x.idx, then x.idx (format version 1)
+                try:
+                    data = store.read_bytes(index_url)
+                    break
+                except ShardError as exc:
+                    if exc.reason != "not found" and "No such file" not in exc.reason:
+                        raise ShardError(url, f"cannot read its index file {index_url} "
+                                              f"({exc.reason})") from None
+            else:
+                raise ShardError(url, f"no index file: neither {' nor '.join(candidates)} "
+                                      "exists (shards without an index: shardkit index)")
             n, num_bytes = index_extent(data, index_url)
             try:
                 decode_index(data, n, num_bytes, index_url)
@@ -266,9 +249,9 @@ def _check_header(data: object, where: str) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{where}: not a shardkit manifest (missing format: {FORMAT!r})")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise ManifestError(f"{where}: format_version {version!r} is not supported "
-                            f"(this shardkit reads version {FORMAT_VERSION})")
+                            f"(this shardkit reads versions {', '.join(map(str, READ_VERSIONS))})")
 
 
 _STORED = {"classes", "num_samples", "shards", "options", "skipped", "ignored", "tensor", "format",
@@ -322,32 +305,47 @@ def _check(m: Manifest, where: str) -> None:
                                 "inside the dataset")
 
 
-def _names_file(source) -> bool:
-    """Whether ``source`` names a manifest file rather than a dataset folder or prefix."""
+def _locate(source, storage_options, *, timeout: float, retries: int) -> tuple[Store, list[str]]:
+    """The store of a source's dataset folder or prefix, and the manifest names to try there.
+    A manifest named inside ``.shardkit/`` belongs to the folder above it."""
     try:
         text = os.fspath(source)
     except TypeError:
-        return False
-    return isinstance(text, str) and text.endswith((".json", ".msgpack"))
+        text = None
+    names = [MANIFEST_PATH, MANIFEST_NAME, MSGPACK_PATH, MSGPACK_NAME]
+    if isinstance(text, str) and text.endswith((".json", ".msgpack")) \
+            and "/" in text.split("://", 1)[-1]:  # ("s3://name.json" is a bucket)
+        folder, _, name = text.rpartition("/")
+        if folder == META_DIR or folder.endswith("/" + META_DIR):
+            folder, name = folder[:-len(META_DIR)].rstrip("/"), f"{META_DIR}/{name}"
+        source, names = (folder + "/" if "://" in folder else folder or "."), [name]
+    elif isinstance(text, str) and text.endswith((".json", ".msgpack")) and "://" not in text:
+        source, names = ".", [text]
+    store, _ = make_store(source, storage_options, retries=retries, timeout=timeout)
+    return store, names
 
 
-def _names_msgpack(source) -> tuple[str, str] | None:
-    """``(dataset source, file name)`` when ``source`` names a ``.msgpack`` manifest, else None."""
-    try:
-        text = os.fspath(source)
-    except TypeError:
-        return None
-    if not isinstance(text, str) or not text.endswith(".msgpack"):
-        return None
-    if re.match(r"^[a-z][a-z0-9+.-]*://", text) and not text.startswith("file://"):
-        if "/" not in text.split("://", 1)[1]:  # "s3://name.msgpack": a bucket, not a file
-            return None
-        parent, _, name = text.rpartition("/")
-        return parent, name
-    path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
-    if path.is_dir():
-        return None
-    return str(path.parent), path.name
+def _read_first(store: Store, names: list[str]) -> tuple[str, bytes]:
+    """The first of ``names`` that exists in ``store``, and its bytes."""
+    for name in names:
+        where = store.url(name)
+        try:
+            if isinstance(store, LocalStore) and store.size(name) is None:  # timeout-bounded
+                continue
+            return name, store.read_bytes(name)
+        except ShardError as exc:
+            if exc.reason == "not found":  # remote: the next place
+                continue
+            raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
+    where = store.url(names[0])
+    hint = ""
+    if isinstance(store, LocalStore) and store.base.is_dir() and any(store.base.glob("*.tar")):
+        if any(store.base.glob(".shardkit-pack*.json")):
+            hint = " (an unfinished pack? re-run pack with --resume)"
+        else:
+            hint = (" (shards without a shardkit manifest? index them: "
+                    f"shardkit index {store.base})")
+    raise ManifestError(f"{where}: no manifest found{hint}")
 
 
 _URL_PATTERN = re.compile(r"^(.*?)(\d+)(\D*)$", re.S)
@@ -426,9 +424,9 @@ def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None
     out = make_dest(dest, storage_options)
     if not getattr(out, "remote", False):
         out.prepare()
-    out.write_atomic(MSGPACK_NAME, manifest.to_msgpack())
+    out.write_atomic(MSGPACK_PATH, manifest.to_msgpack())
     if json_too:
-        out.write_atomic(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+        out.write_atomic(MANIFEST_PATH, manifest.to_json().encode("utf-8"))
 
 
 def write_msgpack_companion(source, storage_options: dict | None = None) -> Manifest:

@@ -66,19 +66,21 @@ class ShardReader:
         self.on_error, self.views = on_error, views
         self.cache_dir, self.cache_limit = cache_dir, cache_limit
         self.memory: dict[int, torch.Tensor] | None = None  # preloaded shards (shared memory)
+        self._unloaded: dict[int, str] = {}  # why a shard could not be preloaded
         self._offsets_cache: dict[int, np.ndarray] = {}  # every index, with ``memory``
         self._per_process()
 
     def _per_process(self) -> None:
         self._cache = None
         self._faults: dict[int, ShardFault] = {}  # shard faults found in this iteration
+        self._healthy: set[int] = set()  # shards diagnosed whole in this iteration
         self._head = b""  # the first bytes of the shard last diagnosed
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._prefetched: set[int] = set()  # shards whose cache download this process started
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched", "_faults", "_head"):
+        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_head"):
             del state[name]
         return state
 
@@ -104,7 +106,7 @@ class ShardReader:
             except ShardError as exc:  # skip mode: its samples will come as bad ones
                 if self.on_error == "raise":
                     raise ShardError(url, f"missing or unreadable: {exc.reason}") from None
-                data = None
+                data, self._unloaded[i] = None, exc.reason
             if data is not None and len(data) != shard.num_bytes and self.on_error == "raise":
                 raise ShardError(url, f"{len(data):,} bytes, the manifest says {shard.num_bytes:,}"
                                       + (" (truncated)" if len(data) < shard.num_bytes else ""))
@@ -121,6 +123,7 @@ class ShardReader:
     def begin(self) -> None:
         """A new iteration: shard faults are looked at again (a file may have come back)."""
         self._faults.clear()
+        self._healthy.clear()
 
     def read(self, spans, start: int, skips: Region,
              report: Callable[[int, ShardFault], None] | None = None) -> Iterator[tuple[int, object]]:
@@ -157,11 +160,16 @@ class ShardReader:
                 except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                     if not isinstance(exc, ShardError):
                         exc = ShardError(self._url(span.shard), f"corrupt tar data at sample {j}: {exc}")
-                    if fault is None:
+                    if fault is not None and exc.gave_up:  # the store gave up again, earlier in
+                        # the shard: nothing from here on is tried again (no request per sample)
+                        self._faults[span.shard] = ShardFault(j, fault.error)
+                        continue
+                    if fault is None and span.shard not in self._healthy:
                         fault = self._diagnose(span.shard, offsets, j, exc)
                         if fault is not None:
                             self._fault(span.shard, fault, report)
                             continue  # the intact samples from j on, then BadSamples
+                        self._healthy.add(span.shard)  # only samples are bad: not asked again
                     if self.on_error == "raise":
                         raise exc from None
                     if j < span.stop:
@@ -214,10 +222,13 @@ class ShardReader:
         except ShardError as err:  # cannot even say how large it is
             return ShardFault(j, ShardError(url, f"unreadable from sample {j} on: {err.reason}"))
         expected, count = shard.num_bytes, len(offsets) - 1
+        if size is None and shard_no in self._unloaded:  # preloaded: the reason it was not
+            return ShardFault(0, ShardError(url, "missing or unreadable when preloaded: "
+                                                 + self._unloaded[shard_no]))
         if size is None or size == 0:
             what = "the file does not exist" if size is None else "the file has 0 bytes"
             return ShardFault(0, ShardError(url, f"missing or empty: {what}"))
-        if size > 0 and not self._starts_like_a_tar(shard_no, size):
+        if size > 0 and not self._looks_like_a_tar(shard_no, size, offsets):
             return ShardFault(0, ShardError(url, f"not a tar archive{_kind_of(self._head)}"))
         if 0 < size < expected:
             intact = int(np.searchsorted(offsets[1:], size, side="right"))
@@ -226,22 +237,32 @@ class ShardReader:
                      f"({intact} of {count} samples intact)", key=exc.key))
         return None
 
-    def _starts_like_a_tar(self, shard_no: int, size: int) -> bool:
-        """Whether the shard's first 512 bytes are a tar header (its checksum holds)."""
-        self._head = b""
+    def _looks_like_a_tar(self, shard_no: int, size: int, offsets: np.ndarray) -> bool:
+        """Whether a tar header stands where the index puts the first, second or middle sample
+        (one damaged header does not make a shard "not a tar")."""
+        where = sorted({int(offsets[i]) for i in (0, 1, (len(offsets) - 1) // 2)
+                        if i < len(offsets) - 1 and int(offsets[i]) + BLOCK <= size})
+        for k, at in enumerate(where):
+            head = self._block(shard_no, at)
+            if k == 0:
+                self._head = head  # what the file starts with, for the message
+            if head is None or header_checksum_ok(head):
+                return True  # a header, or it cannot tell: leave it to the samples
+        self._head = self._head if where else b""
+        return not where and size >= BLOCK
+
+    def _block(self, shard_no: int, at: int) -> bytes | None:
+        """The 512 bytes of a shard at ``at``, or None when they cannot be read."""
         try:
             if self.memory is not None:
-                head = bytes(self.memory[shard_no][:BLOCK].numpy())  # not None: size > 0
-            else:
-                stream = self.store.open_range(self.manifest.shards[shard_no].url, 0, min(size, BLOCK))
-                try:
-                    head = bytes(read_exact(stream, min(size, BLOCK)) or b"")
-                finally:
-                    stream.close()
+                return bytes(self.memory[shard_no][at:at + BLOCK].numpy())  # not None: size > 0
+            stream = self.store.open_range(self.manifest.shards[shard_no].url, at, at + BLOCK)
+            try:
+                return bytes(read_exact(stream, BLOCK) or b"")
+            finally:
+                stream.close()
         except (OSError, ShardError):
-            return True  # cannot tell: leave it to the samples
-        self._head = head
-        return header_checksum_ok(head)
+            return None
 
     def _prefetch(self, spans) -> None:
         """Start the cache's downloads of the shards the next spans read (remote, cached only).
@@ -315,7 +336,8 @@ class ShardReader:
         if self.memory is not None:
             data = self.memory[shard_no]
             if data is None:
-                raise ShardError(self.store.url(shard.url), "missing or unreadable (preloaded)")
+                raise ShardError(self.store.url(shard.url), "could not be preloaded: "
+                                 + self._unloaded.get(shard_no, "unreadable"))
             stream = io.BytesIO(memoryview(data.numpy())[lo:hi])
         else:
             stream = self._open_stream(shard, lo, hi)
@@ -345,9 +367,10 @@ class ShardReader:
                 if k == len(ends) - 1 and hi - lo > end:  # the archive's end: zero blocks only
                     if hi - lo - end > MAX_TAIL:  # not what a writer leaves: the strict path
                         break                     # streams it (no buffer of a claimed size)
-                    tail = read_exact(stream, hi - lo - end)
+                    end_blocks = read_exact(stream, hi - lo - end)
                     # and the stream's end, where a streamed download is checked (sha256)
-                    if tail is None or stream.read(1) or bytes(tail).count(0) != len(tail):
+                    if end_blocks is None or stream.read(1) \
+                            or bytes(end_blocks).count(0) != len(end_blocks):
                         break
                 prev, sample_key = end, sample["__key__"]
                 yield sample

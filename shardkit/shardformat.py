@@ -1,7 +1,11 @@
 """The shard format: file names, tar members, samples, the end of an archive and the index file.
 
-A dataset is a folder (or object-store prefix) holding ``<prefix>-000000.tar`` …, one index file
-beside each shard, and ``manifest.json`` (see :mod:`shardkit.manifest`), written last.
+A dataset is a folder (or object-store prefix) holding ``<prefix>-000000.tar`` … and a hidden
+folder ``.shardkit/`` with one index file per shard (``.shardkit/<prefix>-000000.idx``) and
+``.shardkit/manifest.json`` (see :mod:`shardkit.manifest`), written last. The folder then holds
+nothing but tar files for other readers (Hugging Face ``datasets`` opens every file it is not told
+to skip as a tar, and skips hidden ones). Datasets of format version 1 keep ``manifest.json`` and
+``<prefix>-000000.idx`` beside the shards; they are read as they are.
 
 Shards are plain POSIX (USTAR) tar archives. A sample is a run of adjacent members named
 ``<key>.<field>``: the key holds no dot (webdataset splits a name at its first dot), the field is
@@ -31,6 +35,9 @@ from .errors import ManifestError, ShardError
 
 MANIFEST_NAME = "manifest.json"
 MSGPACK_NAME = "manifest.msgpack"
+META_DIR = ".shardkit"  # the hidden folder of a dataset's own files (format version 2)
+MANIFEST_PATH = f"{META_DIR}/{MANIFEST_NAME}"
+MSGPACK_PATH = f"{META_DIR}/{MSGPACK_NAME}"
 INDEX_MAGIC = b"SKIDX\x01\0\0"
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -241,9 +248,14 @@ def iter_keys(fileobj: BinaryIO, url: str) -> Iterator[tuple[str, str]]:
 # --------------------------------------------------------------------------- index files
 
 
-def index_name(shard_name: str) -> str:
-    """The index file's name beside shard ``shard_name`` (``x.tar`` -> ``x.idx``)."""
-    return shard_name[:-len(".tar")] + ".idx" if shard_name.endswith(".tar") else shard_name + ".idx"
+def index_name(shard_name: str, legacy: bool = False) -> str:
+    """The index file of shard ``shard_name`` (a name or a path with ``/``): ``d/x.tar`` ->
+    ``d/.shardkit/x.idx``; ``legacy``: beside it, ``d/x.idx`` (format version 1)."""
+    folder, _, name = shard_name.rpartition("/")
+    stem = name[:-len(".tar")] if name.endswith(".tar") else name
+    if not legacy:
+        stem = f"{META_DIR}/{stem}"
+    return f"{folder}/{stem}.idx" if folder else f"{stem}.idx"
 
 
 def encode_index(offsets) -> bytes:

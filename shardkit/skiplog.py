@@ -19,6 +19,7 @@ ENTRIES = 24  # bad shards each writer lists per iteration; more are counted, no
 TEXT = 200  # bytes of a bad shard's reason
 _HEAD = 4  # tag, samples skipped, shards listed, shards not listed (over ENTRIES)
 _ENTRY = 4  # shard number, first sample lost, samples lost, reason length
+KNOWN, NEW, UNLISTED = 0, 1, 2  # what Region.shard says of a bad shard
 
 
 class SkipLog:
@@ -105,17 +106,18 @@ class Region:
         if e >= 0:
             self.ints[_HEAD + e * _ENTRY + 2] += 1
 
-    def shard(self, shard: int, first_lost: int, reason: str) -> bool:
-        """List ``shard`` as bad; True when no process of this rank listed it before in this
-        iteration (the caller logs it then)."""
+    def shard(self, shard: int, first_lost: int, reason: str) -> int:
+        """List ``shard`` as bad. Returns ``NEW`` when no process of this rank listed it before
+        in this iteration (the caller logs it then), ``UNLISTED`` when it is new but the table is
+        full (only counted: the caller must log it itself), else ``KNOWN``."""
         if shard in self._index:
-            return False
-        new = not self.log.listed(self.tag, shard, exclude=self.region)
+            return KNOWN
+        new = NEW if not self.log.listed(self.tag, shard, exclude=self.region) else KNOWN
         e = int(self.ints[2])
         if e >= ENTRIES:
             self.ints[3] += 1
             self._index[shard] = -1
-            return new
+            return UNLISTED
         raw = reason.encode("utf-8", "replace")[:TEXT]
         base = _HEAD + e * _ENTRY
         self.ints[base:base + _ENTRY] = (shard, first_lost, 0, len(raw))

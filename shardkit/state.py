@@ -262,7 +262,9 @@ class EpochState:
     # ----------------------------------------------------------------- state dicts
     def local_state(self, worker_info) -> dict:
         """This rank's state (inside a DataLoader worker: that worker's own). Once every sample
-        of the epoch was consumed it is the next epoch's start: resuming from it starts there."""
+        of the epoch was consumed it is the next epoch's start: resuming from it starts there.
+        (Not a worker's own state: the others may not be done; all of them move on together at
+        the next iteration.)"""
         rank, world = self.rank_world()
         base = {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "rank": rank,
                 "world_size": world}
@@ -279,7 +281,7 @@ class EpochState:
                 "ds.state_dict()), or torchdata's StatefulDataLoader (its state_dict())")
         else:
             state = {**base, "num_workers": 1, "shift": 0, "consumed": {"0": self.emitted}}
-        if self._finished(state, worker_info):
+        if worker_info is None and self._finished(state):
             return {**base, "epoch": self.epoch + 1, "num_workers": state["num_workers"],
                     "shift": 0, "consumed": {}}
         rest = self._rest_in_force()
@@ -287,10 +289,10 @@ class EpochState:
             state["base"] = rest["state"]
         return state
 
-    def _finished(self, state: dict, worker_info) -> bool:
-        """Whether ``state`` has consumed every sample its roles' plans hold this epoch."""
+    def _finished(self, state: dict) -> bool:
+        """Whether ``state`` (a rank's) has consumed every sample of its plans this epoch."""
         workers = state["num_workers"]
-        roles = [self.role] if worker_info is not None else range(workers)
+        roles = range(workers)
         consumed = state["consumed"]
         if not consumed or not any(consumed.values()):
             return False

@@ -49,7 +49,8 @@ from .encode import EncodeOptions, encode_parts
 from .errors import DestinationError, ManifestError, ShardkitError, SourceError, WriteError
 from .folder import Item, scan_folder
 from .manifest import Manifest, ShardInfo
-from .shardformat import END_OF_ARCHIVE, MANIFEST_NAME, MAX_PIXELS, encode_index
+from .shardformat import (END_OF_ARCHIVE, MANIFEST_NAME, MANIFEST_PATH, MAX_PIXELS, META_DIR,
+                          encode_index, index_name)
 from .storage import make_dest
 
 JOURNAL_NAME = ".shardkit-pack.json"
@@ -195,7 +196,7 @@ def _pack(out, scan, order, opts, options, skipped, workers, limit, max_samples,
                         ignored=scan.ignored, tensor=tensor)
     # The journal becomes the manifest: wherever a kill lands, the folder holds either the
     # journal (unfinished, or finished and published by --resume) or the manifest, never both.
-    out.publish(_journal_name(part), MANIFEST_NAME if part is None else part_manifest_name(part),
+    out.publish(_journal_name(part), MANIFEST_PATH if part is None else part_manifest_name(part),
                 manifest.to_json().encode("utf-8"))
     _remove_temporaries(out, part, prefix)
     manifest.base_url = out.url("").rstrip("/")
@@ -252,9 +253,10 @@ def _remove_temporaries(out, part, prefix: str) -> None:
     elif not out.remote:
         tag = part_tag(part)
         own = (f".{prefix}-{tag}-", f".{_journal_name(part)}.tmp-", f".{part_manifest_name(part)}.tmp-")
-        for p in out.folder.iterdir():
-            if p.name.startswith(own) and ".tmp-" in p.name:
-                p.unlink(missing_ok=True)
+        for name in out.names():  # its shards' temporaries, and its index files' in .shardkit/
+            base = name.rpartition("/")[2]
+            if base.startswith(own) and ".tmp-" in base:
+                (out.folder / name).unlink(missing_ok=True)
 
 
 def merge_parts(dest, parts: int, *, storage_options: dict | None = None,
@@ -326,8 +328,8 @@ def _merge(out, n: int, fingerprint: str | None):
                         skipped=[s for m in parts for s in m.skipped], ignored=parts[0].ignored,
                         tensor=tensor)
     data = manifest.to_json().encode("utf-8")
-    if out.read_bytes(MANIFEST_NAME) != data:  # a part finishing at the same time: same bytes
-        out.write_atomic(MANIFEST_NAME, data)
+    if out.read_bytes(MANIFEST_PATH) != data:  # a part finishing at the same time: same bytes
+        out.write_atomic(MANIFEST_PATH, data)
     manifest.base_url = out.url("").rstrip("/")
     return manifest, [], []
 
@@ -365,10 +367,12 @@ def _ranges(numbers: list[int]) -> str:
 def _ours(out, prefix: str, part=None) -> list[str]:
     """Shard and index names this pack (or, for a part, this part) may have left in ``out``;
     a single pack counts every part's files, journals and part manifests as its own too."""
+    meta = re.escape(META_DIR + "/")
     if part is None:
-        pattern = rf"{re.escape(prefix)}-(p\d+of\d+-)?\d{{6}}\.(tar|idx)|\.shardkit-(pack|part)-p\d+of\d+\.json"
+        pattern = (rf"(?:{meta})?{re.escape(prefix)}-(p\d+of\d+-)?\d{{6}}\.(tar|idx)"
+                   r"|\.shardkit-(pack|part)-p\d+of\d+\.json")
     else:
-        pattern = rf"{re.escape(prefix)}-{part_tag(part)}-\d{{6}}\.(tar|idx)"
+        pattern = rf"(?:{meta})?{re.escape(prefix)}-{part_tag(part)}-\d{{6}}\.(tar|idx)"
     pattern = re.compile(pattern)
     return [name for name in out.names() if pattern.fullmatch(name)]
 
@@ -379,13 +383,14 @@ def _prepare_dest(out, prefix: str, fingerprint: str, resume: bool, overwrite: b
     journal_name = _journal_name(part)
     if overwrite:
         extra = [] if part is None else [part_manifest_name(part)]
-        for name in _ours(out, prefix, part) + extra + [MANIFEST_NAME, journal_name]:
+        for name in _ours(out, prefix, part) + extra + [MANIFEST_PATH, MANIFEST_NAME, journal_name]:
             out.remove(name)
         _remove_temporaries(out, part, prefix)
         return [], 0, [], None
-    if out.exists(MANIFEST_NAME):
+    present = next((n for n in (MANIFEST_PATH, MANIFEST_NAME) if out.exists(n)), None)
+    if present is not None:  # (or a dataset of format version 1)
         try:
-            existing = Manifest.from_json(out.read_bytes(MANIFEST_NAME), out.url(MANIFEST_NAME))
+            existing = Manifest.from_json(out.read_bytes(present), out.url(present))
         except Exception as exc:
             raise DestinationError(f"{out.url('')}: holds a manifest that cannot be read ({exc}); "
                                    "use an empty folder or overwrite=True") from exc
@@ -460,7 +465,7 @@ def _finished_journal(out, journal_name: str, raw: bytes, fingerprint: str, part
         return None
     if done.options.get("fingerprint") != fingerprint:
         return None
-    out.publish(journal_name, MANIFEST_NAME if part is None else part_manifest_name(part), raw)
+    out.publish(journal_name, MANIFEST_PATH if part is None else part_manifest_name(part), raw)
     done.base_url = out.url("").rstrip("/")
     done.stats = {"seconds": 0.0, "samples": done.num_samples, "shards": len(done.shards),
                   "bytes": done.num_bytes, "skipped": len(done.skipped), "ignored": done.ignored,
@@ -659,7 +664,8 @@ class _ShardWriter:
             os.fsync(f.fileno())
         f.close()
         self._file = None
-        tar_name, idx_name = self._name("tar"), self._name("idx")
+        tar_name = self._name("tar")
+        idx_name = index_name(tar_name)
         index = encode_index(self._offsets + [self._size])
         self.out.write_atomic(idx_name, index)
         self.out.commit(self._tmp, tar_name)

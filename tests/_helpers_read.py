@@ -19,7 +19,7 @@ import torch
 import shardkit
 from shardkit import StreamingDataset, make_loader
 from shardkit.bench.synth import make_image_folder
-from shardkit.shardformat import END_OF_ARCHIVE, MANIFEST_NAME, decode_index, encode_index, member
+from shardkit.shardformat import END_OF_ARCHIVE, MANIFEST_PATH, decode_index, encode_index, member
 
 
 def image_folder(root: Path, *, classes: int = 5, per_class: int = 13, size=(32, 24)) -> Path:
@@ -84,7 +84,7 @@ def write_shard(dest: Path, shard_no: int, samples: list[list[tuple[str, bytes]]
     data = b"".join(blobs) + extra + END_OF_ARCHIVE
     n = len(samples) if index_samples is None else index_samples
     offsets = offsets[:n + 1]
-    manifest_path = Path(dest) / MANIFEST_NAME
+    manifest_path = Path(dest) / MANIFEST_PATH
     doc = json.loads(manifest_path.read_text())
     entry = doc["shards"][shard_no]
     index = encode_index(offsets)

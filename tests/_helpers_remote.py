@@ -43,7 +43,8 @@ class Data:
     def __init__(self, src: Path, local: Path, options: dict):
         self.src, self.local, self.options = src, local, options
         self.manifest = shardkit.Manifest.load(local)
-        self.files = {p.name: p.read_bytes() for p in sorted(local.iterdir()) if p.is_file()}
+        self.files = {p.relative_to(local).as_posix(): p.read_bytes()
+                      for p in sorted(local.rglob("*")) if p.is_file()}
 
     def offsets(self, shard_no: int):
         s = self.manifest.shards[shard_no]

@@ -139,12 +139,14 @@ def check_interrupted(dest: Path) -> int:
     import json
     import tarfile
 
-    from shardkit.shardformat import END_OF_ARCHIVE, MANIFEST_NAME, decode_index
+    from shardkit.shardformat import END_OF_ARCHIVE, MANIFEST_PATH, decode_index, index_name
 
-    names = [p.name for p in dest.iterdir()] if dest.exists() else []
-    assert MANIFEST_NAME not in names
+    names = [p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()] \
+        if dest.exists() else []
+    assert MANIFEST_PATH not in names
     for name in names:
-        assert FINAL.fullmatch(name) or name == JOURNAL or TEMPORARY.fullmatch(name), name
+        base = name.removeprefix(".shardkit/")
+        assert FINAL.fullmatch(base) or name == JOURNAL or TEMPORARY.fullmatch(base), name
     journal = {}
     if JOURNAL in names:
         doc = json.loads((dest / JOURNAL).read_text())
@@ -154,7 +156,7 @@ def check_interrupted(dest: Path) -> int:
     tars = sorted(n for n in names if n.endswith(".tar") and FINAL.fullmatch(n))
     for name in tars:
         data = (dest / name).read_bytes()
-        index = (dest / name.replace(".tar", ".idx")).read_bytes()  # written before the rename
+        index = (dest / index_name(name)).read_bytes()  # written before the rename
         offsets = decode_index(index, (len(index) - 8) // 8 - 1, len(data), name)
         assert int(offsets[-1]) + len(END_OF_ARCHIVE) == len(data), name
         assert data.endswith(END_OF_ARCHIVE), name
@@ -186,7 +188,7 @@ def damage_shard(folder: Path, damage: str, shard: str = "shard-000001") -> None
     elif damage == "missing":
         target.unlink()
     else:
-        idx = folder / f"{shard}.idx"
+        idx = folder / ".shardkit" / f"{shard}.idx"
         raw = bytearray(idx.read_bytes())
         raw[-1] ^= 0x01
         idx.write_bytes(bytes(raw))

@@ -122,7 +122,7 @@ def test_data_errors_exit_1_naming_the_problem(class_folder, tmp_path, capfd, ca
     out, err = capfd.readouterr()
     assert needle in err and err.startswith("error: ") and out == ""
     if case != "other_dataset":
-        assert not (dest / "manifest.json").exists()
+        assert not (dest / ".shardkit" / "manifest.json").exists()
     else:
         assert run_main(["pack", src, dest, "--workers", "1", "--overwrite", "--quiet"]) == 0
         assert Manifest.load(dest).options["seed"] == 0
@@ -140,7 +140,7 @@ def test_usage_errors_exit_2(class_folder, tmp_path, capfd, argv):
     argv = [{"SRC": class_folder, "DEST": tmp_path / "out"}.get(a, a) for a in argv]
     assert run_main(argv) == 2
     assert capfd.readouterr().err
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out" / ".shardkit" / "manifest.json").exists()
 
 
 def test_oversized_sample_warning_reaches_stderr(tmp_path, capfd):

@@ -20,7 +20,7 @@ import pytest
 
 import shardkit
 from shardkit import StreamingDataset
-from shardkit.shardformat import MANIFEST_NAME
+from shardkit.shardformat import MANIFEST_PATH
 
 from _helpers_read import image_folder, pack
 from conftest import (JOURNAL, REPO, TEMPORARY, all_files, check_interrupted, make_class_folder,
@@ -108,7 +108,7 @@ def test_sigkill_of_the_packer_at_20_moments_then_resume_is_byte_identical(kill_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-        if proc.returncode == -signal.SIGKILL and (dest / MANIFEST_NAME).exists():
+        if proc.returncode == -signal.SIGKILL and (dest / MANIFEST_PATH).exists():
             assert _files(dest) == ref  # killed after the manifest: the pack was complete
         elif proc.returncode == -signal.SIGKILL:
             if 0 < check_interrupted(dest) < 20 or (dest / JOURNAL).exists():

@@ -416,9 +416,9 @@ def test_a_manifest_claiming_a_huge_shard_allocates_nothing_of_that_size(small_r
 
     dest = tmp_path / "ds"
     shutil.copytree(small_raw, dest)
-    doc = json.loads((dest / "manifest.json").read_text())
+    doc = json.loads((dest / ".shardkit" / "manifest.json").read_text())
     doc["shards"][-1]["num_bytes"] += 1 << 40
-    (dest / "manifest.json").write_text(json.dumps(doc))
+    (dest / ".shardkit" / "manifest.json").write_text(json.dumps(doc))
     want = sorted(k for _, _, k in StreamingDataset(small_raw, decode="raw", with_keys=True))
 
     def keys():

@@ -32,7 +32,7 @@ import shardkit
 from shardkit import StreamingDataset
 from shardkit.errors import ManifestError, ShardkitError, SourceError
 from shardkit.manifest import Manifest
-from shardkit.shardformat import INDEX_MAGIC, MANIFEST_NAME, MSGPACK_NAME
+from shardkit.shardformat import INDEX_MAGIC, MANIFEST_PATH, MSGPACK_NAME
 from shardkit.verify import verify
 
 from _helpers_read import image_folder, pack
@@ -109,12 +109,12 @@ def _members(tar_bytes: bytes) -> list[int]:
 
 
 def _set_shard(dest: Path, shard_no: int, data: bytes, *, fix_manifest: bool) -> None:
-    doc = json.loads((dest / MANIFEST_NAME).read_text())
+    doc = json.loads((dest / MANIFEST_PATH).read_text())
     entry = doc["shards"][shard_no]
     (dest / entry["url"]).write_bytes(data)
     if fix_manifest:  # so the reader gets as far as the tar parser
         entry.update(num_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        (dest / MANIFEST_NAME).write_text(json.dumps(doc))
+        (dest / MANIFEST_PATH).write_text(json.dumps(doc))
 
 
 def consume(dest: Path, *, on_error: str = "raise", decode: str = "uint8", workers: int = 0):
@@ -313,7 +313,7 @@ def test_worker_process_survives_bad_shards(good, scratch):
 def test_fuzz_index_files(good, scratch, shard_no, data, fix_sha):
     _count("index files")
     dest = _copy(good, scratch)
-    doc = json.loads((dest / MANIFEST_NAME).read_text())
+    doc = json.loads((dest / MANIFEST_PATH).read_text())
     entry = doc["shards"][shard_no]
     raw = bytearray((dest / entry["index_url"]).read_bytes())
     how = data.draw(st.sampled_from(["offset", "bytes", "truncate", "append"]))
@@ -333,7 +333,7 @@ def test_fuzz_index_files(good, scratch, shard_no, data, fix_sha):
     (dest / entry["index_url"]).write_bytes(bytes(raw))
     if fix_sha:
         entry["index_sha256"] = hashlib.sha256(bytes(raw)).hexdigest()
-        (dest / MANIFEST_NAME).write_text(json.dumps(doc))
+        (dest / MANIFEST_PATH).write_text(json.dumps(doc))
     consume(dest, on_error=data.draw(st.sampled_from(["raise", "skip"])))
     shutil.rmtree(dest)
 
@@ -412,9 +412,9 @@ def _check_parse(parse, blob, dest: Path, name: str):
 def test_fuzz_json_manifest(good, scratch, data, raw_flips):
     _count("JSON manifests")
     dest = _copy(good, scratch)
-    doc = _mutate_doc(json.loads((dest / MANIFEST_NAME).read_text()), data)
+    doc = _mutate_doc(json.loads((dest / MANIFEST_PATH).read_text()), data)
     blob = bytearray(json.dumps(doc).encode("utf-8", "surrogatepass"))
-    _flip_write_consume(dest, MANIFEST_NAME, blob, raw_flips, Manifest.from_json)
+    _flip_write_consume(dest, MANIFEST_PATH, blob, raw_flips, Manifest.from_json)
 
 
 msgpack_values = st.recursive(
@@ -443,7 +443,7 @@ def test_fuzz_msgpack_manifest(good, scratch, data, raw_flips):
         elif isinstance(parent, dict):
             del parent[path[-1]]
     blob = bytearray(msgpack.packb(doc, use_bin_type=True))
-    (dest / MANIFEST_NAME).unlink()
+    (dest / MANIFEST_PATH).unlink()
     _flip_write_consume(dest, MSGPACK_NAME, blob, raw_flips, Manifest.from_msgpack)
 
 
@@ -453,14 +453,14 @@ def test_fuzz_msgpack_manifest(good, scratch, data, raw_flips):
 @pytest.mark.parametrize("field", ["url", "index_url"])
 def test_manifest_pointing_outside_the_dataset_is_refused(good, scratch, url, field):
     dest = _copy(good, scratch)
-    doc = json.loads((dest / MANIFEST_NAME).read_text())
+    doc = json.loads((dest / MANIFEST_PATH).read_text())
     doc["shards"][0][field] = url
-    (dest / MANIFEST_NAME).write_text(json.dumps(doc))
+    (dest / MANIFEST_PATH).write_text(json.dumps(doc))
     result = consume(dest)
     assert isinstance(result, ManifestError) and "not a plain relative name" in str(result)
     m = Manifest.load(good)
     m.shards[0].__dict__[field] = url
-    (dest / MANIFEST_NAME).unlink()
+    (dest / MANIFEST_PATH).unlink()
     (dest / MSGPACK_NAME).write_bytes(m.to_msgpack())
     result = consume(dest)
     assert isinstance(result, ManifestError) and "not a plain relative name" in str(result)
@@ -532,13 +532,13 @@ def test_fuzz_pack_folder(scratch, files, on_error, mode):
                                      workers=1, progress=False,
                                      on_error=on_error, max_samples=2, max_pixels=10**6)
     except SourceError as exc:  # the bad file (or the empty source) is named
-        assert not (dest / MANIFEST_NAME).exists()
+        assert not (dest / MANIFEST_PATH).exists()
         assert str(src) in str(exc) or any(os.fsdecode(p) in str(exc) for p in written)
         if on_error == "skip":
             assert "no images found" in str(exc) or "empty class" in str(exc)
         assert not list(dest.glob("shard-*")) or (dest / ".shardkit-pack.json").exists()
     else:
-        assert (dest / MANIFEST_NAME).exists()
+        assert (dest / MANIFEST_PATH).exists()
         names = {os.fsencode(s["path"]) for s in m.skipped}
         assert m.num_samples + len([s for s in m.skipped]) >= len(written)
         if on_error == "raise":
@@ -571,7 +571,7 @@ def test_odd_names_deep_trees_and_bad_bytes_pack_or_fail_cleanly(tmp_path, on_er
     if on_error == "raise":
         with pytest.raises(SourceError, match="bad.jpg"):
             shardkit.pack_folder(src, dest, **kw)
-        assert not (dest / MANIFEST_NAME).exists()
+        assert not (dest / MANIFEST_PATH).exists()
         return
     m = shardkit.pack_folder(src, dest, **kw)
     assert m.num_samples == len(good_names) + 1

@@ -23,8 +23,8 @@ def dataset(class_folder, tmp_path_factory):
 
 def test_manifest_fields(dataset):
     m, dest = dataset
-    data = json.loads((dest / "manifest.json").read_text())
-    assert data["format"] == "shardkit" and data["format_version"] == 1
+    data = json.loads((dest / ".shardkit" / "manifest.json").read_text())
+    assert data["format"] == "shardkit" and data["format_version"] == 2
     assert data["created_by"].startswith("shardkit ")
     assert data["classes"] == ["cat", "dog", "eel"] and data["num_samples"] == 24
     assert {"mode", "size", "quality", "seed", "shuffle"} <= set(data["options"])
@@ -42,7 +42,7 @@ def test_load_round_trip(dataset):
     m, dest = dataset
     loaded = Manifest.load(dest)
     assert loaded == m and loaded.base_url == str(dest)
-    assert Manifest.load(dest / "manifest.json") == m
+    assert Manifest.load(dest / ".shardkit" / "manifest.json") == m
     assert loaded.num_bytes == sum(s.num_bytes for s in loaded.shards)
     assert Manifest.from_json(loaded.to_json()) == m
 
@@ -73,14 +73,14 @@ def test_decode_index_rejects_mismatch(dataset):
 
 
 def _mutated(dest, change):
-    data = json.loads((dest / "manifest.json").read_text())
+    data = json.loads((dest / ".shardkit" / "manifest.json").read_text())
     change(data)
     return json.dumps(data)
 
 
 @pytest.mark.parametrize("change,needle", [
     (lambda d: d.update(format="other"), "not a shardkit manifest"),
-    (lambda d: d.update(format_version=2), "format_version"),
+    (lambda d: d.update(format_version=3), "format_version"),
     (lambda d: d.update(num_samples=25), "add up"),
     (lambda d: d["shards"][0].update(url="../etc/passwd"), "relative"),
     (lambda d: d["shards"][0].update(url="/abs.tar"), "relative"),
@@ -98,7 +98,10 @@ def test_missing_manifest_hints_at_resume(tmp_path):
     with pytest.raises(ManifestError, match="no manifest"):
         Manifest.load(tmp_path)
     (tmp_path / "shard-000000.tar").write_bytes(b"\0" * 1024)
-    with pytest.raises(ManifestError, match="resume"):
+    with pytest.raises(ManifestError, match=f"shardkit index {tmp_path}"):  # foreign shards?
+        Manifest.load(tmp_path)
+    (tmp_path / ".shardkit-pack.json").write_text("{}")
+    with pytest.raises(ManifestError, match="resume"):  # an unfinished pack
         Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="JSON"):

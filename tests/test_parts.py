@@ -27,7 +27,7 @@ import shardkit
 from shardkit import Manifest, pack_folder, verify
 from shardkit.errors import DestinationError
 from shardkit.folder import scan_folder
-from shardkit.shardformat import MANIFEST_NAME
+from shardkit.shardformat import MANIFEST_PATH
 from shardkit.writer import merge_parts, part_manifest_name, part_tag
 
 PACK = [sys.executable, str(REPO / "tools" / "pack.py")]
@@ -70,7 +70,8 @@ def check_same_dataset(dest, single_dest, n: int) -> Manifest:
     assert options.pop("parts", 1) == n and options == ref.options
     assert verify(dest).ok
     listed = {s.url for s in m.shards} | {s.index_url for s in m.shards}
-    assert listed == {p.name for p in Path(dest).iterdir() if p.suffix in (".tar", ".idx")}
+    assert listed == {p.relative_to(dest).as_posix() for p in Path(dest).rglob("*")
+                      if p.suffix in (".tar", ".idx")}
     return m
 
 
@@ -96,7 +97,7 @@ def run_pack(*args, env=None, check=True) -> subprocess.CompletedProcess:
 def test_parts_in_process_make_the_single_pack(folder, single, tmp_path, n):
     dest = tmp_path / "out"
     for i in random.Random(n).sample(range(n), n):  # any order of completion
-        assert not (dest / MANIFEST_NAME).exists()  # only once every part is done
+        assert not (dest / MANIFEST_PATH).exists()  # only once every part is done
         m = pack_folder(folder, dest, progress=False, workers=1, on_error="skip", part=(i, n), **OPTS)
     assert m.stats.get("finalized", True) and not m.stats.get("waiting_for")
     merged = check_same_dataset(dest, single, n)
@@ -161,7 +162,7 @@ def test_cli_parts_in_random_order_manifest_after_the_last(folder, single, tmp_p
     for k, i in enumerate(order):
         proc = run_pack(folder, dest, "--part", f"{i}/{n}", "--on-error", "skip", *CLI_OPTS[:-1])
         last = k == n - 1
-        assert (dest / MANIFEST_NAME).exists() == last
+        assert (dest / MANIFEST_PATH).exists() == last
         assert ("manifest.json written" in proc.stdout) == last, proc.stdout
         if not last:
             assert "waiting for part(s)" in proc.stdout
@@ -220,7 +221,7 @@ def test_a_failed_part_is_reported_and_rerun_alone_with_resume(folder, tmp_path)
             assert f"part {bad}/{n}" in proc.stderr and victim in proc.stderr, proc.stderr
         else:
             assert proc.returncode == 0, proc.stderr
-    assert not (dest / MANIFEST_NAME).exists()
+    assert not (dest / MANIFEST_PATH).exists()
     journal = json.loads((dest / f".shardkit-pack-{part_tag((bad, n))}.json").read_bytes())
     assert len(journal["shards"]) == 1  # its finished shard is kept
     with pytest.raises(DestinationError, match="not finished"):
@@ -263,7 +264,7 @@ def test_torchrun_distributed_pack_then_a_failed_rank_and_resume(folder, single,
     assert proc.returncode != 0
     assert "part 1/2" in proc.stderr and victim in proc.stderr, proc.stderr
     assert "manifest.json not written: part(s) 1 of 2 failed" in proc.stderr
-    assert (dest / part_manifest_name((0, 2))).exists() and not (dest / MANIFEST_NAME).exists()
+    assert (dest / part_manifest_name((0, 2))).exists() and not (dest / MANIFEST_PATH).exists()
     (src / victim).write_bytes(good_bytes)
     proc = run_pack(src, dest, "--part", "1/2", "--resume", *CLI_OPTS[:-1])  # that part alone
     assert "manifest.json written" in proc.stdout
@@ -292,7 +293,7 @@ def test_parts_into_s3(folder, single, s3, tmp_path):
     for i in (1, 0):
         client = s3.client()
         keys = [o["Key"] for o in client.list_objects_v2(Bucket="parts").get("Contents", [])]
-        assert "ds/manifest.json" not in keys
+        assert "ds/.shardkit/manifest.json" not in keys
         m = pack_folder(folder, dest, progress=False, workers=1, on_error="skip", part=(i, 2),
                         storage_options=opts, **OPTS)
     assert m.stats["finalized"]

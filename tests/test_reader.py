@@ -17,7 +17,7 @@ import pytest
 import shardkit
 from shardkit import CenterCrop, StreamingDataset, make_loader
 from shardkit.errors import DecodeError, ShardError
-from shardkit.shardformat import END_OF_ARCHIVE, encode_index, member
+from shardkit.shardformat import END_OF_ARCHIVE, encode_index, index_name, member
 from shardkit.storage import LocalStore
 
 from _helpers_read import (all_keys, image_folder, keys_of, members_of,
@@ -191,6 +191,10 @@ def _regrow(bad) -> None:
     Path(bad.url).write_bytes(blob)
 
 
+def _index_of(bad) -> Path:
+    return Path(bad.url).parent / index_name(Path(bad.url).name)
+
+
 # fault -> (how, samples lost, words of the error in raise mode, names the index, shard-level)
 SHARD_FAULTS = {
     "missing": (lambda b: Path(b.url).unlink(), range(5), "missing or empty", False, True),
@@ -203,10 +207,10 @@ SHARD_FAULTS = {
         range(2, 5), "truncated: the index expects", False, True),
     "gzip named .tar": (lambda b: _gzip(Path(b.url)), range(5), "not a tar archive (gzip", False,
                         True),
-    "index missing": (lambda b: Path(b.url).with_suffix(".idx").unlink(), range(5),
+    "index missing": (lambda b: _index_of(b).unlink(), range(5),
                       "cannot be read", True, True),
     "index not the manifest's": (
-        lambda b: Path(b.url).with_suffix(".idx").write_bytes(
+        lambda b: _index_of(b).write_bytes(
             encode_index([0, 1024, *(int(v) for v in b.offsets[2:])])),
         range(5), "is not the one the manifest lists", True, True),
     "index inconsistent with the bytes": (_regrow, range(2, 5), "sample boundary of its index",
@@ -228,7 +232,7 @@ def test_shard_faults_raise_naming_the_shard_once(bad, fault):
         assert "ShardError" in text or num_workers == 0, text
         assert words in text, text
         assert text.count(bad.url) == 1, text  # the .tar, and no path twice
-        idx = str(Path(bad.url).with_suffix(".idx"))
+        idx = str(_index_of(bad))
         assert text.count(idx) == (1 if names_index else 0), text
         if fault.startswith("truncated"):
             size = Path(bad.url).stat().st_size

@@ -15,7 +15,7 @@ import pytest
 from shardkit import Manifest, ShardInfo, pack_folder
 from shardkit.errors import ManifestError
 from shardkit.manifest import write_manifest, write_msgpack_companion
-from shardkit.shardformat import MSGPACK_NAME
+from shardkit.shardformat import MANIFEST_PATH, MSGPACK_NAME, MSGPACK_PATH
 from shardkit.plan import _BlockPermutation, epoch_plan, rank_num_samples
 from shardkit.bench.scale import format_table, resume_state_sizes, run, synthetic_manifest
 
@@ -70,24 +70,24 @@ def test_msgpack_falls_back_to_plain_lists(small):
 def test_packed_dataset_companion_and_load(packed):
     m = Manifest.load(packed)
     write_msgpack_companion(packed)
-    via_msgpack = Manifest.load(packed / MSGPACK_NAME)
+    via_msgpack = Manifest.load(packed / MSGPACK_PATH)
     assert via_msgpack == m and via_msgpack.base_url == str(packed)
     assert via_msgpack.store is not None
-    assert Manifest.load(f"file://{packed}/{MSGPACK_NAME}") == m
+    assert Manifest.load(f"file://{packed}/{MSGPACK_PATH}") == m
     assert np.array_equal(via_msgpack.shard_sizes(), m.shard_sizes())
 
 
 def test_load_prefers_json_and_falls_back_to_msgpack(small, tmp_path):
     write_manifest(small, tmp_path)
     other = synthetic_manifest(3, 30)
-    (tmp_path / MSGPACK_NAME).write_bytes(other.to_msgpack())  # a stale companion
+    (tmp_path / MSGPACK_PATH).write_bytes(other.to_msgpack())  # a stale companion
     assert Manifest.load(tmp_path) == small  # the canonical JSON wins
-    assert Manifest.load(tmp_path / MSGPACK_NAME) == other  # unless named
-    (tmp_path / "manifest.json").unlink()
+    assert Manifest.load(tmp_path / MSGPACK_PATH) == other  # unless named
+    (tmp_path / MANIFEST_PATH).unlink()
     assert Manifest.load(tmp_path) == other  # a folder with only the compact one
     with pytest.raises(ManifestError, match="no manifest"):
-        Manifest.load(tmp_path / "manifest.json")  # a named JSON does not fall back
-    (tmp_path / MSGPACK_NAME).write_bytes(b"\xc1garbage")
+        Manifest.load(tmp_path / MANIFEST_PATH)  # a named JSON does not fall back
+    (tmp_path / MSGPACK_PATH).write_bytes(b"\xc1garbage")
     with pytest.raises(ManifestError, match="msgpack"):
         Manifest.load(tmp_path)
 
@@ -104,7 +104,7 @@ def _cols(obj):
 
 @pytest.mark.parametrize("change,needle", [
     (lambda o: o.update(format="other"), "not a shardkit manifest"),
-    (lambda o: o.update(format_version=2), "format_version"),
+    (lambda o: o.update(format_version=3), "format_version"),
     (lambda o: o.update(num_samples=o["num_samples"] + 1), "add up"),
     (lambda o: o.pop("shards"), "malformed"),
     (lambda o: o.update(shards=[]), "malformed"),

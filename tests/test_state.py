@@ -166,12 +166,13 @@ def _stateful_case(source, num_workers, k, **kw):
     batched = kw.get("batch_size") is not None
     assert keys_of(head, batched=batched) == keys_of(full[:k], batched=batched)
     assert keys_of(following, batched=batched) != keys_of(full, batched=batched)
-    if k == len(full):  # a state taken once the epoch is consumed starts the next one
-        # (StatefulDataLoader goes on with its round-robin over the workers where it stopped,
-        # a fresh iteration starts at worker 0: the same samples, interleaved otherwise)
-        assert sorted(keys_of(rest, batched=batched)) == sorted(keys_of(following, batched=batched))
-        if num_workers <= 1 or len(full) % num_workers == 0:
-            assert keys_of(rest, batched=batched) == keys_of(following, batched=batched)
+    if k == len(full) and num_workers == 0:  # the dataset's own state of a consumed epoch:
+        assert keys_of(rest, batched=batched) == keys_of(following, batched=batched)  # the next
+        return
+    if k == len(full):  # the workers' own states: nothing is left of the epoch (a worker cannot
+        assert rest == []  # know the others are done), and the next iteration is the next epoch
+        after = keys_of(list(resumed), batched=batched)
+        assert sorted(after) == sorted(keys_of(following, batched=batched))
         return
     assert keys_of(rest, batched=batched) == keys_of(full[k:], batched=batched), (num_workers, k)
     for a, b in zip(rest, full[k:]):

@@ -15,7 +15,7 @@ pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask,
 from conftest import REPO, subprocess_env  # noqa: E402
 from servers import MotoS3  # noqa: E402
 from shardkit.errors import DestinationError  # noqa: E402
-from shardkit.shardformat import MANIFEST_NAME  # noqa: E402
+from shardkit.shardformat import MANIFEST_PATH  # noqa: E402
 from shardkit.storage import RemoteDest  # noqa: E402
 from shardkit.writer import JOURNAL_NAME, _ShardWriter  # noqa: E402
 
@@ -56,9 +56,9 @@ def test_pack_into_s3_uploads_shards_then_the_manifest_byte_identical(small, s3,
     names = [name for name, _ in log]
     shards = small.shard_urls()
     assert [n for n in names if n.endswith(".tar")] == shards
-    assert names[-1] == MANIFEST_NAME and names.count(MANIFEST_NAME) == 1
+    assert names[-1] == MANIFEST_PATH and names.count(MANIFEST_PATH) == 1
     for name, before in log:
-        assert MANIFEST_NAME not in before, f"manifest visible before uploading {name}"
+        assert MANIFEST_PATH not in before, f"manifest visible before uploading {name}"
         if name.endswith(".tar"):  # every earlier shard (and its journal entry) is already up
             done = shards[:shards.index(name)]
             assert set(done) <= before and (not done or JOURNAL_NAME in before)
@@ -110,7 +110,7 @@ def test_resume_against_the_bucket_gives_the_same_bytes(small, s3, monkeypatch, 
         with pytest.raises(Interrupted):
             pack(small.src, dest, storage_options=s3.storage_options(), **small.options)
     left = bucket_objects(s3, "resumed")
-    assert MANIFEST_NAME not in left and JOURNAL_NAME in left
+    assert MANIFEST_PATH not in left and JOURNAL_NAME in left
     assert {n for n in left if n.endswith(".tar")} == set(small.shard_urls()[:2])
     with pytest.raises(DestinationError, match="unfinished"):  # not without --resume
         pack(small.src, dest, storage_options=s3.storage_options(), **small.options)

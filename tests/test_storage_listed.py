@@ -22,7 +22,7 @@ pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask,
 import shardkit  # noqa: E402
 from shardkit import Manifest, StreamingDataset  # noqa: E402
 from shardkit.errors import ManifestError, ShardError  # noqa: E402
-from shardkit.shardformat import MANIFEST_NAME  # noqa: E402
+from shardkit.shardformat import MANIFEST_PATH  # noqa: E402
 from shardkit.storage import ListedStore  # noqa: E402
 
 import _helpers_remote as _ts  # noqa: E402
@@ -51,7 +51,8 @@ def test_from_urls_gives_the_counts_and_sizes_of_the_manifest(small):
     assert [_layout(s) for s in listed.shards] == [_layout(s) for s in small.manifest.shards]
     assert listed.num_samples == small.manifest.num_samples
     assert [s.url for s in listed.shards] == local_urls(small)
-    assert [s.index_url for s in listed.shards] == [u[:-4] + ".idx" for u in local_urls(small)]
+    assert [s.index_url for s in listed.shards] == [
+        str(Path(u).parent / ".shardkit" / (Path(u).stem + ".idx")) for u in local_urls(small)]
     assert all(s.sha256 is None for s in listed.shards)  # unknown: not checked
     assert listed.classes is None and listed.base_url is None
     assert isinstance(listed.store, ListedStore)
@@ -76,14 +77,15 @@ def test_another_folder_works_when_listed_but_not_from_a_manifest(small, referen
     elsewhere.mkdir()
     moved = small.manifest.shards[1]
     for name in (moved.url, moved.index_url):
+        (elsewhere / name).parent.mkdir(exist_ok=True)
         (here / name).rename(elsewhere / name)
     urls = [str((elsewhere if s is moved else here) / s.url) for s in small.manifest.shards]
     check_same(read_all(urls), reference(small))
     for bad in (f"../elsewhere/{moved.url}", str(elsewhere / moved.url)):
-        doc = json.loads(small.files[MANIFEST_NAME])
+        doc = json.loads(small.files[MANIFEST_PATH])
         doc["shards"][1]["url"] = bad
         doc["shards"][1]["index_url"] = bad[:-4] + ".idx"
-        (here / MANIFEST_NAME).write_text(json.dumps(doc))
+        (here / MANIFEST_PATH).write_text(json.dumps(doc))
         with pytest.raises(ManifestError, match="not a plain relative name"):
             list(StreamingDataset(here))
 
@@ -92,9 +94,9 @@ def test_a_manifest_file_cannot_claim_an_unknown_sha256(small, tmp_path):
     """``sha256: null`` (not checked) is what only a caller's list gets, never a file."""
     dest = tmp_path / "ds"
     shutil.copytree(small.local, dest)
-    doc = json.loads(small.files[MANIFEST_NAME])
+    doc = json.loads(small.files[MANIFEST_PATH])
     doc["shards"][0]["sha256"] = None
-    (dest / MANIFEST_NAME).write_text(json.dumps(doc))
+    (dest / MANIFEST_PATH).write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="sha256"):
         Manifest.load(dest)
 
@@ -156,7 +158,7 @@ def test_a_single_string_is_not_a_list_of_urls():
 def test_only_the_listed_files_can_be_read_through_the_store(small):
     store = Manifest.from_urls(local_urls(small)).store
     assert store.read_bytes(local_urls(small)[0]) == small.files[small.manifest.shards[0].url]
-    for name in (str(small.local / MANIFEST_NAME), small.manifest.shards[0].url, "/etc/passwd"):
+    for name in (str(small.local / MANIFEST_PATH), small.manifest.shards[0].url, "/etc/passwd"):
         with pytest.raises(ShardError, match="not one of the listed"):
             store.read_bytes(name)
 
@@ -189,20 +191,21 @@ def test_listed_urls_on_another_prefix_work_while_a_manifest_pointing_there_is_r
     urls = [f"{theirs}/{s.url}" for s in small.manifest.shards]
     check_same(read_all(urls, storage_options=options), reference(small))
     # a manifest at another prefix that points at those same objects is refused, on s3 ...
-    doc = json.loads(small.files[MANIFEST_NAME])
+    doc = json.loads(small.files[MANIFEST_PATH])
     for shard, url in zip(doc["shards"], urls):
         shard["url"], shard["index_url"] = url, url[:-4] + ".idx"
-    s3.put(BUCKET, f"mine/{MANIFEST_NAME}", json.dumps(doc).encode())
+    s3.put(BUCKET, f"mine/{MANIFEST_PATH}", json.dumps(doc).encode())
     with pytest.raises(ManifestError, match="not a plain relative name"):
         list(StreamingDataset(f"s3://{BUCKET}/mine", storage_options=options))
     # ... and over http, for a URL on the same host outside the dataset's folder
     other = f"{served.srv.url}{BUCKET}/other/"
     (served.srv.root / BUCKET / "other").mkdir()
     for name, blob in small.files.items():
+        (served.srv.root / BUCKET / "other" / name).parent.mkdir(exist_ok=True)
         (served.srv.root / BUCKET / "other" / name).write_bytes(blob)
-    doc = json.loads(small.files[MANIFEST_NAME])
+    doc = json.loads(small.files[MANIFEST_PATH])
     doc["shards"][0]["url"] = other + doc["shards"][0]["url"]
-    (served.folder / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (served.folder / MANIFEST_PATH).write_bytes(json.dumps(doc).encode())
     served.srv.clear_counters()
     with pytest.raises(ManifestError, match="not a plain relative name"):
         list(StreamingDataset(served.source("http")[0]))
@@ -219,7 +222,7 @@ def test_missing_remote_index_names_the_url(small, served):
     with pytest.raises(ShardError) as info:
         list(StreamingDataset(urls, **FAST))
     assert info.value.url == http + small.manifest.shards[3].url
-    assert "not found" in str(info.value)
+    assert "no index file" in str(info.value)
     assert http + small.manifest.shards[3].index_url in str(info.value)
 
 

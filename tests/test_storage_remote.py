@@ -25,7 +25,7 @@ from servers import server_down_url  # noqa: E402
 from shardkit import StreamingDataset, make_loader  # noqa: E402
 from shardkit.reader import ShardReader  # noqa: E402
 from shardkit.errors import ManifestError, ShardError  # noqa: E402
-from shardkit.shardformat import MANIFEST_NAME  # noqa: E402
+from shardkit.shardformat import MANIFEST_PATH  # noqa: E402
 
 from _helpers_read import pack, shard_samples  # noqa: E402
 from _helpers_remote import BUCKET, FAST, LOADER_TIMEOUT, PROTOS, bucket_objects, check_same, clean_aws_env, read_all, upload  # noqa: E402
@@ -43,7 +43,7 @@ def test_s3_http_and_local_reads_agree(small, aws_env, served, reference, num_wo
         k for k, _, _ in read_all(small.local, shuffle=False))  # every sample once
     sources = [upload(aws_env, small, "ds"),                       # endpoint + keys from env only
                served.source("http")[0],                          # folder URL
-               served.source("http")[0] + MANIFEST_NAME]          # manifest URL
+               served.source("http")[0] + MANIFEST_PATH]          # manifest URL
     for source in sources:
         check_same(read_all(source, num_workers), want)
     # the same seed gives the same order on every backend; another seed another order
@@ -65,7 +65,7 @@ def test_storage_options_override_the_environment(small, s3, monkeypatch, tmp_pa
         monkeypatch.setenv("AWS_ENDPOINT_URL", down.rstrip("/"))
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env")
-        with pytest.raises(ManifestError, match=f"s3://{BUCKET}/ds/manifest.json"):
+        with pytest.raises(ManifestError, match=f"s3://{BUCKET}/ds/.shardkit/manifest.json"):
             read_all(source, **FAST)
         check_same(read_all(source, storage_options=s3.storage_options()), reference(small))
 
@@ -193,7 +193,7 @@ def test_stalled_manifest_read_is_bounded_too(small, served):
     source, _ = served.source("http")
     served.srv.stall(before_headers=True)
     t = time.monotonic()
-    with pytest.raises(ManifestError, match=f"{source}{MANIFEST_NAME}"):
+    with pytest.raises(ManifestError, match=f"{source}{MANIFEST_PATH}"):
         StreamingDataset(source, timeout=1, retries=1).manifest  # noqa: B018
     assert time.monotonic() - t < 15
 
@@ -260,12 +260,12 @@ def test_server_ignoring_range_requests_is_a_clear_error_not_wrong_bytes(big, se
 def test_server_down_at_start_is_a_manifest_error(proto):
     with server_down_url() as url:
         if proto == "http":
-            source, options, where = url + "ds/", None, url + "ds/" + MANIFEST_NAME
+            source, options, where = url + "ds/", None, url + "ds/" + MANIFEST_PATH
         else:
             source = f"s3://{BUCKET}/ds"
             options = {"key": "k", "secret": "s",
                        "client_kwargs": {"endpoint_url": url.rstrip("/")}}
-            where = f"{source}/{MANIFEST_NAME}"
+            where = f"{source}/{MANIFEST_PATH}"
         t = time.monotonic()
         with pytest.raises(ManifestError) as info:
             list(StreamingDataset(source, storage_options=options, **FAST))
@@ -281,15 +281,15 @@ def test_server_down_at_start_is_a_manifest_error(proto):
                                      "http://evil/x.tar"])
 @pytest.mark.parametrize("proto", ["http", "s3"])
 def test_manifest_pointing_outside_the_dataset_is_refused(small, s3, served, bad_url, proto):
-    doc = json.loads(small.files[MANIFEST_NAME])
+    doc = json.loads(small.files[MANIFEST_PATH])
     doc["shards"][1]["url"] = bad_url
     text = json.dumps(doc).encode()
     if proto == "http":
-        (served.folder / MANIFEST_NAME).write_bytes(text)
+        (served.folder / MANIFEST_PATH).write_bytes(text)
         source, options = served.source("http")
     else:
         upload(s3, small, "evil")
-        s3.put(BUCKET, f"evil/{MANIFEST_NAME}", text)
+        s3.put(BUCKET, f"evil/{MANIFEST_PATH}", text)
         source, options = f"s3://{BUCKET}/evil", s3.storage_options()
     with pytest.raises(ManifestError, match="not a plain relative name"):
         shardkit.Manifest.load(source, storage_options=options)
@@ -334,7 +334,7 @@ def test_credentials_never_appear_in_errors_logs_or_the_manifest(small, s3, capl
         with pytest.raises(ManifestError) as info:
             list(StreamingDataset(f"s3://{BUCKET}/secret", storage_options=options, **FAST))
     _no_secrets(info.value, caplog.text)
-    assert "s3://shards/secret/manifest.json" in str(info.value)
+    assert "s3://shards/secret/.shardkit/manifest.json" in str(info.value)
 
 
 def test_http_user_and_password_are_redacted(small, served, caplog):

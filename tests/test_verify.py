@@ -32,7 +32,8 @@ def test_verify_names_the_damaged_shard_only(small, tmp_path, damage):
     damage_shard(dest, damage)
     report = verify(dest)
     assert not report.ok
-    assert {url.rsplit(".", 1)[0] for url, _ in report.problems} == {"shard-000001"}
+    assert {url.rsplit("/", 1)[-1].rsplit(".", 1)[0] for url, _ in report.problems} == {
+        "shard-000001"}
     text = " ".join(what for _, what in report.problems)
     expect = {"flip_byte": "sha256 differs", "truncate": "bytes, manifest says",
               "missing": "cannot read", "flip_index": "sha256 of the index differs"}[damage]

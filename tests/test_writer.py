@@ -19,7 +19,7 @@ import shardkit.writer as writer_mod
 from shardkit import Manifest, pack_folder
 from shardkit.errors import DestinationError, SourceError
 from shardkit.common import parse_bytes
-from shardkit.shardformat import MANIFEST_NAME
+from shardkit.shardformat import MANIFEST_NAME, MANIFEST_PATH
 from shardkit.writer import JOURNAL_NAME
 
 MODES = {"raw": None, "resize": 32, "tensor": 24}
@@ -118,7 +118,7 @@ def test_non_plain_array_files_fail_the_pack(tmp_path, case):
         np.save(src / "bad.npy", np.array([None, {}], dtype=object), allow_pickle=True)
     with pytest.raises(SourceError, match="bad"):
         pack(src, tmp_path / "out")
-    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "out" / MANIFEST_PATH).exists()
 
 
 # --------------------------------------------------------------------------- format
@@ -347,7 +347,9 @@ def test_manifest_is_written_last(mixed_folder, tmp_path, monkeypatch):
     assert order[-1] == MANIFEST_NAME and order.count(MANIFEST_NAME) == 1
     assert [n for n in order if n.endswith(".tar")] == [f"shard-{i:06d}.tar" for i in range(5)]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [MANIFEST_NAME] + [f"shard-{i:06d}.{e}" for i in range(5) for e in ("tar", "idx")])
+        [".shardkit"] + [f"shard-{i:06d}.tar" for i in range(5)])  # nothing but tars beside them
+    assert sorted(p.name for p in (tmp_path / "out" / ".shardkit").iterdir()) == sorted(
+        [MANIFEST_NAME] + [f"shard-{i:06d}.idx" for i in range(5)])
 
 
 @pytest.mark.parametrize("where", ["before_tar_rename", "before_journal", "mid_shard"])
@@ -382,7 +384,7 @@ def test_resume_after_crash_at_each_step(mixed_folder, tmp_path, monkeypatch, wh
     with pytest.raises(_Crash):
         pack(mixed_folder, dest, **kw)
     monkeypatch.undo()
-    assert not (dest / MANIFEST_NAME).exists()
+    assert not (dest / MANIFEST_PATH).exists()
     assert check_interrupted(dest) == (3 if where == "before_journal" else 2)
     with pytest.raises(DestinationError, match="resume"):
         pack(mixed_folder, dest, **kw)
@@ -410,7 +412,7 @@ def test_kill_before_the_manifest_is_published_resumes_to_the_same_files(mixed_f
     with pytest.raises(_Crash):
         pack(mixed_folder, dest, **kw)
     monkeypatch.undo()
-    assert not (dest / MANIFEST_NAME).exists()
+    assert not (dest / MANIFEST_PATH).exists()
     assert json.loads((dest / JOURNAL_NAME).read_bytes())["format"] == "shardkit"
     encoded = []
     monkeypatch.setattr(writer_mod, "_encode_chunk", lambda *a: encoded.append(a) or [])
@@ -546,7 +548,7 @@ def test_bad_input_raises_by_default_and_is_skipped_on_request(tmp_path, case, m
     with pytest.raises(SourceError) as info:
         pack(src, tmp_path / "a", mode=mode, size=size)
     assert rel in str(info.value) and reason.lower() in str(info.value).lower()
-    assert not (tmp_path / "a" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "a" / MANIFEST_PATH).exists()
     m = pack(src, tmp_path / "b", mode=mode, size=size, on_error="skip")
     assert m.num_samples == 9 and m.ignored == 1
     assert len(m.skipped) == 1 and m.skipped[0]["path"] == rel
@@ -602,7 +604,7 @@ def test_missing_or_empty_source_always_fails(tmp_path, case, on_error):
         src.mkdir()
     with pytest.raises(SourceError, match="src"):
         pack(src, tmp_path / "out", on_error=on_error)
-    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "out" / MANIFEST_PATH).exists()
 
 
 @pytest.mark.parametrize("kw,name", [

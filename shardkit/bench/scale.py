@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import Manifest, ShardInfo, write_manifest, write_msgpack_companion
-from ..shardformat import MANIFEST_NAME, MSGPACK_NAME
+from ..shardformat import MANIFEST_PATH, MSGPACK_PATH
 
 __all__ = ["run", "synthetic_manifest", "resume_state_sizes", "format_table", "main"]
 
@@ -171,7 +171,7 @@ def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAM
         manifest = synthetic_manifest(num_shards, num_samples)
         write_manifest(manifest, folder)
         np.save(folder / "sizes.npy", manifest.shard_sizes())
-        files = {"json": folder / MANIFEST_NAME, "msgpack": folder / MSGPACK_NAME}
+        files = {"json": folder / MANIFEST_PATH, "msgpack": folder / MSGPACK_PATH}
         result = {
             "num_shards": num_shards, "num_samples": num_samples, "world_size": world_size,
             "num_workers": num_workers, "block_size": 64, "shuffle_buffer": 1000,
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.companion:
         m = write_msgpack_companion(args.companion)
-        print(f"wrote {m.base_url}/{MSGPACK_NAME} ({len(m.shards)} shards)")
+        print(f"wrote {m.base_url}/{MSGPACK_PATH} ({len(m.shards)} shards)")
         return 0
     kw = dict(num_shards=args.shards, num_samples=int(args.samples), world_size=args.world_size,
               num_workers=args.workers, repeat=args.repeat)

@@ -10,12 +10,14 @@ import uuid
 from pathlib import Path
 
 from ..errors import DestinationError, ShardError
+from ..shardformat import META_DIR
 from .base import redact
 from .urls import open_store, split_source
 
 
 class LocalDest:
-    """A local destination folder: temporary name, fsync, rename."""
+    """A local destination folder: temporary name, fsync, rename. Names may hold one sub-folder
+    (``.shardkit/manifest.json``), made when first written to."""
 
     remote = False
 
@@ -32,7 +34,14 @@ class LocalDest:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def names(self) -> list[str]:
-        return [p.name for p in self.folder.iterdir()]
+        """The names in the folder and in its ``.shardkit/`` sub-folder (as ``.shardkit/x``)."""
+        out = []
+        for p in self.folder.iterdir():
+            if p.name == META_DIR and p.is_dir():
+                out += [f"{META_DIR}/{q.name}" for q in p.iterdir()]
+            else:
+                out.append(p.name)
+        return out
 
     def exists(self, name: str) -> bool:
         return (self.folder / name).exists()
@@ -43,18 +52,25 @@ class LocalDest:
         except FileNotFoundError:
             return None
 
+    def _target(self, name: str) -> Path:
+        path = self.folder / name
+        path.parent.mkdir(exist_ok=True)
+        return path
+
     def write_atomic(self, name: str, data: bytes) -> None:
-        tmp = self.folder / f".{name}.tmp-{uuid.uuid4().hex}"
+        path = self._target(name)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
-        fsync_dir(self.folder)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def commit(self, tmp: Path, name: str) -> None:
-        os.replace(tmp, self.folder / name)
-        fsync_dir(self.folder)
+        path = self._target(name)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def publish(self, journal: str, name: str, data: bytes) -> None:
         """Write ``data`` as ``name`` and remove ``journal`` in one step that a kill cannot
@@ -75,9 +91,9 @@ class LocalDest:
             return False
 
     def remove_temporaries(self) -> None:
-        for p in self.folder.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name:
-                p.unlink(missing_ok=True)
+        for name in self.names():
+            if name.rpartition("/")[2].startswith(".") and ".tmp-" in name:
+                (self.folder / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         pass
@@ -107,14 +123,17 @@ class RemoteDest:
         pass
 
     def names(self) -> list[str]:
-        def ls():
+        """The names under the prefix and its ``.shardkit/`` (as ``.shardkit/x``)."""
+        def ls(prefix: str):
             try:
-                return [p.rsplit("/", 1)[-1] for p in self.store.fs.ls(self.store.base, detail=False,
+                return [p.rsplit("/", 1)[-1] for p in self.store.fs.ls(prefix, detail=False,
                                                                       refresh=True)]
             except FileNotFoundError:
                 return []
 
-        return self._do("list", "", ls)
+        top = self._do("list", "", lambda: ls(self.store.base))
+        meta = self._do("list", META_DIR, lambda: ls(f"{self.store.base}/{META_DIR}"))
+        return [n for n in top if n != META_DIR] + [f"{META_DIR}/{n}" for n in meta]
 
     def exists(self, name: str) -> bool:
         return self.store.exists(name)

@@ -26,24 +26,28 @@ class ListedStore(Store):
         if isinstance(urls, (str, bytes, os.PathLike)):
             raise TypeError("pass a list of shard URLs, not a single one")
         self._files: dict[str, tuple[Store, str]] = {}
-        self.shards: list[tuple[str, str]] = []  # (shard URL, index URL) in the given order
+        # (shard URL, index URLs to try: .shardkit/x.idx, then x.idx of format version 1)
+        self.shards: list[tuple[str, tuple[str, ...]]] = []
         stores: dict[tuple[str, str], Store] = {}
         for url in urls:
             protocol, base, name = split_file_url(url)
             if not name.endswith(".tar") or name == ".tar":
                 raise ValueError(f"{redact(os.fspath(url))}: a shard URL must name a .tar file "
-                                 "(its index is the same name with .idx)")
+                                 "(its index is .shardkit/<name>.idx beside it)")
             store = stores.get((protocol, base))
             if store is None:
                 store = open_store(protocol, base, _options_for(storage_options, protocol),
                                    retries=retries, timeout=timeout)
                 stores[(protocol, base)] = store
-            index = index_name(name)
-            shard_url, index_url = store.url(name), store.url(index)
+            shard_url = store.url(name)
             if shard_url in self._files:
                 raise ValueError(f"{shard_url}: listed twice")
-            self._files[shard_url], self._files[index_url] = (store, name), (store, index)
-            self.shards.append((shard_url, index_url))
+            self._files[shard_url] = (store, name)
+            indexes = []
+            for index in (index_name(name), index_name(name, legacy=True)):
+                self._files[store.url(index)] = (store, index)
+                indexes.append(store.url(index))
+            self.shards.append((shard_url, tuple(indexes)))
         if not self.shards:
             raise ValueError("no shard URLs given")
 
