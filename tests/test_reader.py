@@ -379,3 +379,54 @@ def test_skip_never_hides_code_bugs(datasets):
     ds = StreamingDataset(datasets["nine"], transform=buggy, on_error="skip")
     with pytest.raises(TypeError, match="a bug"):
         next(iter(ds))
+
+
+def test_one_damaged_first_header_costs_one_sample_not_the_shard(bad, caplog):
+    data = bytearray(Path(bad.url).read_bytes())
+    data[0] ^= 0x01  # the first member's name: its checksum fails
+    Path(bad.url).write_bytes(bytes(data))
+    _check_skip(bad.path, bad.keys, {bad.shard_samples[0][0]}, caplog)
+    (keys,), (ds,) = _epoch_keys(bad.path, on_error="skip")
+    assert ds.bad_shards == []  # a bad sample, not a bad shard
+
+
+def test_a_store_that_gives_up_is_not_asked_again_for_each_sample(bad, monkeypatch):
+    opened = []
+    real = LocalStore.open_range
+
+    def give_up(self, name, start, stop):
+        if name.endswith("shard-000001.tar"):
+            opened.append((start, stop))
+            error = ShardError(self.url(name), "download failed after 3 tries: it broke")
+            error.gave_up = True
+            raise error
+        return real(self, name, start, stop)
+
+    monkeypatch.setattr(LocalStore, "open_range", give_up)
+    ds = StreamingDataset(bad.path, with_keys=True, on_error="skip", block_size=2, seed=3)
+    keys = [k for _, _, k in ds]
+    assert len(keys) == len(bad.keys) and ds.skipped == 5
+    assert len(opened) <= 2, opened  # blocks of 2: the first read, at most one more
+    (entry,) = ds.bad_shards
+    assert "unreadable from sample" in entry["reason"] and "failed after 3 tries" in entry["reason"]
+
+
+def test_more_bad_shards_than_the_shared_table_lists_are_still_logged_and_counted(tmp_path,
+                                                                                  caplog):
+    from shardkit.skiplog import ENTRIES
+
+    src = image_folder(tmp_path / "src", classes=1, per_class=ENTRIES + 8, size=(16, 12))
+    pack(src, tmp_path / "ds", max_samples=1)
+    m = shardkit.Manifest.load(tmp_path / "ds")
+    for s in m.shards[1:]:
+        (tmp_path / "ds" / s.url).unlink()
+    with caplog.at_level(logging.WARNING, logger="shardkit"):
+        ds = StreamingDataset(tmp_path / "ds", on_error="skip", decode="raw")
+        assert len(list(ds)) == len(m.shards)
+    assert ds.skipped == len(m.shards) - 1
+    assert caplog.text.count("bad shard") == len(m.shards) - 1  # every one, listed or not
+    assert len(ds.bad_shards) == ENTRIES
+    (tmp_path / "ds" / m.shards[0].url).unlink()
+    with pytest.raises(ShardError, match=rf"{len(m.shards)} bad shards: .* \(and "
+                                         rf"{len(m.shards) - 5} more\)"):
+        list(StreamingDataset(tmp_path / "ds", on_error="skip", decode="raw"))

@@ -283,3 +283,23 @@ def test_a_lightning_style_loop_resumes_mid_epoch_exactly(datasets, num_workers,
     head, checkpoint = _fit(make, epochs=3, stop_at=stop_at)
     tail, _ = _fit(make, epochs=3, checkpoint=checkpoint)
     assert head + tail == whole  # the same batches, in the same epochs and order
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_an_abandoned_iteration_keeps_a_plain_dataloaders_workers_together(datasets, keys,
+                                                                            context):
+    ds = StreamingDataset(datasets["nine"], with_keys=True, decode="raw", seed=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=4,
+                                         multiprocessing_context=context)
+    next(iter(loader))  # a peek: some workers may never produce anything in that iteration
+    epochs = [keys_of(list(loader), batched=False) for _ in range(2)]
+    for got in epochs:
+        assert sorted(got) == sorted(keys)  # every worker on the same epoch: exactly once
+    assert epochs[0] != epochs[1]
+
+
+def test_a_state_near_the_end_of_an_epoch_resumes_exactly_under_stateful_dataloader(datasets):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    kw = dict(with_keys=True, decode="raw", block_size=4, shuffle_buffer=6)
+    for k in (NUM - 2, NUM - 1):  # one worker is done, the other is not
+        _stateful_case(datasets["nine"], 2, k, **kw)
