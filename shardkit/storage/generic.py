@@ -65,7 +65,9 @@ class _FileStream:
     by the store's ``timeout``.
 
     Some filesystems hand every opener of a path the same file object (fsspec's ``memory://``),
-    so streams of one path in a process take turns (:func:`_turns`) and each read seeks first.
+    so streams of one path in a process take turns (:func:`_turns`) and each read seeks first;
+    a call that timed out may hold the lock for good, so the path gets a new one (the next try
+    must not wait behind it).
     A file that ends before ``stop`` is a ShardError at once (not retried: the reader then
     diagnoses a truncated shard)."""
 
@@ -87,6 +89,7 @@ class _FileStream:
             return _within(self._timeout, fn, late)
         except TimeoutError:
             self._stuck = True  # the call goes on alone; `late` closes the file after it
+            _forget(self._path, self._turns)  # it may hold the lock: the next try takes another
             raise
 
     def read(self, n: int) -> bytes:
@@ -182,6 +185,12 @@ def _turns(path: str) -> _Turn:
         if turn is None:
             turn = _turn_of_path[path] = _Turn()
         return turn
+
+
+def _forget(path: str, turn: _Turn) -> None:
+    with _turn_guard:
+        if _turn_of_path.get(path) is turn:
+            del _turn_of_path[path]
 
 
 def _reset_after_fork() -> None:

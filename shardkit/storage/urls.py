@@ -4,10 +4,11 @@ A *source* is a dataset folder, a ``manifest.json`` path, ``s3://bucket/prefix[/
 ``http(s)://host/path/[manifest.json]``, or the same under any other protocol fsspec knows
 (``gs://``, ``az://``, ``hf://``, ``memory://``, …). ``s3``, ``http`` and ``https`` have tuned
 stores (:data:`~shardkit.storage.remote.STORES`); every other fsspec protocol is read through the
-generic :class:`~shardkit.storage.generic.FsspecStore`. ``file://`` is a local path. It resolves to a :class:`~shardkit.storage.base.Store`
-rooted at the dataset's folder or prefix; shard and index names from the manifest are plain
-relative names resolved inside it, never elsewhere. Only a caller's own list of shard URLs
-(:class:`~shardkit.storage.listed.ListedStore`) reads from other folders, prefixes or hosts.
+generic :class:`~shardkit.storage.generic.FsspecStore`. ``file://`` is a local path. A source
+resolves to a :class:`~shardkit.storage.base.Store` rooted at the dataset's folder or prefix;
+shard and index names from the manifest are plain relative names resolved inside it, never
+elsewhere. Only a caller's own list of shard URLs (:class:`~shardkit.storage.listed.ListedStore`)
+reads from other folders, prefixes or hosts.
 """
 
 from __future__ import annotations
