@@ -39,6 +39,14 @@ def remote_protocols() -> frozenset[str]:
         - _NOT_SOURCES
 
 
+def _is_remote(protocol: str) -> bool:
+    """``protocol in remote_protocols()``, without building the set (once per URL)."""
+    from fsspec.registry import known_implementations, registry
+
+    return protocol in STORES or (protocol not in _NOT_SOURCES and (
+        protocol in known_implementations or protocol in registry))
+
+
 def __getattr__(name: str):
     # REMOTE_PROTOCOLS: remote_protocols() as a sorted tuple, computed when first asked for (so
     # that importing shardkit does not import fsspec); remote_protocols() also has later ones.
@@ -54,7 +62,7 @@ def _scheme(text: str) -> tuple[str | None, str]:
     if not match:
         return None, text
     protocol, rest = match.group(1), match.group(2)
-    if protocol not in remote_protocols():
+    if not _is_remote(protocol):
         raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} (use a local path, "
                          "s3://, http(s):// or another protocol fsspec knows, such as gs://, "
                          "az://, hf://)")
