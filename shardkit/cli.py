@@ -216,8 +216,8 @@ def _print_pack_summary(args, m, merged: bool | None = None) -> None:
 
 
 def _show_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="dataset folder, manifest.json, or an s3:// or http(s):// URL "
-                                  "of either")
+    p.add_argument("source", help="dataset folder, manifest.json, or a URL of either (s3://, "
+                                  "http(s)://, or any protocol fsspec knows: gs://, az://, …)")
     p.add_argument("--keys", type=int, default=5, help="how many sample keys to print (default 5)")
 
 
@@ -271,8 +271,8 @@ def _first_keys(m, n: int) -> list[str]:
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="dataset folder, manifest.json, or an s3:// or http(s):// URL "
-                                  "of either")
+    p.add_argument("source", help="dataset folder, manifest.json, or a URL of either (s3://, "
+                                  "http(s)://, or any protocol fsspec knows: gs://, az://, …)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -46,7 +46,8 @@ REMAINDER = planlib.REMAINDER_POLICIES
 class StreamingDataset(IterableDataset):
     """Stream a shardkit dataset. See the README for every argument; constructors do no I/O.
 
-    ``source``: a dataset folder, a manifest path, ``s3://`` / ``http(s)://`` URL of either, a
+    ``source``: a dataset folder, a manifest path, a URL of either (``s3://``, ``http(s)://``,
+    or any other protocol fsspec knows: ``gs://``, ``az://``, ``hf://``, …), a
     :class:`~shardkit.Manifest`, or a list or tuple of shard paths or URLs, each with its
     ``.idx`` file beside it (:meth:`shardkit.Manifest.from_urls`; the only way to read shards
     outside one dataset's folder or prefix). ``timeout`` (seconds without a byte) bounds every

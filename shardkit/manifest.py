@@ -174,7 +174,8 @@ class Manifest:
     @classmethod
     def load(cls, source, storage_options: dict | None = None, *, timeout: float = 60.0,
              retries: int = 6) -> "Manifest":
-        """Load from a dataset folder, a manifest path, or an s3:// / http(s):// URL of either.
+        """Load from a dataset folder, a manifest path, or a URL of either (s3://, http(s)://,
+        or any other protocol fsspec knows: gs://, az://, hf://, …).
 
         A folder or prefix is looked at in this order: ``.shardkit/manifest.json`` (format
         version 2), ``manifest.json`` (version 1), then the compact ``manifest.msgpack`` in the
@@ -198,13 +199,14 @@ class Manifest:
                   retries: int = 6) -> "Manifest":
         """A manifest, in memory, for shards the caller names explicitly.
 
-        ``urls``: a list or tuple of shard paths or URLs (local, ``s3://``, ``http(s)://``; any
+        ``urls``: a list or tuple of shard paths or URLs (local, ``s3://``, ``http(s)://``, any
+        other protocol fsspec knows; any
         hosts and prefixes, in the order given), each with its index file beside it (the same
         name with ``.idx`` instead of ``.tar``). Every index file is read now (in parallel) and
         validated; it gives the shard's sample count and size. The shards' sha256 are unknown,
         so not checked (``ShardInfo.sha256`` is None); each index file's sha256 is recorded as
         read, so one changed later is an error. ``classes`` is None. ``storage_options`` apply to
-        every remote URL, or per protocol when keyed by ``"s3"``, ``"http"``, ``"https"``.
+        every remote URL, or per protocol when keyed by protocols (``"s3"``, ``"https"``, ``"gs"``, …).
 
         This is the only way to read shards outside a dataset's own folder or prefix: a manifest
         file's shard URLs stay plain relative names, so a file can never redirect reads by

@@ -139,7 +139,7 @@ def test_bad_index_files_and_changed_ones_are_errors_naming_them(small, tmp_path
     (["a/shard-000000.idx"], "must name a .tar file"),
     (["a/.tar"], "must name a .tar file"),
     (["a/x.tar", "a/../a/x.tar"], "listed twice"),
-    (["ftp://host/x.tar"], "unsupported protocol"),
+    (["nosuch://host/x.tar"], "unsupported protocol 'nosuch'"),  # ftp:// now reads via fsspec
     (["https://host/x.tar?X-Amz-Signature=abc"], "query string"),
     (["s3://bucket"], "not the URL of a file"),
 ])

@@ -7,19 +7,20 @@ import os
 from ..errors import ShardError
 from ..shardformat import index_name
 from .base import Store, redact
-from .urls import REMOTE_PROTOCOLS, open_store, split_file_url
+from .urls import open_store, remote_protocols, split_file_url
 
 
 class ListedStore(Store):
     """The shard files a caller listed, each with the index file beside it (the same name with
     ``.idx`` instead of ``.tar``), wherever each lives: local paths, ``s3://`` and ``http(s)://``
-    URLs on any host or prefix. Each file is read through the store of its own folder or prefix.
+    URLs on any host or prefix, and those of any other protocol fsspec knows (``gs://``, …).
+    Each file is read through the store of its own folder or prefix.
 
     Names are the files' display URLs (credentials removed); nothing but the listed files and
     their index files can be read through it. Built by :meth:`shardkit.Manifest.from_urls` only:
     a manifest file never gets one, so only the caller's code decides where reads go.
-    ``storage_options`` apply to every remote URL, or per protocol when keyed by ``"s3"``,
-    ``"http"``, ``"https"``."""
+    ``storage_options`` apply to every remote URL, or per protocol when keyed by protocols
+    (``"s3"``, ``"https"``, ``"gs"``, …)."""
 
     def __init__(self, urls, storage_options: dict | None = None, *, timeout: float = 60.0,
                  retries: int = 6):
@@ -80,7 +81,7 @@ class ListedStore(Store):
 def _options_for(storage_options: dict | None, protocol: str) -> dict | None:
     """``storage_options`` for one protocol: the dict itself, or its entry for ``protocol`` when
     it is keyed by protocols."""
-    if storage_options and set(storage_options) <= set(REMOTE_PROTOCOLS) \
+    if storage_options and set(storage_options) <= remote_protocols() \
             and all(v is None or isinstance(v, dict) for v in storage_options.values()):
         return storage_options.get(protocol)
     return storage_options

@@ -10,7 +10,8 @@ Credentials come from the standard AWS variables and files, or from ``storage_op
 never appear in URLs, messages or the manifest.
 
 One class per protocol says what differs: how its filesystem is made, how a name becomes a path,
-and how a range GET is opened (:data:`STORES`).
+and how a range GET is opened (:data:`STORES`). Any other protocol fsspec knows is read through
+the generic :class:`~shardkit.storage.generic.FsspecStore`, which shares the retry logic here.
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ class RemoteStore(Store):
         """Start the range GET of ``stream`` (subclasses): set its body, check its status."""
         raise NotImplementedError
 
+    def _open_stream(self, name: str, start: int, stop: int):
+        """A stream of the bytes ``[start, stop)`` of ``name``: ``read(n)`` (fewer bytes only at
+        the end; ``b""`` when the connection closed early) and ``close()``. Here one range GET
+        through fsspec's event loop (:class:`_RangeStream`)."""
+        return _RangeStream(self, name, start, stop)
+
+    def _fs_call(self, fn):
+        """``fn()``, a call on the filesystem (stat, whole-file read). The tuned stores rely on
+        their client's timeouts; the generic store bounds it itself."""
+        return fn()
+
     def url(self, name: str) -> str:
         return redact(f"{self.protocol}://{self.base}/{name}")
 
@@ -138,11 +150,12 @@ class RemoteStore(Store):
         time.sleep(delay * (0.5 + random.random()))
 
     def read_bytes(self, name: str) -> bytes:
-        return self.retry("read", name, lambda: self.fs.cat_file(self.path(name)))
+        return self.retry("read", name,
+                          lambda: self._fs_call(lambda: self.fs.cat_file(self.path(name))))
 
     def read_range(self, name: str, start: int, stop: int) -> bytes:
         def get():
-            data = self.fs.cat_file(self.path(name), start=start, end=stop)
+            data = self._fs_call(lambda: self.fs.cat_file(self.path(name), start=start, end=stop))
             if len(data) != stop - start:
                 raise ShardError(self.url(name), f"asked for bytes {start}..{stop}, got "
                                  f"{len(data)} bytes (server ignores Range requests?)")
@@ -155,14 +168,15 @@ class RemoteStore(Store):
 
     def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
         """The bytes ``[start, stop)`` in pieces of ``chunk`` bytes (the last may be shorter), as
-        they arrive: one streamed GET of the whole range (the cache's whole-shard downloads), not
-        a request per piece. A dropped connection, 5xx or timeout is retried with backoff from
-        the first byte not yet delivered (the try count restarts once bytes have come)."""
+        they arrive: one stream of the whole range (:meth:`_open_stream`; the cache's
+        whole-shard downloads), not a request per piece. A dropped connection, 5xx or timeout is
+        retried with backoff from the first byte not yet delivered (the try count restarts once
+        bytes have come)."""
         pos, delay, attempt = start, self.backoff, 0
         while pos < stop:
             stream = None
             try:
-                stream = _RangeStream(self, name, pos, stop)
+                stream = self._open_stream(name, pos, stop)
                 while pos < stop:
                     data = stream.read(min(chunk, stop - pos))
                     if not data:
@@ -178,11 +192,13 @@ class RemoteStore(Store):
                     stream.close()
 
     def exists(self, name: str) -> bool:
-        return self.retry("stat", name, lambda: self.fs.exists(self.path(name)))
+        return self.retry("stat", name,
+                          lambda: self._fs_call(lambda: self.fs.exists(self.path(name))))
 
     def size(self, name: str) -> int | None:
         try:
-            info = self.retry("stat", name, lambda: self.fs.info(self.path(name)))
+            info = self.retry("stat", name,
+                              lambda: self._fs_call(lambda: self.fs.info(self.path(name))))
         except ShardError as exc:
             if exc.reason == "not found":
                 return None
@@ -393,5 +409,7 @@ class HttpStore(RemoteStore):
         stream.body = stream.resp.content
 
 
-# The remote protocols shardkit reads, and the store class of each: the one place that knows.
-STORES: dict[str, type[RemoteStore]] = {"s3": S3Store, "http": HttpStore, "https": HttpStore}
+# The protocols with a tuned store class (any other that fsspec knows is read through the generic
+# FsspecStore; storage/urls.py dispatches). s3a:// is fsspec's other name for s3://.
+STORES: dict[str, type[RemoteStore]] = {"s3": S3Store, "s3a": S3Store, "http": HttpStore,
+                                        "https": HttpStore}

@@ -1,10 +1,14 @@
 """Sources and URLs: which store a dataset or a file lives in. Protocol dispatch happens here only.
 
-A *source* is a dataset folder, a ``manifest.json`` path, ``s3://bucket/prefix[/manifest.json]``
-or ``http(s)://host/path/[manifest.json]``. It resolves to a :class:`~shardkit.storage.base.Store`
-rooted at the dataset's folder or prefix; shard and index names from the manifest are plain
-relative names resolved inside it, never elsewhere. Only a caller's own list of shard URLs
-(:class:`~shardkit.storage.listed.ListedStore`) reads from other folders, prefixes or hosts.
+A *source* is a dataset folder, a ``manifest.json`` path, ``s3://bucket/prefix[/manifest.json]``,
+``http(s)://host/path/[manifest.json]``, or the same under any other protocol fsspec knows
+(``gs://``, ``az://``, ``hf://``, ``memory://``, …). ``s3``, ``http`` and ``https`` have tuned
+stores (:data:`~shardkit.storage.remote.STORES`); every other fsspec protocol is read through the
+generic :class:`~shardkit.storage.generic.FsspecStore`. ``file://`` is a local path. A source
+resolves to a :class:`~shardkit.storage.base.Store` rooted at the dataset's folder or prefix;
+shard and index names from the manifest are plain relative names resolved inside it, never
+elsewhere. Only a caller's own list of shard URLs (:class:`~shardkit.storage.listed.ListedStore`)
+reads from other folders, prefixes or hosts.
 """
 
 from __future__ import annotations
@@ -15,10 +19,40 @@ from pathlib import Path
 
 from ..shardformat import MANIFEST_NAME
 from .base import Store, redact
+from .generic import FsspecStore
 from .local import LocalStore
-from .remote import STORES
+from .remote import STORES, RemoteStore
 
-REMOTE_PROTOCOLS = tuple(STORES)
+# fsspec protocols that wrap another filesystem (caches, archives, a folder of another one) or
+# are local files: not a place of their own that a URL can name. ``file://`` is a local path.
+_NOT_SOURCES = frozenset({"file", "local", "asynclocal", "blockcache", "cached", "filecache",
+                          "simplecache", "dir", "reference", "tar", "zip", "libarchive",
+                          "generic", "async_wrapper", "asyncwrapper", "dask"})
+
+
+def remote_protocols() -> frozenset[str]:
+    """The protocols a source or shard URL may use now: the tuned ones and every other that
+    fsspec knows (its list grows when a package registers a filesystem)."""
+    from fsspec.registry import known_implementations, registry
+
+    return frozenset(STORES) | (frozenset(known_implementations) | frozenset(registry)) \
+        - _NOT_SOURCES
+
+
+def _is_remote(protocol: str) -> bool:
+    """``protocol in remote_protocols()``, without building the set (once per URL)."""
+    from fsspec.registry import known_implementations, registry
+
+    return protocol in STORES or (protocol not in _NOT_SOURCES and (
+        protocol in known_implementations or protocol in registry))
+
+
+def __getattr__(name: str):
+    # REMOTE_PROTOCOLS: remote_protocols() as a sorted tuple, computed when first asked for (so
+    # that importing shardkit does not import fsspec); remote_protocols() also has later ones.
+    if name == "REMOTE_PROTOCOLS":
+        return tuple(sorted(remote_protocols()))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _scheme(text: str) -> tuple[str | None, str]:
@@ -28,10 +62,39 @@ def _scheme(text: str) -> tuple[str | None, str]:
     if not match:
         return None, text
     protocol, rest = match.group(1), match.group(2)
-    if protocol not in REMOTE_PROTOCOLS:
-        raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} "
-                         f"(use a local path, s3://, http:// or https://)")
+    if not _is_remote(protocol):
+        raise ValueError(f"{redact(text)}: unsupported protocol {protocol!r} (use a local path, "
+                         "s3://, http(s):// or another protocol fsspec knows, such as gs://, "
+                         "az://, hf://)")
     return protocol, rest
+
+
+def store_class(protocol: str) -> type[RemoteStore]:
+    """The store class of a remote protocol: its tuned class, else :class:`FsspecStore`. The
+    filesystem's package is imported now: one that is missing is an ImportError saying what to
+    install (fsspec's message, with the pip command)."""
+    import fsspec
+
+    if protocol in _NOT_SOURCES:
+        raise ValueError(f"{protocol}://: not a filesystem of its own (use a local path, or the "
+                         "URL of the filesystem it wraps)")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise ImportError(_install_hint(protocol, exc)) from exc
+    return STORES.get(protocol, FsspecStore)
+
+
+def _install_hint(protocol: str, exc: ImportError) -> str:
+    """``<protocol>:// needs <package>: pip install <package> (<fsspec's message>)``."""
+    from fsspec.registry import known_implementations
+
+    known = known_implementations.get(protocol, {})
+    package = known.get("class", "").split(".")[0]
+    message = str(exc) if str(exc) not in ("", "None") else known.get("err") or str(exc.__cause__)
+    if package in ("", "fsspec"):  # fsspec's own class: its message names what to install
+        return f"{protocol}:// cannot be read: {message}"
+    return f"{protocol}:// needs {package}: pip install {package} ({message})"
 
 
 def split_source(source) -> tuple[str, str, str]:
@@ -79,7 +142,8 @@ def open_store(protocol: str, base: str, storage_options: dict | None = None, *,
     """The store of folder or prefix ``base`` under ``protocol`` (``"file"``: a local folder)."""
     if protocol == "file":
         return LocalStore(base, timeout=timeout)
-    return STORES[protocol](protocol, base, storage_options, retries=retries, timeout=timeout)
+    return store_class(protocol)(protocol, base, storage_options, retries=retries,
+                                 timeout=timeout)
 
 
 def make_store(source, storage_options: dict | None = None, *, retries: int = 6,
