@@ -226,7 +226,7 @@ def _show(args) -> int:
 
     try:
         m = Manifest.load(args.source)
-    except (ShardkitError, OSError) as exc:
+    except (ShardkitError, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sizes = [s.num_bytes for s in m.shards]
@@ -281,7 +281,7 @@ def _verify(args) -> int:
 
     try:
         report = verify(args.source, progress=not args.quiet)
-    except (ShardkitError, OSError) as exc:
+    except (ShardkitError, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for url, what in report.problems:

@@ -123,8 +123,8 @@ def local(tmp_path_factory) -> Path:
 def memory(local):
     """The local dataset's files copied to ``memory://shardkit-test/ds``; removed afterwards."""
     fs = fsspec.filesystem("memory")
-    for path in sorted(local.iterdir()):
-        fs.pipe_file(f"/{BASE}/{path.name}", path.read_bytes())
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.pipe_file(f"/{BASE}/{path.relative_to(local).as_posix()}", path.read_bytes())
     FlakyFS.log.clear()
     FlakyFS.release.clear()
     yield f"memory://{BASE}"
@@ -164,7 +164,7 @@ def test_memory_reads_agree_with_the_local_folder(local, memory, num_workers, tm
     assert sorted(k for k, _, _ in want) == sorted(all_keys(local))  # every sample, once
     assert isinstance(StreamingDataset(memory).manifest.store, FsspecStore)
     check_same(read(memory, num_workers), want)
-    check_same(read(memory + "/manifest.json", num_workers), want)
+    check_same(read(memory + "/.shardkit/manifest.json", num_workers), want)
     # through the shard cache: every shard downloaded whole, checked, kept under its final name
     cache = tmp_path / "cache"
     check_same(read(memory, num_workers, cache_dir=cache), want)
@@ -208,7 +208,7 @@ def test_packing_into_a_generic_protocol_is_refused(tmp_path):
     src = image_folder(tmp_path / "src", classes=1, per_class=2)
     with pytest.raises(ValueError, match="local folders or s3:// only"):
         pack(src, "memory://shardkit-test/out")
-    assert not fsspec.filesystem("memory").exists("/shardkit-test/out/manifest.json")
+    assert not fsspec.filesystem("memory").exists("/shardkit-test/out/.shardkit/manifest.json")
 
 
 # --------------------------------------------------------------------------- (b) faults

@@ -30,7 +30,7 @@ import _helpers_remote as _ts  # noqa: E402
 BUCKET, FAST = _ts.BUCKET, _ts.FAST
 check_same, clean_aws_env, read_all, upload = (_ts.check_same, _ts.clean_aws_env, _ts.read_all,
                                                _ts.upload)
-# test_storage.py's fixtures (its servers and packed datasets), used here as they are
+# _helpers_remote.py's fixtures (its servers and packed datasets), used here as they are
 moto_server, s3, served, small, big, reference = (_ts.moto_server, _ts.s3, _ts.served, _ts.small,
                                                   _ts.big, _ts.reference)
 

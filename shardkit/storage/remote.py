@@ -153,16 +153,6 @@ class RemoteStore(Store):
         return self.retry("read", name,
                           lambda: self._fs_call(lambda: self.fs.cat_file(self.path(name))))
 
-    def read_range(self, name: str, start: int, stop: int) -> bytes:
-        def get():
-            data = self._fs_call(lambda: self.fs.cat_file(self.path(name), start=start, end=stop))
-            if len(data) != stop - start:
-                raise ShardError(self.url(name), f"asked for bytes {start}..{stop}, got "
-                                 f"{len(data)} bytes (server ignores Range requests?)")
-            return data
-
-        return self.retry(f"range read {start}..{stop}", name, get)
-
     def open_range(self, name: str, start: int, stop: int):
         return ChunkedReader(self, name, start, stop)
 
