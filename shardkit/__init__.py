@@ -7,16 +7,19 @@ from .errors import (DecodeError, DestinationError, ManifestError, ShardError, S
 from .manifest import Manifest, ShardInfo
 from .writer import merge_parts, pack_folder
 from .verify import verify
+from .indexer import index_shards
 
 __all__ = [
     "DecodeError", "DestinationError", "Manifest", "ManifestError", "ShardError", "ShardInfo",
-    "ShardkitError", "SourceError", "WriteError", "merge_parts", "pack_folder", "verify",
+    "ShardkitError", "SourceError", "WriteError", "index_shards", "merge_parts", "pack_folder",
+    "verify",
 ]
 
 # The read path imports torch; packing workers (spawned processes) must not pay for that, so these
 # names are imported on first use.
 _LAZY = {"CenterCrop": "decode", "RandomResizedCrop": "decode", "StreamingDataset": "dataset",
-         "GpuPrefetcher": "loader", "make_loader": "loader"}
+         "GpuPrefetcher": "loader", "make_loader": "loader", "WdsSource": "wds",
+         "wds_source": "wds"}
 __all__ += sorted(_LAZY)
 
 

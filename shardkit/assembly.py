@@ -10,6 +10,7 @@ of a channels-last batch (decoded into it with a crop), :func:`collate` makes th
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any, Callable, Iterator
 
@@ -26,29 +27,99 @@ from .recycle import flat_tensor
 from .shardformat import IMAGE_FIELDS
 
 
+# Fields delivered as text (str) by ``fields=``; any other field comes as bytes.
+TEXT_FIELDS = frozenset({"txt", "text", "caption", "json", "cls", "cls2", "label", "csv", "tsv",
+                         "html", "xml", "md", "yaml", "yml", "url"})
+
+
 class SampleDecoder:
-    """A raw sample dict -> ``(image, label)`` or ``(image, label, key)``.
+    """A raw sample dict -> ``(image, label, *fields)`` (and the key last, ``with_keys``), or
+    with ``decode="wds"`` the sample dict itself (webdataset's form: ``__key__``, ``__url__``
+    and one bytes value per member).
 
     ``fast``: uint8 batches without a transform: images come as H×W×C arrays (views of the read
-    buffer when uncropped) and go straight into a channels-last batch."""
+    buffer when uncropped) and go straight into a channels-last batch. Where labels come from
+    is the manifest's say (:meth:`configure`): ``.cls`` as a number unless it says otherwise.
+    ``fields``: other members to deliver, ``{field: "text" | "bytes"}`` (None when a sample
+    has no such member)."""
 
     def __init__(self, *, decode: str, crop, transform: Callable | None, with_keys: bool,
-                 max_pixels: int, fast: bool):
+                 max_pixels: int, fast: bool, fields: dict[str, str] | None = None):
         self.decode, self.crop, self.transform = decode, crop, transform
         self.with_keys, self.max_pixels, self.fast = with_keys, max_pixels, fast
+        self.fields = tuple((fields or {}).items())
         self.crop_seed = ""  # "seed/epoch/" of the running iteration: crops follow the plan's epoch
+        self.label_field: str | None = "cls"  # the member labels come from; None: no labels
+        self.label_key: str | None = None  # a key of that (JSON) member
+        self.label_names: dict[str, int] | None = None  # labels that are class names -> index
+
+    def configure(self, labels: dict | None, classes: list[str] | None) -> None:
+        """Where labels come from (a manifest's ``labels`` and ``classes``)."""
+        labels = labels or {"field": "cls"}
+        if "json" in labels:
+            self.label_field, self.label_key = "json", labels["json"]
+        else:
+            self.label_field, self.label_key = labels.get("field"), None
+        self.label_names = ({name: i for i, name in enumerate(classes or [])}
+                            if labels.get("names") else None)
+
+    def label(self, sample: dict) -> int:
+        """The sample's class index; -1 without labels. ImageDecodeError for one that is not
+        usable (not a number, not a known class name)."""
+        raw = None if self.label_field is None else sample.get(self.label_field)
+        if raw is None:
+            return -1
+        if self.label_key is not None:
+            try:
+                value = json.loads(bytes(raw))[self.label_key]
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise ImageDecodeError(f"its .json has no {self.label_key!r} label") from None
+            if isinstance(value, int) and not isinstance(value, bool) and self.label_names is None:
+                return value
+            text = str(value)
+        else:
+            raw = bytes(raw).strip()
+            if self.label_names is None:
+                if not (0 < len(raw) <= 10 and raw.isdigit()):
+                    raise ImageDecodeError(f"class label {raw[:20]!r} is not a number")
+                return int(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ImageDecodeError(f"its .{self.label_field} is not text") from None
+        if self.label_names is None:
+            if not (0 < len(text) <= 10 and text.isdigit()):
+                raise ImageDecodeError(f"class label {text[:20]!r} is not a number")
+            return int(text)
+        index = self.label_names.get(text)
+        if index is None:
+            raise ImageDecodeError(f"label {text[:40]!r} is not one of the manifest's classes")
+        return index
+
+    def extras(self, sample: dict) -> tuple:
+        """The ``fields`` of a sample: text, bytes, or None where it has no such member."""
+        out = []
+        for name, kind in self.fields:
+            value = sample.get(name)
+            if value is not None:
+                if kind == "text":
+                    try:
+                        value = bytes(value).decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ImageDecodeError(f"its .{name} is not UTF-8 text") from None
+                else:
+                    value = bytes(value)
+            out.append(value)
+        return tuple(out)
 
     def __call__(self, sample: dict, out: np.ndarray | None = None):
         key, url = sample["__key__"], sample["__url__"]
+        if self.decode == "wds":  # webdataset's sample dict, for a webdataset pipeline
+            return {k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in sample.items()}
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         try:
-            if "cls" in sample:
-                text = sample["cls"]
-                if not (0 < len(text) <= 10 and text.isdigit()):
-                    raise ImageDecodeError(f"class label {text[:20]!r} is not a number")
-                label = int(text)
-            else:
-                label = -1
+            label = self.label(sample)
+            extras = self.extras(sample) if self.fields else ()
             crop = self.crop
             rng = None if crop is None else random.Random(self.crop_seed + key)
             if field is not None:
@@ -75,8 +146,32 @@ class SampleDecoder:
         if self.transform is not None:
             image = self.transform(image)
         if self.with_keys:
-            return image, label, key
-        return image, label
+            return (image, label, *extras, key)
+        return (image, label, *extras)
+
+
+def field_kinds(fields) -> dict[str, str]:
+    """``fields=`` of a dataset as ``{field: "text" | "bytes"}``: a tuple of field names (text
+    for the text fields, bytes otherwise) or such a dict already."""
+    if fields is None:
+        return {}
+    if isinstance(fields, str):
+        raise TypeError(f"fields must be a tuple of field names, got the string {fields!r} "
+                        f"(write fields=({fields!r},))")
+    pairs = fields.items() if isinstance(fields, dict) else \
+        ((f, "text" if isinstance(f, str) and f.lower() in TEXT_FIELDS else "bytes")
+         for f in fields)
+    out = {}
+    for name, kind in pairs:
+        if not isinstance(name, str) or not name or name.startswith("__") \
+                or name != name.lower() or "/" in name:
+            raise ValueError(f"fields: {name!r} is not a field name (the lower-case extension "
+                             "of a member, such as 'txt' or 'seg.png')")
+        if kind not in ("text", "bytes"):
+            raise ValueError(f"fields: {name!r} must be delivered as 'text' or 'bytes', "
+                             f"got {kind!r}")
+        out[name] = kind
+    return out
 
 
 def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], process,
@@ -211,8 +306,9 @@ class Sink:
         return self.out.permute(0, 3, 1, 2)
 
 
-def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None):
-    """One batch ``(images, int64 labels[, keys])`` of emitted items."""
+def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None,
+            nfields: int = 0):
+    """One batch ``(images, int64 labels, *field lists[, keys])`` of emitted items."""
     images = [it[0] for it in items]
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
     batch = None if sink is None else sink.fill(images)
@@ -228,9 +324,10 @@ def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None):
         # (a sink that took a buffer took this batch's turn of the ring: not taken twice)
         taken = sink is not None and sink.out is not None
         images = stack(images, next(iter(shapes)), None if taken else ring)
+    extras = [[it[2 + j] for it in items] for j in range(nfields)]
     if with_keys:
-        return images, labels, [it[2] for it in items]
-    return images, labels
+        return (images, labels, *extras, [it[2 + nfields] for it in items])
+    return (images, labels, *extras)
 
 
 def _put(slot: np.ndarray, im) -> bool:

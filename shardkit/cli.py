@@ -1,4 +1,4 @@
-"""Command line: ``shardkit pack|show|verify|demo`` (also ``python tools/<verb>.py``).
+"""Command line: ``shardkit pack|show|verify|index|demo|bench`` (also ``python tools/<verb>.py``).
 
 Each verb parses its arguments, makes one library call, prints a summary and returns an exit code:
 0 success, 1 failure of the data (bad input, verification mismatch), 2 usage errors.
@@ -292,6 +292,45 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def _index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="+",
+                   help="webdataset shards: a folder or prefix of .tar files, a brace pattern "
+                        "('s3://bucket/train/shard-{000000..000999}.tar', quoted), or shard "
+                        "paths and URLs (local, s3://, http(s)://, gs://, hf://, …)")
+    p.add_argument("--out", help="where to write .shardkit/ (the manifest and index files); "
+                                 "default: beside the shards (they must then be in one "
+                                 "writable folder or s3:// prefix); needed for shards in several "
+                                 "places, read-only stores and URLs with query strings")
+    p.add_argument("--workers", type=int, help="shards indexed at once (default: all CPUs)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the shards an interrupted run finished")
+    p.add_argument("--label", default="auto",
+                   help="where labels come from: auto (the first of .cls, .cls2, .label every "
+                        "sample has, else none), a field such as cls, json:KEY (a key of each "
+                        "sample's .json), or none (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _index(args) -> int:
+    from .indexer import index_shards
+
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    source = args.source[0] if len(args.source) == 1 else args.source
+    try:
+        m = index_shards(source, args.out, workers=args.workers, resume=args.resume,
+                         label=args.label, progress=not args.quiet)
+    except (ShardkitError, OSError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    classes = "no labels" if m.classes is None else f"{len(m.classes)} classes"
+    print(f"indexed {len(m.shards)} shards, {m.num_samples} samples, "
+          f"{format_bytes(m.num_bytes)}, {classes} -> {m.base_url}")
+    print(f"read it with StreamingDataset({m.base_url!r})")
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="demo-data", help="working folder (default ./demo-data)")
 
@@ -372,6 +411,8 @@ VERBS = {
              _show),
     "verify": ("re-read every shard: sizes, sha256, index files, sample counts", _verify_args,
                _verify),
+    "index": ("index existing webdataset shards so that shardkit can read them where they are",
+              _index_args, _index),
     "demo": ("make a small image folder, pack it, stream it, compare with ImageFolder",
              _demo_args, _demo),
     "bench": ("compare loaders (or packing) on the same images in one run", _bench_args, _bench),
@@ -391,7 +432,7 @@ def _verb_main(verb: str):
     return verb_main
 
 
-pack_main, show_main, verify_main, demo_main, bench_main = map(_verb_main, VERBS)
+pack_main, show_main, verify_main, index_main, demo_main, bench_main = map(_verb_main, VERBS)
 
 
 def main(argv=None) -> int:

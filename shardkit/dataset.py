@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import plan as planlib
-from .assembly import SampleDecoder, Sink, collate, emit
+from .assembly import SampleDecoder, Sink, collate, emit, field_kinds
 from .common import parse_bytes
 from .decode import MODES as DECODE_MODES
 from .errors import ShardError
@@ -52,6 +52,11 @@ class StreamingDataset(IterableDataset):
     ``.idx`` file beside it (:meth:`shardkit.Manifest.from_urls`; the only way to read shards
     outside one dataset's folder or prefix). ``timeout`` (seconds without a byte) bounds every
     read, local files included.
+
+    ``fields``: other members to deliver after the label (``("txt", "json")``: text for text
+    fields, bytes otherwise, None when missing; lists in batches). ``block_size`` None: 64 when
+    the manifest says the samples were shuffled at pack time, else 8 (``Manifest.shuffled``).
+    Webdataset shards that shardkit did not write are read once indexed (``shardkit index``).
     """
 
     def __init__(self, source, *, shuffle: bool = True, seed: int = 0, batch_size: int | None = None,
@@ -60,9 +65,10 @@ class StreamingDataset(IterableDataset):
                  cache_dir=None, cache_limit=None, in_memory: bool = False,
                  memory_limit: int | str | None = None, on_error: str = "raise",
                  storage_options: dict | None = None, remainder: str = "drop",
-                 drop_last: bool = False, block_size: int = 64, shuffle_buffer: int = 1000,
-                 max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6):
-        if decode not in DECODE_MODES:
+                 drop_last: bool = False, block_size: int | None = None,
+                 shuffle_buffer: int = 1000, fields=None, max_pixels: int = MAX_PIXELS,
+                 timeout: float = 60.0, retries: int = 6):
+        if decode not in DECODE_MODES and not (decode == "wds" and self._sample_dicts):
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -87,6 +93,8 @@ class StreamingDataset(IterableDataset):
         if world_size is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         for name, value in (("block_size", block_size), ("shuffle_buffer", shuffle_buffer)):
+            if name == "block_size" and value is None:
+                continue  # the manifest decides (_default_block_size)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(seed, int) or seed < 0:
@@ -112,14 +120,21 @@ class StreamingDataset(IterableDataset):
         # Batches of uint8 images without a user transform take the fast path: image bytes stay
         # views of the read buffer and decode to H×W×C arrays that land in a channels-last batch.
         self._fast = batch_size is not None and decode == "uint8" and transform is None
+        self.fields = field_kinds(fields)
+        if self.fields and decode == "wds":
+            raise ValueError("fields: a webdataset source yields every member already")
         self._decoder = SampleDecoder(decode=decode, crop=crop, transform=transform,
-                                      with_keys=with_keys, max_pixels=max_pixels, fast=self._fast)
+                                      with_keys=with_keys, max_pixels=max_pixels, fast=self._fast,
+                                      fields=self.fields)
         self._state = EpochState(seed=seed, settings={n: getattr(self, n) for n in PLAN_SETTINGS},
-                                 rank=rank, world_size=world_size, sizes=self._shard_sizes)
+                                 rank=rank, world_size=world_size, sizes=self._shard_sizes,
+                                 block_default=self._default_block_size)
         self._manifest = None
         self._reader: ShardReader | None = None
         self._ring = None  # this worker's BatchRing (recycle.py)
         self._skiplog = SkipLog()  # shared: what skip mode cost, seen from every process
+
+    _sample_dicts = False  # WdsSource: webdataset sample dicts, never batches (wds.py)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -138,12 +153,19 @@ class StreamingDataset(IterableDataset):
     def reader(self) -> ShardReader:
         """The shard reader (made with the manifest, on first use)."""
         if self._reader is None:
+            m = self.manifest
+            self._decoder.configure(m.labels, m.classes)
             self._reader = ShardReader(self.manifest, on_error=self.on_error, views=self._fast,
                                        cache_dir=self.cache_dir, cache_limit=self.cache_limit)
         return self._reader
 
     def _shard_sizes(self) -> np.ndarray:
         return self.manifest.shard_sizes()
+
+    def _default_block_size(self) -> int:
+        """``block_size=None``: large reads where the manifest says the samples are shuffled
+        already, small blocks (a better shuffle at more reads) where they may be in order."""
+        return planlib.BLOCK_SIZE if self.manifest.shuffled else planlib.SMALL_BLOCK_SIZE
 
     def rank_world(self) -> tuple[int, int]:
         return self._state.rank_world()
@@ -237,7 +259,7 @@ class StreamingDataset(IterableDataset):
                        self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable)
         ring = None
         if (st.recycle is not None and info is not None and self.batch_size is not None
-                and not consumed and not st.rest_in_force()):
+                and not self._sample_dicts and not consumed and not st.rest_in_force()):
             if self._ring is None:
                 self._ring = st.recycle.ring(worker)
             ring = self._ring
@@ -252,6 +274,14 @@ class StreamingDataset(IterableDataset):
             for sample in samples:
                 st.emitted += 1
                 yield sample
+        elif self._sample_dicts:  # the plan's batches, one sample at a time (wds.py)
+            done = 0
+            for size in plan.batch_sizes:
+                for _ in range(size):
+                    done += 1
+                    if done > consumed:
+                        st.emitted += 1
+                        yield next(samples)
         else:
             done = 0
             for size in plan.batch_sizes:
@@ -264,7 +294,7 @@ class StreamingDataset(IterableDataset):
                 items = [next(samples) for _ in range(take)]
                 done += size
                 st.emitted += take
-                yield collate(items, self.with_keys, ring, sink)
+                yield collate(items, self.with_keys, ring, sink, len(self.fields))
         if skips.samples:
             log.warning("shardkit: %d bad samples skipped (replaced) in epoch %d by worker %d",
                         skips.samples, st.epoch, worker)

@@ -12,6 +12,7 @@ from .common import available_cpus
 from .dataset import StreamingDataset
 from .recycle import RecycleSpec, process_start
 from .state import LoaderLink
+from .wds import WdsSource
 
 
 class ShardkitLoader(DataLoader):
@@ -36,8 +37,8 @@ class ShardkitLoader(DataLoader):
         return bool(self.pin_memory) and torch.cuda.is_available()
 
     def __iter__(self) -> Iterator:
-        ds = self.dataset
-        if not isinstance(ds, StreamingDataset):
+        ds = streaming_dataset_of(self.dataset)
+        if ds is None:
             yield from super().__iter__()
             return
         if self._link is None:
@@ -46,7 +47,7 @@ class ShardkitLoader(DataLoader):
         received, limit, spec = None, 0, None  # batches handed out per worker, for BatchRing
         if getattr(self, "_received", None) is not None:
             self._received.zero_()  # a new iteration; one that recycles nothing shows no counts
-        if self.num_workers and self._recycles():
+        if self.num_workers and self._recycles() and ds is self.dataset:
             shared = self._received_counts()
             received = shared.numpy()
             # a resumed epoch's workers have unequal counts: no counts, only the age rule then
@@ -55,7 +56,10 @@ class ShardkitLoader(DataLoader):
                                consumer_start=process_start(os.getpid()), received=shared)
         # A pending global state becomes an exact resume or an elastic rest plan now that the
         # number of workers is known, before the workers copy the dataset.
-        with link.iteration(spec, received, limit) as progress:
+        # a pipeline between the dataset and this loader (webdataset's, on wds_source) reads
+        # ahead of what it hands out: its items are counted here, also without workers
+        with link.iteration(spec, received, limit, count_items=ds is not self.dataset) \
+                as progress:
             it = super().__iter__()  # starts (or reuses) the workers, which copy the dataset
         if progress is None:  # no worker processes: the dataset counts for itself
             yield from it
@@ -87,10 +91,12 @@ class ShardkitLoader(DataLoader):
         self._link = ds.link_loader(self.num_workers)
 
     def _streaming_dataset(self) -> StreamingDataset:
-        if not isinstance(self.dataset, StreamingDataset):
-            raise TypeError(f"state_dict() needs a shardkit.StreamingDataset, this loader reads a "
+        ds = streaming_dataset_of(self.dataset)
+        if ds is None:
+            raise TypeError(f"state_dict() needs a shardkit.StreamingDataset (or a webdataset "
+                            f"pipeline on shardkit.wds_source), this loader reads a "
                             f"{type(self.dataset).__name__}")
-        return self.dataset
+        return ds
 
     def _received_counts(self):
         """Shared counts, one per worker (zeroed by ``__iter__``). Persistent workers keep the
@@ -100,6 +106,17 @@ class ShardkitLoader(DataLoader):
         if getattr(self, "_received", None) is None or not self.persistent_workers:
             self._received = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_()
         return self._received
+
+
+def streaming_dataset_of(dataset) -> StreamingDataset | None:
+    """The ``StreamingDataset`` a loader reads: the dataset itself, or the source of a
+    webdataset pipeline (``wds.DataPipeline(shardkit.wds_source(...), ...)``); else None."""
+    if isinstance(dataset, StreamingDataset):
+        return dataset
+    stages = getattr(dataset, "pipeline", None)
+    if isinstance(stages, list) and stages and isinstance(stages[0], StreamingDataset):
+        return stages[0]
+    return None
 
 
 def _batches(ds) -> int:
@@ -131,15 +148,17 @@ def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | N
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
-    if getattr(dataset, "batch_size", None) is not None and kwargs.get("batch_size") is not None:
+    if getattr(dataset, "batch_size", None) is not None and kwargs.get("batch_size") is not None \
+            and not isinstance(dataset, WdsSource):
         raise ValueError(f"the dataset makes batches of {dataset.batch_size} in the workers; "
                          f"make_loader(batch_size={kwargs['batch_size']}) would batch those "
                          "batches again: leave batch_size out (or give the dataset batch_size=None)")
     link = None
-    if isinstance(dataset, StreamingDataset):
-        if dataset.in_memory:
-            dataset.preload()
-        link = dataset.link_loader(num_workers)  # a loaded state: exact or elastic, len() knows
+    source = streaming_dataset_of(dataset)
+    if source is not None:
+        if source.in_memory:
+            source.preload()
+        link = source.link_loader(num_workers)  # a loaded state: exact or elastic, len() knows
     kwargs.setdefault("batch_size", None)  # batches are made inside the workers
     if num_workers > 0:
         kwargs["prefetch_factor"] = 2 if prefetch_factor is None else prefetch_factor

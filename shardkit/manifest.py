@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from . import signing
 from .errors import ManifestError, ShardError
 from .shardformat import (MANIFEST_NAME, MANIFEST_PATH, META_DIR, MSGPACK_NAME, MSGPACK_PATH,
                           decode_index, index_extent)
-from .storage import ListedStore, LocalStore, Store, make_dest, make_store
+from .storage import ListedStore, LocalStore, MixedStore, Store, make_dest, make_store
 
 FORMAT = "shardkit"
 FORMAT_VERSION = 2  # what pack and index write: .shardkit/ beside the shards
@@ -64,6 +65,11 @@ class Manifest:
     skipped: list[dict[str, str]] = field(default_factory=list)
     ignored: int = 0
     tensor: dict[str, Any] | None = None  # dtype/layout of tensor-mode samples
+    # Where labels come from: None (packed shards) = {"field": "cls"}, a number; {"field": F}
+    # another member; {"json": KEY} a key of the .json member; "names": true when they are class
+    # names (their index in ``classes``); {"field": None}: no labels.
+    labels: dict[str, Any] | None = None
+    signature: str | None = None  # of a manifest that names shards elsewhere (signing.py)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=_version)
@@ -74,6 +80,9 @@ class Manifest:
     def to_json(self) -> str:
         skip = ("base_url", "stats", "store")
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        for name in ("labels", "signature"):  # absent unless given: packed manifests as before
+            if data[name] is None:
+                del data[name]
         data["shards"] = [asdict(s) for s in self.shards]
         text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         # Skipped paths that are not UTF-8 hold lone surrogates: written as JSON \udcXX escapes
@@ -115,6 +124,9 @@ class Manifest:
 
         skip = ("base_url", "stats", "store", "shards")
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        for name in ("labels", "signature"):
+            if data[name] is None:
+                del data[name]
         columns: dict[str, Any] = {"count": len(self.shards), "encoding": MSGPACK_ENCODING}
         for f in fields(ShardInfo):
             columns[f.name] = _encode_column([getattr(s, f.name) for s in self.shards])
@@ -162,14 +174,38 @@ class Manifest:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{where}: not valid JSON ({exc})") from exc
         _check_header(data, where)
+        signed = isinstance(data, dict) and data.get("signature") is not None
+        if signed:  # shards may live elsewhere: only if this machine's key signed it
+            signing.check(data, where)
         try:
             _check_keys(data, where)
             shards = [ShardInfo(**s) for s in data.pop("shards")]
             manifest = cls(shards=shards, **data)
         except (TypeError, KeyError) as exc:
             raise ManifestError(f"{where}: malformed manifest ({exc})") from exc
-        _check(manifest, where)
+        _check(manifest, where, external=signed)
         return manifest
+
+    @property
+    def shuffled(self) -> bool | None:
+        """Whether the samples are in no particular order within and across shards: True for a
+        pack shuffled at pack time (the default), False for one packed in folder order or shards
+        whose labels the index found clustered (neighbours share a label far more often than a
+        shuffled order gives), None when nothing says (shards listed by URL, no labels)."""
+        options = self.options if isinstance(self.options, dict) else {}
+        if isinstance(options.get("shuffle"), bool):
+            return options["shuffle"]
+        order = options.get("order")
+        if isinstance(order, dict) and order.get("labels"):
+            same, iid = order.get("same_label_neighbours"), order.get("if_shuffled")
+            if isinstance(same, (int, float)) and isinstance(iid, (int, float)):
+                return same <= iid + 0.1
+        return None
+
+    @property
+    def external(self) -> bool:
+        """Whether shards live outside the manifest's folder (a signed manifest of ``index``)."""
+        return any(_is_external(s.url) for s in self.shards)
 
     @classmethod
     def load(cls, source, storage_options: dict | None = None, *, timeout: float = 60.0,
@@ -192,6 +228,8 @@ class Manifest:
             manifest = cls.from_json(data, where)
         manifest.base_url = store.url("").rstrip("/")
         manifest.store = store
+        if manifest.external:  # each shard read where it lives, the index files from here
+            manifest.store = MixedStore(store, storage_options, timeout=timeout, retries=retries)
         return manifest
 
     @classmethod
@@ -256,7 +294,8 @@ def _check_header(data: object, where: str) -> None:
                             f"(this shardkit reads versions {', '.join(map(str, READ_VERSIONS))})")
 
 
-_STORED = {"classes", "num_samples", "shards", "options", "skipped", "ignored", "tensor", "format",
+_STORED = {"classes", "num_samples", "shards", "options", "skipped", "ignored", "tensor", "labels",
+           "signature", "format",
            "format_version", "created_by"}  # what to_json writes; nothing else is accepted
 
 
@@ -266,7 +305,13 @@ def _check_keys(data: dict, where: str) -> None:
         raise ManifestError(f"{where}: malformed manifest (unknown fields {unknown[:5]})")
 
 
-def _check(m: Manifest, where: str) -> None:
+def _is_external(url) -> bool:
+    return isinstance(url, str) and ("://" in url or url.startswith("/"))
+
+
+def _check(m: Manifest, where: str, external: bool = False) -> None:
+    """What a manifest must be to be used; ``external``: it is signed, its shards (never its
+    index files) may be full URLs or absolute paths."""
     ints = [m.num_samples] + [s.num_samples for s in m.shards] + [s.num_bytes for s in m.shards]
     if not (set(map(type, ints)) == {int} and min(ints) >= 0 and max(ints) < 2**63) \
             and any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63
@@ -285,13 +330,15 @@ def _check(m: Manifest, where: str) -> None:
             or not isinstance(m.options, dict) or not isinstance(m.skipped, list) \
             or not all(isinstance(e, dict) for e in m.skipped) \
             or type(m.ignored) is not int or not (m.tensor is None or isinstance(m.tensor, dict)) \
-            or not isinstance(m.created_by, str):
+            or not isinstance(m.created_by, str) \
+            or not (m.labels is None or isinstance(m.labels, dict)):
         raise ManifestError(f"{where}: malformed manifest (classes, options, skipped, ignored, "
-                            "tensor or created_by has the wrong type)")
+                            "tensor, labels or created_by has the wrong type)")
     shas = [h for s in m.shards for h in (s.sha256, s.index_sha256)]
     if not all(type(h) is str for h in shas):
         raise ManifestError(f"{where}: malformed manifest (sha256 values must be strings)")
-    urls = [u for s in m.shards for u in (s.url, s.index_url)]
+    urls = [u for s in m.shards for u in (s.url, s.index_url)
+            if not (external and u is s.url and _is_external(u))]
     if all(type(u) is str for u in urls):
         # Fast path over all URLs joined by NUL: nothing that could be empty, rooted, hold a
         # backslash, a scheme or a '..' segment (or a NUL). Otherwise look at each one below.

@@ -64,6 +64,11 @@ __all__ = [
 ]
 
 REMAINDER_POLICIES = ("drop", "pad")
+# Default block sizes (StreamingDataset(block_size=None) picks one from the manifest): large reads
+# for samples shuffled at pack time; small blocks where shards may hold runs of one class, so that
+# a batch mixes many blocks (each block is one read: 8 samples of ~110 KB JPEGs is ~1 MB).
+BLOCK_SIZE = 64
+SMALL_BLOCK_SIZE = 8
 _BLOCK_STREAM = 0  # SeedSequence tags keep the two generators of a plan independent.
 _WORKER_STREAM = 1
 _RESUME_STREAM = 2

@@ -277,6 +277,8 @@ class ShardReader:
         m = self.manifest
         for span in spans:
             shard = m.shards[span.shard]
+            if self.store.is_local(shard.url):
+                continue
             if span.shard in self._prefetched:
                 continue
             if self.cache_limit is not None and self.cache_limit < 4 * shard.num_bytes:
@@ -390,7 +392,7 @@ class ShardReader:
         """Bytes ``[lo, hi)`` of a shard: through the shared on-disk cache when there is one
         (``prefetch``: see ``ShardCache.open``)."""
         store = self.store
-        if self.cache_dir is None:
+        if self.cache_dir is None or store.is_local(shard.url):
             return store.open_range(shard.url, lo, hi)
         if self._cache is None:
             from .cache import ShardCache

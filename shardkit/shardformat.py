@@ -7,11 +7,15 @@ nothing but tar files for other readers (Hugging Face ``datasets`` opens every f
 to skip as a tar, and skips hidden ones). Datasets of format version 1 keep ``manifest.json`` and
 ``<prefix>-000000.idx`` beside the shards; they are read as they are.
 
-Shards are plain POSIX (USTAR) tar archives. A sample is a run of adjacent members named
-``<key>.<field>``: the key holds no dot (webdataset splits a name at its first dot), the field is
-the extension (``jpg``, ``cls``, ``json``, ``npy``, …). shardkit writes reproducible headers
-(fixed mtime, uid/gid 0, empty owner names, mode 0644) and ends each archive with exactly
-``END_OF_ARCHIVE`` (two zero blocks).
+Shards are plain POSIX tar archives. A sample is a run of adjacent members named
+``<key>.<field>``, split as webdataset splits them: the key is everything up to the first dot
+of the name's last path component (so it may hold ``/``: ``n01/n01_0173.cls``), the field the
+rest, lower-cased (``jpg``, ``seg.png``, ``cls``). Folder members, and names webdataset skips
+(no dot in the last component, or a leading one: ``.DS_Store``) belong to no sample and are
+passed over; a leading ``./`` (``tar cf x.tar .``) is not part of the key; a key with an
+empty, ``.`` or ``..`` component, a leading ``/``, a backslash or a control character is refused (keys are data, but others may use them as paths). shardkit's
+packer writes reproducible USTAR headers (fixed mtime, uid/gid 0, empty owner names, mode 0644),
+keys without dots or ``/``, and ends each archive with exactly ``END_OF_ARCHIVE``.
 
 Index file (``.idx``): 8 magic bytes ``SKIDX\\x01\\0\\0``, then ``num_samples + 1`` little-endian
 uint64 byte offsets: where each sample's first tar header starts, and finally where the
@@ -48,7 +52,9 @@ MAX_PIXELS = 100_000_000  # default pixel limit against decompression bombs (pac
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MAX_TAIL = 64 << 10  # archive end the fast parser accepts at once (writers leave 1-10 KiB of zeros)
 
-_MEMBER = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+")
+_FIELD = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*")
+_KEY_PART = re.compile(r"[^/\\\x00-\x1f\x7f]+")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")  # what the packer writes: the fast check
 _USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
 _ZEROS = bytes(BLOCK)
 
@@ -101,15 +107,36 @@ def member(name: str, data: bytes) -> bytes:
 # --------------------------------------------------------------------------- member names
 
 
-def split_member(name: str, url: str) -> tuple[str, str]:
-    """``(key, field)`` of a member name ``<key>.<field>`` (field lower-cased); anything else
-    (a path, no extension, unsafe characters) is a :class:`ShardError` naming the shard."""
-    if not _MEMBER.fullmatch(name):
-        key = name.split(".", 1)[0][:64]
-        raise ShardError(url, f"member name {name[:80]!r} is not <key>.<field> (unsafe or foreign)",
-                         key=key)
-    key, field = name.split(".", 1)
+def member_key(name: str) -> tuple[str, str] | None:
+    """``(key, field)`` of a member name as webdataset splits it (the field lower-cased), or
+    None for a name that belongs to no sample (no dot in its last component, or a leading one).
+    Raises ValueError for a key that is not safe to hand on (see the module docstring)."""
+    while name.startswith("./"):  # GNU tar's names of ``tar cf x.tar .``: the same members
+        name = name[2:]
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash or dot == len(name) - 1:
+        return None
+    key, field = name[:dot], name[dot + 1:]
+    if not _FIELD.fullmatch(field):
+        raise ValueError(f"member name {name[:80]!r}: its extension {field[:40]!r} is not a "
+                         "field name")
+    if not _PLAIN_KEY.fullmatch(key):  # the packer's keys are; others are looked at closer
+        parts = key.split("/")
+        if any(p in ("", ".", "..") or not _KEY_PART.fullmatch(p) for p in parts):
+            raise ValueError(f"member name {name[:80]!r} is not a safe <key>.<field> (an "
+                             "empty, '.' or '..' path component, a leading '/', a backslash "
+                             "or a control character)")
     return key, field.lower()
+
+
+def split_member(name: str, url: str) -> tuple[str, str] | None:
+    """:func:`member_key`, its refusal a :class:`ShardError` naming the shard and member."""
+    try:
+        return member_key(name)
+    except ValueError as exc:
+        key = name.rpartition("/")[2].split(".", 1)[0][:64]
+        raise ShardError(url, str(exc), key=key) from None
 
 
 # --------------------------------------------------------------------------- reading samples
@@ -135,14 +162,16 @@ def parse_sample(buf, url: str, views: bool) -> dict | None:
             name = bytes(h[0:100]).split(b"\0", 1)[0].decode("ascii")
         except ValueError:
             return None
-        if sum(h) - sum(h[148:156]) + 256 != checksum or not _MEMBER.fullmatch(name):
+        if sum(h) - sum(h[148:156]) + 256 != checksum:
+            return None
+        dot = name.find(".")  # the packer's names, plain; anything else: the strict path
+        if dot < 1 or not _PLAIN_KEY.fullmatch(name, 0, dot) or not _FIELD.fullmatch(name, dot + 1):
             return None
         start = off + BLOCK
         end = start + size
         if end > n:
             return None
-        k, field = name.split(".", 1)
-        field = field.lower()
+        k, field = name[:dot], name[dot + 1:].lower()
         if key is None:
             key = k
             sample = {"__key__": key, "__url__": url}
@@ -182,7 +211,16 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
             raise ShardError(url, f"ended early at sample {first} of {total} (after {prev!r}): "
                                   "truncated or corrupt tar header") from None
         for info in tar:
-            key, field = split_member(info.name, url)
+            named = None if info.isdir() else split_member(info.name, url)
+            if named is None:  # a folder, or a name of no sample: passed over, as webdataset does
+                if k < len(ends) and tar.offset > ends[k] and current is not None:
+                    raise ShardError(url, f"member {info.name!r} crosses a sample boundary of "
+                                          f"{by_index}", key=current["__key__"])
+                if k < len(ends) and tar.offset == ends[k] and current is not None:
+                    yield current
+                    prev, current, k = current["__key__"], None, k + 1
+                continue
+            key, field = named
             if k >= len(ends):
                 raise ShardError(url, f"holds more samples than {by_index} says ({info.name!r} "
                                       "after the last one)", key=key)
@@ -287,3 +325,221 @@ def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str) -> n
     if offsets[0] != 0 or np.any(np.diff(offsets) < 2 * BLOCK):
         raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
     return offsets
+
+
+# --------------------------------------------------------------------------- walking a shard
+
+
+class Member:
+    """A member met by :func:`walk_members`."""
+
+    __slots__ = ("start", "name", "type", "size", "data")
+
+    def __init__(self, start: int, name: str, type: int, size: int, data: bytes | None):
+        self.start, self.name, self.type, self.size, self.data = start, name, type, size, data
+
+    @property
+    def regular(self) -> bool:
+        return self.type in (0x30, 0, 0x37)  # '0', NUL (old tars), '7' (contiguous)
+
+    @property
+    def folder(self) -> bool:
+        return self.type == 0x35  # '5'
+
+
+class Walk:
+    """What :func:`walk_members` found besides the members: where the end-of-archive blocks
+    start (``end``), the file's size and sha256."""
+
+    def __init__(self):
+        self.end = self.size = -1
+        self.sha256 = ""
+
+
+class _TarBytes:
+    """The bytes of a tar being walked: ``buf`` from file offset ``base``, read up to ``cur``."""
+
+    buf: bytearray | memoryview
+    base = cur = 0
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self.buf[self.cur:self.cur + n])
+        self.cur += n
+        return out
+
+
+class _StreamBytes(_TarBytes):
+    """A tar read once from a stream, every byte hashed as it arrives (remote shards)."""
+
+    def __init__(self, stream: BinaryIO, chunk: int):
+        import hashlib
+
+        self.stream, self.chunk, self.digest = stream, chunk, hashlib.sha256()
+        self.buf = bytearray()
+        self.base = self.cur = 0  # file offset of buf[0]; read position inside buf
+        self.eof = False
+
+    def need(self, n: int) -> bool:
+        """Whether ``n`` bytes are there from the read position (reading more if needed)."""
+        while len(self.buf) - self.cur < n and not self.eof:
+            if self.cur > (1 << 20):  # drop what was consumed
+                del self.buf[:self.cur]
+                self.base, self.cur = self.base + self.cur, 0
+            data = self.stream.read(self.chunk)
+            if not data:
+                self.eof = True
+                break
+            self.digest.update(data)
+            self.buf += data
+        return len(self.buf) - self.cur >= n
+
+    def skip(self, n: int) -> bool:
+        have = len(self.buf) - self.cur
+        if n <= have:
+            self.cur += n
+            return True
+        n -= have
+        self.base, self.buf, self.cur = self.base + len(self.buf), bytearray(), 0
+        while n > 0:  # straight through the hash, never buffered
+            data = self.stream.read(min(self.chunk, n) if n >= BLOCK else BLOCK)
+            if not data:
+                self.eof = True
+                return False
+            self.digest.update(data)
+            if len(data) > n:
+                self.buf += data[n:]
+                self.base += n
+                n = 0
+            else:
+                self.base += len(data)
+                n -= len(data)
+        return True
+
+    def finish(self) -> tuple[int, str]:
+        """The file's size and sha256: the rest (padding after the end blocks) read too."""
+        total = self.base + len(self.buf)
+        while not self.eof:
+            data = self.stream.read(self.chunk)
+            if not data:
+                break
+            self.digest.update(data)
+            total += len(data)
+        return total, self.digest.hexdigest()
+
+
+class _MappedBytes(_TarBytes):
+    """A whole tar in memory (a local file mapped): headers read where they lie, the data
+    never copied; the sha256 is computed by ``finish`` in one call that releases the GIL."""
+
+    def __init__(self, data):
+        self.buf = memoryview(data)
+        self.base = self.cur = 0
+        self.eof = True
+
+    def need(self, n: int) -> bool:
+        return len(self.buf) - self.cur >= n
+
+    def skip(self, n: int) -> bool:
+        if len(self.buf) - self.cur < n:
+            return False
+        self.cur += n
+        return True
+
+    def finish(self) -> tuple[int, str]:
+        import hashlib
+
+        return len(self.buf), hashlib.sha256(self.buf).hexdigest()
+
+
+def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
+                 ) -> Iterator[Member]:
+    """The members of a whole tar, read once, sequentially: each with the offset of its first
+    header (a pax or GNU long-name header before it included), its name, type flag and size; its
+    bytes when ``keep(name)`` (small members: labels, metadata).
+
+    ``source``: a stream (read in ``chunk``-byte pieces, every byte hashed as it arrives) or the
+    whole file as a buffer (a local file's ``mmap``: only headers are touched while walking).
+    ``walk`` gets the end-of-archive offset, the size and sha256 once the walk is done. A damaged
+    header, a member running past the end of the file or no end-of-archive block is a
+    :class:`ShardError` naming ``url`` and the byte offset."""
+    if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "madvise"):
+        src = _MappedBytes(source)
+    else:
+        src = _StreamBytes(source, chunk)
+    pending_name, pending_size, chain_start = None, None, None
+    while True:
+        at = src.base + src.cur
+        if not src.need(BLOCK):
+            raise ShardError(url, f"ends at byte {at:,} without the end-of-archive blocks "
+                                  "(truncated?)")
+        h = src.buf[src.cur:src.cur + BLOCK]
+        if not any(h):  # the end of the archive: the rest is padding
+            walk.end = at
+            break
+        if not header_checksum_ok(h):
+            raise ShardError(url, f"corrupt tar header at byte {at:,} (its checksum does not hold)")
+        src.cur += BLOCK
+        flag = h[156]
+        try:
+            size = pending_size if pending_size is not None else tarfile.nti(bytes(h[124:136]))
+        except (tarfile.HeaderError, ValueError):
+            raise ShardError(url, f"corrupt tar header at byte {at:,} (size)") from None
+        if size < 0:
+            raise ShardError(url, f"corrupt tar header at byte {at:,} (negative size)")
+        if chain_start is None:
+            chain_start = at
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        if flag in (0x78, 0x67, 0x4C, 0x4B):  # 'x' pax, 'g' global pax, 'L'/'K' GNU long names
+            if size > (1 << 20) or not src.need(padded):
+                raise ShardError(url, f"extended tar header at byte {at:,} is too large or cut")
+            data = src.take(padded)[:size]
+            if flag == 0x78:
+                for k, v in _pax_records(data, url, at):
+                    if k == "path":
+                        pending_name = v
+                    elif k == "size":
+                        pending_size = int(v)
+            elif flag == 0x4C:
+                pending_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if flag == 0x67:
+                chain_start = None  # a global header belongs to no member
+            continue
+        if pending_name is not None:
+            name = pending_name
+        else:
+            name = bytes(h[0:100]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if bytes(h[257:262]) == b"ustar":
+                prefix = bytes(h[345:500]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if prefix:
+                    name = f"{prefix}/{name}"
+        data = None
+        if flag in (0x30, 0, 0x37) and size and keep(name):
+            if not src.need(padded) and len(src.buf) - src.cur < size:
+                raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the "
+                                      "file (truncated?)")
+            data = src.take(padded)[:size]
+        elif flag in (0x31, 0x32, 0x33, 0x34, 0x35, 0x36):  # links, devices, folders, FIFOs
+            size = 0  # have no data in the archive (as tarfile reads them)
+        elif not src.skip(padded):
+            raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the file "
+                                  "(truncated?)")
+        yield Member(chain_start, name, flag, size, data)
+        pending_name, pending_size, chain_start = None, None, None
+    walk.size, walk.sha256 = src.finish()
+
+
+def _pax_records(data: bytes, url: str, at: int) -> Iterator[tuple[str, str]]:
+    """The ``key=value`` records of a pax extended header."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ShardError(url, f"corrupt pax header at byte {at:,}") from None
+        record = data[space + 1:pos + length - 1]
+        key, _, value = record.partition(b"=")
+        yield key.decode("utf-8", "replace"), value.decode("utf-8", "surrogateescape")
+        if length <= 0:
+            raise ShardError(url, f"corrupt pax header at byte {at:,}")
+        pos += length

@@ -102,8 +102,10 @@ class EpochState:
     """The epoch, the plan in force and the resume state of one dataset (see the module doc)."""
 
     def __init__(self, *, seed: int, settings: dict, rank: int | None, world_size: int | None,
-                 sizes: Callable[[], np.ndarray]):
-        self.seed, self.settings = seed, dict(settings)  # PLAN_SETTINGS -> values
+                 sizes: Callable[[], np.ndarray], block_default: Callable[[], int] | None = None):
+        self.seed, self._settings = seed, dict(settings)  # PLAN_SETTINGS -> values
+        # block_size None: the manifest decides, when first needed (see StreamingDataset)
+        self._block_default = block_default
         self._sizes = sizes  # the manifest's samples per shard (loaded on first use)
         self._rank_arg, self._world_arg = rank, world_size
         # Shared with every DataLoader worker: [epoch, generation (bumped by every set_epoch,
@@ -123,9 +125,18 @@ class EpochState:
         self.resume: dict | None = None  # applied to the next iteration of its epoch
         self.rest: dict | None = None  # an elastic resume's rest plan, in force for its epoch
         self.emitted = 0  # samples this process's iterator has emitted (worker state)
+        self.begin_consumed = 0  # of them, consumed before its iteration began (a resume)
         self.role = 0
         self.progress: Progress | None = None  # shardkit's loader: items handed to the user
         self.recycle = None  # shardkit's loader, for the workers it starts: a recycle.RecycleSpec
+
+    @property
+    def settings(self) -> dict:
+        """The plan settings (``PLAN_SETTINGS``), a default block size resolved."""
+        s = self._settings
+        if s["block_size"] is None:
+            s["block_size"] = self._block_default()
+        return s
 
     def __getstate__(self) -> dict:
         # Pickled for a spawned DataLoader worker: torch.distributed is not initialized there, so
@@ -163,7 +174,11 @@ class EpochState:
         if self.rest is not None and self.rest["epoch"] != epoch:
             self.rest = None
         if epoch != self.epoch:  # progress counts belong to the previous epoch
-            self.emitted, self.progress = 0, None
+            self.emitted = self.begin_consumed = 0
+            if self.progress is not None and self.progress.num_workers == 0:
+                self.progress.items = 0  # counts this process's next iteration (count_items)
+            else:
+                self.progress = None
         self._set(epoch)
 
     def start_iteration(self) -> None:
@@ -257,6 +272,7 @@ class EpochState:
             shift = state.get("shift", 0)
             consumed = state["consumed"].get(str((worker + shift) % num_workers), 0)
         self.role, self.emitted = (worker + shift) % num_workers, consumed
+        self.begin_consumed = consumed
         return consumed
 
     # ----------------------------------------------------------------- state dicts
@@ -338,6 +354,10 @@ class EpochState:
         rank, world = self.rank_world()
         if state["seed"] != self.seed:
             raise ValueError(f"state is from seed={state['seed']}; this dataset has seed={self.seed}")
+        plan = state.get("plan")
+        if self._settings["block_size"] is None and isinstance(plan, dict) \
+                and isinstance(plan.get("block_size"), int):
+            self._settings["block_size"] = plan["block_size"]  # a default: the state's own
         if worker_info is None:
             self._set(state["epoch"])  # the next iteration resumes this epoch
         else:  # a state loaded in a worker (StatefulDataLoader): its next iteration resumes it
@@ -434,8 +454,13 @@ class EpochState:
         """Per-role samples consumed, from the number of items the loader handed to the user."""
         p = self.progress
         W = p.num_workers
-        if W == 0:
-            return {"num_workers": 1, "shift": 0, "consumed": {"0": p.base.get("0", 0) + p.items}}
+        if W == 0:  # items of this process's own iteration, which started at begin_consumed
+            sizes, done, k = self._item_sizes(0, 1), self.begin_consumed, 0
+            while k < len(sizes) and done > 0:
+                done -= sizes[k]
+                k += 1
+            return {"num_workers": 1, "shift": 0,
+                    "consumed": {"0": self.begin_consumed + sum(sizes[k:k + p.items])}}
         counts = []  # per DataLoader worker: remaining item sizes in order
         for j in range(W):
             role = (j + p.shift) % W
@@ -486,16 +511,23 @@ class LoaderLink:
 
     @contextlib.contextmanager
     def iteration(self, recycle=None, received: np.ndarray | None = None,
-                  limit: int = 0) -> Iterator[Progress | None]:
+                  limit: int = 0, count_items: bool = False) -> Iterator[Progress | None]:
         """Around ``DataLoader.__iter__`` (which starts or reuses the workers). Yields None with
         no worker processes (the dataset counts for itself), else the :class:`Progress` to
         update with :meth:`Progress.handed_out` per item. ``received``/``limit``: the recycle
-        counts (see :class:`Progress`)."""
+        counts (see :class:`Progress`). ``count_items``: count the items handed out even
+        without workers (a pipeline between the dataset and the loader reads ahead of what it
+        hands out: webdataset's ``batched`` takes the next sample before it yields a batch)."""
         st = self._state
-        if self.num_workers == 0:  # the dataset iterates in this process and counts for itself
+        if self.num_workers == 0:  # the dataset iterates in this process
             st.resolve_resume(1)
             st.progress = None
-            yield None
+            if not count_items:  # ... and counts for itself
+                yield None
+                return
+            progress = Progress(num_workers=0, epoch=-1)
+            yield progress
+            st.progress = progress
             return
         st.start_iteration()  # the next epoch, unless set_epoch or a loaded state came first
         st.resolve_resume(self.num_workers)

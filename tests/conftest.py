@@ -24,6 +24,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(autouse=True)
+def _own_index_key(tmp_path_factory, monkeypatch):
+    """``shardkit index`` signs manifests with a key of the user's config folder: the tests use
+    one of their own, never the machine's (signing.py)."""
+    monkeypatch.delenv("SHARDKIT_INDEX_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "config"))
+
+
 # --------------------------------------------------------------------------- image makers
 
 

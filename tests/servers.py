@@ -254,7 +254,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._abort(reset=False)
             return
 
-        data = path.read_bytes()
+        if path.is_dir():  # a listing, as python -m http.server and nginx's autoindex give
+            from html import escape
+            from urllib.parse import quote
+
+            links = "".join(f'<a href="{quote(p.name)}{"/" if p.is_dir() else ""}">'
+                            f'{escape(p.name)}</a>\n' for p in sorted(path.iterdir()))
+            data = f"<html><body>\n{links}</body></html>\n".encode()
+        else:
+            data = path.read_bytes()
         size = len(data)
         rng = None if owner._ignore_range else _parse_range(rng_header, size)
         if rng == "416":
@@ -270,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             start, stop = rng
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", "text/html" if path.is_dir() else "application/octet-stream")
         self.send_header("Content-Length", str(stop - start))
         if not owner._ignore_range:
             self.send_header("Accept-Ranges", "bytes")
@@ -540,7 +548,7 @@ class FaultyHTTPServer:
         path = (root / rel).resolve()
         if root != path and root not in path.parents:
             return None  # no escaping the served folder
-        return path if path.is_file() else None
+        return path if path.is_file() or path.is_dir() else None
 
     def _track(self, conn: socket.socket, thread: threading.Thread) -> None:
         with self._lock:

@@ -437,8 +437,8 @@ def test_torchrun_pad_from_s3(tmp_path, source, all_source_keys):
     t0 = time.monotonic()
     with MotoS3() as s3:
         s3.make_bucket("shards")
-        for path in sorted(Path(source).iterdir()):
-            s3.put("shards", f"ds/{path.name}", path.read_bytes())
+        for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+            s3.put("shards", f"ds/{path.relative_to(source).as_posix()}", path.read_bytes())
         code, logs = _torchrun(tmp_path, "run", "s3://shards/ds", "--remainder", "pad",
                                env=s3.env())
     assert code == 0, _output(tmp_path, "run")

@@ -221,10 +221,16 @@ def test_http_full_get_and_head(http_server):
 
 
 def test_http_missing_and_escaping_paths_are_404(http_server):
-    for path in ("nope.bin", "data", "../etc/passwd", "%2e%2e/%2e%2e/etc/passwd"):
+    for path in ("nope.bin", "../etc/passwd", "%2e%2e/%2e%2e/etc/passwd"):
         with pytest.raises(urllib.error.HTTPError) as info:
             _get(http_server.url + path)
         assert info.value.code == 404
+
+
+def test_http_folder_is_an_html_listing(http_server):
+    status, headers, body = _get(http_server.url + "data/")
+    assert status == 200 and headers["Content-Type"] == "text/html"
+    assert b'<a href="a.bin">a.bin</a>' in body
 
 
 def test_http_range_headers(http_server):

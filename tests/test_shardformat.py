@@ -67,11 +67,17 @@ def test_members_read_back_by_tarfile():
     assert len(data) == 512 + 512 + 512 + 1024 + 1024
 
 
-def test_split_member_names_key_and_field_or_refuses():
+def test_member_names_split_as_webdataset_splits_them_or_are_refused():
     assert split_member("n0001-ab12.JPG", "u") == ("n0001-ab12", "jpg")
     assert split_member("k.seg.png", "u") == ("k", "seg.png")
-    for bad in ("../k.jpg", "dir/k.jpg", "k", "k .jpg", ".jpg"):
-        with pytest.raises(ShardError, match="is not <key>.<field>") as info:
+    assert split_member("n01/n01_0173.cls", "u") == ("n01/n01_0173", "cls")  # keys with '/'
+    assert split_member("a.b/c.jpg", "u") == ("a.b/c", "jpg")  # the last component's first dot
+    assert split_member("my photo.jpeg", "u") == ("my photo", "jpeg")
+    for of_no_sample in ("n01/", "README", ".DS_Store", "dir/.hidden.jpg", "k."):
+        assert split_member(of_no_sample, "u") is None, of_no_sample
+    for bad in ("../k.jpg", "/etc/k.jpg", "a//k.jpg", "a/./k.jpg", "a\\b.jpg", "k\x01.jpg",
+                "k.jp g"):
+        with pytest.raises(ShardError, match="member name") as info:
             split_member(bad, "shard-000000.tar")
         assert "shard-000000.tar" in str(info.value)
 
@@ -129,7 +135,7 @@ def test_odd_members_are_left_to_the_strict_parser_which_names_them():
         "duplicate": good + good,
         "short": good[:-1],
     }
-    expect = {"path": "is not <key>.<field>", "checksum": "bad checksum", "two keys":
+    expect = {"path": "is not a safe <key>.<field>", "checksum": "bad checksum", "two keys":
               "lies inside sample", "duplicate": "duplicate member", "short": "crosses"}
     for what, buf in cases.items():
         assert parse_sample(bytearray(buf), "u", False) is None, what
@@ -186,7 +192,8 @@ def test_index_round_trip_and_extent():
     assert data.startswith(INDEX_MAGIC) and len(data) == 8 + 8 * 4
     assert decode_index(data, 3, 5120 + 1024, "x.idx").tolist() == offsets
     assert index_extent(data, "x.idx") == (3, 5120 + 1024)
-    assert index_name("a/shard-000001.tar") == "a/shard-000001.idx"
+    assert index_name("a/shard-000001.tar") == "a/.shardkit/shard-000001.idx"
+    assert index_name("a/shard-000001.tar", legacy=True) == "a/shard-000001.idx"
 
 
 @pytest.mark.parametrize("offsets,num,size,match", [
@@ -205,3 +212,46 @@ def test_not_an_index_file_is_refused_by_name():
         index_extent(b"1 2 3\n", "x.idx")  # e.g. DALI's text index
     with pytest.raises(ManifestError, match="malformed"):
         decode_index(b"SKIDX\x01\0\0" + b"\0" * 5, 0, 1024, "x.idx")
+
+
+# --------------------------------------------------------------------------- walking a whole tar
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("as_buffer", [False, True])
+def test_walk_members_agrees_with_tarfile(fmt, as_buffer):
+    import hashlib
+
+    from shardkit.shardformat import Walk, walk_members
+
+    buf = io.BytesIO()
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        folder = tarfile.TarInfo("train")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+        for i, name in enumerate(["train/a.jpg", "train/a.cls", f"{long_dir}/b_ü.seg.png",
+                                  "README", "train/c.jpg"]):
+            data = bytes([i]) * (700 * i + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("train/d.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tf.addfile(link)
+    data = buf.getvalue() + bytes(3000)  # padding past the end blocks, as some writers leave
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        want = [(m.offset, m.name, m.size if m.isreg() else 0) for m in tf.getmembers()]
+    walk = Walk()
+    source = memoryview(data) if as_buffer else io.BytesIO(data)
+    got = list(walk_members(source, "x.tar", lambda n: n.endswith(".cls"), walk, chunk=1000))
+    assert [(m.start, m.name.rstrip("/"), m.size) for m in got] == want  # (tarfile drops a "/")
+    assert [m.data for m in got if m.data is not None] == [bytes([1]) * 701]
+    assert [m.folder for m in got] == [True] + [False] * 6
+    assert [m.regular for m in got] == [False] + [True] * 5 + [False]
+    assert walk.size == len(data) and walk.sha256 == hashlib.sha256(data).hexdigest()
+    assert walk.end == len(buf.getvalue()) - 1024 or data[walk.end:walk.end + 1024] == bytes(1024)
+    cut = data[:want[3][0] + 700]  # truncated inside a member
+    with pytest.raises(ShardError, match="runs past the end|without the end-of-archive|cut"):
+        list(walk_members(memoryview(cut) if as_buffer else io.BytesIO(cut), "x.tar",
+                          lambda n: False, Walk()))

@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from .loaders import _cpu_seconds, _rss_mb, proc_cpu_seconds, read_limit
+from ..shardformat import MANIFEST_PATH
 
 BUCKET = "shardkit-bench"
 PREFIX = "raw"
@@ -130,13 +131,15 @@ class MotoServer:
 
 def upload_dataset(server: MotoServer, local: Path, bucket: str = BUCKET,
                    prefix: str = PREFIX) -> str:
-    """Upload a packed dataset folder (``manifest.json`` last); returns its ``s3://`` URL."""
+    """Upload a packed dataset folder (the manifest last); returns its ``s3://`` URL."""
     client = server.client()
     client.create_bucket(Bucket=bucket)
-    files = sorted(p for p in Path(local).iterdir() if p.is_file() and p.name != "manifest.json"
+    local = Path(local)
+    manifest = local / MANIFEST_PATH
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p != manifest
                    and not p.name.startswith("."))
-    for p in files + [Path(local) / "manifest.json"]:
-        client.upload_file(str(p), bucket, f"{prefix}/{p.name}")
+    for p in files + [manifest]:
+        client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local).as_posix()}")
     return f"s3://{bucket}/{prefix}"
 
 

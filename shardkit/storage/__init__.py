@@ -15,13 +15,13 @@ Nothing here knows the manifest: :mod:`shardkit.manifest` loads it through a sto
 
 from .base import Store, redact
 from .dest import LocalDest, RemoteDest, fsync_dir, make_dest, sha256_file
-from .listed import ListedStore
+from .listed import ListedStore, MixedStore
 from .local import LocalStore, RangeReader
 from .remote import RemoteStore
 from .generic import FsspecStore
 from .urls import make_store, open_store, remote_protocols, split_file_url, split_source
 
-__all__ = ["REMOTE_PROTOCOLS", "FsspecStore", "ListedStore", "LocalDest", "LocalStore",
+__all__ = ["REMOTE_PROTOCOLS", "FsspecStore", "ListedStore", "LocalDest", "LocalStore", "MixedStore",
            "RangeReader", "RemoteDest", "RemoteStore", "Store", "fsync_dir", "make_dest",
            "make_store", "open_store", "redact", "remote_protocols", "sha256_file",
            "split_file_url", "split_source"]

@@ -21,6 +21,15 @@ class Store:
 
     def open_range(self, name: str, start: int, stop: int): ...
 
+    def is_local(self, name: str) -> bool:
+        """Whether ``name`` is a local file (read in place, never through the shard cache)."""
+        return False
+
+    def list(self, suffix: str = "") -> list[str]:
+        """The names of the files directly in this folder or prefix that end with ``suffix``,
+        sorted (``shardkit index`` on a folder)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its files")
+
     def size(self, name: str) -> int | None:
         """The size of ``name`` in bytes; None when it does not exist, -1 when the store does not
         know (a ShardError when it cannot say: unreachable, stalled)."""

@@ -57,15 +57,40 @@ class LocalDest:
         path.parent.mkdir(exist_ok=True)
         return path
 
-    def write_atomic(self, name: str, data: bytes) -> None:
+    def write_atomic(self, name: str, data: bytes, sync: bool = True) -> None:
+        """Write ``name`` whole or not at all; ``sync``: on disk when this returns (else see
+        :meth:`sync`)."""
         path = self._target(name)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync:
+            fsync_dir(path.parent)
+
+    def sync(self, names: list[str]) -> None:
+        """Put files written with ``sync=False`` on disk (many fsyncs at once, then their
+        folders'), before a file that refers to them is written."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(name: str) -> None:
+            fd = os.open(self.folder / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(one, names))
+        for folder in {(self.folder / n).parent for n in names}:
+            fsync_dir(folder)
+
+    def remove_all(self, names: list[str]) -> None:
+        for name in names:
+            self.remove(name)
 
     def commit(self, tmp: Path, name: str) -> None:
         path = self._target(name)
@@ -146,8 +171,25 @@ class RemoteDest:
                 return None
             raise
 
-    def write_atomic(self, name: str, data: bytes) -> None:
+    def write_atomic(self, name: str, data: bytes, sync: bool = True) -> None:
         self._do("upload", name, lambda: self.store.fs.pipe_file(self.store.path(name), data))
+
+    def sync(self, names: list[str]) -> None:
+        pass  # an upload is durable when it returns
+
+    def remove_all(self, names: list[str]) -> None:
+        """Remove ``names`` (missing ones ignored) in bulk requests."""
+        paths = [self.store.path(n) for n in names]
+        for i in range(0, len(paths), 1000):
+            part = paths[i:i + 1000]
+
+            def rm(part=part):
+                try:
+                    self.store.fs.rm(part)
+                except FileNotFoundError:
+                    pass
+
+            self._do("delete", names[i], rm)
 
     def commit(self, tmp: Path, name: str) -> None:
         self._do("upload", name, lambda: self.store.fs.put_file(str(tmp), self.store.path(name)))

@@ -10,7 +10,38 @@ from .base import Store, redact
 from .urls import open_store, remote_protocols, split_file_url
 
 
-class ListedStore(Store):
+class _Routed(Store):
+    """A store whose names are routed to the stores of their own folders (``_file``)."""
+
+    def _file(self, name: str) -> tuple[Store, str]:
+        raise NotImplementedError
+
+    def url(self, name: str) -> str:
+        store, own = self._file(name)
+        return store.url(own)
+
+    def is_local(self, name: str) -> bool:
+        store, own = self._file(name)
+        return store.is_local(own)
+
+    def read_bytes(self, name: str) -> bytes:
+        store, own = self._file(name)
+        return store.read_bytes(own)
+
+    def size(self, name: str) -> int | None:
+        store, own = self._file(name)
+        return store.size(own)
+
+    def open_range(self, name: str, start: int, stop: int):
+        store, own = self._file(name)
+        return store.open_range(own, start, stop)
+
+    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
+        store, own = self._file(name)
+        return store.iter_bytes(own, start, stop, chunk)
+
+
+class ListedStore(_Routed):
     """The shard files a caller listed, each with the index file beside it (the same name with
     ``.idx`` instead of ``.tar``), wherever each lives: local paths, ``s3://`` and ``http(s)://``
     URLs on any host or prefix, and those of any other protocol fsspec knows (``gs://``, …).
@@ -61,22 +92,6 @@ class ListedStore(Store):
     def url(self, name: str) -> str:
         return name
 
-    def read_bytes(self, name: str) -> bytes:
-        store, own = self._file(name)
-        return store.read_bytes(own)
-
-    def size(self, name: str) -> int | None:
-        store, own = self._file(name)
-        return store.size(own)
-
-    def open_range(self, name: str, start: int, stop: int):
-        store, own = self._file(name)
-        return store.open_range(own, start, stop)
-
-    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
-        store, own = self._file(name)
-        return store.iter_bytes(own, start, stop, chunk)
-
 
 def _options_for(storage_options: dict | None, protocol: str) -> dict | None:
     """``storage_options`` for one protocol: the dict itself, or its entry for ``protocol`` when
@@ -85,4 +100,36 @@ def _options_for(storage_options: dict | None, protocol: str) -> dict | None:
             and all(v is None or isinstance(v, dict) for v in storage_options.values()):
         return storage_options.get(protocol)
     return storage_options
+
+
+
+class MixedStore(_Routed):
+    """The store of a signed manifest written by ``shardkit index --out`` (see
+    :mod:`shardkit.signing`): its index files are plain relative names read from ``home``, the
+    manifest's own folder or prefix; its shards may also be full URLs or absolute paths, each
+    read through the store of its own folder or prefix (a URL's query string kept: pre-signed
+    and hub ``resolve`` URLs). Only :meth:`shardkit.Manifest.load` makes one, and only for a
+    manifest whose signature holds."""
+
+    def __init__(self, home: Store, storage_options: dict | None = None, *,
+                 timeout: float = 60.0, retries: int = 6):
+        self.home = home
+        self._options, self._timeout, self._retries = storage_options, timeout, retries
+        self._stores: dict[tuple[str, str], Store] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_stores"] = {}  # made again where used
+        return state
+
+    def _file(self, name: str) -> tuple[Store, str]:
+        if "://" not in name and not name.startswith("/"):
+            return self.home, name
+        protocol, base, own = split_file_url(name, query=True)
+        store = self._stores.get((protocol, base))
+        if store is None:
+            store = open_store(protocol, base, _options_for(self._options, protocol),
+                               retries=self._retries, timeout=self._timeout)
+            self._stores[(protocol, base)] = store
+        return store, own
 

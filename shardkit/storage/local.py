@@ -55,6 +55,20 @@ class LocalStore(Store):
         except OSError as exc:
             raise ShardError(self.url(name), f"cannot read: {exc.strerror or exc}") from exc
 
+    def is_local(self, name: str) -> bool:
+        return True
+
+    def list(self, suffix: str = "") -> list[str]:
+        def names() -> list[str]:
+            try:
+                with os.scandir(self.base) as entries:
+                    return sorted(e.name for e in entries
+                                  if e.name.endswith(suffix) and e.is_file())
+            except OSError as exc:
+                raise ShardError(str(self.base), f"cannot list: {exc.strerror or exc}") from None
+
+        return names() if self.timeout is None else _bounded(names, self.timeout, str(self.base))
+
     def exists(self, name: str) -> bool:
         """Whether ``name`` exists; a stat(2) that may block, so bounded by ``timeout`` too."""
         path = self.base / name

@@ -181,6 +181,20 @@ class RemoteStore(Store):
                 if stream is not None:
                     stream.close()
 
+    def list(self, suffix: str = "") -> list[str]:
+        root = self.path("").rstrip("/")
+
+        def ls() -> list[dict]:
+            return self.fs.ls(root, detail=True)
+
+        entries = self.retry("list", "", lambda: self._fs_call(ls))
+        names = []
+        for entry in entries:
+            name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type", "file") == "file" and name.endswith(suffix) and name:
+                names.append(name)
+        return sorted(set(names))
+
     def exists(self, name: str) -> bool:
         return self.retry("stat", name,
                           lambda: self._fs_call(lambda: self.fs.exists(self.path(name))))

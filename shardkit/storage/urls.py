@@ -113,11 +113,13 @@ def split_source(source) -> tuple[str, str, str]:
     return "file", str(path), MANIFEST_NAME
 
 
-def split_file_url(url) -> tuple[str, str, str]:
+def split_file_url(url, query: bool = False) -> tuple[str, str, str]:
     """``(protocol, base, name)`` of one file's URL or path: its folder or prefix, and its name.
 
-    Local paths are made absolute (so DataLoader workers and later ``chdir`` agree). Remote URLs
-    with a query string or fragment are refused: shardkit derives other URLs from them."""
+    Local paths are made absolute (so DataLoader workers and later ``chdir`` agree). A remote
+    URL's query string (a pre-signed URL, a hub ``resolve`` URL's ``?download=true``) is kept at
+    the end of its name when ``query`` is true, else refused (shardkit derives other URLs, such
+    as an index file's, from a shard's). Fragments are refused."""
     if not isinstance(url, (str, os.PathLike)):
         raise TypeError(f"a shard URL must be a str or a path, got {type(url).__name__}")
     text = os.fspath(url)
@@ -126,13 +128,18 @@ def split_file_url(url) -> tuple[str, str, str]:
     text = text.removeprefix("file://")
     protocol, rest = _scheme(text)
     if protocol is not None:
-        if "?" in rest or "#" in rest:
-            raise ValueError(f"{redact(text)}: URLs with a query string or fragment are not "
-                             "supported")
+        rest, mark, args = rest.partition("?")
+        if mark and query and protocol not in ("http", "https"):
+            raise ValueError(f"{redact(text)}: a query string means something to http(s):// "
+                             "URLs only")
+        if "#" in rest or "#" in args or (mark and not query):
+            raise ValueError(f"{redact(text)}: URLs with a query string or fragment are only "
+                             "read through an index of their own: shardkit index URL... --out "
+                             "DIR, then read DIR")
         base, _, name = rest.rpartition("/")
         if not base or not name:
             raise ValueError(f"{redact(text)}: not the URL of a file")
-        return protocol, base, name
+        return protocol, base, name + mark + args
     path = os.path.abspath(os.path.expanduser(text))
     return "file", os.path.dirname(path), os.path.basename(path)
 

@@ -1,0 +1,441 @@
+"""``shardkit index``: adopt webdataset shards that already exist, wherever they are.
+
+Each shard is read once, sequentially (one streamed GET per remote shard), by
+:func:`shardkit.shardformat.walk_members`: its sha256, size, and where each sample's first
+member starts. Samples are grouped as webdataset groups them (adjacent members with one key;
+folders and names of no sample passed over). What a reader could not make sense of later is an
+error now, naming the shard and the member: a key met again after other samples, a sample
+without an image, two members of one field, an unsafe name, a link or device member, a
+compressed or damaged file.
+
+The index files (``.shardkit/<name>.idx``) and ``.shardkit/manifest.json`` are written beside
+the shards when that folder or prefix can be written, else into ``out``. Shards that live
+elsewhere than the manifest are listed by their full URLs, and such a manifest is signed
+(:mod:`shardkit.signing`) with this machine's key: only what the user passed to ``index`` can
+make a manifest point outside its folder, never a manifest that arrived with the data.
+
+``resume=True`` keeps the shards a killed run finished: each shard's index file is written when
+it is done, then a small record beside it (``<name>.idx.json``: size, sha256, labels), and a
+shard whose record and index file agree is not read again. The records go once the manifest
+is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .common import available_cpus
+from .errors import ManifestError, ShardError, ShardkitError
+from .manifest import Manifest, ShardInfo
+from .shardformat import (IMAGE_FIELDS, MANIFEST_PATH, Walk, encode_index,
+                          index_name, member_key, walk_members)
+from .signing import sign
+from .storage import make_dest, open_store, redact, split_file_url, split_source
+
+LABEL_FIELDS = ("cls", "cls2", "label")  # looked for in this order when label is "auto"
+TEXT_LIMIT = 1 << 16  # label and metadata members kept while walking (bytes)
+
+
+@dataclass
+class IndexedShard:
+    """What one pass over a shard found (its offsets live in its index file)."""
+
+    url: str  # as the manifest will name it
+    num_bytes: int
+    sha256: str
+    num_samples: int
+    label_source: list | None = None  # [field or "json", JSON key or None]
+    labels: list[str] | None = None  # per sample: the label member's text or JSON value
+    fields: dict[str, int] = field(default_factory=dict)  # field -> samples holding it
+    ignored: int = 0  # members of no sample (folders, names without an extension)
+
+
+def index_shards(source, out=None, *, workers: int | None = None, resume: bool = False,
+                 label: str = "auto", storage_options: dict | None = None,
+                 progress: bool = True, timeout: float = 60.0, retries: int = 6) -> Manifest:
+    """Index existing webdataset shards and write their manifest; returns it.
+
+    ``source``: a folder or prefix of ``.tar`` shards, a brace pattern
+    (``s3://bucket/train/shard-{000000..000999}.tar``), or a list of shard paths and URLs.
+    ``out``: where to write the index files and the manifest (default: ``.shardkit/`` beside
+    the shards, which must then all be in one folder or prefix that can be written).
+    ``label``: ``"auto"`` (the first of ``cls``, ``cls2``, ``label`` every sample holds, else
+    none), a field (``"cls"``), ``"json:KEY"`` (a key of each sample's ``.json``), or
+    ``"none"``. Labels that are numbers are used as they are; text labels become class indices
+    (``classes``: the sorted names)."""
+    urls = shard_urls(source, storage_options)
+    if not urls:
+        raise ShardError(str(source), "no .tar shards found")
+    spec = _label_spec(label)
+    homes = {split_file_url(u, query=True)[:2] for u in urls}
+    dest_text = None if out is None else os.fspath(out)
+    if dest_text is None:
+        if len(homes) != 1:
+            raise ValueError("the shards live in several folders or prefixes: pass out= (--out "
+                             "DIR) for the manifest and index files")
+        protocol, base = next(iter(homes))
+        dest_text = base if protocol == "file" else f"{protocol}://{base}"
+        if protocol != "file" and not open_store(protocol, base).writable:
+            raise ValueError(f"{redact(dest_text)}: cannot write beside shards read over "
+                             f"{protocol}://: pass out= (--out DIR) for the manifest and index files")
+    out_dest = make_dest(dest_text, storage_options)
+    try:
+        out_dest.prepare()
+        out_home = split_source(dest_text)[:2]
+        names = [_manifest_url(u, out_home) for u in urls]
+        done = _finished(out_dest, names) if resume else {}
+        shards, offsets = _index_all(urls, names, out_dest, done, spec, workers,
+                                     storage_options, progress, timeout, retries)
+        manifest = _manifest(shards, offsets, names)
+        data = manifest.to_json().encode("utf-8")
+        if any("://" in n or n.startswith("/") for n in names):
+            data = sign(data)
+        out_dest.sync([index_name(_local_name(n)) for n in names])
+        out_dest.write_atomic(MANIFEST_PATH, data)
+        out_dest.remove_all([_record_name(n) for n in names])
+    except OSError as exc:
+        if isinstance(exc, ShardkitError):
+            raise
+        raise ShardError(out_dest.url(""), f"cannot write the index: {exc.strerror or exc}") \
+            from exc
+    finally:
+        out_dest.close()
+    return Manifest.load(dest_text, storage_options, timeout=timeout, retries=retries)
+
+
+def shard_urls(source, storage_options: dict | None = None) -> list[str]:
+    """The shard URLs of a source: a list as it is, a brace pattern expanded, a folder or
+    prefix listed (its ``*.tar`` files, sorted)."""
+    if isinstance(source, (list, tuple)):
+        return [os.fspath(u) for u in source]
+    text = os.fspath(source)
+    if "{" in text and "}" in text:
+        import braceexpand
+
+        return list(braceexpand.braceexpand(text))
+    if text.split("?", 1)[0].endswith(".tar"):
+        return [text]
+    protocol, base, _ = split_source(text)
+    store = open_store(protocol, base, storage_options)
+    return [store.url(name) if protocol == "file" else f"{protocol}://{base}/{name}"
+            for name in sorted(store.list(".tar"))]
+
+
+def _manifest_url(url: str, home: tuple[str, str]) -> str:
+    """How the manifest names a shard: relative when it lies in the manifest's folder or
+    prefix (or below it), else its full URL."""
+    protocol, base, name = split_file_url(url, query=True)
+    if (protocol, base) == home:
+        return name
+    if protocol == home[0] and base.startswith(home[1].rstrip("/") + "/"):
+        return f"{base[len(home[1].rstrip('/')) + 1:]}/{name}"
+    return os.path.join(base, name) if protocol == "file" else url
+
+
+def _index_all(urls, names, out_dest, done: dict, spec, workers, storage_options, progress,
+               timeout, retries) -> tuple[list[IndexedShard], list[list[int]]]:
+    """Index every shard not already done (in parallel, threads: reads and hashing release the
+    GIL), writing each index file and record as it is finished."""
+    todo = [i for i, n in enumerate(names) if n not in done]
+    results = {i: done[n] for i, n in enumerate(names) if n in done}
+    workers = min(len(todo), workers or available_cpus()) or 1
+    bar = tqdm(total=len(urls), initial=len(results), unit="shard", desc="index",
+               dynamic_ncols=True, disable=not progress or not sys.stderr.isatty(),
+               file=sys.stderr)
+    started, nbytes = time.perf_counter(), 0
+
+    def one(i: int):
+        return i, *index_shard(urls[i], names[i], spec, storage_options, timeout=timeout,
+                               retries=retries)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, shard, offsets in pool.map(one, todo):
+                # not synced one by one (an fsync each cost more than indexing a small shard):
+                # a record torn by a crash is found out by --resume, and the index files are
+                # synced together before the manifest names them
+                out_dest.write_atomic(index_name(_local_name(names[i])), encode_index(offsets),
+                                      sync=False)
+                out_dest.write_atomic(_record_name(names[i]), json.dumps(shard.__dict__).encode(),
+                                      sync=False)
+                results[i] = (shard, offsets)
+                nbytes += shard.num_bytes
+                bar.update(1)
+                rate = nbytes / 1e6 / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:.0f} MB/s")
+    finally:
+        bar.close()
+    ordered = [results[i] for i in range(len(urls))]
+    return [r[0] for r in ordered], [r[1] for r in ordered]
+
+
+def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_options=None, *,
+                timeout: float = 60.0, retries: int = 6) -> tuple[IndexedShard, list[int]]:
+    """One pass over the shard at ``url`` (see the module docstring); ``name`` is how the
+    manifest will call it. Returns what it found and the sample offsets."""
+    protocol, base, file_name = split_file_url(url, query=True)
+    store = open_store(protocol, base, storage_options, timeout=timeout, retries=retries)
+    where = store.url(file_name)
+    size = store.size(file_name)
+    if size is None:
+        raise ShardError(where, "not found")
+    kind, label_key = spec
+    keep_fields = {kind} if kind in LABEL_FIELDS or kind not in ("json", "none") else set()
+    if kind == "auto":
+        keep_fields = set(LABEL_FIELDS)
+    elif kind == "json":
+        keep_fields = {"json"}
+
+    def keep(member_name: str) -> bool:
+        dot = member_name.find(".", member_name.rfind("/") + 1)
+        return dot > 0 and member_name[dot + 1:].lower() in keep_fields
+
+    if size < 0:
+        raise ShardError(where, "its size is not known (the server does not say it)")
+    stream = _open_whole(store, file_name, size)
+    walk = Walk()
+    offsets: list[int] = []
+    keys: list[str] = []
+    values: list[dict] = []
+    seen: set[str] = set()
+    fields: dict[str, int] = {}
+    ignored = 0
+    current: dict | None = None
+    try:
+        for m in walk_members(getattr(stream, "mapped", stream), where, keep, walk):
+            named = None
+            if not m.folder:
+                try:
+                    named = member_key(m.name)
+                except ValueError as exc:
+                    raise ShardError(where, str(exc), key=m.name.rpartition(".")[0][:64]) from None
+            if named is None:
+                ignored += 1
+                continue
+            key, fld = named
+            if not m.regular:
+                raise ShardError(where, f"member {m.name!r} is not a regular file (a link, a "
+                                        "device or a sparse file)", key=key)
+            if current is None or key != current["__key__"]:
+                if key in seen:
+                    raise ShardError(where, f"member {m.name!r}: its sample {key!r} met again "
+                                            "after other samples (a sample's members must be "
+                                            "adjacent)", key=key)
+                _close(current, where, fields)
+                seen.add(key)
+                current = {"__key__": key}
+                offsets.append(0 if not offsets else m.start)
+                keys.append(key)
+                values.append(current)
+            if fld in current:
+                raise ShardError(where, f"member {m.name!r}: a second {fld!r} member of sample "
+                                        f"{key!r}", key=key)
+            current[fld] = m.data
+    finally:
+        stream.close()
+    _close(current, where, fields)
+    if not keys:
+        raise ShardError(where, "holds no sample")
+    if walk.size != size:
+        raise ShardError(where, f"read {walk.size:,} bytes, the store says {size:,} (changed "
+                                "while indexing?)")
+    offsets.append(walk.end)
+    if walk.end + 1024 > walk.size:
+        raise ShardError(where, "does not end with the two zero blocks of a tar (truncated?)")
+    source, labels = _labels(values, keys, spec, where)
+    return IndexedShard(url=name, num_bytes=walk.size, sha256=walk.sha256,
+                        num_samples=len(keys), label_source=source, labels=labels,
+                        fields=fields, ignored=ignored), offsets
+
+
+class _Mapped:
+    """A local file mapped into memory (``mapped``): walked without copying its bytes."""
+
+    def __init__(self, path: str):
+        import mmap
+
+        with open(path, "rb") as f:
+            self.mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.mapped.madvise(mmap.MADV_SEQUENTIAL)
+
+    def close(self) -> None:
+        try:
+            self.mapped.close()
+        except BufferError:  # a view still held by an error's traceback: the GC unmaps it
+            pass
+
+
+def _open_whole(store, name: str, size: int):
+    """The whole file ``name``: a local one mapped (only its headers are touched while walking,
+    the hash reads it in one call without the GIL), a remote one as one streamed GET."""
+    if size > 0 and store.is_local(name):
+        try:
+            return _Mapped(store.url(name))
+        except (OSError, ValueError):
+            pass  # not mappable (a FIFO, a special file system): read it as a stream
+    return store.open_range(name, 0, size)
+
+
+def _close(sample: dict | None, where: str, fields: dict) -> None:
+    """A finished sample: it must hold an image (or an array)."""
+    if sample is None:
+        return
+    present = [f for f in sample if f != "__key__"]
+    if not any(f in IMAGE_FIELDS or f == "npy" for f in present):
+        raise ShardError(where, f"sample {sample['__key__']!r} has no image (members: "
+                                f"{', '.join(sorted(present))}; images are "
+                                f"{', '.join(IMAGE_FIELDS)} or npy)", key=sample["__key__"])
+    for f in present:
+        fields[f] = fields.get(f, 0) + 1
+
+
+def _label_spec(label: str) -> tuple[str, str | None]:
+    if label in ("auto", "none") or label in LABEL_FIELDS:
+        return label, None
+    if label.startswith("json:") and len(label) > 5:
+        return "json", label[5:]
+    if member_key(f"x.{label}") is not None and "/" not in label:
+        return label, None
+    raise ValueError(f"label must be 'auto', 'none', a field such as 'cls', or 'json:KEY'; "
+                     f"got {label!r}")
+
+
+def _labels(samples: list[dict], keys: list[str], spec, where: str) -> tuple:
+    """``(where labels come from, each sample's label text or JSON value)``, by the spec;
+    ``(None, None)`` when labels are not used."""
+    kind, json_key = spec
+    if kind == "none":
+        return None, None
+    if kind == "auto":
+        kind = next((f for f in LABEL_FIELDS if all(f in s for s in samples)), None)
+        if kind is None:
+            return None, None
+    out = []
+    for key, s in zip(keys, samples):
+        if kind == "json":
+            raw = s.get("json")
+            try:
+                value = json.loads(raw)[json_key] if raw is not None else None
+            except (ValueError, KeyError, TypeError):
+                value = None
+            if value is None or isinstance(value, (dict, list, bool, float)):
+                raise ShardError(where, f"sample {key!r}: its .json has no usable {json_key!r} "
+                                        "label (a number or a name)", key=key)
+            out.append(str(value))
+        else:
+            raw = s.get(kind)
+            if raw is None:
+                raise ShardError(where, f"sample {key!r} has no .{kind} member (labels are read "
+                                        f"from .{kind}; --label none to index without)", key=key)
+            try:
+                out.append(raw.decode("utf-8").strip())
+            except UnicodeDecodeError:
+                raise ShardError(where, f"sample {key!r}: its .{kind} is not text",
+                                 key=key) from None
+    return [kind, json_key], out
+
+
+def _manifest(shards: list[IndexedShard], offsets: list[list[int]], names: list[str]) -> Manifest:
+    """The manifest of the indexed shards: counts, sizes, sha256, labels and classes."""
+    sources = {tuple(s.label_source) if s.label_source else None for s in shards}
+    if len(sources) > 1:
+        raise ManifestError(f"the shards disagree on their labels: {sorted(map(str, sources))} "
+                            "(pass label= / --label)")
+    source = next(iter(sources))
+    values = [v for s in shards for v in (s.labels or ())]
+    classes, labels = None, {"field": None}
+    if source is not None:
+        kind, json_key = source
+        labels = {"field": kind} if kind != "json" else {"json": json_key}
+        if all(v.lstrip("-").isdigit() and len(v) <= 10 for v in values):
+            classes = [str(v) for v in sorted({int(v) for v in values})]
+        else:
+            classes = sorted(set(values))
+            labels["names"] = True
+    fields: dict[str, int] = {}
+    for s in shards:
+        for f, n in s.fields.items():
+            fields[f] = fields.get(f, 0) + n
+    infos = []
+    for s, offs, name in zip(shards, offsets, names):
+        index = encode_index(offs)
+        infos.append(ShardInfo(url=name, num_samples=s.num_samples, num_bytes=s.num_bytes,
+                               sha256=s.sha256, index_url=index_name(_local_name(name)),
+                               index_sha256=hashlib.sha256(index).hexdigest()))
+    options = {"indexed_by": "shardkit index", "order": _order(shards, source),
+               "fields": dict(sorted(fields.items()))}
+    return Manifest(classes=classes, num_samples=sum(s.num_samples for s in shards),
+                    shards=infos, options=options, ignored=sum(s.ignored for s in shards),
+                    labels=labels)
+
+
+def _order(shards: list[IndexedShard], source) -> dict:
+    """What the index saw of the samples' order: how often a sample has its predecessor's
+    label, against what a shuffled order would give (the reader's default block size follows)."""
+    if source is None:
+        return {"labels": False}
+    same = total = 0
+    counts: dict = {}
+    for s in shards:
+        labels = s.labels or []
+        same += sum(a == b for a, b in zip(labels, labels[1:]))
+        total += max(0, len(labels) - 1)
+        for v in labels:
+            counts[v] = counts.get(v, 0) + 1
+    n = sum(counts.values())
+    expected = sum((c / n) ** 2 for c in counts.values()) if n else 0.0
+    return {"labels": True, "same_label_neighbours": round(same / total, 4) if total else 0.0,
+            "if_shuffled": round(expected, 4)}
+
+
+def _local_name(name: str) -> str:
+    """Where a shard's index file goes below the manifest's folder: its relative name, or for a
+    shard elsewhere its file name (an index of the same name from another folder gets a
+    number)."""
+    if "://" not in name and not name.startswith("/"):
+        return name
+    base = name.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return f"{base[:-4] if base.endswith('.tar') else base}-{digest}.tar"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _record_name(name: str) -> str:
+    return index_name(_local_name(name)) + ".json"
+
+
+def _finished(out_dest, names: list[str]) -> dict:
+    """The shards a killed run finished: ``name -> (IndexedShard, offsets)`` for those whose
+    record and index file are there and agree."""
+    from .shardformat import index_extent
+
+    done = {}
+    for name in names:
+        raw, index = out_dest.read_bytes(_record_name(name)), None
+        if raw is not None:
+            index = out_dest.read_bytes(index_name(_local_name(name)))
+        if raw is None or index is None:
+            continue
+        try:
+            shard = IndexedShard(**json.loads(raw))
+            n, _ = index_extent(index, name)
+        except (ValueError, TypeError, ShardError):
+            continue  # torn or foreign: index it again
+        offsets = np.frombuffer(index, dtype="<u8", offset=8).astype(int).tolist()
+        if shard.url == name and n == shard.num_samples and offsets[-1] + 1024 <= shard.num_bytes:
+            done[name] = (shard, offsets)
+    return done
+
+
+__all__ = ["IndexedShard", "index_shard", "index_shards", "shard_urls"]

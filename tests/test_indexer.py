@@ -1,0 +1,462 @@
+"""``shardkit index``: webdataset shards that no shardkit code wrote, indexed, then read.
+
+Shards come from ``webdataset.ShardWriter`` (keys with ``/``, ``.JPG``, ``.seg.png``, captions,
+labels in ``.cls``, ``.cls2``, ``.label`` or a JSON field) and from GNU ``tar`` of a folder tree
+(folder members, ``./`` names); each is indexed and then read exactly once per epoch, locally,
+over the test S3 and HTTP servers and through fsspec's in-memory filesystem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardkit
+from shardkit import ManifestError, ShardError, StreamingDataset, index_shards, make_loader
+from shardkit.shardformat import MANIFEST_PATH
+
+from conftest import jpeg_bytes, photo, png_bytes, subprocess_env
+
+wds = pytest.importorskip("webdataset")
+
+from _helpers_remote import BUCKET  # noqa: E402
+from _helpers_remote import moto_server, s3  # noqa: E402, F401 - fixtures
+
+LOADER_TIMEOUT = 60
+
+
+# --------------------------------------------------------------------------- shards by others
+
+
+def caption(i: int) -> str:
+    return f"a photo, number {i} — ünïcode"
+
+
+def write_wds(folder: Path, n: int = 40, per_shard: int = 12, *, classes: int = 4,
+              label: str = "cls", sort: bool = False) -> dict[str, dict]:
+    """ShardWriter shards ``folder/train-%06d.tar``; returns what each key holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    want = {}
+    with wds.ShardWriter(str(folder / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(n):
+            c = i * classes // n if sort else i % classes
+            key = f"n{c:04d}/n{c:04d}_{i:05d}"
+            image = jpeg_bytes(photo(24, 16, seed=i))
+            sample = {"__key__": key, "JPG" if i % 3 == 0 else "jpg": image,
+                      "seg.png": png_bytes(photo(8, 8, seed=i)), "txt": caption(i),
+                      "json": {"name": f"class-{c}", "i": i}}
+            if label != "none" and not label.startswith("json"):
+                sample[label] = c if label in ("cls", "cls2") else str(c)  # (wds's encoders)
+            sink.write(sample)
+            want[key] = {"label": c, "image": image, "txt": caption(i)}
+    return want
+
+
+def read(source, num_workers: int = 0, **kw) -> list[tuple]:
+    """One epoch's items ``(image bytes, label, *fields, key)``."""
+    kw.setdefault("seed", 3)
+    ds = StreamingDataset(source, decode="raw", with_keys=True, **kw)
+    if num_workers:
+        return list(make_loader(ds, num_workers=num_workers, persistent_workers=False,
+                                timeout=LOADER_TIMEOUT))
+    return list(ds)
+
+
+def check_once(items, want: dict, *, labels: bool = True) -> None:
+    keys = [it[-1] for it in items]
+    dup = {k: n for k, n in Counter(keys).items() if n > 1}
+    assert not dup and set(keys) == set(want), (dup, set(want) - set(keys))
+    for it in items:
+        w = want[it[-1]]
+        assert bytes(it[0]) == w["image"]
+        assert it[1] == (w["label"] if labels else -1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("wds") / "shards"
+    return folder, write_wds(folder)
+
+
+@pytest.fixture(scope="module")
+def indexed(shards, tmp_path_factory) -> tuple[Path, dict]:
+    folder, want = shards
+    copy = tmp_path_factory.mktemp("indexed") / "shards"
+    shutil.copytree(folder, copy)
+    index_shards(copy, progress=False)
+    return copy, want
+
+
+# --------------------------------------------------------------------------- local folders
+
+
+@pytest.mark.parametrize("num_workers,world", [(0, 1), (2, 1), (2, 2)])
+def test_shardwriter_shards_indexed_read_exactly_once(indexed, num_workers, world):
+    folder, want = indexed
+    items = []
+    for rank in range(world):
+        got = read(folder, num_workers, rank=rank, world_size=world, remainder="pad")
+        items += got
+    if world == 1:
+        check_once(items, want)
+    else:  # padded to equal ranks: every sample at least once, repeats only from padding
+        assert set(it[-1] for it in items) == set(want)
+        assert len(items) - len(want) < world
+
+
+def test_index_writes_a_manifest_beside_the_shards_and_nothing_other_readers_trip_on(indexed):
+    folder, want = indexed
+    m = shardkit.Manifest.load(folder)
+    assert m.num_samples == len(want) and m.classes == ["0", "1", "2", "3"]
+    assert [s.num_samples for s in m.shards] == [12, 12, 12, 4]
+    assert m.labels == {"field": "cls"} and m.signature is None
+    assert m.options["fields"] == {"cls": 40, "jpg": 40, "json": 40, "seg.png": 40, "txt": 40}
+    for s in m.shards:  # size and sha256 of the bytes as they are
+        data = (folder / s.url).read_bytes()
+        assert s.num_bytes == len(data)
+        import hashlib
+
+        assert s.sha256 == hashlib.sha256(data).hexdigest()
+    # the folder holds the tars and the hidden .shardkit/ only: what webdataset, GNU tar and
+    # Hugging Face datasets (which skips hidden files) look at is unchanged
+    assert sorted(p.name for p in folder.iterdir()) == [".shardkit"] + [s.url for s in m.shards]
+    assert all(p.suffix in (".idx", ".json") for p in (folder / ".shardkit").iterdir())
+    got = list(wds.WebDataset(str(folder / "train-{000000..000003}.tar"), shardshuffle=False))
+    assert sorted(s["__key__"] for s in got) == sorted(want)
+    listing = subprocess.run(["tar", "tf", str(folder / m.shards[0].url)], check=True,
+                             capture_output=True, text=True).stdout.split()
+    assert len(listing) == 12 * 5
+
+
+def test_fields_come_as_text_or_bytes_and_as_lists_in_batches(indexed):
+    folder, want = indexed
+    items = read(folder, fields=("txt", "json", "seg.png", "nope"))
+    for image, label, txt, meta, seg, nope, key in items:
+        assert txt == want[key]["txt"] and isinstance(txt, str)
+        assert json.loads(meta)["name"] == f"class-{label}"
+        assert isinstance(seg, bytes) and seg.startswith(b"\x89PNG") and nope is None
+    ds = StreamingDataset(folder, batch_size=8, fields=("txt",), with_keys=True, seed=1)
+    seen = 0
+    for images, labels, texts, keys in ds:
+        assert images.shape[0] == labels.shape[0] == len(texts) == len(keys)
+        assert texts == [want[k]["txt"] for k in keys]
+        assert labels.tolist() == [want[k]["label"] for k in keys]
+        seen += len(keys)
+    assert seen == len(want)
+    with pytest.raises(ValueError, match="field name"):
+        StreamingDataset(folder, fields=("TXT",))
+    with pytest.raises(TypeError, match="tuple"):
+        StreamingDataset(folder, fields="txt")
+
+
+@pytest.mark.parametrize("label", ["cls2", "label", "json:name", "none"])
+def test_labels_from_other_members_a_json_field_or_none(tmp_path, label):
+    field = "json" if label.startswith("json") else label
+    want = write_wds(tmp_path / "s", n=20, label=field)
+    m = index_shards(tmp_path / "s", progress=False, label="auto" if label != "json:name" else label)
+    items = read(tmp_path / "s")
+    if label == "none":
+        assert m.classes is None and m.labels == {"field": None}
+        check_once(items, want, labels=False)
+    elif label == "json:name":  # names: class indices in sorted order
+        assert m.classes == ["class-0", "class-1", "class-2", "class-3"]
+        assert m.labels == {"json": "name", "names": True}
+        check_once(items, want)
+    else:
+        assert m.labels == {"field": label} and m.classes == ["0", "1", "2", "3"]
+        check_once(items, want)
+
+
+def test_text_labels_become_class_indices(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    names = ["zebra", "ant", "moose"]
+    with wds.TarWriter(str(folder / "a.tar")) as sink:
+        for i in range(9):
+            sink.write({"__key__": f"k{i}", "png": png_bytes(photo(8, 8, seed=i)),
+                        "label": names[i % 3]})
+    m = index_shards(folder, progress=False)
+    assert m.classes == ["ant", "moose", "zebra"] and m.labels == {"field": "label", "names": True}
+    labels = {key: label for _, label, key in read(folder)}
+    assert labels == {f"k{i}": sorted(names).index(names[i % 3]) for i in range(9)}
+
+
+def test_gnu_tar_of_a_folder_tree(tmp_path):
+    """``tar cf`` of class folders: folder members, './' names, keys with '/'."""
+    root = tmp_path / "tree"
+    want = {}
+    for c in range(3):
+        for i in range(5):
+            key = f"./train/c{c}/img_{i:03d}"
+            image = jpeg_bytes(photo(16, 16, seed=10 * c + i))
+            (root / "train" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            (root / f"{key}.jpeg").write_bytes(image)
+            (root / f"{key}.cls").write_text(str(c))
+            (root / f"{key}.txt").write_text(f"class {c}")
+            want[key[2:]] = {"label": c, "image": image}  # (keys without the "./")
+    (tmp_path / "shards").mkdir()
+    for part, classes in enumerate([["c0", "c1"], ["c2"]]):
+        subprocess.run(["tar", "--sort=name", "-cf", str(tmp_path / "shards" / f"part-{part}.tar"),
+                        *[f"./train/{c}" for c in classes]], cwd=root, check=True)
+    m = index_shards(tmp_path / "shards", progress=False)
+    assert m.num_samples == 15 and m.ignored > 0  # the folder members
+    check_once(read(tmp_path / "shards", 2), want)
+    assert [t for _, _, t, _ in read(tmp_path / "shards", fields=("txt",))][:1] != [None]
+
+
+def test_index_function_and_cli_agree_and_cli_reports(shards, tmp_path):
+    folder, want = shards
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "shardkit", "index", str(folder / "train-{000000..000002}.tar"),
+           "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
+    assert res.returncode == 0, res.stderr
+    assert "indexed 3 shards, 36 samples" in res.stdout
+    m = shardkit.Manifest.load(out)
+    assert m.external and m.signature  # the shards stay where they are
+    assert [s.url for s in m.shards] == [str(folder / f"train-{i:06d}.tar") for i in range(3)]
+    items = read(out)
+    assert len(items) == 36 and {it[-1] for it in items} <= set(want)
+    assert not any(folder.joinpath(".shardkit").exists() for _ in [0])  # nothing written there
+    usage = subprocess.run([sys.executable, "-m", "shardkit", "index", str(tmp_path / "none")],
+                           capture_output=True, text=True, env=subprocess_env())
+    assert usage.returncode == 1 and "none: cannot list: No such file" in usage.stderr
+
+
+# --------------------------------------------------------------------------- what is refused
+
+
+def _tar(path: Path, members: list, fmt=tarfile.GNU_FORMAT) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.SYMTYPE
+                info.linkname = "elsewhere"
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+IMG = jpeg_bytes(photo(8, 8))
+BAD_SHARDS = {
+    "key met again": ([("a.jpg", IMG), ("b.jpg", IMG), ("a.cls", b"1")], "'a.cls'.*met again"),
+    "no image": ([("a.jpg", IMG), ("b.txt", b"x")], "sample 'b' has no image"),
+    "second member": ([("a.jpg", IMG), ("a.JPG", IMG)], "second 'jpg' member"),
+    "unsafe key": ([("a.jpg", IMG), ("x/../../etc/passwd.jpg", IMG)], "not a safe"),
+    "link": ([("a.jpg", IMG), ("b.jpg", None)], "'b.jpg' is not a regular file"),
+    "bad label": ([("a.jpg", IMG), ("a.cls", b"\xff\xfe")], "'a'.*not text"),
+    "no samples": ([("README", b"hello")], "holds no sample"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHARDS))
+def test_what_the_index_cannot_make_sense_of_is_an_error_naming_shard_and_member(tmp_path, case):
+    members, message = BAD_SHARDS[case]
+    good = _tar(tmp_path / "s" / "a-0.tar", [("z.jpg", IMG), ("z.cls", b"0")])
+    bad = _tar(tmp_path / "s" / "a-1.tar", members)
+    with pytest.raises(ShardError, match=message) as info:
+        index_shards(tmp_path / "s", progress=False, label="cls" if case == "bad label" else "none")
+    assert str(bad) in str(info.value) and str(good) not in str(info.value)
+    assert not (tmp_path / "s" / MANIFEST_PATH).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "gzip", "garbage"])
+def test_damaged_and_compressed_shards_are_refused_at_index_time(tmp_path, damage):
+    path = _tar(tmp_path / "s" / "a.tar", [(f"k{i}.jpg", IMG) for i in range(4)])
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:1536], "gzip": gzip.compress(data),
+                      "garbage": data[:512] + b"\x01" * 2048}[damage])
+    with pytest.raises(ShardError, match=r"a\.tar.*(truncated|corrupt|checksum|end-of-archive)"):
+        index_shards(tmp_path / "s", progress=False)
+
+
+def test_shards_in_several_folders_need_out(shards, tmp_path):
+    folder, _ = shards
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(folder / "train-000000.tar", other / "x.tar")
+    with pytest.raises(ValueError, match="--out"):
+        index_shards([folder / "train-000001.tar", other / "x.tar"], progress=False)
+    m = index_shards([folder / "train-000001.tar", other / "x.tar"], tmp_path / "out",
+                     progress=False)
+    assert m.num_samples == 24 and len({s.index_url for s in m.shards}) == 2
+
+
+# --------------------------------------------------------------------------- the security rule
+
+
+def test_only_this_machines_key_lets_a_manifest_point_elsewhere(shards, tmp_path, monkeypatch):
+    folder, _ = shards
+    index_shards([folder / "train-000003.tar"], tmp_path / "out", progress=False)
+    path = tmp_path / "out" / MANIFEST_PATH
+    assert shardkit.Manifest.load(tmp_path / "out").external
+    from shardkit import signing
+
+    assert oct(signing.key_path().stat().st_mode & 0o777) == "0o600"
+    doc = json.loads(path.read_text())
+    # edited to read another file: the signature no longer holds
+    doc["shards"][0]["url"] = "/etc/hostname"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="not signed by this machine"):
+        shardkit.Manifest.load(tmp_path / "out")
+    # no signature at all: plain relative names only
+    del doc["signature"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="not a plain relative name"):
+        shardkit.Manifest.load(tmp_path / "out")
+    # signed elsewhere (another key): refused here
+    index_shards([folder / "train-000003.tar"], tmp_path / "out2", progress=False)
+    monkeypatch.setenv("SHARDKIT_INDEX_KEY", "another machine's key")
+    with pytest.raises(ManifestError, match="not signed by this machine"):
+        shardkit.Manifest.load(tmp_path / "out2")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_keeps_the_shards_a_failed_run_finished(shards, tmp_path, monkeypatch):
+    folder, want = shards
+    work = tmp_path / "s"
+    shutil.copytree(folder, work)
+    good = (work / "train-000002.tar").read_bytes()
+    (work / "train-000002.tar").write_bytes(good[:3000])  # cut: the run fails there
+    with pytest.raises(ShardError, match="train-000002.tar"):
+        index_shards(work, progress=False, workers=1)
+    assert not (work / MANIFEST_PATH).exists()
+    (work / "train-000002.tar").write_bytes(good)
+    from shardkit import indexer
+
+    calls = []
+    real = indexer.index_shard
+    monkeypatch.setattr(indexer, "index_shard", lambda url, *a, **k: (calls.append(url),
+                                                                      real(url, *a, **k))[1])
+    m = index_shards(work, progress=False, resume=True)
+    assert sorted(Path(c).name for c in calls) == ["train-000002.tar", "train-000003.tar"] \
+        or sorted(Path(c).name for c in calls) == ["train-000002.tar"]
+    assert not [p for p in (work / ".shardkit").iterdir() if p.name.endswith(".idx.json")]
+    fresh = index_shards(folder, tmp_path / "fresh", progress=False)
+    assert [(s.num_samples, s.sha256, s.index_sha256) for s in m.shards] == \
+        [(s.num_samples, s.sha256, s.index_sha256) for s in fresh.shards]
+    check_once(read(work), want)
+
+
+# --------------------------------------------------------------------------- shuffle quality
+
+
+def _mean_distinct(source, batch: int = 32, **kw) -> float:
+    out = []
+    for epoch in range(3):
+        ds = StreamingDataset(source, decode="raw", batch_size=batch, seed=epoch, **kw)
+        for _, labels in make_loader(ds, num_workers=2, persistent_workers=False,
+                                     timeout=LOADER_TIMEOUT):
+            out.append(len(set(labels.tolist())))
+    return float(np.mean(out))
+
+
+def test_class_sorted_shards_are_shuffled_well_by_default(tmp_path):
+    write_wds(tmp_path / "sorted", n=720, per_shard=60, classes=12, sort=True)
+    m = index_shards(tmp_path / "sorted", progress=False)
+    assert m.shuffled is False and m.options["order"]["same_label_neighbours"] > 0.9
+    iid = 12 * (1 - (11 / 12) ** 32)
+    default = _mean_distinct(tmp_path / "sorted")
+    assert default >= 0.8 * iid, default
+    assert _mean_distinct(tmp_path / "sorted", block_size=64) < 0.8 * iid  # what it was
+    mixed = tmp_path / "mixed"
+    write_wds(mixed, n=40, per_shard=12)
+    assert index_shards(mixed, progress=False).shuffled is True
+
+
+# --------------------------------------------------------------------------- remote stores
+
+
+@pytest.fixture
+def http_shards(shards, tmp_path):
+    from servers import FaultyHTTPServer
+
+    folder, want = shards
+    shutil.copytree(folder, tmp_path / "www" / "wds")
+    with FaultyHTTPServer(tmp_path / "www") as srv:
+        yield srv, want
+
+
+def test_http_folder_brace_pattern_and_presigned_urls(http_shards, tmp_path):
+    srv, want = http_shards
+    base = f"{srv.url}wds"
+    # a folder listed by the server, indexed into --out (http:// cannot be written)
+    with pytest.raises(ValueError, match="--out"):
+        index_shards(base, progress=False)
+    m = index_shards(base, tmp_path / "a", progress=False)
+    assert m.num_samples == 40 and m.shards[0].url == f"{base}/train-000000.tar"
+    check_once(read(tmp_path / "a", 2), want)
+    # the webdataset brace convention
+    m = index_shards(f"{base}/train-{{000000..000003}}.tar", tmp_path / "b", progress=False)
+    check_once(read(tmp_path / "b"), want)
+    # pre-signed URLs: their query strings are kept, used on every request, never shown
+    urls = [f"{base}/train-{i:06d}.tar?X-Signature=s3cr3t{i}" for i in range(4)]
+    srv.clear_counters()
+    m = index_shards(urls, tmp_path / "c", progress=False)
+    check_once(read(tmp_path / "c"), want)
+    asked = [path for method, path, _ in srv.requests if method == "GET"]
+    assert asked and all("X-Signature=s3cr3t" in p for p in asked)
+    ds = StreamingDataset(tmp_path / "c")
+    assert "s3cr3t" not in repr([ds.manifest.shard_store().url(s.url) for s in m.shards])
+    with pytest.raises(ValueError, match="query string"):
+        StreamingDataset(urls).manifest  # a list derives index URLs: it needs an index
+
+
+def test_s3_prefix_indexed_in_place(shards, s3, tmp_path):
+    folder, want = shards
+    for p in folder.glob("*.tar"):
+        s3.put(BUCKET, f"wds/{p.name}", p.read_bytes())
+    options = s3.storage_options()
+    m = index_shards(f"s3://{BUCKET}/wds", storage_options=options, progress=False)
+    assert m.num_samples == 40 and not m.external and m.base_url == f"s3://{BUCKET}/wds"
+    listing = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="wds/.shardkit/")["Contents"]
+    assert sorted(o["Key"] for o in listing) == [f"wds/.shardkit/{n}" for n in [
+        "manifest.json", *(f"train-{i:06d}.idx" for i in range(4))]]
+    check_once(read(f"s3://{BUCKET}/wds", 2, storage_options=options), want)
+
+
+def test_fsspec_memory_filesystem(shards, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    folder, want = shards
+    fs = fsspec.filesystem("memory")
+    for p in folder.glob("*.tar"):
+        fs.pipe_file(f"/wds-index/{p.name}", p.read_bytes())
+    try:
+        m = index_shards("memory://wds-index", tmp_path / "out", progress=False)
+        assert m.num_samples == 40
+        check_once(read(tmp_path / "out"), want)  # (memory:// lives in this process only)
+    finally:
+        fs.rm("/wds-index", recursive=True)
+
+
+# --------------------------------------------------------------------------- other readers
+
+
+def test_hugging_face_datasets_reads_a_shardkit_folder_by_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    from _helpers_read import image_folder, pack
+
+    m = pack(image_folder(tmp_path / "src", classes=2, per_class=6), tmp_path / "ds",
+             max_samples=5)
+    ds = datasets.load_dataset("webdataset", data_dir=str(tmp_path / "ds"), split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    assert len(ds) == m.num_samples == 12
+
