@@ -223,6 +223,7 @@ def _show_args(p: argparse.ArgumentParser) -> None:
 
 def _show(args) -> int:
     from .manifest import Manifest
+    from .storage import redact
 
     try:
         m = Manifest.load(args.source)
@@ -243,7 +244,7 @@ def _show(args) -> int:
     print(f"skipped   {len(m.skipped)}" + "".join(f"\n  {s['path']}: {s['reason']}" for s in m.skipped[:10]))
     print(f"ignored   {m.ignored} non-image files")
     for s in m.shards[:10]:
-        print(f"  {s.url}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  sha256 {s.sha256[:16]}…")
+        print(f"  {redact(s.url)}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  sha256 {s.sha256[:16]}…")
     if len(m.shards) > 10:
         print(f"  ... {len(m.shards) - 10} more shards")
     if args.keys and m.shards:
@@ -277,6 +278,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args) -> int:
+    from .storage import redact
     from .verify import verify
 
     try:
@@ -285,7 +287,7 @@ def _verify(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for url, what in report.problems:
-        print(f"MISMATCH {url}: {what}", file=sys.stderr)
+        print(f"MISMATCH {redact(url)}: {what}", file=sys.stderr)
     status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
     print(f"verify {status}: {report.shards} shards, {report.samples} samples, "
           f"{format_bytes(report.bytes)} read")
@@ -305,8 +307,8 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the shards an interrupted run finished")
     p.add_argument("--label", default="auto",
-                   help="where labels come from: auto (the first of .cls, .cls2, .label every "
-                        "sample has, else none), a field such as cls, json:KEY (a key of each "
+                   help="where labels come from: auto (the first of .cls, .cls2, .label the "
+                        "samples have, else none), a field such as cls, json:KEY (a key of each "
                         "sample's .json), or none (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -57,6 +57,8 @@ class IndexedShard:
     labels: list[str] | None = None  # per sample: the label member's text or JSON value
     fields: dict[str, int] = field(default_factory=dict)  # field -> samples holding it
     ignored: int = 0  # members of no sample (folders, names without an extension)
+    stamp: str | None = None  # the store's mtime or ETag when read (--resume checks it)
+    spec: list | None = None  # the label spec it was indexed with (--resume checks it)
 
 
 def index_shards(source, out=None, *, workers: int | None = None, resume: bool = False,
@@ -68,8 +70,8 @@ def index_shards(source, out=None, *, workers: int | None = None, resume: bool =
     (``s3://bucket/train/shard-{000000..000999}.tar``), or a list of shard paths and URLs.
     ``out``: where to write the index files and the manifest (default: ``.shardkit/`` beside
     the shards, which must then all be in one folder or prefix that can be written).
-    ``label``: ``"auto"`` (the first of ``cls``, ``cls2``, ``label`` every sample holds, else
-    none), a field (``"cls"``), ``"json:KEY"`` (a key of each sample's ``.json``), or
+    ``label``: ``"auto"`` (the first of ``cls``, ``cls2``, ``label`` that a sample holds, which
+    every sample must then hold; none when no sample holds one), a field (``"cls"``), ``"json:KEY"`` (a key of each sample's ``.json``), or
     ``"none"``. Labels that are numbers are used as they are; text labels become class indices
     (``classes``: the sorted names)."""
     urls = shard_urls(source, storage_options)
@@ -91,8 +93,10 @@ def index_shards(source, out=None, *, workers: int | None = None, resume: bool =
     try:
         out_dest.prepare()
         out_home = split_source(dest_text)[:2]
+        if out_home[0] == "file":  # as split_file_url spells shard paths: absolute
+            out_home = ("file", os.path.abspath(out_home[1]))
         names = [_manifest_url(u, out_home) for u in urls]
-        done = _finished(out_dest, names) if resume else {}
+        done = _finished(out_dest, names, urls, spec, storage_options) if resume else {}
         shards, offsets = _index_all(urls, names, out_dest, done, spec, workers,
                                      storage_options, progress, timeout, retries)
         manifest = _manifest(shards, offsets, names)
@@ -185,6 +189,7 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     protocol, base, file_name = split_file_url(url, query=True)
     store = open_store(protocol, base, storage_options, timeout=timeout, retries=retries)
     where = store.url(file_name)
+    stamp = store.stamp(file_name)  # before reading: a change while indexing shows next time
     size = store.size(file_name)
     if size is None:
         raise ShardError(where, "not found")
@@ -254,7 +259,7 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     source, labels = _labels(values, keys, spec, where)
     return IndexedShard(url=name, num_bytes=walk.size, sha256=walk.sha256,
                         num_samples=len(keys), label_source=source, labels=labels,
-                        fields=fields, ignored=ignored), offsets
+                        fields=fields, ignored=ignored, stamp=stamp, spec=list(spec)), offsets
 
 
 class _Mapped:
@@ -315,8 +320,8 @@ def _labels(samples: list[dict], keys: list[str], spec, where: str) -> tuple:
     kind, json_key = spec
     if kind == "none":
         return None, None
-    if kind == "auto":
-        kind = next((f for f in LABEL_FIELDS if all(f in s for s in samples)), None)
+    if kind == "auto":  # the first label field any sample holds; then every sample needs it
+        kind = next((f for f in LABEL_FIELDS if any(f in s for s in samples)), None)
         if kind is None:
             return None, None
     out = []
@@ -337,7 +342,7 @@ def _labels(samples: list[dict], keys: list[str], spec, where: str) -> tuple:
                 raise ShardError(where, f"sample {key!r} has no .{kind} member (labels are read "
                                         f"from .{kind}; --label none to index without)", key=key)
             try:
-                out.append(raw.decode("utf-8").strip())
+                out.append(raw.strip().decode("utf-8"))  # bytes.strip, as the reader
             except UnicodeDecodeError:
                 raise ShardError(where, f"sample {key!r}: its .{kind} is not text",
                                  key=key) from None
@@ -356,8 +361,12 @@ def _manifest(shards: list[IndexedShard], offsets: list[list[int]], names: list[
     if source is not None:
         kind, json_key = source
         labels = {"field": kind} if kind != "json" else {"json": json_key}
-        if all(v.lstrip("-").isdigit() and len(v) <= 10 for v in values):
-            classes = [str(v) for v in sorted({int(v) for v in values})]
+        if all(v.isascii() and v.isdigit() and len(v) <= 10 for v in values):  # as the reader
+            # class indices: ``classes`` names every index up to the largest, so that
+            # len(classes) is the number of classes (a head's size) even where some are absent
+            top = max(map(int, values)) if values else -1
+            classes = [str(i) for i in range(top + 1)] if top < 100_000 else \
+                [str(v) for v in sorted({int(v) for v in values})]
         else:
             classes = sorted(set(values))
             labels["names"] = True
@@ -415,13 +424,14 @@ def _record_name(name: str) -> str:
     return index_name(_local_name(name)) + ".json"
 
 
-def _finished(out_dest, names: list[str]) -> dict:
+def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options=None) -> dict:
     """The shards a killed run finished: ``name -> (IndexedShard, offsets)`` for those whose
-    record and index file are there and agree."""
+    record and index file are there and agree, indexed with the same label spec, and not
+    changed since (the store's mtime or ETag, else size, as recorded)."""
     from .shardformat import index_extent
 
     done = {}
-    for name in names:
+    for name, url in zip(names, urls):
         raw, index = out_dest.read_bytes(_record_name(name)), None
         if raw is not None:
             index = out_dest.read_bytes(index_name(_local_name(name)))
@@ -433,8 +443,14 @@ def _finished(out_dest, names: list[str]) -> dict:
         except (ValueError, TypeError, ShardError):
             continue  # torn or foreign: index it again
         offsets = np.frombuffer(index, dtype="<u8", offset=8).astype(int).tolist()
-        if shard.url == name and n == shard.num_samples and offsets[-1] + 1024 <= shard.num_bytes:
-            done[name] = (shard, offsets)
+        if shard.url != name or n != shard.num_samples or offsets[-1] + 1024 > shard.num_bytes \
+                or shard.spec != list(spec):
+            continue
+        protocol, base, own = split_file_url(url, query=True)
+        store = open_store(protocol, base, storage_options)
+        if shard.stamp is not None and store.stamp(own) == shard.stamp \
+                or shard.stamp is None and store.size(own) == shard.num_bytes:
+            done[name] = (shard, offsets)  # (a shard rewritten since is indexed again)
     return done
 
 

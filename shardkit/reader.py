@@ -398,7 +398,10 @@ class ShardReader:
             from .cache import ShardCache
 
             self._cache = ShardCache(self.cache_dir, self.cache_limit)
-        return self._cache.open(store.url(shard.url), size=shard.num_bytes, sha256=shard.sha256,
+        key = store.url(shard.url)  # shown in messages: credentials redacted ...
+        if "?" in shard.url:  # ... so pre-signed URLs of one path differ by a digest of the query
+            key += "#" + hashlib.sha256(shard.url.encode("utf-8")).hexdigest()[:16]
+        return self._cache.open(key, size=shard.num_bytes, sha256=shard.sha256,
                                 fetch=lambda offset: store.iter_bytes(shard.url, offset,
                                                                       shard.num_bytes),
                                 start=lo, stop=hi, prefetch=prefetch)

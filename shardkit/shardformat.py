@@ -501,8 +501,6 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
                         pending_size = int(v)
             elif flag == 0x4C:
                 pending_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if flag == 0x67:
-                chain_start = None  # a global header belongs to no member
             continue
         if pending_name is not None:
             name = pending_name

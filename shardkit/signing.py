@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def check(doc: dict, where: str) -> None:
     under this machine's key."""
     given = doc.get(FIELD)
     key = _key(create=False)
-    if not isinstance(given, str) or key is None or not hmac.compare_digest(
+    if not isinstance(given, str) or not re.fullmatch(r"[0-9a-f]{64}", given) \
+            or key is None or not hmac.compare_digest(
             given, hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()):
         raise ManifestError(
             f"{where}: names shards outside its folder but is not signed by this machine's "

@@ -416,6 +416,10 @@ def test_http_folder_brace_pattern_and_presigned_urls(http_shards, tmp_path):
     assert "s3cr3t" not in repr([ds.manifest.shard_store().url(s.url) for s in m.shards])
     with pytest.raises(ValueError, match="query string"):
         StreamingDataset(urls).manifest  # a list derives index URLs: it needs an index
+    shown = subprocess.run([sys.executable, "-m", "shardkit", "show", str(tmp_path / "c")],
+                           capture_output=True, text=True, env=subprocess_env())
+    assert shown.returncode == 0 and "train-000000.tar" in shown.stdout
+    assert "s3cr3t" not in shown.stdout + shown.stderr
 
 
 def test_s3_prefix_indexed_in_place(shards, s3, tmp_path):
@@ -460,3 +464,90 @@ def test_hugging_face_datasets_reads_a_shardkit_folder_by_data_dir(tmp_path, mon
                                cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds) == m.num_samples == 12
 
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_relative_out_beside_the_shards_names_them_relatively(shards, tmp_path, monkeypatch):
+    folder, want = shards
+    shutil.copytree(folder, tmp_path / "s")
+    monkeypatch.chdir(tmp_path / "s")
+    m = index_shards(".", ".", progress=False)
+    assert not m.external and m.signature is None
+    assert [s.url for s in m.shards] == [f"train-{i:06d}.tar" for i in range(4)]
+    monkeypatch.chdir(tmp_path)
+    shutil.move(tmp_path / "s", tmp_path / "moved")  # a dataset that moves still reads
+    check_once(read(tmp_path / "moved"), want)
+
+
+def test_a_global_pax_header_between_samples(tmp_path):
+    a, b = io.BytesIO(), io.BytesIO()
+    for buf, names, pax in ((a, ["a0", "a1"], None), (b, ["b0", "b1"], {"comment": "hi"})):
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                          pax_headers=pax) as tf:
+            for n in names:
+                data = jpeg_bytes(photo(8, 8, seed=len(n)))
+                info = tarfile.TarInfo(f"{n}.jpg")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    first = a.getvalue()
+    first = first[:len(first.rstrip(b"\0")) + (-len(first.rstrip(b"\0"))) % 512]  # no end blocks
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "x.tar").write_bytes(first + b.getvalue())
+    index_shards(tmp_path / "s", progress=False)
+    keys = [it[-1] for it in read(tmp_path / "s")]
+    assert sorted(keys) == ["a0", "a1", "b0", "b1"]
+
+
+def test_labels_that_are_not_ascii_numbers_are_names_and_numbers_size_the_classes(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "a.tar")) as sink:
+        for i, label in enumerate(["0", "3", "7", "3"]):
+            sink.write({"__key__": f"k{i}", "png": png_bytes(photo(8, 8, seed=i)), "cls": label})
+    m = index_shards(folder, progress=False)
+    assert m.classes == [str(i) for i in range(8)] and "names" not in m.labels
+    assert sorted(label for _, label, _ in read(folder)) == [0, 3, 3, 7]
+    with wds.TarWriter(str(folder / "a.tar")) as sink:
+        for i, label in enumerate(["-1", "\u0661", "2"]):  # a minus, an Arabic-Indic digit
+            sink.write({"__key__": f"k{i}", "png": png_bytes(photo(8, 8, seed=i)),
+                        "label": label})
+    m = index_shards(folder, progress=False)
+    assert m.labels == {"field": "label", "names": True} and m.classes == ["-1", "2", "\u0661"]
+    assert sorted(label for _, label, _ in read(folder)) == [0, 1, 2]
+
+
+def test_auto_labels_need_every_sample_to_hold_the_label(tmp_path):
+    _tar(tmp_path / "s" / "a.tar", [("a.jpg", IMG), ("a.cls", b"1"), ("b.jpg", IMG)])
+    with pytest.raises(ShardError, match="sample 'b' has no .cls member"):
+        index_shards(tmp_path / "s", progress=False)
+    assert index_shards(tmp_path / "s", progress=False, label="none").num_samples == 2
+
+
+def test_resume_indexes_a_shard_rewritten_since_again(tmp_path):
+    folder = tmp_path / "s"
+    _tar(folder / "a.tar", [("k0.jpg", IMG), ("k1.jpg", IMG)])
+    _tar(folder / "b.tar", [("z.jpg", IMG)])
+    size = (folder / "a.tar").stat().st_size
+    good_b = (folder / "b.tar").read_bytes()
+    (folder / "b.tar").write_bytes(good_b[:700])
+    with pytest.raises(ShardError, match="b.tar"):
+        index_shards(folder, progress=False, workers=1)
+    _tar(folder / "a.tar", [(f"n{i}.jpg", IMG) for i in range(3)])  # same size, other samples
+    assert (folder / "a.tar").stat().st_size == size
+    (folder / "b.tar").write_bytes(good_b)
+    m = index_shards(folder, progress=False, resume=True)
+    assert [s.num_samples for s in m.shards] == [3, 1]
+    assert sorted(it[-1] for it in read(folder)) == ["n0", "n1", "n2", "z"]
+
+
+def test_a_malformed_signature_is_a_manifest_error(shards, tmp_path):
+    folder, _ = shards
+    index_shards([folder / "train-000003.tar"], tmp_path / "out", progress=False)
+    path = tmp_path / "out" / MANIFEST_PATH
+    doc = json.loads(path.read_text())
+    doc["signature"] = "é" * 64
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="not signed"):
+        shardkit.Manifest.load(tmp_path / "out")

@@ -25,6 +25,11 @@ class Store:
         """Whether ``name`` is a local file (read in place, never through the shard cache)."""
         return False
 
+    def stamp(self, name: str) -> str | None:
+        """What changes when ``name`` is rewritten (a local file's mtime, an object's ETag); None
+        when the store cannot say."""
+        return None
+
     def list(self, suffix: str = "") -> list[str]:
         """The names of the files directly in this folder or prefix that end with ``suffix``,
         sorted (``shardkit index`` on a folder)."""

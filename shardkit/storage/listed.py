@@ -32,6 +32,10 @@ class _Routed(Store):
         store, own = self._file(name)
         return store.size(own)
 
+    def stamp(self, name: str) -> str | None:
+        store, own = self._file(name)
+        return store.stamp(own)
+
     def open_range(self, name: str, start: int, stop: int):
         store, own = self._file(name)
         return store.open_range(own, start, stop)

@@ -58,6 +58,16 @@ class LocalStore(Store):
     def is_local(self, name: str) -> bool:
         return True
 
+    def stamp(self, name: str) -> str | None:
+        def stat() -> str | None:
+            try:
+                st = os.stat(self.base / name)
+            except OSError:
+                return None
+            return f"{st.st_size}:{st.st_mtime_ns}"
+
+        return stat() if self.timeout is None else _bounded(stat, self.timeout, self.url(name))
+
     def list(self, suffix: str = "") -> list[str]:
         def names() -> list[str]:
             try:

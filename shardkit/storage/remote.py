@@ -181,6 +181,17 @@ class RemoteStore(Store):
                 if stream is not None:
                     stream.close()
 
+    def stamp(self, name: str) -> str | None:
+        try:
+            info = self.retry("stat", name,
+                              lambda: self._fs_call(lambda: self.fs.info(self.path(name))))
+        except ShardError:
+            return None
+        for key in ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated"):
+            if info.get(key) is not None:
+                return f"{info.get('size')}:{info[key]}"
+        return None
+
     def list(self, suffix: str = "") -> list[str]:
         root = self.path("").rstrip("/")
 
