@@ -68,8 +68,13 @@ class StreamingDataset(IterableDataset):
                  drop_last: bool = False, block_size: int | None = None,
                  shuffle_buffer: int = 1000, fields=None, max_pixels: int = MAX_PIXELS,
                  timeout: float = 60.0, retries: int = 6):
-        if decode not in DECODE_MODES and not (decode == "wds" and self._sample_dicts):
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode not in DECODE_MODES + ("gpu",) and not (decode == "wds" and self._sample_dicts):
+            raise ValueError(f"decode must be one of {DECODE_MODES + ('gpu',)}, got {decode!r}")
+        if decode == "gpu" and (batch_size is None or crop is None or transform is not None):
+            raise ValueError("decode='gpu' makes batches of JPEGs that GpuPrefetcher decodes on "
+                             "its device: it needs batch_size and a crop (RandomResizedCrop or "
+                             "CenterCrop, for one output size), and no transform (which would "
+                             "run on the CPU)")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if remainder not in REMAINDER:
@@ -294,7 +299,14 @@ class StreamingDataset(IterableDataset):
                 items = [next(samples) for _ in range(take)]
                 done += size
                 st.emitted += take
-                yield collate(items, self.with_keys, ring, sink, len(self.fields))
+                if self.decode == "gpu":
+                    from .gpudecode import collate_gpu
+
+                    yield collate_gpu(items, self.crop.size, self.on_error,
+                                      getattr(self.crop, "interpolation", "bilinear"),
+                                      len(self.fields), self.with_keys)
+                else:
+                    yield collate(items, self.with_keys, ring, sink, len(self.fields))
         if skips.samples:
             log.warning("shardkit: %d bad samples skipped (replaced) in epoch %d by worker %d",
                         skips.samples, st.epoch, worker)

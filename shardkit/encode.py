@@ -126,14 +126,12 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a JPEG's frame header, or None when the marker walk fails.
-
-    A few dozen bytes of work instead of Pillow's full header parse; anything unusual (no SOF,
-    broken segment lengths) returns None and the caller falls back to Pillow and its messages.
-    """
+def jpeg_frame(data) -> tuple[int, int, int, int] | None:
+    """``(marker, width, height, components)`` of a JPEG's frame header (SOF0..SOF15), or None
+    when the marker walk fails. A few dozen bytes of work; anything unusual (no SOF, broken
+    segment lengths) returns None and the caller falls back to Pillow and its messages."""
     n, i = len(data), 2
-    if not data.startswith(b"\xff\xd8\xff"):
+    if bytes(data[:3]) != b"\xff\xd8\xff":
         return None
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -147,15 +145,21 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             continue
         length = (data[i + 2] << 8) | data[i + 3]
         if marker in _SOF:
-            if i + 9 > n or length < 8:
+            if i + 10 > n or length < 8:
                 return None
             height = (data[i + 5] << 8) | data[i + 6]
             width = (data[i + 7] << 8) | data[i + 8]
-            return (width, height) if width and height else None
+            return (marker, width, height, data[i + 9]) if width and height else None
         if marker in (0xD9, 0xDA) or length < 2:  # end of image / scan before any frame header
             return None
         i += 2 + length
     return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header, or None (see :func:`jpeg_frame`)."""
+    frame = jpeg_frame(data)
+    return None if frame is None else (frame[1], frame[2])
 
 
 def _encode_raw(item: Item, data: bytes, opts: EncodeOptions):

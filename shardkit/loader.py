@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Iterator, Sequence
 
 import torch
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from .common import available_cpus
 from .dataset import StreamingDataset
+from .gpudecode import GpuBatch
 from .recycle import RecycleSpec, process_start
 from .state import LoaderLink
 from .wds import WdsSource
@@ -175,15 +177,30 @@ class GpuPrefetcher:
     Images travel as uint8 (4x fewer bytes than float32) and become ``(x / 255 - mean) / std`` on
     the device. On CUDA the copy runs on a side stream (``non_blocking``) and the main stream waits
     for it only when the batch is handed out. On other devices it converts in order.
+
+    Batches of a ``decode="gpu"`` dataset hold encoded JPEGs (:class:`shardkit.gpudecode.GpuBatch`):
+    they are decoded here, on ``device``, batched (nvJPEG on CUDA), with the crop boxes the workers
+    drew. ``cpu_decoded`` counts the images a worker decoded because nvJPEG cannot take them,
+    ``fallbacks`` the JPEGs the device refused and Pillow decoded, ``skipped`` the unreadable ones
+    replaced (``on_error="skip"``).
+
+    ``max_ahead`` (CUDA): before handing out a batch, wait (without the GIL) until the GPU has
+    finished the work queued before the batch ``max_ahead`` batches back. A training loop that
+    never synchronizes otherwise queues steps until CUDA's launch queue is full, and then blocks
+    inside a kernel launch holding the GIL, which starves the DataLoader's pin-memory thread
+    and result handling; bounded, the main thread waits where the GIL is free. None: unbounded.
     """
 
     def __init__(self, loader, device="cuda", *, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, max_ahead: int | None = 2):
         self.loader = loader
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.dtype = dtype
+        if max_ahead is not None and (not isinstance(max_ahead, int) or max_ahead < 1):
+            raise ValueError(f"max_ahead must be a positive int or None, got {max_ahead!r}")
+        self.max_ahead = max_ahead
         mean = [0.0, 0.0, 0.0] if mean is None else list(mean)
         std = [1.0, 1.0, 1.0] if std is None else list(std)
         if len(mean) != len(std) or any(s == 0 for s in std):
@@ -194,13 +211,21 @@ class GpuPrefetcher:
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=self.device,
                                    dtype=dtype).view(1, -1, 1, 1)
         self._cuda = self.device.type == "cuda"
+        self.cpu_decoded = self.fallbacks = self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def _convert(self, batch):
         images, *rest = batch
-        images = images.to(self.device, non_blocking=True)
+        if isinstance(images, GpuBatch):  # decode="gpu": JPEGs decoded on this device
+            encoded = images
+            images = encoded.decode(self.device)
+            self.cpu_decoded += encoded.cpu_decoded
+            self.fallbacks += encoded.fallbacks
+            self.skipped += encoded.skipped
+        else:
+            images = images.to(self.device, non_blocking=True)
         # Batches arrive channels-last (see StreamingDataset); the layout change happens here, on
         # the device, on uint8 — never on the CPU.
         if self.channels_last:
@@ -219,14 +244,28 @@ class GpuPrefetcher:
             return
         stream = torch.cuda.Stream(device=self.device)
         pending = None
+        done: deque = deque()  # events: the end of the user's work before each hand-out
         for batch in self.loader:
             with torch.cuda.stream(stream):
                 nxt = self._convert(batch)
             if pending is not None:
+                self._bound(done)
                 yield self._handout(pending, stream)
             pending = nxt
         if pending is not None:
+            self._bound(done)
             yield self._handout(pending, stream)
+
+    def _bound(self, done: deque) -> None:
+        """Record where the user's queued work ends; wait for the one ``max_ahead`` back
+        (``Event.synchronize`` waits without the GIL)."""
+        if self.max_ahead is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        done.append(event)
+        while len(done) > self.max_ahead:
+            done.popleft().synchronize()
 
     def _handout(self, batch, stream):
         current = torch.cuda.current_stream(self.device)

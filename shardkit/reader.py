@@ -157,6 +157,8 @@ class ShardReader:
                     for sample in self._samples(span.shard, offsets, j, stop, tail=fault is None):
                         yield pos + j - span.start, sample
                         j += 1
+                except GeneratorExit:  # closed (matched first: at interpreter exit the module
+                    raise  # globals the next clause names may be gone already)
                 except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                     if not isinstance(exc, ShardError):
                         exc = ShardError(self._url(span.shard), f"corrupt tar data at sample {j}: {exc}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -92,9 +93,11 @@ class Progress:
             self._next_report = time.monotonic() + REPORT_EVERY
             self.report(self.logged)
 
-    def finish(self) -> None:
-        """The iteration is over: log the bad shards found since the last look."""
-        if self.report is not None:
+    def finish(self, _finalizing=sys.is_finalizing) -> None:
+        """The iteration is over: log the bad shards found since the last look (not while the
+        interpreter shuts down: an iterator left open at exit is closed then, when module globals
+        are already gone; hence the function kept as a default argument)."""
+        if self.report is not None and not _finalizing():
             self.report(self.logged)
 
 

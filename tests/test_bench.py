@@ -109,3 +109,26 @@ def _hold(nbytes: int, seconds: float) -> None:
     block = b"\x01" * nbytes  # every page written
     time.sleep(seconds)
     del block
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    """tools/gpu_check.py's code path (every measurement, the checks, one JSON document), tiny
+    and on the CPU, so that it runs when a GPU machine is lent."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu",
+                          "--smoke", "--workers", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report == json.loads((tmp_path / "gpu.json").read_text())
+    assert set(report["results"]) == {"resnet18, raw", "resnet18, tensor256", "resnet50, raw"}
+    raw = report["results"]["resnet18, raw"]
+    assert raw["gpu decode: combined"] > 0 and raw["gpu decode limit"] > 0
+    assert report["checks"]["prefetcher max abs diff vs cpu"] < 1e-4
+    assert report["checks"]["gpu decode mean abs diff (levels)"] < 4

@@ -142,3 +142,25 @@ def test_gpu_prefetcher_on_cuda(source):
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(images.cpu(), (x.float() / 255 - mean) / std, atol=1e-5)
         assert torch.equal(labels.cpu(), y)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_iterator_left_open_at_exit_exits_cleanly(tmp_path, num_workers):
+    """A script that stops reading mid-epoch and exits: no traceback, no crash (the loader's
+    end-of-iteration report ran while the interpreter tore down its modules)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    pack(image_folder(tmp_path / "src", classes=2, per_class=6), tmp_path / "ds",
+         max_samples=4)
+    script = (f"import shardkit\n"
+              f"ds = shardkit.StreamingDataset({str(tmp_path / 'ds')!r}, batch_size=2)\n"
+              f"it = iter(shardkit.make_loader(ds, num_workers={num_workers}))\n"
+              f"next(it)\n"
+              f"print('read one')\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert res.returncode == 0 and "read one" in res.stdout, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
