@@ -341,28 +341,23 @@ def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None,
     return (images, labels, *extras)
 
 
-class _ByValue:
-    """A small array that crosses from a DataLoader worker to the main process inside the
-    result's pickle and becomes a tensor there (``torch.from_numpy``, no copy). A tensor would
-    be moved to shared memory and its file descriptor handed over through the worker's
-    ``resource_sharer`` thread: a round trip to the worker per tensor (about 0.4 ms, in the main
-    process, between two training steps) for 2 KB of labels."""
+class _SmallTensor(torch.Tensor):
+    """A small tensor made in a DataLoader worker that crosses to the main process inside the
+    result's pickle and is a plain tensor there (``torch.from_numpy``, no copy). A plain tensor
+    would be moved to shared memory and its file descriptor handed over through the worker's
+    ``resource_sharer`` thread: a round trip to the worker per tensor (about 0.4 ms in the main
+    process, between two training steps) for 2 KB of labels. In the worker it is a tensor like
+    any other (a ``collate_fn`` or a wrapping dataset may compute with it)."""
 
-    __slots__ = ("array",)
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-    def __reduce__(self):
-        return torch.from_numpy, (self.array,)
+    def __reduce_ex__(self, protocol):
+        return torch.from_numpy, (self.detach().numpy().copy(),)
 
 
-def small_tensor(array: np.ndarray):
-    """``torch.from_numpy(array)``; inside a DataLoader worker an object that becomes that tensor
-    when the main process unpickles the batch (:class:`_ByValue`)."""
-    if get_worker_info() is None:
-        return torch.from_numpy(array)
-    return _ByValue(array)
+def small_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(array)``; inside a DataLoader worker one that pickles by value
+    (:class:`_SmallTensor`)."""
+    tensor = torch.from_numpy(array)
+    return tensor if get_worker_info() is None else tensor.as_subclass(_SmallTensor)
 
 
 def _put(slot: np.ndarray, im) -> bool:

@@ -75,6 +75,11 @@ class StreamingDataset(IterableDataset):
                              "its device: it needs batch_size and a crop (RandomResizedCrop or "
                              "CenterCrop, for one output size), and no transform (which would "
                              "run on the CPU)")
+        if decode == "gpu" and getattr(crop, "interpolation", "bilinear") not in (
+                "bilinear", "bicubic", "nearest"):
+            raise ValueError(f"decode='gpu' resizes on the device with bilinear, bicubic or "
+                             f"nearest interpolation; the crop asks for "
+                             f"{crop.interpolation!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if remainder not in REMAINDER:

@@ -28,13 +28,13 @@ from .decode import CropParams, ImageDecodeError, _crop_params, decode_image, de
 from .encode import jpeg_frame
 from .errors import DecodeError
 
-_NVJPEG_FRAMES = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive Huffman
+_NVJPEG_FRAMES = {0xC0, 0xC2}  # baseline, progressive Huffman (8-bit); SOF1 may be 12-bit
 
 
 def jpeg_header(data) -> tuple[int, int, int] | None:
-    """``(width, height, components)`` of a JPEG nvJPEG can decode (baseline, extended or
-    progressive Huffman; 1 or 3 components), from its frame header; None for anything else
-    (another format, arithmetic or lossless coding, CMYK, a damaged header)."""
+    """``(width, height, components)`` of a JPEG nvJPEG can decode (baseline or progressive
+    Huffman; 1 or 3 components), from its frame header; None for anything else (another
+    format, extended (maybe 12-bit), arithmetic or lossless coding, CMYK, a damaged header)."""
     frame = jpeg_frame(memoryview(data))
     if frame is None or frame[0] not in _NVJPEG_FRAMES or frame[3] not in (1, 3):
         return None
@@ -113,6 +113,8 @@ class GpuBatch:
         if blobs:
             try:
                 images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:  # one bad image fails the whole call: one at a time
                 images = [self._one(b, device) for b in blobs]
             where, boxes = self.where.tolist(), self.boxes.tolist()
@@ -137,6 +139,8 @@ class GpuBatch:
 
         try:
             return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             return None
 

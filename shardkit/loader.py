@@ -224,6 +224,8 @@ class GpuPrefetcher:
             self.cpu_decoded += encoded.cpu_decoded
             self.fallbacks += encoded.fallbacks
             self.skipped += encoded.skipped
+            if encoded.skipped and rest:  # labels of replaced images: the batch's own tensor
+                rest[0] = encoded.labels  # (a pin-memory thread handed on a pinned copy)
         else:
             images = images.to(self.device, non_blocking=True)
         # Batches arrive channels-last (see StreamingDataset); the layout change happens here, on
@@ -261,7 +263,7 @@ class GpuPrefetcher:
         (``Event.synchronize`` waits without the GIL)."""
         if self.max_ahead is None:
             return
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # waits asleep: the cores belong to workers
         event.record(torch.cuda.current_stream(self.device))
         done.append(event)
         while len(done) > self.max_ahead:

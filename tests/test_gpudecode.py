@@ -139,3 +139,22 @@ def test_nvjpeg_batches_match_the_cpu_run_of_the_same_path(raw):
     a, b = torch.cat([g[0] for g in got]), torch.cat([w[0] for w in want])
     assert np.abs((a - b).numpy()).mean() * 255 < 2
     assert pf.fallbacks == 0
+
+
+def test_replaced_labels_reach_the_user_when_a_pin_thread_copied_them(tmp_path):
+    """With pinned memory the DataLoader hands on a pinned copy of the labels, not the tensor
+    GpuBatch patches: the prefetcher must hand out the patched one."""
+    _odd_shards(tmp_path / "odd", corrupt=True)
+    ds = StreamingDataset(tmp_path / "odd", crop=shardkit.CenterCrop(32, resize=40),
+                          decode="gpu", batch_size=6, shuffle=False, on_error="skip")
+    encoded, labels = next(iter(ds))
+    pinned_copy = (encoded, labels.clone())  # what torch's pin_memory() makes of the tuple
+    pf = GpuPrefetcher([pinned_copy], "cpu")
+    images, got = next(iter(pf))
+    assert got.tolist() == [0, 1, 2, 3, 4, 4] and pf.skipped == 1
+
+
+def test_an_interpolation_the_device_cannot_do_is_refused_when_the_dataset_is_made(raw):
+    with pytest.raises(ValueError, match="lanczos"):
+        StreamingDataset(raw, decode="gpu", batch_size=4,
+                         crop=shardkit.RandomResizedCrop(32, interpolation="lanczos"))

@@ -164,3 +164,19 @@ def test_an_iterator_left_open_at_exit_exits_cleanly(tmp_path, num_workers):
                          env=subprocess_env(), timeout=120)
     assert res.returncode == 0 and "read one" in res.stdout, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+
+
+def test_labels_made_in_a_worker_are_tensors_there_and_arrive_as_tensors(tmp_path):
+    """Labels cross from workers by value (no shared memory): in the worker they are still
+    tensors a collate_fn can compute with, and the main process gets plain int64 tensors."""
+    from torch.utils.data import DataLoader
+
+    pack(image_folder(tmp_path / "src", classes=2, per_class=6), tmp_path / "ds",
+         max_samples=4)
+    ds = StreamingDataset(tmp_path / "ds", batch_size=3, decode="uint8", shuffle=False)
+    plain = [b[1] for b in DataLoader(ds, batch_size=None, num_workers=2)]
+    shifted = [b[1] for b in DataLoader(ds, batch_size=None, num_workers=2,
+                                        collate_fn=lambda b: (b[0], b[1].float() + 1))]
+    assert all(type(t) is torch.Tensor and t.dtype == torch.int64 for t in plain)
+    assert all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in shifted)
+    assert [t.tolist() for t in shifted] == [(t + 1).float().tolist() for t in plain]

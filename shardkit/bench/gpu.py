@@ -43,11 +43,27 @@ class Utilization:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        read = self._nvml
         while not self._stop.wait(0.1):
             try:
-                self.samples.append(float(torch.cuda.utilization(self.device)))
-            except Exception:  # noqa: BLE001 - no NVML: utilization unknown, the run goes on
-                return
+                self.samples.append(read())
+            except Exception:  # noqa: BLE001 - no NVML: try nvidia-smi, else unknown
+                if read == self._smi:
+                    return
+                read = self._smi
+
+    def _nvml(self) -> float:
+        return float(torch.cuda.utilization(self.device))
+
+    def _smi(self) -> float:
+        import subprocess
+
+        index = self.device.index if self.device.index is not None else \
+            torch.cuda.current_device()
+        res = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
+                              "--format=csv,noheader,nounits", f"--id={index}"],
+                             capture_output=True, text=True, timeout=5, check=True)
+        return float(res.stdout.strip().splitlines()[0])
 
     def __enter__(self) -> Utilization:
         if self.device.type == "cuda":
@@ -157,16 +173,21 @@ def run(out: Path, *, device: str = "cuda", images: int = 3000, workers: int | N
              "tensor256": shardkit.pack_folder(folder, out / "tensor256", mode="tensor",
                                                size=64 if smoke else 256, max_samples=per,
                                                resume=True, progress=False)}
+    # Every worker needs several batches per epoch, or workers idle and each epoch starts with an
+    # empty pipeline: the shards are listed several times over (hard links, indexed together).
+    copies = max(1, -(-4 * workers * batch_size // images))
+    for kind in packs:
+        packs[kind] = _replicated(out / kind, out / f"{kind}-x{copies}", copies)
     crop_size = 32 if smoke else 224
     report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "torch": torch.__version__, "cpus": available_cpus(), "workers": workers,
                     "batch_size": batch_size, "images": images, "image_size": list(size),
                     "jpeg_bytes_mean": round(packs["raw"].num_bytes / packs["raw"].num_samples),
-                    "results": {}}
+                    "samples_per_epoch": packs["raw"].num_samples, "results": {}}
 
     def prefetched(kind: str, max_ahead=2, **kw):
         """Epoch after epoch of one loader (persistent workers) through a GpuPrefetcher."""
-        ds = shardkit.StreamingDataset(out / kind, batch_size=batch_size, drop_last=True,
+        ds = shardkit.StreamingDataset(packs[kind].base_url, batch_size=batch_size, drop_last=True,
                                        crop=shardkit.RandomResizedCrop(crop_size), **kw)
         pf = shardkit.GpuPrefetcher(shardkit.make_loader(ds, num_workers=workers), dev,
                                     mean=MEAN, std=STD, channels_last=True, max_ahead=max_ahead)
@@ -212,6 +233,20 @@ def run(out: Path, *, device: str = "cuda", images: int = 3000, workers: int | N
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _replicated(folder: Path, dest: Path, copies: int):
+    """``copies`` hard links of each shard of ``folder`` in ``dest``, indexed: one dataset that
+    lists every sample ``copies`` times."""
+    from ..indexer import index_shards
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(folder.glob("*.tar")):
+        for k in range(copies):
+            link = dest / f"copy{k}-{shard.name}"
+            if not link.exists():
+                os.link(shard, link)
+    return index_shards(dest, progress=False, resume=True)
 
 
 def _decode_limit(out: Path, dev: torch.device, batch_size: int, crop_size: int,
