@@ -335,6 +335,8 @@ def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None,
         # (a sink that took a buffer took this batch's turn of the ring: not taken twice)
         taken = sink is not None and sink.out is not None
         images = stack(images, next(iter(shapes)), None if taken else ring)
+    if ring is not None:
+        images = ring.seal(images)  # leaves the worker as a reference to its buffer
     extras = [[it[2 + j] for it in items] for j in range(nfields)]
     if with_keys:
         return (images, labels, *extras, [it[2 + nfields] for it in items])

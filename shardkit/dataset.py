@@ -269,11 +269,10 @@ class StreamingDataset(IterableDataset):
                        self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable)
         ring = None
         if (st.recycle is not None and info is not None and self.batch_size is not None
-                and not self._sample_dicts and not consumed and not st.rest_in_force()):
+                and not self._sample_dicts):
             if self._ring is None:
                 self._ring = st.recycle.ring(worker)
             ring = self._ring
-            ring.begin(len(self) // num_workers)
         return self._items(plan, consumed, samples, sink, ring, skips, worker)
 
     def _items(self, plan, consumed: int, samples: Iterator, sink, ring, skips: Region,

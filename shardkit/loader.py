@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from typing import Iterator, Sequence
 
@@ -11,10 +10,16 @@ from torch.utils.data import DataLoader
 
 from .common import available_cpus
 from .dataset import StreamingDataset
+from .eagerqueue import eager_context
 from .gpudecode import GpuBatch
-from .recycle import RecycleSpec, process_start
+from .recycle import MainRings
 from .state import LoaderLink
 from .wds import WdsSource
+
+
+# Buffers a worker keeps beyond prefetch_factor: the batch it makes, the one the user holds while
+# asking for the next (a for loop's variables), and one released a batch late.
+RING_SPARE = 3
 
 
 class ShardkitLoader(DataLoader):
@@ -29,6 +34,12 @@ class ShardkitLoader(DataLoader):
 
     recycle_batches: bool | None = None
     _link: LoaderLink | None = None
+    _rings: MainRings | None = None  # of persistent workers
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_workers > 0:  # requests and results skip the feeder threads (eagerqueue.py)
+            self.multiprocessing_context = eager_context(self.multiprocessing_context)
 
     def _recycles(self) -> bool:
         if self.num_workers == 0 or not getattr(self, "in_order", True):
@@ -46,34 +57,46 @@ class ShardkitLoader(DataLoader):
         if self._link is None:
             self._link = ds.link_loader(self.num_workers)
         link = self._link
-        received, limit, spec = None, 0, None  # batches handed out per worker, for BatchRing
-        if getattr(self, "_received", None) is not None:
-            self._received.zero_()  # a new iteration; one that recycles nothing shows no counts
-        if self.num_workers and self._recycles() and ds is self.dataset:
-            shared = self._received_counts()
-            received = shared.numpy()
-            # a resumed epoch's workers have unequal counts: no counts, only the age rule then
-            limit = 0 if link.resumed() else _batches(ds) // self.num_workers
-            spec = RecycleSpec(prefetch=self.prefetch_factor, consumer=os.getpid(),
-                               consumer_start=process_start(os.getpid()), received=shared)
+        rings, spec = self._main_rings(ds)
         # A pending global state becomes an exact resume or an elastic rest plan now that the
         # number of workers is known, before the workers copy the dataset.
         # a pipeline between the dataset and this loader (webdataset's, on wds_source) reads
         # ahead of what it hands out: its items are counted here, also without workers
-        with link.iteration(spec, received, limit, count_items=ds is not self.dataset) \
-                as progress:
+        with link.iteration(spec, count_items=ds is not self.dataset) as progress:
             it = super().__iter__()  # starts (or reuses) the workers, which copy the dataset
         if progress is None:  # no worker processes: the dataset counts for itself
             yield from it
             return
-        # While every worker has batches left, item k came from worker k % W (round-robin, in
-        # order); it is marked handed out before the user gets it (still mapped here then).
+        if rings is not None:  # as long as the iterator: its pin thread may unpickle batches
+            it._shardkit_rings = rings  # until it is shut down
+        release = rings.release if rings is not None and self._recycles() else None
         try:
-            for item in it:
+            while True:
+                if release is not None:  # buffers of batches the user dropped: the workers'
+                    release()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    break
                 progress.handed_out()
                 yield item
         finally:  # also when the user stops early
             progress.finish()
+
+    def _main_rings(self, ds):
+        """The :class:`~shardkit.recycle.MainRings` of this iteration's workers, and the spec
+        for workers started now (None when they are running already or recycle nothing).
+        Persistent workers keep the rings they were started with for their life (also through an
+        iteration that recycles nothing: their batches still arrive as ring references)."""
+        starting = not self.persistent_workers or getattr(self, "_iterator", None) is None
+        if not starting:
+            return self._rings, None
+        rings = None
+        if self.num_workers and self._recycles() and ds is self.dataset:
+            rings = MainRings(self.num_workers, self.prefetch_factor + RING_SPARE)
+        if self.persistent_workers:
+            self._rings = rings
+        return rings, None if rings is None else rings.spec()
 
     def state_dict(self) -> dict:
         """Where this loader's epoch stands (the ``state_dict`` / ``load_state_dict`` protocol that
@@ -90,6 +113,7 @@ class ShardkitLoader(DataLoader):
         if getattr(self, "_iterator", None) is not None:  # persistent workers hold old copies
             self._iterator._shutdown_workers()
             self._iterator = None
+            self._rings = None
         self._link = ds.link_loader(self.num_workers)
 
     def _streaming_dataset(self) -> StreamingDataset:
@@ -99,16 +123,6 @@ class ShardkitLoader(DataLoader):
                             f"pipeline on shardkit.wds_source), this loader reads a "
                             f"{type(self.dataset).__name__}")
         return ds
-
-    def _received_counts(self):
-        """Shared counts, one per worker (zeroed by ``__iter__``). Persistent workers keep the
-        array they were started with, so it lives as long as the loader; other workers are
-        started by each iteration and get one of their own (two iterations at once, e.g.
-        ``zip(loader, loader)``, must not read each other's counts)."""
-        if getattr(self, "_received", None) is None or not self.persistent_workers:
-            self._received = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_()
-        return self._received
-
 
 def streaming_dataset_of(dataset) -> StreamingDataset | None:
     """The ``StreamingDataset`` a loader reads: the dataset itself, or the source of a
@@ -121,13 +135,6 @@ def streaming_dataset_of(dataset) -> StreamingDataset | None:
     return None
 
 
-def _batches(ds) -> int:
-    try:
-        return len(ds) if getattr(ds, "batch_size", None) is not None else 0
-    except TypeError:
-        return 0
-
-
 def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | None = None,
                 persistent_workers: bool | None = None, prefetch_factor: int | None = None,
                 recycle_batches: bool | None = None, **kwargs) -> DataLoader:
@@ -137,10 +144,12 @@ def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | N
     persistent workers, ``prefetch_factor=2``. Every one can be overridden; ``kwargs`` go to
     ``DataLoader``. With ``in_memory=True`` the shards are loaded into shared memory first, once.
 
-    ``recycle_batches``: workers write a batch into the shared memory of an earlier one once the
-    main process maps it no more (a fresh buffer's page faults cost more than the copy). The
-    default is on when memory is pinned (the pin thread copies every batch) and off otherwise;
-    ``True`` is safe as long as CPU batches are not sent on to other processes.
+    ``recycle_batches``: workers write a batch into the shared memory of an earlier one once
+    nothing in the main process uses it any more, and the main process keeps those buffers mapped
+    (a batch then crosses as a few numbers: no file descriptor round trip to the worker, no
+    ``mmap``, no page faults; see ``shardkit/recycle.py``). The default is on when memory is
+    pinned (the pin thread copies every batch) and off otherwise; ``True`` is safe as long as CPU
+    batches are not sent on to other processes.
     """
     if num_workers is None:
         num_workers = available_cpus()

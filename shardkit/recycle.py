@@ -1,69 +1,43 @@
-"""Batch memory a DataLoader worker writes again once the main process is done with it.
+"""Batch memory that stays mapped in the main process and that a worker writes again once the main
+process says it is free.
 
-A worker sends each batch to the main process in shared memory. A fresh shared-memory buffer costs
-a page fault per 4 KiB on first write (the kernel zeroes every page; tmpfs gets no huge pages by
-default): for a 38 MB batch of 256 uint8 224×224 images that is ~19 ms, four times the copy
-itself. ``BatchRing`` keeps a worker's last few batch buffers and writes a new batch into one of
-them when, and only when, all of these hold:
+A worker sends each batch to the main process in shared memory. Sent the ordinary way, every batch
+is a new shared-memory file: the worker's page faults on first write (the kernel zeroes every page;
+~19 ms for a 38 MB batch, four times the copy itself), then in the main process a round trip to the
+worker's ``resource_sharer`` thread for the file descriptor (which waits for the worker's GIL while
+it decodes), an ``mmap``, page faults again on first read, and an ``munmap`` when the batch is
+dropped — all in the thread that runs the training step, between two steps.
 
-1. the loader is shardkit's (``make_loader``), iterating in order, and told the worker its
-   ``prefetch_factor`` P and the main process's pid (``ShardkitLoader`` does, for this iteration);
-2. the batch it held has arrived in the main process, not in flight (in the queue, a buffer is
-   mapped nowhere, and check 4 would see nothing). Either the main process says so: the loader
-   counts, in shared memory, the batches of each worker it has handed out (``received``, written
-   before the user gets the batch, so a batch handed out and dropped is reused at once); or it
-   follows from the batch's age: it was this worker's batch j - P - 1 or older (j: the batch
-   being made), and the main process sends a worker its request for batch j only after it has
-   taken batch j - P out of the queue (one new request per batch received, P per worker ahead,
-   round-robin). Both need every worker to have batches left (batch numbers below the smallest
-   worker's count): once one runs out, requests and batches no longer alternate;
-3. nothing in this worker refers to the buffer any more (its storage's use count is the ring's
-   own), and the main process is still the one that started the workers (same pid and start
-   time: workers started by fork, spawn or a forkserver alike);
-4. the main process maps the buffer no more (``/proc/<pid>/maps``, ~0.2 ms per batch): no tensor
-   there, the user's or the pin-memory thread's, still uses it.
+With shardkit's loader (``make_loader``; on by default when memory is pinned), each worker keeps a
+few batch buffers (:class:`BatchRing`, at most ``prefetch_factor + 3``), and the main process keeps
+each of them mapped for the workers' life (:class:`MainRings`):
 
-Anything else gets a fresh buffer, as without the ring. What the checks cannot see is a batch the
-main process hands on to a third process and drops: so the ring is used when the loader pins
-memory (the pin thread copies each batch; the user never holds the shared one) or when the user
-asks for it (``make_loader(recycle_batches=True)``).
+1. The first batch a buffer carries goes with the buffer itself (its file descriptor, once); every
+   later one is a few numbers (:class:`RingBatch`: worker, slot, sequence number, shape and
+   strides) that the main process turns into a tensor over the buffer it holds. No descriptor,
+   no mapping, no page fault, no worker round trip.
+2. A worker writes into a buffer again only when the main process has released the batch it sent
+   in it: before it asks the DataLoader for the next item, the main process looks at each buffer
+   it holds whose last batch it has not released yet, and releases it when nothing else refers
+   to it (its storage's use count is its own: no tensor of the user's or of the pin-memory thread,
+   no view of one). It writes that batch's sequence number into ``released``, one int64 per worker
+   and slot in shared memory, which only the main process writes and only that worker reads.
+3. In the worker, nothing else refers to the buffer either (the batch has been pickled and let go).
+
+A batch arrives before it can be released (the main process releases only what it received), so a
+buffer is never written while in flight. Anything else gets a fresh buffer, as without the ring.
+What the use count cannot see is a batch the main process hands on to a third process and drops:
+so the ring is used when the loader pins memory (the pin thread copies each batch; the user never
+holds the shared one) or when the user asks for it (``make_loader(recycle_batches=True)``).
 """
 
 from __future__ import annotations
 
-import os
+import secrets
+import weakref
 from dataclasses import dataclass
 
 import torch
-
-
-def _shm_name(storage: torch.UntypedStorage) -> str | None:
-    """The path of the file behind a shared storage, as ``/proc/PID/maps`` shows it."""
-    try:
-        fd, _ = storage._share_fd_cpu_()
-        path = os.readlink(f"/proc/self/fd/{fd}")
-    except (OSError, RuntimeError, AttributeError):
-        return None
-    path = path.removesuffix(" (deleted)")
-    return path if path.startswith("/") else None
-
-
-def proc_stat(pid: int | str) -> list[str] | None:
-    """The fields of ``/proc/PID/stat`` from field 3 (state) on, or None when there is no such
-    process (the command name before them may hold spaces and parentheses)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot), or None when there is none: with
-    the pid, it names one process for good (pids are reused, start times with them)."""
-    fields = proc_stat(pid)
-    return None if fields is None else int(fields[19])  # field 22
 
 
 def flat_tensor(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -71,86 +45,154 @@ def flat_tensor(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
+def _use_count(storage: torch.UntypedStorage) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+# The main process's MainRings by token: a RingBatch being unpickled finds its buffers here.
+_LIVE: "weakref.WeakValueDictionary[str, MainRings]" = weakref.WeakValueDictionary()
+
+
+class MainRings:
+    """The main process's side for one set of workers: the buffers they sent, kept mapped, and the
+    shared ``released`` array (workers × slots) it writes."""
+
+    def __init__(self, workers: int, slots: int):
+        self.token = secrets.token_hex(8)
+        self.released = torch.zeros(workers, slots, dtype=torch.int64).share_memory_()
+        self._released = self.released.numpy()
+        # (worker, slot) -> [storage, sequence number of the last batch received in it]
+        self.buffers: dict[tuple[int, int], list] = {}
+        _LIVE[self.token] = self
+
+    def spec(self) -> "RecycleSpec":
+        """What the workers started now need (they copy it with the dataset)."""
+        return RecycleSpec(self.token, self.released)
+
+    def receive(self, worker: int, slot: int, seq: int, storage, dtype, size, stride,
+                offset) -> torch.Tensor:
+        """The tensor of batch ``seq``, over the buffer of ``(worker, slot)`` (``storage``: sent
+        with its first batch, kept from then on). Runs where the result is unpickled: the main
+        thread or the pin-memory thread."""
+        key = (worker, slot)
+        if storage is not None:
+            entry = self.buffers[key] = [storage, 0]
+        else:
+            entry = self.buffers.get(key)
+            if entry is None:
+                raise RuntimeError(f"shardkit: batch buffer {key} of a recycling loader arrived "
+                                   "without its memory (was a worker's batch unpickled twice?)")
+        tensor = torch.empty(0, dtype=dtype).set_(entry[0], offset, size, stride)
+        entry[1] = seq  # after the tensor exists: release() never sees it unused in between
+        return tensor
+
+    def release(self) -> None:
+        """Tell the workers which of their buffers nothing here uses any more."""
+        released = self._released
+        for (worker, slot), (storage, seq) in list(self.buffers.items()):
+            if seq > released[worker, slot] and _use_count(storage) == 1:
+                released[worker, slot] = seq
+
+
+def _receive(token: str, worker: int, slot: int, seq: int, storage, dtype, size, stride,
+             offset) -> torch.Tensor:
+    rings = _LIVE.get(token)
+    if rings is None:
+        if storage is None:
+            raise RuntimeError("shardkit: a recycled batch can only be unpickled by the loader "
+                               "whose workers made it")
+        return torch.empty(0, dtype=dtype).set_(storage, offset, size, stride)
+    return rings.receive(worker, slot, seq, storage, dtype, size, stride, offset)
+
+
+class RingBatch(torch.Tensor):
+    """A batch tensor in a worker's ring buffer. In the worker it is a tensor like any other;
+    pickled for the main process it is the numbers that find its buffer there (plus the buffer
+    itself the first time), and a plain tensor over that buffer once unpickled."""
+
+    _ring_ref: tuple = ()
+
+    def __reduce_ex__(self, protocol):
+        token, worker, slot, seq, first = self._ring_ref
+        storage = self.untyped_storage() if first else None
+        return _receive, (token, worker, slot, seq, storage, self.dtype, tuple(self.shape),
+                          self.stride(), self.storage_offset())
+
+
 @dataclass(frozen=True)
 class RecycleSpec:
-    """What shardkit's loader tells the workers it starts for one iteration: its
-    ``prefetch_factor``, the main process (pid and start time) and the shared ``received``
-    counts (one int64 per worker; see check 2 of the module docstring)."""
+    """What shardkit's loader tells the workers it starts: the token of its :class:`MainRings`
+    and the shared ``released`` array."""
 
-    prefetch: int
-    consumer: int
-    consumer_start: int | None
-    received: torch.Tensor | None = None
+    token: str
+    released: torch.Tensor
 
     def ring(self, worker: int) -> "BatchRing":
         """The :class:`BatchRing` of DataLoader worker ``worker``."""
-        return BatchRing(self.prefetch, self.consumer, self.received, worker, self.consumer_start)
+        return BatchRing(self.token, self.released, worker)
+
+
+@dataclass
+class _Slot:
+    index: int
+    storage: torch.UntypedStorage
+    nbytes: int
+    sent: int = 0  # sequence number of the last batch sent in it
+    announced: bool = False  # the main process has (or will have) its memory
 
 
 class BatchRing:
-    """A worker's recent shared batch buffers (see the module docstring for when one is reused)."""
+    """A worker's batch buffers (see the module docstring for when one is written again)."""
 
-    def __init__(self, prefetch: int, consumer: int, received=None, worker: int = 0,
-                 consumer_start: int | None = None):
-        self.prefetch, self.consumer = int(prefetch), int(consumer)
-        # the consumer's start time (/proc/PID/stat): the pid is that process, not a reused one
-        self.consumer_start = (process_start(self.consumer) if consumer_start is None
-                               else int(consumer_start))
-        # received[worker]: how many of this iteration's batches of this worker the main process
-        # has handed out (a shared int64 array the loader writes; None: rely on the age rule)
-        self.received, self.worker = received, int(worker)
-        self.slots: list[list] = []  # [storage, nbytes, maps name, iteration, batch number]: one size
-        self.iteration = self.batch = self.limit = 0
+    def __init__(self, token: str, released: torch.Tensor, worker: int = 0):
+        self.token, self.worker = token, int(worker)
+        self.released = released  # [workers, slots] int64, written by the main process
+        self.capacity = int(released.shape[1])
+        self.slots: list[_Slot] = []  # one size: full batches; most recently used last
+        self.seq = 0
+        self._taken: _Slot | None = None
         self.reused = self.fresh = 0
 
-    def begin(self, limit: int) -> None:
-        """A new iteration whose every worker yields at least ``limit`` batches."""
-        self.iteration += 1
-        self.batch, self.limit = 0, limit
-
     def take(self, nbytes: int) -> torch.Tensor:
-        """Shared memory for this iteration's next batch, as a flat uint8 tensor (whose life the
-        use count of its storage follows)."""
-        j = self.batch
-        self.batch += 1
-        slot = self._free(nbytes, j)
+        """Shared memory for the next batch, as a flat uint8 tensor; :meth:`seal` the batch made
+        in it before it leaves the worker."""
+        slot = self._free(nbytes)
         if slot is not None:
-            slot[3], slot[4] = self.iteration, j
             self.reused += 1
-            return flat_tensor(slot[0])
-        storage = torch.UntypedStorage._new_shared(nbytes)
-        self.fresh += 1
-        # Kept: full batches only (the largest size seen). A worker's last, partial batch would
-        # push out a buffer the next full batch needs.
-        if self.slots and nbytes > self.slots[-1][1]:
-            self.slots.clear()
-        name = _shm_name(storage)
-        if name is not None and (not self.slots or nbytes == self.slots[-1][1]):
-            self.slots.append([storage, nbytes, name, self.iteration, j])
-            if len(self.slots) > self.prefetch + 1:  # enough: batch j takes batch j - P - 1's
-                del self.slots[0]  # the oldest; whoever still uses it keeps it alive
-        return flat_tensor(storage)
+        else:
+            self.fresh += 1
+            storage = torch.UntypedStorage._new_shared(nbytes)
+            # Kept: full batches only (the largest size seen). A worker's last, partial batch
+            # would push out a buffer the next full batch needs.
+            if self.slots and nbytes > self.slots[0].nbytes:
+                self.slots.clear()  # the main process drops each as a new one takes its slot
+            if len(self.slots) < self.capacity and (not self.slots
+                                                    or nbytes == self.slots[0].nbytes):
+                used = {s.index for s in self.slots}
+                slot = _Slot(min(set(range(self.capacity)) - used), storage, nbytes)
+                self.slots.append(slot)
+        self._taken = slot
+        return flat_tensor(storage if slot is None else slot.storage)
 
-    def _free(self, nbytes: int, j: int) -> list | None:
-        if self.consumer_start is None or process_start(self.consumer) != self.consumer_start:
-            return None
-        # arrived: handed out by the main process, or old enough while all workers are active
-        arrived = min(j, self.limit) - self.prefetch
-        if self.received is not None:
-            arrived = max(arrived, min(int(self.received[self.worker]), self.limit))
-        ready = [s for s in self.slots
-                 if s[1] == nbytes and (s[3] < self.iteration or s[4] < arrived)
-                 and torch._C._storage_Use_Count(s[0]._cdata) == 1]
-        if not ready:
-            return None
-        try:
-            with open(f"/proc/{self.consumer}/maps") as f:
-                maps = f.read()
-        except OSError:
-            return None
-        for s in ready:
-            if s[2] + " " not in maps and s[2] + "\n" not in maps:
+    def seal(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` as it leaves the worker: a :class:`RingBatch` when it lies in the buffer
+        :meth:`take` gave (else unchanged: the buffer was not used and stays free)."""
+        slot, self._taken = self._taken, None
+        if slot is None or images.untyped_storage().data_ptr() != slot.storage.data_ptr():
+            return images
+        self.seq += 1
+        slot.sent = self.seq
+        out = images.as_subclass(RingBatch)
+        out._ring_ref = (self.token, self.worker, slot.index, self.seq, not slot.announced)
+        slot.announced = True
+        return out
+
+    def _free(self, nbytes: int) -> _Slot | None:
+        released = self.released[self.worker]
+        for s in self.slots:
+            if s.nbytes == nbytes and int(released[s.index]) >= s.sent \
+                    and _use_count(s.storage) == 1:
                 self.slots.remove(s)
-                self.slots.append(s)  # most recently used last
+                self.slots.append(s)
                 return s
         return None

@@ -67,28 +67,20 @@ def initialized_dist():
 @dataclass
 class Progress:
     """What shardkit's loader counted in the main process during one iteration: the items (samples
-    or batches) it handed to the user. ``received`` (shared with the workers' ``BatchRing``) holds
-    per worker how many of its batches were handed out, while every worker still has some
-    (items below ``counted``)."""
+    or batches) it handed to the user."""
 
     num_workers: int
     epoch: int
     shift: int = 0
     base: dict[str, int] = field(default_factory=dict)  # per role, consumed before this iteration
     items: int = 0
-    received: np.ndarray | None = None
-    counted: int = 0
     report: Callable[[set], None] | None = None  # logs bad shards not logged yet
     logged: set = field(default_factory=set)
     _next_report: float = 0.0
 
     def handed_out(self) -> None:
         """One more item goes to the user (call it before yielding: the batch is still mapped)."""
-        k = self.items
-        if k < self.counted:
-            w = self.num_workers
-            self.received[k % w] = k // w + 1
-        self.items = k + 1
+        self.items += 1
         if self.report is not None and time.monotonic() >= self._next_report:
             self._next_report = time.monotonic() + REPORT_EVERY
             self.report(self.logged)
@@ -242,13 +234,6 @@ class EpochState:
         return planlib.epoch_plan(sizes, seed=self.seed, epoch=self.epoch, rank=rank,
                                   world_size=world, worker=role, num_workers=num_workers,
                                   **self.settings)
-
-    def rest_in_force(self) -> bool:
-        return self._rest_in_force() is not None
-
-    def resume_pending(self) -> bool:
-        """Whether the next iteration resumes inside its epoch (from a loaded state)."""
-        return not self._advance and self.resume is not None and self.resume["epoch"] == self.epoch
 
     def _rest_in_force(self) -> dict | None:
         rest = self.rest
@@ -513,14 +498,14 @@ class LoaderLink:
         state.resolve_resume(max(1, num_workers))
 
     @contextlib.contextmanager
-    def iteration(self, recycle=None, received: np.ndarray | None = None,
-                  limit: int = 0, count_items: bool = False) -> Iterator[Progress | None]:
+    def iteration(self, recycle=None, count_items: bool = False) -> Iterator[Progress | None]:
         """Around ``DataLoader.__iter__`` (which starts or reuses the workers). Yields None with
         no worker processes (the dataset counts for itself), else the :class:`Progress` to
-        update with :meth:`Progress.handed_out` per item. ``received``/``limit``: the recycle
-        counts (see :class:`Progress`). ``count_items``: count the items handed out even
-        without workers (a pipeline between the dataset and the loader reads ahead of what it
-        hands out: webdataset's ``batched`` takes the next sample before it yields a batch)."""
+        update with :meth:`Progress.handed_out` per item. ``recycle``: the
+        :class:`~shardkit.recycle.RecycleSpec` for workers started now. ``count_items``: count
+        the items handed out even without workers (a pipeline between the dataset and the loader
+        reads ahead of what it hands out: webdataset's ``batched`` takes the next sample before
+        it yields a batch)."""
         st = self._state
         if self.num_workers == 0:  # the dataset iterates in this process
             st.resolve_resume(1)
@@ -538,7 +523,6 @@ class LoaderLink:
         progress = Progress(num_workers=self.num_workers, epoch=st.epoch,
                             shift=resume.get("shift", 0) if resume else 0,
                             base=dict(resume["consumed"]) if resume else {},
-                            received=received, counted=limit * self.num_workers,
                             report=self._report)
         st.recycle, st.managed = recycle, st.epoch
         try:
@@ -547,7 +531,3 @@ class LoaderLink:
             st.recycle, st.managed = None, None  # for this loader's workers only
         st.resume = None
         st.progress = progress
-
-    def resumed(self) -> bool:
-        """Whether the next iteration resumes inside its epoch (the workers' counts differ)."""
-        return self._state.resume_pending()

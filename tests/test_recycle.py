@@ -4,14 +4,18 @@ every test compares the batches with those of a loader that never recycles."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from multiprocessing.reduction import ForkingPickler
+
 from shardkit import RandomResizedCrop, StreamingDataset, make_loader
-from shardkit.recycle import BatchRing
+from shardkit.loader import RING_SPARE
+from shardkit.recycle import BatchRing, MainRings
 
 from _helpers_read import image_folder, pack
 
@@ -63,9 +67,8 @@ def test_released_batches_are_recycled_and_stay_right(source, reference):
             got.append((images.clone(), labels.clone()))
             del images, labels  # released: its memory may come back
         _same(got, reference[epoch])
-    # 2 workers × (prefetch 2 + 1) buffers kept, and a few fresh ones when one was still in use;
-    # without recycling every batch has its own
-    assert len(set(files)) <= 2 * 4 < len(files) == 2 * NUM // BATCH
+    # 2 workers × (prefetch 2 + spare) buffers at most; without recycling every batch has its own
+    assert len(set(files)) <= 2 * (2 + RING_SPARE) < len(files) == 2 * NUM // BATCH
 
 
 def _slow_workers(monkeypatch) -> None:
@@ -86,9 +89,8 @@ def _slow_workers(monkeypatch) -> None:
 
 def test_a_fast_consumer_needs_few_buffers_even_with_a_deep_prefetch(source, reference,
                                                                       monkeypatch):
-    # The main process counts the batches it hands out in shared memory: a worker reuses a
-    # released buffer as soon as the batch reached the user, not prefetch + 1 batches later
-    # (which would take 2 workers x 5 buffers here).
+    # The main process releases a buffer as soon as the user dropped its batch: a worker reuses
+    # it then, not prefetch + 1 batches later (which would take 2 workers x 5 buffers here).
     _slow_workers(monkeypatch)
     ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
     loader = make_loader(ds, num_workers=2, recycle_batches=True, prefetch_factor=4,
@@ -102,10 +104,10 @@ def test_a_fast_consumer_needs_few_buffers_even_with_a_deep_prefetch(source, ref
     assert len(set(files)) < 2 * (4 + 1)
 
 
-def test_counts_of_an_earlier_epoch_never_reach_a_later_one(source, reference):
-    # Persistent workers keep the counts array they were started with. An epoch that recycles
-    # nothing in the main process must not leave them the last epoch's counts: batches that
-    # wait in the queue (the user is slow to start) would be taken for handed out.
+def test_an_epoch_that_recycles_nothing_overwrites_nothing(source, reference):
+    # Persistent workers keep the ring they were started with. An epoch in which the main process
+    # recycles nothing releases nothing: batches waiting in the queue (the user is slow to start)
+    # or held by the user are never written again.
     import time
 
     ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
@@ -122,9 +124,9 @@ def test_counts_of_an_earlier_epoch_never_reach_a_later_one(source, reference):
     _same(held, reference[1])
 
 
-def test_two_iterations_at_once_never_read_each_others_counts(source, reference):
-    # Without persistent workers every iteration starts workers of its own: one that ran to its
-    # end must not make the other's workers take their queued batches for handed out.
+def test_two_iterations_at_once_never_read_each_others_releases(source, reference):
+    # Without persistent workers every iteration starts workers of its own, with rings of their
+    # own: one that ran to its end must not make the other's workers reuse buffers it holds.
     import time
 
     ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
@@ -187,79 +189,113 @@ def test_the_workers_setting_does_not_outlive_their_loader(source):
     assert sum(len(labels) for _, labels in plain) == NUM
 
 
-def test_ring_reuses_only_old_released_buffers_of_full_batches():
-    ring = BatchRing(prefetch=1, consumer=os.getppid())  # nothing there maps our buffers
-    ring.begin(limit=7)
-    p0 = ring.take(1000).data_ptr()  # batch 0, released at once
-    b1 = ring.take(1000)  # batch 1, held
-    b2 = ring.take(1000)  # batch 2: batch 0's buffer is old enough (<= 2 - prefetch - 1), free
-    assert b2.data_ptr() == p0 and ring.reused == 1
-    b3 = ring.take(1000)  # batch 3: batch 1's buffer is old enough but still held: fresh
-    assert b3.data_ptr() not in (p0, b1.data_ptr()) and ring.fresh == 3
-    small = ring.take(600)  # batch 4: a last, partial batch: fresh, and not kept
-    assert ring.fresh == 4 and {s[1] for s in ring.slots} == {1000}
-    assert len(ring.slots) <= 1 + 1  # prefetch + 1 kept at most
-    b5 = ring.take(1000)  # batch 5: the old enough ones are all held: fresh
-    assert b5.data_ptr() not in (b1.data_ptr(), b2.data_ptr(), b3.data_ptr()) and ring.fresh == 5
-    del b1, b2, b3, b5, small
-    ring.take(1000)  # batch 6: an old enough one is free again
-    assert ring.reused == 2
-    ring.begin(limit=7)  # a new iteration: the last one's batches were all delivered
-    ring.take(1000)
-    assert ring.reused == 3
-    ring.take(4000)  # larger batches from now on: the smaller buffers are let go
-    assert {s[1] for s in ring.slots} == {4000}
+def _ring(slots: int = 3):
+    """A worker's ring and the main process's side of it, both in this process."""
+    rings = MainRings(workers=1, slots=slots)
+    return rings, rings.spec().ring(0)
 
 
-def test_ring_past_the_limit_reuses_only_what_arrived_before_it():
-    # Past the smallest worker's count (limit) requests no longer prove arrivals: only batches
-    # older than limit - prefetch count as arrived.
-    ring = BatchRing(prefetch=1, consumer=os.getppid())
-    ring.begin(limit=3)
-    first = ring.take(1000).data_ptr()  # batch 0
-    second = ring.take(1000).data_ptr()  # batch 1
-    assert ring.take(1000).data_ptr() == first  # batch 2 takes batch 0's (2 - 1 - 1 >= 0)
-    assert ring.take(1000).data_ptr() == second  # batch 3 >= limit: batch 1 < 3 - 1 arrived
-    ring.take(1000)  # batch 4: its slots hold batches 2 and 3, not known to have arrived
-    assert ring.fresh == 3 and ring.reused == 2
+def _send(ring: BatchRing, flat: torch.Tensor, shape=(10, 100)) -> bytes:
+    """A batch made in ``flat`` as a worker sends it."""
+    return bytes(ForkingPickler.dumps(ring.seal(flat.view(shape))))
 
 
-def test_ring_reuses_what_the_main_process_says_it_handed_out():
-    received = torch.zeros(2, dtype=torch.int64)
-    ring = BatchRing(prefetch=2, consumer=os.getppid(), received=received, worker=1)
-    ring.begin(limit=10)
-    first = ring.take(1000).data_ptr()  # batch 0
-    received[0] = 5  # another worker's count says nothing about ours
-    ring.take(1000)  # batch 1: batch 0 neither old enough (1 - 2 - 1 < 0) nor handed out
+def test_a_buffer_is_written_again_only_once_the_main_process_released_it():
+    rings, ring = _ring()
+    flat = ring.take(1000)
+    flat.fill_(7)
+    got = ForkingPickler.loads(_send(ring, flat))
+    assert got.shape == (10, 100) and int(got.sum()) == 7000
+    first = flat.data_ptr()
+    del flat
+    assert ring.take(1000).data_ptr() != first  # not released: the main process holds it
     assert ring.fresh == 2
-    received[1] = 1  # our batch 0 has been handed out (and nothing maps it): reused at once,
-    # where the age rule alone would wait until batch 3
-    assert ring.take(1000).data_ptr() == first and ring.reused == 1
+    rings.release()
+    assert int(rings.released[0, 0]) == 0  # `got` still uses it: not released
+    view = got[3]  # a view is enough to keep it in use
+    del got
+    rings.release()
+    assert int(rings.released[0, 0]) == 0
+    del view
+    rings.release()
+    assert int(rings.released[0, 0]) == 1  # batch 1 released
+    again = ring.take(1000)
+    assert again.data_ptr() == first and ring.reused == 1
 
 
-def test_ring_never_reuses_what_its_consumer_maps():
-    # This process plays the main process: it maps every buffer the ring made, so even a buffer
-    # nothing else refers to is not reused.
-    ring = BatchRing(prefetch=0, consumer=os.getpid())
-    ring.begin(limit=10)
-    ring.take(4096)
-    ring.take(4096)
-    ring.take(4096)
-    assert ring.reused == 0 and ring.fresh == 3
+def test_a_buffer_crosses_once_then_only_its_numbers_do():
+    rings, ring = _ring()
+    flat = ring.take(1000)
+    first = _send(ring, flat)
+    ForkingPickler.loads(first)  # received and dropped at once
+    del flat
+    rings.release()
+    flat = ring.take(1000)
+    flat.fill_(3)
+    second = _send(ring, flat, (1000,))
+    assert b"DupFd" in first and b"DupFd" not in second and len(second) < 600
+    got = ForkingPickler.loads(second)
+    assert got.shape == (1000,) and int(got[-1]) == 3
+    assert got.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
-def test_ring_reuses_nothing_once_its_consumer_is_another_process():
-    # A pid names one process only together with its start time: a consumer that ended (its pid
-    # free for reuse) or a start time that does not match means no reuse at all.
-    from shardkit.recycle import process_start
+def test_a_batch_not_made_in_the_buffer_leaves_it_free():
+    rings, ring = _ring()
+    flat = ring.take(1000)
+    other = torch.zeros(10, 100, dtype=torch.uint8)
+    assert type(ring.seal(other)) is torch.Tensor  # the batch went elsewhere: a plain tensor
+    ptr = flat.data_ptr()
+    del flat
+    assert ring.take(1000).data_ptr() == ptr and ring.reused == 1
 
-    parent = os.getppid()
-    ring = BatchRing(prefetch=0, consumer=parent, consumer_start=process_start(parent) + 1)
-    ring.begin(limit=10)
-    for _ in range(3):
-        ring.take(4096)
-    assert ring.reused == 0 and ring.fresh == 3
-    assert process_start(2**22 + 7) is None  # no such process
+
+def test_the_ring_keeps_full_batches_only_and_at_most_its_capacity():
+    rings, ring = _ring(slots=2)
+    held = [ring.take(1000) for _ in range(3)]  # the third finds no free slot and no room
+    assert len(ring.slots) == 2 and ring.fresh == 3
+    small = ring.take(600)  # a last, partial batch: fresh, not kept
+    assert {s.nbytes for s in ring.slots} == {1000}
+    big = ring.take(4000)  # larger batches from now on: the smaller buffers are let go
+    assert [s.nbytes for s in ring.slots] == [4000]
+    del held, small, big
+
+
+def test_a_recycled_batch_unpickled_without_its_loader_is_a_clear_error():
+    rings, ring = _ring()
+    flat = ring.take(1000)
+    ForkingPickler.loads(_send(ring, flat))
+    del flat
+    rings.release()
+    flat = ring.take(1000)
+    later = _send(ring, flat)
+    del rings  # the loader and its rings are gone
+    gc.collect()
+    with pytest.raises(RuntimeError, match="only be unpickled by the loader"):
+        ForkingPickler.loads(later)
+
+
+def test_each_buffer_reaches_the_main_process_once_per_worker_life(source, monkeypatch):
+    # The main process keeps the workers' ring buffers mapped: a batch in one of them crosses as
+    # a few numbers, without a file descriptor fetched from the worker (a round trip that waits
+    # for the worker's GIL) nor an mmap. Without recycling, every batch is a new buffer.
+    from multiprocessing.resource_sharer import DupFd
+
+    fetched = []
+    real = DupFd.detach
+    monkeypatch.setattr(DupFd, "detach", lambda self: fetched.append(1) or real(self))
+    counts = {}
+    for recycle in (True, False):
+        fetched.clear()
+        loader = _loader(source, recycle)
+        batches = 0
+        for _ in range(2):
+            for images, labels in loader:
+                batches += 1
+                del images, labels
+        counts[recycle] = len(fetched)
+    assert batches == 2 * NUM // BATCH
+    assert counts[False] == batches
+    assert counts[True] <= 2 * (2 + RING_SPARE)  # workers x (prefetch + spare) buffers
 
 
 @pytest.mark.parametrize("context", ["spawn", "forkserver"])

@@ -1,0 +1,110 @@
+"""A ``multiprocessing`` queue that writes small items to its pipe in the calling thread.
+
+A ``multiprocessing.Queue`` hands every ``put`` to a feeder thread, which pickles the item and
+writes it to the pipe when it next gets the GIL. The DataLoader sends each worker its next request
+through such a queue, from the main process, right before the training step runs. A step that
+holds the GIL (a CUDA launch blocking on a full queue, a C extension, a long Python stretch) keeps
+the feeder thread from running until it ends, so the worker gets its request one step late and
+the prefetch depth shrinks by one; the same holds in the worker, whose feeder thread waits for the
+GIL while the worker decodes. :class:`EagerQueue` writes an item of a few KB itself, at once,
+when nothing is waiting for the feeder thread (so items still arrive in the order they were
+put); larger items (samples pickled by value) still go through the feeder thread, so that a
+worker never blocks on a full pipe.
+
+``eager_context(ctx)`` is the multiprocessing context (fork, spawn or forkserver, as given) whose
+``Queue()`` is an :class:`EagerQueue`; ``make_loader`` gives it to the DataLoader.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing import queues
+from multiprocessing.context import BaseContext
+from queue import Full
+
+_ForkingPickler = queues._ForkingPickler
+
+EAGER_MAX = 8192  # bytes: far below a pipe's 64 KiB, so P x W requests or results never block
+
+
+class _Pickled(bytes):
+    """An item pickled already, on its way through the feeder thread."""
+
+
+class EagerQueue(queues.Queue):
+    """``multiprocessing.Queue`` whose small items skip the feeder thread (module docstring)."""
+
+    def _reset(self, after_fork: bool = False) -> None:
+        super()._reset(after_fork)
+        self._fed = self._sent = 0  # items handed to the feeder thread / written by it
+        send = self._send_bytes
+
+        def counted(data) -> None:
+            try:
+                send(data)
+            finally:
+                self._sent += 1
+
+        self._send_bytes = counted
+
+    def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        data = _dumps(obj)
+        if len(data) > EAGER_MAX or self._fed != self._sent:  # behind others: keep the order
+            self._fed += 1
+            try:
+                super().put(_Pickled(data), block, timeout)
+            except BaseException:
+                self._fed -= 1
+                raise
+            return
+        if not self._sem.acquire(block, timeout):
+            raise Full
+        if self._wlock is None:
+            self._writer.send_bytes(data)
+        else:
+            with self._wlock:
+                self._writer.send_bytes(data)
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        item = super().get(block, timeout)
+        return _ForkingPickler.loads(item) if isinstance(item, _Pickled) else item
+
+
+def _dumps(obj) -> bytes:
+    """``obj`` pickled. A DataLoader worker's ``(task, result)`` that cannot be pickled becomes
+    ``(task, the error)``, which the main process raises with the worker's traceback (the
+    feeder thread would print it and drop the result: a loader waiting for it forever)."""
+    try:
+        return _ForkingPickler.dumps(obj)
+    except Exception:
+        if not (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], int)):
+            raise
+        from torch._utils import ExceptionWrapper
+
+        return _ForkingPickler.dumps((obj[0], ExceptionWrapper(
+            where="in a DataLoader worker, pickling its result for the main process")))
+
+
+_CONTEXTS: dict[type, type] = {}
+
+
+class _EagerContext:
+    def Queue(self, maxsize: int = 0) -> EagerQueue:  # noqa: N802 (multiprocessing's name)
+        return EagerQueue(maxsize, ctx=self.get_context())
+
+
+def eager_context(ctx: BaseContext | str | None = None) -> BaseContext:
+    """The multiprocessing context ``ctx`` (a context, a start method's name, or None for the
+    default) with :class:`EagerQueue` queues."""
+    base = ctx if isinstance(ctx, BaseContext) else multiprocessing.get_context(ctx)
+    if isinstance(base, _EagerContext):
+        return base
+    cls = _CONTEXTS.get(type(base))
+    if cls is None:
+        cls = _CONTEXTS[type(base)] = type(f"Eager{type(base).__name__}",
+                                           (_EagerContext, type(base)), {})
+    eager = cls.__new__(cls)
+    eager.__dict__.update(base.__dict__)
+    return eager

@@ -1,0 +1,71 @@
+"""The DataLoader's queues in shardkit's loader (shardkit/eagerqueue.py): small items are written by
+the caller at once, large ones by the feeder thread, and every item arrives, whole and in order."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+from shardkit.eagerqueue import EAGER_MAX, EagerQueue, eager_context
+from shardkit.loader import ShardkitLoader
+
+
+def _items(n: int) -> list:
+    # small and large (pickled by value, through the feeder thread) in turns, so that a small
+    # one often follows a large one still waiting for the feeder
+    return [(i, b"x" * (3 * EAGER_MAX if i % 3 == 0 else 10) + bytes([i % 251]))
+            for i in range(n)]
+
+
+def _produce(queue: EagerQueue, n: int) -> None:
+    for item in _items(n):
+        queue.put(item)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_items_arrive_whole_and_in_order_across_processes(method):
+    ctx = eager_context(method)
+    queue = ctx.Queue()
+    assert isinstance(queue, EagerQueue)
+    child = ctx.Process(target=_produce, args=(queue, 200))
+    child.start()
+    got = [queue.get(timeout=30) for _ in range(200)]
+    child.join(30)
+    assert got == _items(200)
+
+
+def test_items_arrive_in_order_within_a_process():
+    queue = eager_context().Queue()
+    for item in _items(50):
+        queue.put(item)
+    assert [queue.get(timeout=10) for _ in range(50)] == _items(50)
+    with pytest.raises(Exception):  # queue.Empty
+        queue.get(timeout=0.05)
+
+
+def test_the_context_keeps_the_start_method():
+    assert eager_context("spawn").get_start_method() == "spawn"
+    assert eager_context(None).get_start_method() == multiprocessing.get_start_method()
+    ctx = eager_context("forkserver")
+    assert eager_context(ctx) is ctx
+    loader = ShardkitLoader(range(4), num_workers=1, multiprocessing_context="spawn")
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+
+
+class _Unpicklable(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield 1
+        yield lambda: None  # a result that cannot cross to the main process
+
+
+def test_a_worker_result_that_cannot_be_pickled_is_raised_not_waited_for():
+    # multiprocessing's feeder thread prints such an error and drops the item: the loader would
+    # wait for it forever (here: until its timeout)
+    loader = ShardkitLoader(_Unpicklable(), batch_size=None, num_workers=1, timeout=60)
+    it = iter(loader)
+    assert next(it) == 1
+    with pytest.raises(Exception, match="pickling its result") as info:
+        next(it)
+    assert "lambda" in str(info.value)
