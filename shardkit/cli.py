@@ -361,6 +361,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="sweep num_workers and prefetch on SOURCE (a dataset) and name the bottleneck")
     p.add_argument("--s3", action="store_true",
                    help="local disk against a local S3 server (moto, own process): cold, no, warm cache")
+    p.add_argument("--index", action="store_true",
+                   help="time `shardkit index` on SOURCE (a folder of .tar shards; default: the "
+                        "synthetic folder packed raw) against `cat` of the same files, warm and cold")
 
 
 def _bench(args) -> int:
@@ -377,6 +380,16 @@ def _bench(args) -> int:
                         batch_size=args.batch_size, workers=args.workers, repeats=args.repeats)
         print(format_s3_report(report))
         print(f"(JSON: {Path(args.out) / 'bench-s3.json'})")
+        return 0
+    if args.index:
+        from .bench.indexspeed import format_index_report, run_index
+
+        report = run_index(Path(args.source) if args.source else None, Path(args.out),
+                           classes=args.classes, per_class=args.per_class, workers=args.workers,
+                           repeats=args.repeats)
+        print(format_index_report(report))
+        (Path(args.out) / "bench-index.json").write_text(json.dumps(report, indent=1))
+        print(f"(JSON: {Path(args.out) / 'bench-index.json'})")
         return 0
     if args.auto:
         if not args.source:

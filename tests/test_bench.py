@@ -132,3 +132,19 @@ def test_gpu_check_runs_on_the_cpu_in_smoke_mode(tmp_path):
     assert raw["gpu decode: combined"] > 0 and raw["gpu decode limit"] > 0
     assert report["checks"]["prefetcher max abs diff vs cpu"] < 1e-4
     assert report["checks"]["gpu decode mean abs diff (levels)"] < 4
+    index = report["index speed"]  # shardkit index against cat, on the raw shards
+    assert 0 < index["samples"] <= report["images"], index
+    assert index["ratios"]["index / cat, warm"] > 0, index
+
+
+def test_index_bench_tiny_times_cat_and_index_on_the_same_shards(tmp_path, capsys):
+    code = main(["bench", "--index", "--out", str(tmp_path), "--classes", "2", "--per-class",
+                 "6", "--repeats", "1", "--workers", "1"])
+    assert code == 0
+    report = json.loads((tmp_path / "bench-index.json").read_text())
+    assert report["samples"] == 12 and report["shards"] >= 1
+    assert set(report["seconds"]) == {"cat warm", "index warm", "cat cold", "index cold"}
+    assert all(v > 0 for v in report["ratios"].values())
+    shards = sorted(p.name for p in (tmp_path / "index-shards").iterdir())
+    assert shards and all(name.endswith(".tar") for name in shards)  # plain shards, no index
+    assert "index / cat, warm" in capsys.readouterr().out
