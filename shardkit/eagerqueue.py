@@ -6,10 +6,11 @@ through such a queue, from the main process, right before the training step runs
 holds the GIL (a CUDA launch blocking on a full queue, a C extension, a long Python stretch) keeps
 the feeder thread from running until it ends, so the worker gets its request one step late and
 the prefetch depth shrinks by one; the same holds in the worker, whose feeder thread waits for the
-GIL while the worker decodes. :class:`EagerQueue` writes an item of a few KB itself, at once,
-when nothing is waiting for the feeder thread (so items still arrive in the order they were
-put); larger items (samples pickled by value) still go through the feeder thread, so that a
-worker never blocks on a full pipe.
+GIL while the worker decodes. :class:`EagerQueue` writes an item of up to 4 KB itself, at once,
+when that cannot block (nothing waits for the feeder thread, so order is kept; no other process
+holds the write lock; the pipe has room); everything else still goes through the feeder thread,
+so no ``put`` ever blocks (the DataLoader's shutdown relies on that: it puts into a result queue
+that workers may have filled).
 
 ``eager_context(ctx)`` is the multiprocessing context (fork, spawn or forkserver, as given) whose
 ``Queue()`` is an :class:`EagerQueue`; ``make_loader`` gives it to the DataLoader.
@@ -18,13 +19,16 @@ worker never blocks on a full pipe.
 from __future__ import annotations
 
 import multiprocessing
+import select
 from multiprocessing import queues
 from multiprocessing.context import BaseContext
 from queue import Full
 
 _ForkingPickler = queues._ForkingPickler
 
-EAGER_MAX = 8192  # bytes: far below a pipe's 64 KiB, so P x W requests or results never block
+# bytes: with send_bytes' 4-byte header, one write of at most PIPE_BUF (4096), which a pipe that
+# polls writable takes whole at once: written directly, an item never blocks the caller
+EAGER_MAX = 4092
 
 
 class _Pickled(bytes):
@@ -36,14 +40,14 @@ class EagerQueue(queues.Queue):
 
     def _reset(self, after_fork: bool = False) -> None:
         super()._reset(after_fork)
-        self._fed = self._sent = 0  # items handed to the feeder thread / written by it
+        counts = self._counts = [0, 0]  # items handed to the feeder thread / written by it
         send = self._send_bytes
 
-        def counted(data) -> None:
+        def counted(data) -> None:  # no reference to self: the queue is freed by refcount
             try:
                 send(data)
             finally:
-                self._sent += 1
+                counts[1] += 1
 
         self._send_bytes = counted
 
@@ -51,21 +55,33 @@ class EagerQueue(queues.Queue):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         data = _dumps(obj)
-        if len(data) > EAGER_MAX or self._fed != self._sent:  # behind others: keep the order
-            self._fed += 1
-            try:
-                super().put(_Pickled(data), block, timeout)
-            except BaseException:
-                self._fed -= 1
-                raise
+        counts = self._counts
+        if len(data) <= EAGER_MAX and counts[0] == counts[1] and self._eager(data, block,
+                                                                               timeout):
             return
+        counts[0] += 1  # behind others, too large, or the pipe is busy: the feeder thread
+        try:
+            super().put(_Pickled(data), block, timeout)
+        except BaseException:
+            counts[0] -= 1
+            raise
+
+    def _eager(self, data: bytes, block, timeout) -> bool:
+        """Write ``data`` now if that cannot block (the lock is free, the pipe has room)."""
         if not self._sem.acquire(block, timeout):
             raise Full
-        if self._wlock is None:
+        if self._wlock is not None and not self._wlock.acquire(False):
+            self._sem.release()
+            return False
+        try:
+            if not select.select([], [self._writer], [], 0)[1]:  # full: a PIPE_BUF write fits
+                self._sem.release()  # when the pipe polls writable
+                return False
             self._writer.send_bytes(data)
-        else:
-            with self._wlock:
-                self._writer.send_bytes(data)
+            return True
+        finally:
+            if self._wlock is not None:
+                self._wlock.release()
 
     def get(self, block: bool = True, timeout: float | None = None):
         item = super().get(block, timeout)

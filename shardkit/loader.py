@@ -12,7 +12,7 @@ from .common import available_cpus
 from .dataset import StreamingDataset
 from .eagerqueue import eager_context
 from .gpudecode import GpuBatch
-from .recycle import MainRings
+from .recycle import MainRings, ring_slots
 from .state import LoaderLink
 from .wds import WdsSource
 
@@ -36,11 +36,6 @@ class ShardkitLoader(DataLoader):
     _link: LoaderLink | None = None
     _rings: MainRings | None = None  # of persistent workers
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.num_workers > 0:  # requests and results skip the feeder threads (eagerqueue.py)
-            self.multiprocessing_context = eager_context(self.multiprocessing_context)
-
     def _recycles(self) -> bool:
         if self.num_workers == 0 or not getattr(self, "in_order", True):
             return False
@@ -50,6 +45,9 @@ class ShardkitLoader(DataLoader):
         return bool(self.pin_memory) and torch.cuda.is_available()
 
     def __iter__(self) -> Iterator:
+        if self.num_workers > 0:  # requests and results skip the feeder threads (eagerqueue.py);
+            # the default start method is resolved now, as the DataLoader would
+            self.multiprocessing_context = eager_context(self.multiprocessing_context)
         ds = streaming_dataset_of(self.dataset)
         if ds is None:
             yield from super().__iter__()
@@ -92,8 +90,9 @@ class ShardkitLoader(DataLoader):
         if not starting:
             return self._rings, None
         rings = None
-        if self.num_workers and self._recycles() and ds is self.dataset:
-            rings = MainRings(self.num_workers, self.prefetch_factor + RING_SPARE)
+        slots = ring_slots(self.num_workers, self.prefetch_factor + RING_SPARE)
+        if self.num_workers and self._recycles() and ds is self.dataset and slots:
+            rings = MainRings(self.num_workers, slots)
         if self.persistent_workers:
             self._rings = rings
         return rings, None if rings is None else rings.spec()

@@ -49,6 +49,33 @@ def _use_count(storage: torch.UntypedStorage) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
+def ring_slots(workers: int, wanted: int) -> int:
+    """How many buffers each of ``workers`` may keep: ``wanted``, unless the file descriptors the
+    main process may open cannot take them (each buffer kept mapped there holds one). The soft
+    limit is raised towards the hard one first, as far as a quarter of it covers the buffers;
+    fewer than 2 buffers a worker: 0, no recycling."""
+    if workers <= 0:
+        return 0
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return wanted
+    need = 4 * workers * wanted + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    slots = min(wanted, max(0, (soft - 256) // (4 * workers)))
+    return slots if slots >= 2 else 0
+
+
 # The main process's MainRings by token: a RingBatch being unpickled finds its buffers here.
 _LIVE: "weakref.WeakValueDictionary[str, MainRings]" = weakref.WeakValueDictionary()
 
@@ -105,6 +132,10 @@ def _receive(token: str, worker: int, slot: int, seq: int, storage, dtype, size,
     return rings.receive(worker, slot, seq, storage, dtype, size, stride, offset)
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class RingBatch(torch.Tensor):
     """A batch tensor in a worker's ring buffer. In the worker it is a tensor like any other;
     pickled for the main process it is the numbers that find its buffer there (plus the buffer
@@ -113,6 +144,9 @@ class RingBatch(torch.Tensor):
     _ring_ref: tuple = ()
 
     def __reduce_ex__(self, protocol):
+        if not self._ring_ref:  # derived in the worker (a collate_fn's .float(), a view): a
+            # plain tensor (torch's own reduction); its slot stays unreleased, never rewritten
+            return _plain, (self.as_subclass(torch.Tensor),)
         token, worker, slot, seq, first = self._ring_ref
         storage = self.untyped_storage() if first else None
         return _receive, (token, worker, slot, seq, storage, self.dtype, tuple(self.shape),

@@ -51,7 +51,66 @@ def test_the_context_keeps_the_start_method():
     ctx = eager_context("forkserver")
     assert eager_context(ctx) is ctx
     loader = ShardkitLoader(range(4), num_workers=1, multiprocessing_context="spawn")
+    assert sorted(int(x) for x in loader) == [0, 1, 2, 3]
+    assert isinstance(loader.multiprocessing_context.Queue(), EagerQueue)
     assert loader.multiprocessing_context.get_start_method() == "spawn"
+
+
+def test_a_loader_leaves_the_default_start_method_open_until_it_iterates():
+    # a plain DataLoader resolves the default context when it iterates, not when it is made:
+    # multiprocessing.set_start_method() after making one must still work
+    loader = ShardkitLoader(range(4), num_workers=1)
+    assert loader.multiprocessing_context is None
+
+
+def _fill(queue: EagerQueue) -> None:  # a worker whose results nobody reads any more
+    for i in range(40):
+        queue.put((i, b"x" * 4000))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_put_never_blocks_even_when_the_pipe_is_full(method):
+    # The DataLoader's shutdown puts (None, None) into the result queue to wake its pin thread;
+    # workers may have filled the pipe (64 KiB) and wait in a write, holding the write lock.
+    import threading
+    import time
+
+    ctx = eager_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=_fill, args=(queue,), daemon=True)
+    child.start()
+    deadline = time.monotonic() + 30
+    while child.is_alive() and time.monotonic() < deadline and queue.qsize() < 17:
+        time.sleep(0.05)  # 17 items of 4 KB: the pipe is full, the child blocks
+    time.sleep(0.2)
+    done = threading.Event()
+    threading.Thread(target=lambda: (queue.put((None, None)), done.set()), daemon=True).start()
+    try:
+        assert done.wait(5), "put() blocked on a full pipe"
+    finally:
+        child.kill()
+        child.join()
+        queue.cancel_join_thread()  # as the DataLoader does: its feeder may wait on the pipe
+
+
+def test_a_dropped_queue_closes_its_pipe_without_the_cycle_collector():
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.disable()
+    try:
+        before = open_fds()
+        for _ in range(20):
+            queue = eager_context().Queue()
+            queue.put(1)
+            assert queue.get(timeout=5) == 1
+            del queue
+        assert open_fds() - before < 4
+    finally:
+        gc.enable()
 
 
 class _Unpicklable(torch.utils.data.IterableDataset):

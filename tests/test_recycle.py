@@ -342,3 +342,42 @@ def test_each_batch_takes_the_ring_once(tensor_source, monkeypatch, crop):
     loader = make_loader(ds, num_workers=2, recycle_batches=True, pin_memory=False)
     batches = [len(labels) for _, labels in loader]
     assert sum(batches) == 24 and int(takes.sum()) == len(batches)
+
+
+def _to_float(batch):
+    """A collate_fn (it runs in the worker, on the batch made in a ring buffer)."""
+    images, labels = batch
+    return images.float().div_(255), labels[:2], images[:2]
+
+
+def test_a_collate_fn_computing_on_a_recycled_batch_gets_plain_tensors(source, reference):
+    # A tensor made from the ring's batch in the worker (a new one, or a view that shares its
+    # buffer) crosses the ordinary way; a buffer a view shares is never written again.
+    ds = StreamingDataset(source, batch_size=BATCH, crop=RandomResizedCrop(16), seed=3)
+    loader = make_loader(ds, num_workers=2, recycle_batches=True, pin_memory=False,
+                         collate_fn=_to_float)
+    got = list(loader)
+    assert len(got) == NUM // BATCH
+    for (floats, labels, views), (ref_images, ref_labels) in zip(got, reference[0]):
+        assert type(floats) is torch.Tensor and type(views) is torch.Tensor
+        assert torch.equal(floats, ref_images.float() / 255)
+        assert torch.equal(views, ref_images[:2]) and torch.equal(labels, ref_labels[:2])
+
+
+def test_the_buffers_kept_fit_the_file_descriptor_limit(monkeypatch):
+    import resource
+
+    from shardkit.recycle import ring_slots
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert ring_slots(2, 5) == 5
+    assert ring_slots(0, 5) == 0
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 1024))
+    monkeypatch.setattr(resource, "setrlimit", lambda *a: calls.append(a))
+    assert ring_slots(16, 5) == 5  # 4 x 16 x 5 + 256 = 576 fits a quarter of 1,024
+    assert ring_slots(192, 5) == 0  # 192 workers: not even 2 buffers each
+    assert ring_slots(64, 5) == 3  # (1024 - 256) // (4 x 64)
+    assert not calls  # the hard limit is 1,024: nothing to raise
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 65536))
+    assert ring_slots(192, 5) == 5 and calls[-1] == (resource.RLIMIT_NOFILE, (4096, 65536))
