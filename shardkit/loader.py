@@ -90,9 +90,9 @@ class ShardkitLoader(DataLoader):
         if not starting:
             return self._rings, None
         rings = None
-        slots = ring_slots(self.num_workers, self.prefetch_factor + RING_SPARE)
-        if self.num_workers and self._recycles() and ds is self.dataset and slots:
-            rings = MainRings(self.num_workers, slots)
+        if self.num_workers and self._recycles() and ds is self.dataset:
+            slots = ring_slots(self.num_workers, self.prefetch_factor + RING_SPARE)
+            rings = MainRings(self.num_workers, slots) if slots else None
         if self.persistent_workers:
             self._rings = rings
         return rings, None if rings is None else rings.spec()
