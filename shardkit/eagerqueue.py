@@ -55,6 +55,10 @@ class EagerQueue(queues.Queue):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         data = _dumps(obj)
+        if self._thread is None:  # started by the first put, as in multiprocessing's queue: a
+            with self._notempty:  # process's threads do not change later, when an item first
+                if self._thread is None:  # has to take the feeder's way
+                    self._start_thread()
         counts = self._counts
         if len(data) <= EAGER_MAX and counts[0] == counts[1] and self._eager(data, block,
                                                                                timeout):
@@ -74,11 +78,14 @@ class EagerQueue(queues.Queue):
             self._sem.release()
             return False
         try:
-            if not select.select([], [self._writer], [], 0)[1]:  # full: a PIPE_BUF write fits
-                self._sem.release()  # when the pipe polls writable
+            if self._writer.closed or not select.select([], [self._writer], [], 0)[1]:
+                self._sem.release()  # full (a PIPE_BUF write fits when it polls writable)
                 return False
             self._writer.send_bytes(data)
             return True
+        except OSError:  # the pipe is closed (the feeder's exit finalizer ran) or broken: the
+            self._sem.release()  # feeder's way, which handles it as multiprocessing does
+            return False
         finally:
             if self._wlock is not None:
                 self._wlock.release()

@@ -128,3 +128,18 @@ def test_a_worker_result_that_cannot_be_pickled_is_raised_not_waited_for():
     with pytest.raises(Exception, match="pickling its result") as info:
         next(it)
     assert "lambda" in str(info.value)
+
+
+def test_a_put_after_the_exit_finalizer_closed_the_pipe_is_quiet():
+    # At interpreter exit multiprocessing's finalizer stops the feeder thread, which closes the
+    # pipe; a DataLoader iterator collected after that still puts None for each worker. The
+    # stock queue drops it quietly; so must this one (an exception there, inside a garbage
+    # collection, even broke CPython's AST compiler in a test run).
+    queue = eager_context().Queue()
+    queue.put(1)
+    assert queue.get(timeout=5) == 1
+    queue._close()  # what the exit handler runs (Finalize, exitpriority 10)
+    queue._thread.join(5)
+    assert queue._writer.closed
+    queue.put(None)  # no OSError
+    queue.cancel_join_thread()
