@@ -80,17 +80,13 @@ class SampleDecoder:
         else:
             raw = bytes(raw).strip()
             if self.label_names is None:
-                if not (0 < len(raw) <= 10 and raw.isdigit()):
-                    raise ImageDecodeError(f"class label {raw[:20]!r} is not a number")
-                return int(raw)
+                return _number(raw)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ImageDecodeError(f"its .{self.label_field} is not text") from None
         if self.label_names is None:
-            if not (0 < len(text) <= 10 and text.isdigit()):
-                raise ImageDecodeError(f"class label {text[:20]!r} is not a number")
-            return int(text)
+            return _number(text)
         index = self.label_names.get(text)
         if index is None:
             raise ImageDecodeError(f"label {text[:40]!r} is not one of the manifest's classes")
@@ -158,6 +154,14 @@ class SampleDecoder:
         if self.with_keys:
             return (image, label, *extras, key)
         return (image, label, *extras)
+
+
+def _number(text: str | bytes) -> int:
+    """A class label written as a number: 1-10 ASCII digits (``str.isdigit`` alone would take
+    other scripts' digits)."""
+    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
+        raise ImageDecodeError(f"class label {text[:20]!r} is not a number")
+    return int(text)
 
 
 def field_kinds(fields) -> dict[str, str]:

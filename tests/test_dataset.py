@@ -348,3 +348,20 @@ def test_a_center_crop_larger_than_the_image_is_padded_as_torchvision_pads(tmp_p
             assert im.shape == ref.shape == (3, 48, 48)
             assert torch.equal(im.sum(0) == 0, ref.sum(0) == 0)  # the same zero borders
             assert (im.float() - ref.float()).abs().mean() < 8
+
+
+def test_class_labels_that_are_numbers_are_ascii_digits_only():
+    from shardkit.assembly import SampleDecoder
+    from shardkit.decode import ImageDecodeError
+
+    decoder = SampleDecoder(decode="raw", crop=None, transform=None, with_keys=False,
+                            max_pixels=1 << 20, fast=False)
+    assert decoder.label({"cls": b" 7\n"}) == 7 and decoder.label({}) == -1
+    for bad in ("٣".encode(), b"-1", b"", b"12345678901", b"3a"):
+        with pytest.raises(ImageDecodeError, match="not a number"):
+            decoder.label({"cls": bad})
+    decoder.configure({"json": "y"}, None)  # labels from a JSON key, as numbers
+    assert decoder.label({"json": b'{"y": 3}'}) == 3
+    assert decoder.label({"json": b'{"y": "4"}'}) == 4
+    with pytest.raises(ImageDecodeError, match="not a number"):
+        decoder.label({"json": '{"y": "٣"}'.encode()})  # Arabic-Indic 3: isdigit() says yes
