@@ -27,9 +27,10 @@ class ShardkitLoader(DataLoader):
 
     That count is what makes ``dataset.state_dict()`` exact with worker processes: the loader hands
     out worker results round-robin, so the items consumed per worker follow from the total.
-    The same round-robin lets workers write batches into buffers the main process is done with
-    (``recycle_batches``; see ``shardkit/recycle.py``). It talks to the dataset through one
-    object, :meth:`StreamingDataset.link_loader`'s :class:`~shardkit.state.LoaderLink`.
+    With ``recycle_batches`` it keeps the workers' batch buffers mapped and, before each item,
+    releases those nothing here uses any more, for the workers to write again (``MainRings``;
+    see ``shardkit/recycle.py``). It talks to the dataset through one object,
+    :meth:`StreamingDataset.link_loader`'s :class:`~shardkit.state.LoaderLink`.
     """
 
     recycle_batches: bool | None = None
@@ -122,6 +123,7 @@ class ShardkitLoader(DataLoader):
                             f"pipeline on shardkit.wds_source), this loader reads a "
                             f"{type(self.dataset).__name__}")
         return ds
+
 
 def streaming_dataset_of(dataset) -> StreamingDataset | None:
     """The ``StreamingDataset`` a loader reads: the dataset itself, or the source of a
