@@ -33,6 +33,16 @@ def pack(src: Path, dest: Path, **kw) -> shardkit.Manifest:
     return shardkit.pack_folder(src, dest, **kw)
 
 
+def packed_raw(tmp_path_factory, *, classes: int, per_class: int, max_samples: int,
+               size=(32, 24)) -> Path:
+    """A raw-mode dataset of a generated class folder, in a fresh temporary folder."""
+    src = image_folder(tmp_path_factory.mktemp("src"), classes=classes, per_class=per_class,
+                       size=size)
+    dest = tmp_path_factory.mktemp("ds")
+    pack(src, dest, mode="raw", max_samples=max_samples)
+    return dest
+
+
 def all_keys(source) -> list[str]:
     """Every key of a dataset, in storage order (read directly from the shards' tar files)."""
     return [key for key, _ in iter_samples(source)]

@@ -26,7 +26,7 @@ import shardkit
 from shardkit import StreamingDataset, make_loader
 from shardkit.plan import epoch_plan, remaining_spans, rest_plan, rest_stream
 
-from _helpers_read import all_keys, duplicates, image_folder, keys_of, pack
+from _helpers_read import all_keys, duplicates, keys_of, packed_raw
 
 # --------------------------------------------------------------------------- pure: rest plans
 
@@ -150,9 +150,7 @@ KW = dict(decode="raw", with_keys=True, batch_size=4, block_size=4, shuffle_buff
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    src = image_folder(tmp_path_factory.mktemp("src"), classes=2, per_class=31, size=(8, 8))
-    dest = tmp_path_factory.mktemp("ds")
-    pack(src, dest, mode="raw", max_samples=8)
+    dest = packed_raw(tmp_path_factory, classes=2, per_class=31, max_samples=8, size=(8, 8))
     assert len(shardkit.Manifest.load(dest).shards) == 8
     return dest
 

@@ -13,16 +13,14 @@ from torch.utils.data import get_worker_info
 import shardkit
 from shardkit import GpuPrefetcher, RandomResizedCrop, StreamingDataset, make_loader
 
-from _helpers_read import image_folder, pack
+from _helpers_read import image_folder, pack, packed_raw
 
 NUM = 60
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    src = image_folder(tmp_path_factory.mktemp("src"), classes=4, per_class=15)
-    dest = tmp_path_factory.mktemp("ds")
-    pack(src, dest, mode="raw", max_samples=7)
+    dest = packed_raw(tmp_path_factory, classes=4, per_class=15, max_samples=7)
     assert len(shardkit.Manifest.load(dest).shards) == 9
     return dest
 

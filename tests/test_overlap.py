@@ -19,7 +19,7 @@ import pytest
 from shardkit import RandomResizedCrop, StreamingDataset, make_loader
 from shardkit.assembly import SampleDecoder
 
-from _helpers_read import image_folder, pack
+from _helpers_read import packed_raw
 
 NUM, BATCH, WORKERS = 960, 8, 2  # one epoch of 120 batches
 
@@ -32,10 +32,7 @@ def _hold(ms: float) -> None:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    src = image_folder(tmp_path_factory.mktemp("src"), classes=4, per_class=NUM // 4)
-    dest = tmp_path_factory.mktemp("ds")
-    pack(src, dest, mode="raw", max_samples=20)
-    return dest
+    return packed_raw(tmp_path_factory, classes=4, per_class=NUM // 4, max_samples=20)
 
 
 def _gil_holding_workers(monkeypatch, sample_ms: float) -> None:

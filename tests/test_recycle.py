@@ -17,17 +17,14 @@ from shardkit import RandomResizedCrop, StreamingDataset, make_loader
 from shardkit.loader import RING_SPARE
 from shardkit.recycle import BatchRing, MainRings
 
-from _helpers_read import image_folder, pack
+from _helpers_read import image_folder, pack, packed_raw
 
 NUM, BATCH = 96, 4
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    src = image_folder(tmp_path_factory.mktemp("src"), classes=4, per_class=NUM // 4)
-    dest = tmp_path_factory.mktemp("ds")
-    pack(src, dest, mode="raw", max_samples=16)
-    return dest
+    return packed_raw(tmp_path_factory, classes=4, per_class=NUM // 4, max_samples=16)
 
 
 def _loader(source, recycle):
