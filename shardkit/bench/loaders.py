@@ -137,22 +137,15 @@ def _children() -> list[int]:
     return pids
 
 
-def proc_stat(pid: int | str) -> list[str] | None:
-    """The fields of ``/proc/PID/stat`` from field 3 (state) on, or None when there is no such
-    process (the command name before them may hold spaces and parentheses)."""
+def proc_cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc/PID/stat``;
+    0 when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
-def proc_cpu_seconds(pid: int | str = "self") -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc/PID/stat``."""
-    fields = proc_stat(pid)
-    if fields is None:
         return 0.0
+    fields = text[text.rindex(")") + 2:].split()  # from field 3 on (the name may hold spaces)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15
 
 
