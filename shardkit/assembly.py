@@ -11,14 +11,14 @@ of a channels-last batch (decoded into it with a crop), :func:`collate` makes th
 from __future__ import annotations
 
 import json
-import random
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .decode import ImageDecodeError, decode_array, decode_array_hwc, decode_image, decode_image_hwc
+from .decode import (ImageDecodeError, crop_rng, decode_array, decode_array_hwc, decode_image,
+                     decode_image_hwc)
 from .errors import DecodeError, ShardError
 from .plan import WorkerPlan, resume_position
 from .reader import BadSample
@@ -117,7 +117,7 @@ class SampleDecoder:
             label = self.label(sample)
             extras = self.extras(sample) if self.fields else ()
             crop = self.crop
-            rng = None if crop is None else random.Random(self.crop_seed + key)
+            rng = None if crop is None else crop_rng(self.crop_seed, key)
             if self.decode == "gpu":  # JPEGs stay encoded: decoded on the device (gpudecode)
                 from .gpudecode import JpegItem, encode_item
 

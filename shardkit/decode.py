@@ -210,6 +210,17 @@ class CenterCrop:
                           (pad_l, pad_t, pad_r, pad_b))
 
 
+def crop_rng(prefix: str, key: str) -> random.Random:
+    """The generator of one sample's crop box: seeded from ``prefix + key`` (``prefix`` is
+    ``"seed/epoch/"``), so a sample's box depends on nothing but the run's seed, the epoch and
+    its key.
+
+    Seeded from the key's bytes as its tar member name holds them: a name that is not UTF-8 (a
+    Latin-1 ``é``) comes as a key with surrogate escapes, which ``random.Random(str)`` refuses;
+    for a valid UTF-8 key the seed (and so the box) is the same as ``random.Random(str)``'s."""
+    return random.Random((prefix + key).encode("utf-8", "surrogateescape"))
+
+
 def _crop_params(crop: CropRecipe, width: int, height: int, rng: Optional[random.Random]) -> CropParams:
     p = crop.params(width, height, rng)
     left, top, right, bottom = p.box

@@ -260,7 +260,8 @@ class ShardReader:
                 return bytes(self.memory[shard_no][at:at + BLOCK].numpy())  # not None: size > 0
             stream = self.store.open_range(self.manifest.shards[shard_no].url, at, at + BLOCK)
             try:
-                return bytes(read_exact(stream, BLOCK) or b"")
+                head = read_upto(stream, BLOCK)
+                return bytes(head) if len(head) == BLOCK else b""
             finally:
                 stream.close()
         except (OSError, ShardError):
@@ -363,30 +364,33 @@ class ShardReader:
         lo, hi, ends, stream = self._range(shard_no, offsets, first, stop, tail)
         k, prev, sample_key = 0, 0, None
         try:
+            read: list = []  # the bytes read since sample k's start: the strict path gets them
             for k, end in enumerate(ends):  # noqa: B007 - k is where the strict path takes over
-                buf = read_exact(stream, end - prev)
-                sample = None if buf is None else parse_sample(buf, url, views)
+                buf = read_upto(stream, end - prev)
+                read = [buf]
+                sample = parse_sample(buf, url, views) if len(buf) == end - prev else None
                 if sample is None:
                     break
                 if k == len(ends) - 1 and hi - lo > end:  # the archive's end: zero blocks only
                     if hi - lo - end > MAX_TAIL:  # not what a writer leaves: the strict path
                         break                     # streams it (no buffer of a claimed size)
-                    end_blocks = read_exact(stream, hi - lo - end)
+                    end_blocks = read_upto(stream, hi - lo - end)
                     # and the stream's end, where a streamed download is checked (sha256)
-                    if end_blocks is None or stream.read(1) \
+                    after = stream.read(1)
+                    read += [end_blocks, after]
+                    if len(end_blocks) != hi - lo - end or after \
                             or bytes(end_blocks).count(0) != len(end_blocks):
                         break
                 prev, sample_key = end, sample["__key__"]
                 yield sample
             else:
                 return
-        finally:
-            stream.close()
-        first += k
-        lo, hi, ends, stream = self._range(shard_no, offsets, first, stop, tail)
-        try:
-            yield from strict_samples(stream, url, ends, first, len(offsets) - 1, hi - lo,
-                                      prev_key=sample_key, index_url=index_url)
+            # The strict path goes on from sample k over the same stream (one request per span,
+            # each byte read once), starting with the bytes the fast path has read of it.
+            rest = Replay(read, stream)
+            yield from strict_samples(rest, url, [e - prev for e in ends[k:]], first + k,
+                                      len(offsets) - 1, hi - lo - prev, prev_key=sample_key,
+                                      index_url=index_url)
         finally:
             stream.close()
 
@@ -409,8 +413,8 @@ class ShardReader:
                                 start=lo, stop=hi, prefetch=prefetch)
 
 
-def read_exact(stream, n: int) -> memoryview | None:
-    """Exactly ``n`` bytes from ``stream``, or None when it ends first.
+def read_upto(stream, n: int) -> memoryview:
+    """``n`` bytes from ``stream``, fewer only when it ends first.
 
     ``readinto`` a buffer of our own: ``RawIOBase.read`` would read into a temporary buffer and
     copy it into a new ``bytes`` (an extra copy of every image, ~15 % slower measured). The
@@ -419,10 +423,35 @@ def read_exact(stream, n: int) -> memoryview | None:
     while got < n:
         r = stream.readinto(view[got:])
         if not r:
-            return None
+            return view[:got]
         got += r
     return view
 
+
+class Replay(io.RawIOBase):
+    """A stream that gives ``pieces`` (bytes already read from ``stream``) again, then the rest
+    of ``stream``: the strict parser takes over where the fast one stopped without a second
+    request for the same bytes."""
+
+    def __init__(self, pieces, stream):
+        super().__init__()
+        self._pieces = [memoryview(p) for p in pieces if len(p)]
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._pieces:
+            piece = self._pieces[0]
+            n = min(len(b), len(piece))
+            memoryview(b).cast("B")[:n] = piece[:n]
+            if n == len(piece):
+                self._pieces.pop(0)
+            else:
+                self._pieces[0] = piece[n:]
+            return n
+        return self._stream.readinto(b)
 
 def default_memory_limit() -> int:
     """Half the machine's memory: the default ``memory_limit`` of ``in_memory=True``."""

@@ -456,3 +456,16 @@ def test_center_crop_says_when_it_enlarges_an_image_more_than_twice():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CenterCrop(224).params(400, 300)  # shrinking: nothing to say
+
+
+def test_crop_boxes_are_seeded_by_the_key_bytes_and_unchanged_for_utf8_keys():
+    from shardkit.decode import _crop_params, crop_rng
+
+    crop = RandomResizedCrop(32)
+    for key in ["plain", "n0001/n0001_00017", "café", "日本語/写真", "emoji-🙂"]:
+        old = _crop_params(crop, 640, 480, random.Random("3/1/" + key))
+        assert _crop_params(crop, 640, 480, crop_rng("3/1/", key)) == old
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # a Latin-1 member name
+    box = _crop_params(crop, 640, 480, crop_rng("3/1/", latin1))
+    assert box == _crop_params(crop, 640, 480, random.Random(b"3/1/caf\xe9"))
+    assert box != _crop_params(crop, 640, 480, crop_rng("3/1/", "café"))

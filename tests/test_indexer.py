@@ -551,3 +551,38 @@ def test_a_malformed_signature_is_a_manifest_error(shards, tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="not signed"):
         shardkit.Manifest.load(tmp_path / "out")
+
+
+def _latin1_shard(folder: Path) -> dict[str, int]:
+    """A tar whose member names are Latin-1 bytes (not UTF-8), as old tools write them."""
+    folder.mkdir()
+    want = {}
+    with tarfile.open(folder / "old-000000.tar", "w", format=tarfile.USTAR_FORMAT,
+                      encoding="latin-1") as tar:
+        for i, key in enumerate(["caf\xe9", "plain", "na\xefve", "\xfcber"]):
+            for name, data in ((f"{key}.jpg", jpeg_bytes(photo(24, 16, seed=i))),
+                               (f"{key}.cls", str(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            want[key.encode("latin-1").decode("utf-8", "surrogateescape")] = i
+    return want
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("num_workers,batch_size", [(0, None), (2, None), (2, 2)])
+def test_member_names_that_are_not_utf8_read_with_a_crop(tmp_path, on_error, num_workers,
+                                                          batch_size):
+    want = _latin1_shard(tmp_path / "old")
+    index_shards(tmp_path / "old", progress=False)
+    ds = StreamingDataset(tmp_path / "old", crop=shardkit.RandomResizedCrop(8), with_keys=True,
+                          on_error=on_error, batch_size=batch_size, seed=1)
+    items = list(make_loader(ds, num_workers=num_workers, persistent_workers=False,
+                             timeout=LOADER_TIMEOUT) if num_workers else ds)
+    if batch_size:
+        items = [(im, int(y), k) for images, labels, keys in items
+                 for im, y, k in zip(images, labels, keys)]
+    # the key is the name's bytes as a str with surrogate escapes (as tarfile and webdataset give)
+    assert {k: int(y) for _, y, k in items} == want
+    assert all(tuple(im.shape) == (3, 8, 8) for im, _, _ in items)
+    assert ds.skipped == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from shardkit.errors import ManifestError, ShardError
-from shardkit.reader import read_exact
+from shardkit.reader import Replay, read_upto
 from shardkit.shardformat import (END_OF_ARCHIVE, INDEX_MAGIC, MTIME, decode_index, encode_index,
                                   index_extent, index_name, iter_keys, member, parse_sample,
                                   split_member, strict_samples, tar_header)
@@ -166,7 +166,7 @@ def test_iter_keys_lists_members_until_the_archive_ends():
         list(iter_keys(io.BytesIO(b"\x1f\x8b" + bytes(1022)), "s.tar"))  # gzip named .tar
 
 
-def test_read_exact_handles_short_reads():
+def test_read_upto_handles_short_reads_and_replay_gives_read_bytes_again():
     class Dribble(io.RawIOBase):
         def __init__(self, data):
             self.data = data
@@ -179,8 +179,11 @@ def test_read_exact_handles_short_reads():
             b[:n], self.data = self.data[:n], self.data[n:]
             return n
 
-    assert read_exact(Dribble(b"abcdefghij"), 10) == b"abcdefghij"
-    assert read_exact(Dribble(b"abc"), 10) is None
+    assert read_upto(Dribble(b"abcdefghij"), 10) == b"abcdefghij"
+    assert read_upto(Dribble(b"abc"), 10) == b"abc"
+    stream = Dribble(b"abcdefghij")
+    head = read_upto(stream, 4)
+    assert Replay([head[:1], b"", head[1:]], stream).read() == b"abcdefghij"
 
 
 # --------------------------------------------------------------------------- index files
