@@ -1,13 +1,51 @@
-"""shardkit: pack image folders into reproducible tar shards and stream them into PyTorch."""
+"""shardkit: pack image folders into reproducible tar shards and stream them into PyTorch.
 
-__version__ = "0.1.0"
+Module map, by what each part serves. Imports only go down this list's groups (tests/test_layout.py
+checks it: no circle, no upward import; packing and reading never import each other).
 
-from .errors import (DecodeError, DestinationError, ManifestError, ShardError, ShardkitError,
-                     SourceError, WriteError)
-from .manifest import Manifest, ShardInfo
-from .writer import merge_parts, pack_folder
-from .verify import verify
+Shared by packing and reading (the format and where bytes live):
+    errors · common (byte sizes, CPU counts) · _version · shardformat (tar members, samples,
+    the .idx index file) · jpegheader (JPEG frame headers) · signing · manifest (manifest.json,
+    the one path that loads a dataset) · cache (the shared on-disk shard cache) · verify ·
+    storage/ — base (the Store and Dest protocols), urls (the one protocol dispatch), local,
+    remote (s3, http), generic (any fsspec filesystem), listed (a caller's URLs), dest (where
+    packing writes), bounded (calls with a timeout).
+
+Packing (packing/, never imports torch):
+    options (PackOptions) · folder (scan, keys, labels) · encode (raw / resize / tensor, per
+    sample) · pool (encoding in parallel) · shards (tar files within the limits) · journal
+    (resume) · parts (packing in parts, merge_parts) · pack (pack_folder).
+
+Reading (the read path, bottom to top):
+    plan (who reads what: pure) · config (PlanConfig, StorageConfig) · epochs (the epoch shared
+    with workers) · resume (exact and elastic resume, pure) · distributed (rank, world,
+    gathering states) · state (EpochState: the epoch, the plan in force, state dicts) ·
+    skiplog · diagnosis (a failing shard) · reader (spans -> raw samples) · decode (images,
+    fused crops) · gpudecode (decode="gpu") · recycle (batch buffers) · batching (batches in
+    the workers) · modes (one strategy per decode=) · assembly (samples in the plan's order) ·
+    dataset (StreamingDataset) · wds (wds_source) · eagerqueue · loaderlink · loader
+    (make_loader, GpuPrefetcher).
+
+Adopting shards others wrote: indexer (shardkit index).
+
+Front: this file · cli · __main__ · bench/ (benchmarks: loaders, s3, scale, gpu, indexspeed,
+synth, demo).
+"""
+
+from ._version import __version__ as __version__
+from .errors import (
+    DecodeError,
+    DestinationError,
+    ManifestError,
+    ShardError,
+    ShardkitError,
+    SourceError,
+    WriteError,
+)
 from .indexer import index_shards
+from .manifest import Manifest, ShardInfo
+from .packing import merge_parts, pack_folder
+from .verify import verify
 
 __all__ = [
     "DecodeError", "DestinationError", "Manifest", "ManifestError", "ShardError", "ShardInfo",

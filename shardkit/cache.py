@@ -407,7 +407,7 @@ class ShardCache:
             try:  # still under our lock, so nobody evicts the new file meanwhile
                 self._evict_and_sweep(keep=path)
             except OSError as exc:  # the shard itself is fine: eviction is best effort
-                warnings.warn(f"shard cache eviction failed: {exc}", RuntimeWarning)
+                warnings.warn(f"shard cache eviction failed: {exc}", RuntimeWarning, stacklevel=2)
         except BaseException as exc:  # goes to the reader's read(), never swallowed
             error = exc
         finally:
@@ -467,7 +467,7 @@ class ShardCache:
             if total > self.limit:
                 warnings.warn(f"shard cache {self.cache_dir} holds {total} bytes, over its limit "
                               f"of {self.limit} (a shard larger than the limit, or files in use)",
-                              RuntimeWarning)
+                              RuntimeWarning, stacklevel=2)
         for e in entries:  # temps whose shard nobody is downloading were left by dead processes
             match = _TEMP.match(e.name)
             held = _lock(self.cache_dir / (match.group(1) + ".lock"), False) if match else None

@@ -25,7 +25,8 @@ def _parse_part(text: str) -> tuple[int, int]:
             count, high = int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_MAX"])
         except (KeyError, ValueError):
             raise argparse.ArgumentTypeError(
-                "--part slurm needs SLURM_ARRAY_TASK_ID/_MIN/_MAX/_COUNT (run it in an sbatch --array job)")
+                "--part slurm needs SLURM_ARRAY_TASK_ID/_MIN/_MAX/_COUNT (run it in an sbatch "
+                "--array job)") from None
         if int(env.get("SLURM_ARRAY_TASK_STEP", "1")) != 1 or high - low + 1 != count:
             raise argparse.ArgumentTypeError(
                 f"--part slurm needs a contiguous array such as --array=0-{count - 1} (got "
@@ -34,7 +35,8 @@ def _parse_part(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N such as 0/8, or 'slurm'; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected I/N such as 0/8, or 'slurm'; got {text!r}") from None
     if n < 1 or not 0 <= i < n:
         raise argparse.ArgumentTypeError(
             f"part {text}: I is 0-based, from 0 to N-1 (with --array=1-N use "
@@ -104,7 +106,7 @@ def _pack(args) -> int:
 
 def _run_pack(args, kwargs):
     """``(exit code, manifest or None)``: one pack_folder call; errors and warnings printed."""
-    from .writer import pack_folder
+    from .packing import pack_folder
 
     part = kwargs.get("part")
     where = f"part {part[0]}/{part[1]}: " if part and part[1] > 1 else ""
@@ -125,7 +127,7 @@ def _run_pack(args, kwargs):
 
 
 def _merge_main(args) -> int:
-    from .writer import merge_parts
+    from .packing import merge_parts
 
     try:
         m = merge_parts(args.dest, args.merge_parts)
@@ -152,7 +154,7 @@ def _pack_distributed(args, kwargs) -> int:
     import torch
     import torch.distributed as dist
 
-    from .writer import merge_parts
+    from .packing import merge_parts
 
     own = not dist.is_initialized()
     if own:  # a part may take hours longer than another: the collectives wait for the slowest
@@ -233,7 +235,8 @@ def _show(args) -> int:
     sizes = [s.num_bytes for s in m.shards]
     print(f"dataset   {args.source}  ({m.created_by}, format v{m.format_version})")
     print(f"samples   {m.num_samples}")
-    classes = "none (flat folder)" if m.classes is None else f"{len(m.classes)}: " + ", ".join(m.classes[:10]) + (" ..." if len(m.classes) > 10 else "")
+    classes = "none (flat folder)" if m.classes is None else (
+        f"{len(m.classes)}: " + ", ".join(m.classes[:10]) + (" ..." if len(m.classes) > 10 else ""))
     print(f"classes   {classes}")
     print(f"shards    {len(m.shards)}, {format_bytes(sum(sizes))} in all, "
           f"{format_bytes(min(sizes))} to {format_bytes(max(sizes))} each")
@@ -244,7 +247,8 @@ def _show(args) -> int:
     print(f"skipped   {len(m.skipped)}" + "".join(f"\n  {s['path']}: {s['reason']}" for s in m.skipped[:10]))
     print(f"ignored   {m.ignored} non-image files")
     for s in m.shards[:10]:
-        print(f"  {redact(s.url)}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  sha256 {s.sha256[:16]}…")
+        print(f"  {redact(s.url)}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  "
+              f"sha256 {s.sha256[:16]}…")
     if len(m.shards) > 10:
         print(f"  ... {len(m.shards) - 10} more shards")
     if args.keys and m.shards:
@@ -451,7 +455,7 @@ pack_main, show_main, verify_main, index_main, demo_main, bench_main = map(_verb
 
 
 def main(argv=None) -> int:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(
         prog="shardkit", description="Pack image folders into tar shards and stream them into "

@@ -22,129 +22,138 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import plan as planlib
-from .assembly import SampleDecoder, Sink, collate, emit, field_kinds
-from .common import parse_bytes
-from .decode import MODES as DECODE_MODES
-from .errors import ShardError
-from .manifest import load_manifest
-from .reader import ShardFault, ShardReader, default_memory_limit, tune_worker_malloc
+from .assembly import SampleDecoder, emit
+from .batching import Sink, batches
+from .config import PlanConfig, StorageConfig
+from .decode import CropRecipe
+from .diagnosis import ShardFault
+from .distributed import gather_states
+from .errors import OnError, ShardError
+from .loaderlink import LoaderLink
+from .manifest import Manifest, Source, load_manifest
+from .modes import DecodeConfig, DecodeMode
+from .reader import ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS
 from .skiplog import NEW, UNLISTED, Region, SkipLog
-from .state import PLAN_SETTINGS, EpochState, LoaderLink, initialized_dist
+from .state import EpochState
 
 log = logging.getLogger("shardkit")
 
-REMAINDER = planlib.REMAINDER_POLICIES
+
+def _counted(items: Iterator, count: Callable[[int], None]) -> Iterator:
+    """``items``, telling ``count`` of each before it is handed on."""
+    for item in items:
+        count(1)
+        yield item
 
 
 class StreamingDataset(IterableDataset):
-    """Stream a shardkit dataset. See the README for every argument; constructors do no I/O.
+    """Stream a shardkit dataset: ``(image, label)`` items, or whole batches made in the workers,
+    every sample exactly once per epoch over ranks × DataLoader workers. The constructor checks
+    its arguments and does no I/O (the manifest loads on first use). Longer explanations, with
+    measured numbers: ``docs/reading.md``.
 
-    ``source``: a dataset folder, a manifest path, a URL of either (``s3://``, ``http(s)://``,
-    or any other protocol fsspec knows: ``gs://``, ``az://``, ``hf://``, …), a
-    :class:`~shardkit.Manifest`, or a list or tuple of shard paths or URLs, each with its
-    ``.idx`` file beside it (:meth:`shardkit.Manifest.from_urls`; the only way to read shards
-    outside one dataset's folder or prefix). ``timeout`` (seconds without a byte) bounds every
-    read, local files included.
+    Source and storage:
+      ``source``: a dataset folder, a manifest path, a URL of either (``s3://``, ``http(s)://``,
+      or any other protocol fsspec knows: ``gs://``, ``az://``, ``hf://``, …), a
+      :class:`~shardkit.Manifest`, or a list or tuple of shard paths or URLs, each with its
+      ``.idx`` file beside it (:meth:`shardkit.Manifest.from_urls`; the only way to read shards
+      outside one dataset's folder or prefix). Webdataset shards that shardkit did not write
+      are read once indexed (``shardkit index``).
+      ``storage_options``: fsspec options of the source's protocol (credentials, endpoint).
+      ``timeout``: seconds without a byte before a read fails (local files included);
+      ``retries``: tries of a failing remote read, with backoff, resumed at the right byte.
+      ``cache_dir`` / ``cache_limit`` (bytes or ``"50GB"``): a shared on-disk cache of remote
+      shards (whole shards, checked by sha256, safe for many processes).
+      ``in_memory``: load every shard into shared memory once (up to ``memory_limit``, default
+      half the machine's memory); later epochs open no file.
 
-    ``fields``: other members to deliver after the label (``("txt", "json")``: text for text
-    fields, bytes otherwise, None when missing; lists in batches). ``block_size`` None: 64 when
-    the manifest says the samples were shuffled at pack time, else 8 (``Manifest.shuffled``).
-    Webdataset shards that shardkit did not write are read once indexed (``shardkit index``).
+    Plan (who reads what, in which order):
+      ``shuffle`` and ``seed``: a new, reproducible order each epoch (``set_epoch`` or the next
+      iteration). ``block_size``: samples per read; None: 64 when the manifest says the samples
+      were shuffled at pack time, else 8 (``Manifest.shuffled``). ``shuffle_buffer``: samples a
+      worker shuffles among. ``rank`` / ``world_size``: this process's place (default: from
+      ``torch.distributed`` or ``RANK``/``WORLD_SIZE``). ``remainder``: ``"drop"`` (the last
+      ``N % world_size`` samples of an epoch) or ``"pad"`` (repeat the first ones) so that
+      every rank yields as many. ``batch_size``: yield batches ``(uint8 N×3×H×W, int64 N, …)``
+      made in the workers; ``drop_last``: drop a rank's last partial batch.
+
+    Items:
+      ``decode``: ``"uint8"`` (3×H×W tensors), ``"pil"`` (RGB images), ``"raw"`` (the bytes as
+      stored) or ``"gpu"`` (JPEG batches that :class:`~shardkit.GpuPrefetcher` decodes on its
+      device; needs ``batch_size`` and ``crop``). ``crop``: a crop fused into decoding,
+      :class:`~shardkit.RandomResizedCrop` (train) or :class:`~shardkit.CenterCrop` (eval).
+      ``transform``: any callable on the decoded image (e.g. torchvision v2), after the crop.
+      ``fields``: other members to deliver after the label (``("txt", "json")``: text for text
+      fields, bytes otherwise, None when missing; lists in batches; or ``{field: "text" |
+      "bytes"}``). ``with_keys``: the sample's key last. ``max_pixels``: larger images are
+      refused from their header (decompression bombs).
+
+    Errors:
+      ``on_error``: ``"raise"`` (the first bad sample or shard stops with an error naming shard
+      URL and key) or ``"skip"`` (bad samples are replaced by good ones, bad shards read as far
+      as they are intact; counted in :attr:`skipped` and :attr:`bad_shards`, logged once per
+      epoch). Code bugs are never skipped.
     """
 
-    def __init__(self, source, *, shuffle: bool = True, seed: int = 0, batch_size: int | None = None,
-                 decode: str = "uint8", crop=None, transform: Callable | None = None,
+    def __init__(self, source: Source, *, shuffle: bool = True, seed: int = 0,
+                 batch_size: int | None = None, decode: str | DecodeMode = "uint8",
+                 crop: CropRecipe | None = None, transform: Callable | None = None,
                  with_keys: bool = False, rank: int | None = None, world_size: int | None = None,
-                 cache_dir=None, cache_limit=None, in_memory: bool = False,
-                 memory_limit: int | str | None = None, on_error: str = "raise",
-                 storage_options: dict | None = None, remainder: str = "drop",
-                 drop_last: bool = False, block_size: int | None = None,
-                 shuffle_buffer: int = 1000, fields=None, max_pixels: int = MAX_PIXELS,
-                 timeout: float = 60.0, retries: int = 6):
-        if decode not in DECODE_MODES + ("gpu",) and not (decode == "wds" and self._sample_dicts):
-            raise ValueError(f"decode must be one of {DECODE_MODES + ('gpu',)}, got {decode!r}")
-        if decode == "gpu" and (batch_size is None or crop is None or transform is not None):
-            raise ValueError("decode='gpu' makes batches of JPEGs that GpuPrefetcher decodes on "
-                             "its device: it needs batch_size and a crop (RandomResizedCrop or "
-                             "CenterCrop, for one output size), and no transform (which would "
-                             "run on the CPU)")
-        if decode == "gpu" and getattr(crop, "interpolation", "bilinear") not in (
-                "bilinear", "bicubic", "nearest"):
-            raise ValueError(f"decode='gpu' resizes on the device with bilinear, bicubic or "
-                             f"nearest interpolation; the crop asks for "
-                             f"{crop.interpolation!r}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if remainder not in REMAINDER:
-            raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        if decode == "raw" and crop is not None:
-            raise ValueError("crop needs decoding; it cannot be used with decode='raw'")
-        if crop is not None and not (callable(getattr(crop, "params", None))
-                                     and isinstance(getattr(crop, "size", None), tuple)):
-            raise TypeError(
-                f"crop must be shardkit.RandomResizedCrop(...) or shardkit.CenterCrop(...) (a "
-                f"crop fused into decoding), got {type(crop).__module__}.{type(crop).__name__}; "
-                "pass torchvision transforms as transform=, which runs on the decoded image")
-        if drop_last and batch_size is None:
-            raise ValueError("drop_last drops a rank's last partial batch: it needs batch_size")
-        if memory_limit is not None and not in_memory:
-            raise ValueError("memory_limit bounds in_memory=True; it does nothing without it")
+                 cache_dir: str | os.PathLike | None = None, cache_limit: int | str | None = None,
+                 in_memory: bool = False, memory_limit: int | str | None = None,
+                 on_error: str = "raise", storage_options: dict | None = None,
+                 remainder: str = "drop", drop_last: bool = False, block_size: int | None = None,
+                 shuffle_buffer: int = 1000,
+                 fields: tuple[str, ...] | list[str] | dict[str, str] | None = None,
+                 max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if world_size is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        for name, value in (("block_size", block_size), ("shuffle_buffer", shuffle_buffer)):
-            if name == "block_size" and value is None:
-                continue  # the manifest decides (_default_block_size)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if cache_limit is not None and cache_dir is None:
-            raise ValueError("cache_limit needs a cache_dir")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        self.on_error = OnError.of(on_error)
+        # Each group of settings is checked once, where it is made.
+        self.decoding = DecodeConfig.of(decode, crop=crop, transform=transform,
+                                        with_keys=with_keys, fields=fields,
+                                        max_pixels=max_pixels, batch_size=batch_size)
+        self.plan_config = PlanConfig(seed=seed, shuffle=shuffle, block_size=block_size,
+                                      shuffle_buffer=shuffle_buffer, remainder=remainder,
+                                      batch_size=batch_size, drop_last=drop_last)
+        self.storage = StorageConfig.of(storage_options=storage_options, timeout=timeout,
+                                        retries=retries, cache_dir=cache_dir,
+                                        cache_limit=cache_limit, in_memory=in_memory,
+                                        memory_limit=memory_limit)
         self.source = tuple(source) if isinstance(source, list) else source  # a caller's copy
-        self.shuffle, self.seed, self.batch_size = bool(shuffle), seed, batch_size
-        self.decode, self.crop, self.transform, self.with_keys = decode, crop, transform, with_keys
-        self.in_memory = in_memory
-        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-        self.cache_limit = None if cache_limit is None else parse_bytes(cache_limit, "cache_limit")
-        self.memory_limit = (None if memory_limit is None
-                             else parse_bytes(memory_limit, "memory_limit"))
-        self.on_error, self.storage_options = on_error, storage_options
-        self.remainder, self.drop_last = remainder, drop_last
-        self.block_size, self.shuffle_buffer, self.max_pixels = block_size, shuffle_buffer, max_pixels
-        self.timeout, self.retries = float(timeout), retries
-        # Batches of uint8 images without a user transform take the fast path: image bytes stay
-        # views of the read buffer and decode to H×W×C arrays that land in a channels-last batch.
-        self._fast = batch_size is not None and decode == "uint8" and transform is None
-        self.fields = field_kinds(fields)
-        if self.fields and decode == "wds":
-            raise ValueError("fields: a webdataset source yields every member already")
-        self._decoder = SampleDecoder(decode=decode, crop=crop, transform=transform,
-                                      with_keys=with_keys, max_pixels=max_pixels, fast=self._fast,
-                                      fields=self.fields)
-        self._state = EpochState(seed=seed, settings={n: getattr(self, n) for n in PLAN_SETTINGS},
-                                 rank=rank, world_size=world_size, sizes=self._shard_sizes,
-                                 block_default=self._default_block_size)
+        self._decoder = SampleDecoder(self.decoding)
+        self._state = EpochState(plan=self.plan_config, rank=rank, world_size=world_size,
+                                 sizes=self._shard_sizes, block_default=self._default_block_size)
         self._manifest = None
         self._reader: ShardReader | None = None
         self._ring = None  # this worker's BatchRing (recycle.py)
         self._skiplog = SkipLog()  # shared: what skip mode cost, seen from every process
 
-    _sample_dicts = False  # WdsSource: webdataset sample dicts, never batches (wds.py)
+    # The settings users most often look at, read from where they live.
+    @property
+    def batch_size(self) -> int | None:
+        return self.plan_config.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.plan_config.seed
+
+    @property
+    def in_memory(self) -> bool:
+        return self.storage.in_memory
+
+    @property
+    def decode(self) -> str:
+        return self.decoding.mode.name
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -153,10 +162,11 @@ class StreamingDataset(IterableDataset):
 
     # ----------------------------------------------------------------- setup
     @property
-    def manifest(self):
+    def manifest(self) -> Manifest:
         if self._manifest is None:
-            self._manifest = load_manifest(self.source, self.storage_options,
-                                           timeout=self.timeout, retries=self.retries)
+            s = self.storage
+            self._manifest = load_manifest(self.source, s.storage_options, timeout=s.timeout,
+                                           retries=s.retries)
         return self._manifest
 
     @property
@@ -165,8 +175,9 @@ class StreamingDataset(IterableDataset):
         if self._reader is None:
             m = self.manifest
             self._decoder.configure(m.labels, m.classes)
-            self._reader = ShardReader(self.manifest, on_error=self.on_error, views=self._fast,
-                                       cache_dir=self.cache_dir, cache_limit=self.cache_limit)
+            self._reader = ShardReader(self.manifest, on_error=self.on_error,
+                                       views=self.decoding.fast, cache_dir=self.storage.cache_dir,
+                                       cache_limit=self.storage.cache_limit)
         return self._reader
 
     def _shard_sizes(self) -> np.ndarray:
@@ -226,7 +237,8 @@ class StreamingDataset(IterableDataset):
 
     def preload(self) -> None:
         """Load every shard into shared memory (``in_memory=True``); later epochs open no files."""
-        limit = self.memory_limit if self.memory_limit is not None else default_memory_limit()
+        limit = self.storage.memory_limit
+        limit = default_memory_limit() if limit is None else limit
         self.reader.preload(limit)
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> planlib.WorkerPlan:
@@ -237,7 +249,7 @@ class StreamingDataset(IterableDataset):
     def link_loader(self, num_workers: int) -> LoaderLink:
         """How shardkit's loader (``make_loader``) talks to this dataset: a loaded state is
         resolved for ``num_workers`` now, and :meth:`LoaderLink.iteration` wraps the start of
-        each iteration's workers (see :class:`shardkit.state.LoaderLink`)."""
+        each iteration's workers (see :class:`shardkit.loaderlink.LoaderLink`)."""
         return LoaderLink(self._state, num_workers, report=self.log_bad_shards)
 
     # ----------------------------------------------------------------- iteration
@@ -264,56 +276,33 @@ class StreamingDataset(IterableDataset):
         report = partial(self._report, skips, quiet=info is not None and st.managed is not None)
         # uint8 batches: each image goes to its slot of the batch as it is emitted (decoded
         # straight into it with a crop; copied while its bytes are fresh in the cache without)
-        sink = Sink(None if self.crop is None else self.crop.size) if self._fast else None
+        decoding = self.decoding
+        crop = decoding.crop
+        sink = Sink(None if crop is None else crop.size) if decoding.fast else None
         samples = emit(plan, consumed, partial(self._read, skips=skips, report=report),
                        self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable)
-        ring = None
-        if (st.recycle is not None and info is not None and self.batch_size is not None
-                and not self._sample_dicts):
-            if self._ring is None:
-                self._ring = st.recycle.ring(worker)
-            ring = self._ring
-        return self._items(plan, consumed, samples, sink, ring, skips, worker)
-
-    def _items(self, plan, consumed: int, samples: Iterator, sink, ring, skips: Region,
-               worker: int) -> Iterator:
-        """The items of an iteration set up by ``__iter__``: samples, or batches of them."""
-        st = self._state
         if self.batch_size is None:
-            for sample in samples:
-                st.emitted += 1
-                yield sample
-        elif self._sample_dicts:  # the plan's batches, one sample at a time (wds.py)
-            done = 0
-            for size in plan.batch_sizes:
-                for _ in range(size):
-                    done += 1
-                    if done > consumed:
-                        st.emitted += 1
-                        yield next(samples)
+            items = _counted(samples, st.count)
         else:
-            done = 0
-            for size in plan.batch_sizes:
-                if done + size <= consumed:
-                    done += size
-                    continue
-                take = size - max(0, consumed - done)
-                if sink is not None:
-                    sink.start(take, ring)
-                items = [next(samples) for _ in range(take)]
-                done += size
-                st.emitted += take
-                if self.decode == "gpu":
-                    from .gpudecode import collate_gpu
+            ring = None
+            if st.recycle is not None and info is not None and not decoding.mode.sample_dicts:
+                if self._ring is None:
+                    self._ring = st.recycle.ring(worker)
+                ring = self._ring
 
-                    yield collate_gpu(items, self.crop.size, self.on_error,
-                                      getattr(self.crop, "interpolation", "bilinear"),
-                                      len(self.fields), self.with_keys)
-                else:
-                    yield collate(items, self.with_keys, ring, sink, len(self.fields))
+            def collate(got: list, sink: Sink | None) -> tuple:
+                return decoding.mode.collate(got, decoding, ring, sink, self.on_error)
+
+            items = batches(plan, consumed, samples, collate, sink, ring, st.count,
+                            one_by_one=decoding.mode.sample_dicts)
+        return self._logged(items, skips, worker)
+
+    def _logged(self, items: Iterator, skips: Region, worker: int) -> Iterator:
+        """The items of an iteration, then a warning when skip mode replaced samples in it."""
+        yield from items
         if skips.samples:
             log.warning("shardkit: %d bad samples skipped (replaced) in epoch %d by worker %d",
-                        skips.samples, st.epoch, worker)
+                        skips.samples, self._state.epoch, worker)
 
     def _read(self, spans, start: int, skips: Region, report):
         """Raw samples of ``spans`` (None: every shard) from stream position ``start`` on."""
@@ -354,21 +343,11 @@ class StreamingDataset(IterableDataset):
         """
         info = get_worker_info()
         local = self._state.local_state(info)
-        if info is not None or gather is False:
+        if info is not None:
             return local
-        dist = initialized_dist()
-        if gather is None:
-            gather = dist is not None and dist.get_world_size() > 1 and local["world_size"] > 1
-        if not gather:
-            return local
-        if dist is None:
-            raise ValueError("state_dict(gather=True) needs an initialized torch.distributed "
-                             "process group")
-        states: list = [None] * dist.get_world_size()
-        dist.all_gather_object(states, local)
-        return self.merge_states(states)
+        return gather_states(local, self.merge_states, gather=gather)
 
-    def merge_states(self, states) -> dict:
+    def merge_states(self, states: Iterable[dict]) -> dict:
         """The global state of a job from its ranks' own states (``state_dict(gather=False)``).
 
         ``states`` holds one state per rank, in any order (copies from processes that share a

@@ -45,7 +45,8 @@ __all__ = ["MAX_PIXELS", "CenterCrop", "CropParams", "ImageDecodeError", "Random
 
 MODES = ("uint8", "pil", "raw")
 
-_PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in ("nearest", "bilinear", "bicubic", "lanczos")}
+_PIL_FILTERS = {name: Image.Resampling[name.upper()]
+                for name in ("nearest", "bilinear", "bicubic", "lanczos")}
 
 # Exceptions Pillow / numpy raise on bad *data*.  TypeError and AttributeError are deliberately absent.
 _DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
@@ -118,7 +119,8 @@ class RandomResizedCrop:
     """
 
     def __init__(self, size: Union[int, Sequence[int]], *, scale: Tuple[float, float] = (0.08, 1.0),
-                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, interpolation: str = "bilinear"):
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                 interpolation: str = "bilinear") -> None:
         self.size = _size_hw(size)
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"need 0 < min <= max for scale {scale!r} and ratio {ratio!r}")
@@ -169,7 +171,7 @@ class CenterCrop:
     gets zero borders (as ``CenterCrop`` pads), never a stretched image."""
 
     def __init__(self, size: Union[int, Sequence[int]], *, resize: Optional[int] = None,
-                 interpolation: str = "bilinear"):
+                 interpolation: str = "bilinear") -> None:
         self.size = _size_hw(size)
         self.resize = int(round(max(self.size) / 0.875)) if resize is None else int(resize)
         if self.resize <= 0:
@@ -378,9 +380,9 @@ def decode_array(data: bytes, *, crop: Optional[CropRecipe] = None,
                  rng: Optional[random.Random] = None) -> torch.Tensor:
     """Load a ``.npy`` member (uint8 H×W×C, C in 1/3/4) as a contiguous uint8 C×H×W tensor.
 
-    Never unpickles: the header is parsed without ``np.load`` and object arrays are refused.  With ``crop`` the box is
-    sliced first, then resized on uint8 (antialiased, torchvision's fast path) and flipped.
-    Channel count is kept as stored (no RGB conversion); "lanczos" is not supported here.
+    Never unpickles: the header is parsed without ``np.load`` and object arrays are refused.  With
+    ``crop`` the box is sliced first, then resized on uint8 (antialiased, torchvision's fast path)
+    and flipped. Channel count is kept as stored (no RGB conversion); "lanczos" is not supported here.
     """
     arr = _load_npy(data)
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class ShardkitError(Exception):
     """Base class of every error shardkit raises on purpose."""
@@ -62,3 +64,35 @@ class ShardError(ShardkitError, IOError):
 
 class DecodeError(ShardError):
     """A sample's image or array cannot be decoded."""
+
+
+class OnError(str, enum.Enum):
+    """What a bad sample or shard does (``on_error=``): ``"raise"`` stops with an error naming
+    it; ``"skip"`` leaves it out (reading: replaced by a good sample, so every rank still yields
+    as many), counts it and reports it. Code bugs (``TypeError`` and the like) are never skipped.
+    A ``str`` enum: ``OnError.SKIP == "skip"``."""
+
+    RAISE = "raise"
+    SKIP = "skip"
+
+    @classmethod
+    def of(cls, value: str | OnError) -> OnError:
+        """The policy ``value`` names; ValueError naming the argument otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def raises(self) -> bool:
+        return self is OnError.RAISE
+
+    @property
+    def skips(self) -> bool:
+        return self is OnError.SKIP

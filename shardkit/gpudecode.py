@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .decode import CropParams, ImageDecodeError, _crop_params, decode_image, decode_image_hwc
-from .encode import jpeg_frame
-from .errors import DecodeError
+from .errors import DecodeError, OnError
+from .jpegheader import jpeg_frame
 
 _NVJPEG_FRAMES = {0xC0, 0xC2}  # baseline, progressive Huffman (8-bit); SOF1 may be 12-bit
 
@@ -82,7 +82,7 @@ class GpuBatch:
     labels: torch.Tensor
     keys: list[str]
     urls: list[str]
-    on_error: str = "raise"
+    on_error: OnError = OnError.RAISE
     interpolation: str = "bilinear"
     fallbacks: int = 0  # set by decode: JPEGs the device refused, decoded on the CPU
     skipped: int = 0  # set by decode: images no decoder could read, replaced
@@ -171,7 +171,7 @@ class GpuBatch:
         try:
             image = decode_image(blob, crop=_Fixed(params, self.interpolation))
         except ImageDecodeError as exc:
-            if self.on_error == "raise":
+            if self.on_error.raises:
                 raise DecodeError(self.urls[i], exc.reason, key=self.keys[i]) from None
             return None
         self.fallbacks += 1
@@ -204,48 +204,4 @@ class _Fixed:
         return self._params
 
 
-def collate_gpu(items: list, size: tuple[int, int], on_error: str, interpolation: str,
-                nfields: int, with_keys: bool):
-    """One batch of ``decode="gpu"`` items (``(JpegItem, label, *fields[, key])``):
-    ``(GpuBatch, labels, *field lists[, keys])``."""
-    from .assembly import small_tensor
-
-    n = len(items)
-    labels = torch.from_numpy(np.fromiter((it[1] for it in items), dtype=np.int64, count=n))
-    jpegs = [(i, it[0]) for i, it in enumerate(items) if it[0].data is not None]
-    decoded = [(i, it[0].image) for i, it in enumerate(items) if it[0].data is None]
-    lengths = [len(j.data) for _, j in jpegs]
-    offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    data = torch.empty(int(offsets[-1]), dtype=torch.uint8)
-    buf = data.numpy()
-    for (_, j), lo, hi in zip(jpegs, offsets[:-1], offsets[1:]):
-        buf[lo:hi] = np.frombuffer(j.data, dtype=np.uint8)
-    params = [j.params for _, j in jpegs]
-    h, w = size
-    dec = None
-    if decoded:
-        dec = torch.empty((len(decoded), h, w, 3), dtype=torch.uint8)
-        for k, (_, im) in enumerate(decoded):
-            if isinstance(im, torch.Tensor):  # C×H×W from the Pillow path
-                im = im.permute(1, 2, 0).numpy()
-            dec[k] = torch.from_numpy(np.ascontiguousarray(im))
-    keys = [it[0].key for it in items]
-    urls = [it[0].url for it in items]
-    batch = GpuBatch(
-        data=data, offsets=small_tensor(offsets),
-        where=small_tensor(np.array([i for i, _ in jpegs], dtype=np.int64)),
-        boxes=small_tensor(np.array([p.box for p in params], dtype=np.int64).reshape(-1, 4)),
-        pads=small_tensor(np.array([p.pad for p in params], dtype=np.int64).reshape(-1, 4)),
-        flips=small_tensor(np.array([p.flip for p in params], dtype=bool)),
-        decoded=dec, decoded_where=small_tensor(np.array([i for i, _ in decoded],
-                                                         dtype=np.int64)),
-        size=(h, w), labels=labels, keys=keys, urls=urls, on_error=on_error,
-        interpolation=interpolation)
-    extras = [[it[2 + j] for it in items] for j in range(nfields)]
-    if with_keys:
-        return (batch, labels, *extras, [it[2 + nfields] for it in items])
-    return (batch, labels, *extras)
-
-
-__all__ = ["GpuBatch", "JpegItem", "collate_gpu", "encode_item", "jpeg_header"]
+__all__ = ["GpuBatch", "JpegItem", "encode_item", "jpeg_header"]

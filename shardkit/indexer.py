@@ -29,6 +29,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,8 +37,7 @@ from tqdm.auto import tqdm
 from .common import available_cpus
 from .errors import ManifestError, ShardError, ShardkitError
 from .manifest import Manifest, ShardInfo
-from .shardformat import (IMAGE_FIELDS, MANIFEST_PATH, Walk, encode_index,
-                          index_name, member_key, walk_members)
+from .shardformat import IMAGE_FIELDS, MANIFEST_PATH, Walk, encode_index, index_name, member_key, walk_members
 from .signing import sign
 from .storage import make_dest, open_store, redact, split_file_url, split_source
 
@@ -61,7 +61,8 @@ class IndexedShard:
     spec: list | None = None  # the label spec it was indexed with (--resume checks it)
 
 
-def index_shards(source, out=None, *, workers: int | None = None, resume: bool = False,
+def index_shards(source: str | os.PathLike | Sequence[str],
+                 out: str | os.PathLike | None = None, *, workers: int | None = None, resume: bool = False,
                  label: str = "auto", storage_options: dict | None = None,
                  progress: bool = True, timeout: float = 60.0, retries: int = 6) -> Manifest:
     """Index existing webdataset shards and write their manifest; returns it.
@@ -71,9 +72,9 @@ def index_shards(source, out=None, *, workers: int | None = None, resume: bool =
     ``out``: where to write the index files and the manifest (default: ``.shardkit/`` beside
     the shards, which must then all be in one folder or prefix that can be written).
     ``label``: ``"auto"`` (the first of ``cls``, ``cls2``, ``label`` that a sample holds, which
-    every sample must then hold; none when no sample holds one), a field (``"cls"``), ``"json:KEY"`` (a key of each sample's ``.json``), or
-    ``"none"``. Labels that are numbers are used as they are; text labels become class indices
-    (``classes``: the sorted names)."""
+    every sample must then hold; none when no sample holds one), a field (``"cls"``),
+    ``"json:KEY"`` (a key of each sample's ``.json``), or ``"none"``. Labels that are numbers are
+    used as they are; text labels become class indices (``classes``: the sorted names)."""
     urls = shard_urls(source, storage_options)
     if not urls:
         raise ShardError(str(source), "no .tar shards found")

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .common import available_cpus
 from .dataset import StreamingDataset
 from .eagerqueue import eager_context
 from .gpudecode import GpuBatch
+from .loaderlink import LoaderLink
 from .recycle import MainRings, ring_slots
-from .state import LoaderLink
 from .wds import WdsSource
-
 
 # Buffers a worker keeps beyond prefetch_factor: the batch it makes, the one the user holds while
 # asking for the next (a for loop's variables), and one released a batch late.
@@ -30,7 +29,7 @@ class ShardkitLoader(DataLoader):
     With ``recycle_batches`` it keeps the workers' batch buffers mapped and, before each item,
     releases those nothing here uses any more, for the workers to write again (``MainRings``;
     see ``shardkit/recycle.py``). It talks to the dataset through one object,
-    :meth:`StreamingDataset.link_loader`'s :class:`~shardkit.state.LoaderLink`.
+    :meth:`StreamingDataset.link_loader`'s :class:`~shardkit.loaderlink.LoaderLink`.
     """
 
     recycle_batches: bool | None = None
@@ -136,9 +135,9 @@ def streaming_dataset_of(dataset) -> StreamingDataset | None:
     return None
 
 
-def make_loader(dataset, num_workers: int | None = None, *, pin_memory: bool | None = None,
+def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory: bool | None = None,
                 persistent_workers: bool | None = None, prefetch_factor: int | None = None,
-                recycle_batches: bool | None = None, **kwargs) -> DataLoader:
+                recycle_batches: bool | None = None, **kwargs: Any) -> DataLoader:
     """A DataLoader for a ``StreamingDataset`` that batches inside its workers.
 
     Defaults: ``num_workers`` = the CPUs this process may use, ``pin_memory`` when CUDA is present,
@@ -201,9 +200,10 @@ class GpuPrefetcher:
     and result handling; bounded, the main thread waits where the GIL is free. None: unbounded.
     """
 
-    def __init__(self, loader, device="cuda", *, mean: Sequence[float] | None = None,
+    def __init__(self, loader: Iterable, device: str | torch.device = "cuda", *,
+                 mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, max_ahead: int | None = 2):
+                 dtype: torch.dtype = torch.float32, max_ahead: int | None = 2) -> None:
         self.loader = loader
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -249,7 +249,7 @@ class GpuPrefetcher:
                 for r in rest]
         return (images, *rest)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple]:
         if not self._cuda:
             for batch in self.loader:
                 yield self._convert(batch)

@@ -7,8 +7,8 @@ Compact encoding (``manifest.msgpack``): the same content as ``manifest.json`` i
 manifests with ~100,000 shards, with the shard list stored column-wise: integer columns as packed
 little-endian uint64 bytes, sha256 columns as concatenated raw 32-byte digests, URL columns as a
 ``prefix`` + zero-padded counter + ``suffix`` pattern when every URL follows it
-(``shard-000000.tar`` ...), and plain lists otherwise. JSON stays the canonical format that ``pack`` writes; the msgpack
-file is an optional companion (:func:`write_manifest` writes both) that
+(``shard-000000.tar`` ...), and plain lists otherwise. JSON stays the canonical format that
+``pack`` writes; the msgpack file is an optional companion (:func:`write_manifest` writes both) that
 :meth:`Manifest.load` reads when the source names it (``.../manifest.msgpack``), or when a dataset
 folder or prefix has no ``manifest.json``. A folder holding both is read from its JSON, so a stale
 companion can never override the canonical file.
@@ -24,14 +24,22 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from . import signing
+from ._version import __version__
 from .errors import ManifestError, ShardError
-from .shardformat import (MANIFEST_NAME, MANIFEST_PATH, META_DIR, MSGPACK_NAME, MSGPACK_PATH,
-                          decode_index, index_extent)
+from .shardformat import (
+    MANIFEST_NAME,
+    MANIFEST_PATH,
+    META_DIR,
+    MSGPACK_NAME,
+    MSGPACK_PATH,
+    decode_index,
+    index_extent,
+)
 from .storage import ListedStore, LocalStore, MixedStore, Store, make_dest, make_store
 
 FORMAT = "shardkit"
@@ -40,9 +48,12 @@ READ_VERSIONS = (1, 2)  # 1: manifest.json and <prefix>-000000.idx beside the sh
 MSGPACK_ENCODING = "shardkit-columns/1"  # layout of the msgpack file's shard columns
 
 
-def _version() -> str:
-    from . import __version__
+# What a dataset is read from: a folder or manifest (path or URL), a list of shard paths or URLs,
+# or a Manifest already loaded.
+Source = Union[str, "os.PathLike[str]", Sequence[str], "Manifest"]
 
+
+def _version() -> str:
     return f"shardkit {__version__}"
 
 
@@ -208,7 +219,7 @@ class Manifest:
         return any(_is_external(s.url) for s in self.shards)
 
     @classmethod
-    def load(cls, source, storage_options: dict | None = None, *, timeout: float = 60.0,
+    def load(cls, source: Source, storage_options: dict | None = None, *, timeout: float = 60.0,
              retries: int = 6) -> "Manifest":
         """Load from a dataset folder, a manifest path, or a URL of either (s3://, http(s)://,
         or any other protocol fsspec knows: gs://, az://, hf://, …).
@@ -233,7 +244,7 @@ class Manifest:
         return manifest
 
     @classmethod
-    def from_urls(cls, urls, storage_options: dict | None = None, *, timeout: float = 60.0,
+    def from_urls(cls, urls: Sequence[str], storage_options: dict | None = None, *, timeout: float = 60.0,
                   retries: int = 6) -> "Manifest":
         """A manifest, in memory, for shards the caller names explicitly.
 
@@ -456,7 +467,7 @@ def _decode_column(column: object, count: int, where: str) -> list:
     raise bad(f"unknown column kind {kind!r}")
 
 
-def load_manifest(source, storage_options: dict | None = None, *, timeout: float = 60.0,
+def load_manifest(source: Source, storage_options: dict | None = None, *, timeout: float = 60.0,
                   retries: int = 6) -> Manifest:
     """The manifest of a source: a :class:`Manifest` as it is; a list or tuple of shard URLs
     (:meth:`Manifest.from_urls`); a dataset folder, manifest path or URL (:meth:`Manifest.load`)."""

@@ -18,15 +18,15 @@ import io
 import logging
 import os
 import tarfile
-from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .errors import ManifestError, ShardError
-from .shardformat import (BLOCK, MAX_TAIL, decode_index, header_checksum_ok, parse_sample,
-                          strict_samples)
+from .diagnosis import ShardFault, diagnose
+from .errors import ManifestError, OnError, ShardError
+from .shardformat import BLOCK, MAX_TAIL, decode_index, parse_sample, strict_samples
 from .skiplog import Region
 from .storage import LocalStore
 
@@ -45,25 +45,16 @@ class BadSample:
         self.error, self.shard = error, shard
 
 
-@dataclass(frozen=True)
-class ShardFault:
-    """A fault of a whole shard: its samples from ``first_lost`` on cannot be read (``error``
-    says why, naming the shard)."""
-
-    first_lost: int
-    error: ShardError
-
-
 class ShardReader:
     """Reads spans of a manifest's shards (see the module docstring).
 
     ``views``: image and array fields stay memoryviews of the read buffer (the batch fast path).
     ``cache_dir`` / ``cache_limit``: the shared shard cache for remote stores."""
 
-    def __init__(self, manifest, *, on_error: str = "raise", views: bool = False,
+    def __init__(self, manifest, *, on_error: OnError | str = OnError.RAISE, views: bool = False,
                  cache_dir: str | None = None, cache_limit: int | None = None):
         self.manifest, self.store = manifest, manifest.shard_store()
-        self.on_error, self.views = on_error, views
+        self.on_error, self.views = OnError.of(on_error), views
         self.cache_dir, self.cache_limit = cache_dir, cache_limit
         self.memory: dict[int, torch.Tensor] | None = None  # preloaded shards (shared memory)
         self._unloaded: dict[int, str] = {}  # why a shard could not be preloaded
@@ -74,13 +65,12 @@ class ShardReader:
         self._cache = None
         self._faults: dict[int, ShardFault] = {}  # shard faults found in this iteration
         self._healthy: set[int] = set()  # shards diagnosed whole in this iteration
-        self._head = b""  # the first bytes of the shard last diagnosed
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._prefetched: set[int] = set()  # shards whose cache download this process started
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_head"):
+        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy"):
             del state[name]
         return state
 
@@ -91,33 +81,9 @@ class ShardReader:
     # ----------------------------------------------------------------- whole dataset
     def preload(self, limit: int) -> None:
         """Load every shard into shared memory; later reads open no files."""
-        if self.memory is not None:
-            return
-        m = self.manifest
-        if m.num_bytes > limit:
-            raise MemoryError(f"{m.base_url or 'the listed shards'}: dataset is {m.num_bytes} "
-                              f"bytes, over the in-memory limit of {limit} bytes "
-                              "(memory_limit=...); use in_memory=False")
-        memory, offsets = {}, {}
-        for i, shard in enumerate(m.shards):
-            url = self.store.url(shard.url)
-            try:
-                data = self.store.read_bytes(shard.url)
-            except ShardError as exc:  # skip mode: its samples will come as bad ones
-                if self.on_error == "raise":
-                    raise ShardError(url, f"missing or unreadable: {exc.reason}") from None
-                data, self._unloaded[i] = None, exc.reason
-            if data is not None and len(data) != shard.num_bytes and self.on_error == "raise":
-                raise ShardError(url, f"{len(data):,} bytes, the manifest says {shard.num_bytes:,}"
-                                      + (" (truncated)" if len(data) < shard.num_bytes else ""))
-            memory[i] = None if data is None else torch.frombuffer(
-                bytearray(data) or bytearray(1), dtype=torch.uint8)[:len(data)].share_memory_()
-            try:
-                offsets[i] = self._index(shard)
-            except ShardError:
-                if self.on_error == "raise":
-                    raise
-        self.memory, self._offsets_cache = memory, offsets
+        if self.memory is None:
+            self.memory, self._offsets_cache, self._unloaded = preload(
+                self.store, self.manifest, limit, self.on_error)
 
     # ----------------------------------------------------------------- spans
     def begin(self) -> None:
@@ -172,7 +138,7 @@ class ShardReader:
                             self._fault(span.shard, fault, report)
                             continue  # the intact samples from j on, then BadSamples
                         self._healthy.add(span.shard)  # only samples are bad: not asked again
-                    if self.on_error == "raise":
+                    if self.on_error.raises:
                         raise exc from None
                     if j < span.stop:
                         yield pos + j - span.start, BadSample(exc, span.shard)
@@ -187,7 +153,7 @@ class ShardReader:
 
     def _fault(self, shard_no: int, fault: ShardFault, report) -> None:
         """Record a shard fault for this iteration (raised at once under ``on_error="raise"``)."""
-        if self.on_error == "raise":
+        if self.on_error.raises:
             raise fault.error from None
         self._faults[shard_no] = fault
         if report is not None:
@@ -206,52 +172,17 @@ class ShardReader:
 
     def _diagnose(self, shard_no: int, offsets: np.ndarray, j: int,
                   exc: ShardError) -> ShardFault | None:
-        """Whether the failure at sample ``j`` is the whole shard's: the file is missing or
-        empty, shorter than the manifest says, not a tar archive, or the store gave up on it.
-        None when the file is as the manifest says (then only the sample is bad)."""
+        """Whether the failure at sample ``j`` is the whole shard's (:func:`diagnose`)."""
         shard = self.manifest.shards[shard_no]
-        url = self.store.url(shard.url)
-        if exc.gave_up:  # the store gave up on the file (retries, a timeout, a wrong download)
-            if type(exc) is not ShardError:  # a subclass says more (CacheIntegrityError): as it is
-                return ShardFault(j, exc)
-            return ShardFault(j, ShardError(url, f"unreadable from sample {j} on: {exc.reason}"))
-        try:
+
+        def size() -> int | None:
             if self.memory is not None:
                 data = self.memory[shard_no]
-                size = None if data is None else len(data)
-            else:
-                size = self.store.size(shard.url)
-        except ShardError as err:  # cannot even say how large it is
-            return ShardFault(j, ShardError(url, f"unreadable from sample {j} on: {err.reason}"))
-        expected, count = shard.num_bytes, len(offsets) - 1
-        if size is None and shard_no in self._unloaded:  # preloaded: the reason it was not
-            return ShardFault(0, ShardError(url, "missing or unreadable when preloaded: "
-                                                 + self._unloaded[shard_no]))
-        if size is None or size == 0:
-            what = "the file does not exist" if size is None else "the file has 0 bytes"
-            return ShardFault(0, ShardError(url, f"missing or empty: {what}"))
-        if size > 0 and not self._looks_like_a_tar(shard_no, size, offsets):
-            return ShardFault(0, ShardError(url, f"not a tar archive{_kind_of(self._head)}"))
-        if 0 < size < expected:
-            intact = int(np.searchsorted(offsets[1:], size, side="right"))
-            return ShardFault(intact, ShardError(
-                url, f"truncated: the index expects {expected:,} bytes, the file has {size:,} "
-                     f"({intact} of {count} samples intact)", key=exc.key))
-        return None
+                return None if data is None else len(data)
+            return self.store.size(shard.url)
 
-    def _looks_like_a_tar(self, shard_no: int, size: int, offsets: np.ndarray) -> bool:
-        """Whether a tar header stands where the index puts the first, second or middle sample
-        (one damaged header does not make a shard "not a tar")."""
-        where = sorted({int(offsets[i]) for i in (0, 1, (len(offsets) - 1) // 2)
-                        if i < len(offsets) - 1 and int(offsets[i]) + BLOCK <= size})
-        for k, at in enumerate(where):
-            head = self._block(shard_no, at)
-            if k == 0:
-                self._head = head  # what the file starts with, for the message
-            if head is None or header_checksum_ok(head):
-                return True  # a header, or it cannot tell: leave it to the samples
-        self._head = self._head if where else b""
-        return not where and size >= BLOCK
+        return diagnose(shard, self.store.url(shard.url), offsets, j, exc, size,
+                        partial(self._block, shard_no), self._unloaded.get(shard_no))
 
     def _block(self, shard_no: int, at: int) -> bytes | None:
         """The 512 bytes of a shard at ``at``, or None when they cannot be read."""
@@ -304,30 +235,11 @@ class ShardReader:
         if shard_no in recent:
             recent[shard_no] = recent.pop(shard_no)  # most recent last
             return recent[shard_no]
-        offsets = self._index(self.manifest.shards[shard_no])
+        offsets = load_index(self.store, self.manifest.shards[shard_no])
         recent[shard_no] = offsets
         while len(recent) > RECENT_INDEXES:
             del recent[next(iter(recent))]
         return offsets
-
-    def _index(self, shard) -> np.ndarray:
-        """A shard's offsets from its index file, checked against the manifest; a ShardError
-        naming the shard and its index otherwise."""
-        store = self.store
-        url, index_url = store.url(shard.url), store.url(shard.index_url)
-        try:
-            data = store.read_bytes(shard.index_url)
-        except ShardError as exc:
-            raise ShardError(url, f"its index {index_url} cannot be read ({exc.reason})") from None
-        if hashlib.sha256(data).hexdigest() != shard.index_sha256:
-            raise ShardError(url, f"its index {index_url} is not the one the manifest lists "
-                                  "(sha256 differs)")
-        try:
-            return decode_index(data, shard.num_samples, shard.num_bytes, index_url)
-        except ManifestError as exc:
-            reason = str(exc).removeprefix(f"{index_url}: ")
-            raise ShardError(url, f"its index {index_url} does not match the manifest: {reason}") \
-                from None
 
     # ----------------------------------------------------------------- samples
     def _range(self, shard_no: int, offsets: np.ndarray, first: int, stop: int, tail: bool = True):
@@ -413,6 +325,58 @@ class ShardReader:
                                 start=lo, stop=hi, prefetch=prefetch)
 
 
+def load_index(store, shard) -> np.ndarray:
+    """A shard's offsets from its index file, checked against the manifest; a ShardError
+    naming the shard and its index otherwise."""
+    url, index_url = store.url(shard.url), store.url(shard.index_url)
+    try:
+        data = store.read_bytes(shard.index_url)
+    except ShardError as exc:
+        raise ShardError(url, f"its index {index_url} cannot be read ({exc.reason})") from None
+    if hashlib.sha256(data).hexdigest() != shard.index_sha256:
+        raise ShardError(url, f"its index {index_url} is not the one the manifest lists "
+                              "(sha256 differs)")
+    try:
+        return decode_index(data, shard.num_samples, shard.num_bytes, index_url)
+    except ManifestError as exc:
+        reason = str(exc).removeprefix(f"{index_url}: ")
+        raise ShardError(url, f"its index {index_url} does not match the manifest: {reason}") \
+            from None
+
+
+def preload(store, manifest, limit: int, on_error: OnError
+            ) -> tuple[dict, dict[int, np.ndarray], dict[int, str]]:
+    """Every shard of ``manifest`` in shared memory (None for one that could not be read under
+    ``on_error="skip"``), its offsets, and why each unread shard could not be read."""
+    m = manifest
+    if m.num_bytes > limit:
+        raise MemoryError(f"{m.base_url or 'the listed shards'}: dataset is {m.num_bytes} "
+                          f"bytes, over the in-memory limit of {limit} bytes "
+                          "(memory_limit=...); use in_memory=False")
+    memory: dict = {}
+    offsets: dict[int, np.ndarray] = {}
+    unloaded: dict[int, str] = {}
+    for i, shard in enumerate(m.shards):
+        url = store.url(shard.url)
+        try:
+            data = store.read_bytes(shard.url)
+        except ShardError as exc:  # skip mode: its samples will come as bad ones
+            if on_error.raises:
+                raise ShardError(url, f"missing or unreadable: {exc.reason}") from None
+            data, unloaded[i] = None, exc.reason
+        if data is not None and len(data) != shard.num_bytes and on_error.raises:
+            raise ShardError(url, f"{len(data):,} bytes, the manifest says {shard.num_bytes:,}"
+                                  + (" (truncated)" if len(data) < shard.num_bytes else ""))
+        memory[i] = None if data is None else torch.frombuffer(
+            bytearray(data) or bytearray(1), dtype=torch.uint8)[:len(data)].share_memory_()
+        try:
+            offsets[i] = load_index(store, shard)
+        except ShardError:
+            if on_error.raises:
+                raise
+    return memory, offsets, unloaded
+
+
 def read_upto(stream, n: int) -> memoryview:
     """``n`` bytes from ``stream``, fewer only when it ends first.
 
@@ -486,12 +450,3 @@ def tune_worker_malloc() -> None:
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: its allocator decides
-
-
-def _kind_of(head: bytes) -> str:
-    """What a file that is not a tar seems to be, for messages."""
-    for magic, what in ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ", "xz"),
-                        (b"(\xb5/\xfd", "zstd"), (b"PK\x03\x04", "zip")):
-        if head.startswith(magic):
-            return f" ({what}-compressed data; shards are plain, uncompressed tar)"
-    return ""

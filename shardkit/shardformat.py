@@ -13,9 +13,10 @@ of the name's last path component (so it may hold ``/``: ``n01/n01_0173.cls``), 
 rest, lower-cased (``jpg``, ``seg.png``, ``cls``). Folder members, and names webdataset skips
 (no dot in the last component, or a leading one: ``.DS_Store``) belong to no sample and are
 passed over; a leading ``./`` (``tar cf x.tar .``) is not part of the key; a key with an
-empty, ``.`` or ``..`` component, a leading ``/``, a backslash or a control character is refused (keys are data, but others may use them as paths). shardkit's
-packer writes reproducible USTAR headers (fixed mtime, uid/gid 0, empty owner names, mode 0644),
-keys without dots or ``/``, and ends each archive with exactly ``END_OF_ARCHIVE``.
+empty, ``.`` or ``..`` component, a leading ``/``, a backslash or a control character is refused
+(keys are data, but others may use them as paths). shardkit's packer writes reproducible USTAR
+headers (fixed mtime, uid/gid 0, empty owner names, mode 0644), keys without dots or ``/``, and
+ends each archive with exactly ``END_OF_ARCHIVE``.
 
 Index file (``.idx``): 8 magic bytes ``SKIDX\\x01\\0\\0``, then ``num_samples + 1`` little-endian
 uint64 byte offsets: where each sample's first tar header starts, and finally where the

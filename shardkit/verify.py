@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import ManifestError, ShardError
-from .manifest import Manifest
+from .manifest import Manifest, Source
 from .shardformat import decode_index, iter_keys
 
 
@@ -24,7 +24,8 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(source, storage_options=None, progress: bool = False) -> VerifyReport:
+def verify(source: Source, storage_options: dict | None = None,
+           progress: bool = False) -> VerifyReport:
     """Check sizes, sha256, index files and per-shard sample counts against the manifest.
 
     ``source`` is anything :meth:`Manifest.load` takes (a folder, ``s3://``, ``http(s)://``);

@@ -14,7 +14,11 @@ extension (``jpg``, ``cls``, ``txt``, ``seg.png``, …).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .dataset import StreamingDataset
+from .manifest import Source
+from .modes import SAMPLE_DICTS
 
 _DECODING = ("decode", "crop", "transform", "with_keys", "fields", "max_pixels")
 
@@ -26,17 +30,15 @@ class WdsSource(StreamingDataset):
     may be partial unless ``drop_last``) and ``state_dict()`` counts the pipeline's batches.
     Without it the pipeline's items must be single samples for exact resume."""
 
-    _sample_dicts = True
-
-    def __init__(self, source, **kwargs):
+    def __init__(self, source: Source, **kwargs: Any) -> None:
         given = sorted(k for k in _DECODING if k in kwargs)
         if given:
             raise TypeError(f"wds_source() does not decode: {', '.join(given)} belong to the "
                             "pipeline's own stages (wds.decode, wds.map, ...)")
-        super().__init__(source, decode="wds", **kwargs)
+        super().__init__(source, decode=SAMPLE_DICTS, **kwargs)
 
 
-def wds_source(source, **kwargs) -> WdsSource:
+def wds_source(source: Source, **kwargs: Any) -> WdsSource:
     """A webdataset pipeline's source over a shardkit dataset or indexed webdataset shards:
     :class:`WdsSource`. ``kwargs`` are :class:`~shardkit.StreamingDataset`'s plan, storage and
     error options (``shuffle``, ``seed``, ``batch_size``, ``drop_last``, ``rank``,

@@ -23,11 +23,11 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask, flask-cors)")
 
 import shardkit  # noqa: E402
-from servers import FaultyHTTPServer, MotoS3  # noqa: E402
 from shardkit import StreamingDataset, make_loader  # noqa: E402
 from shardkit.shardformat import decode_index  # noqa: E402
 
 from _helpers_read import image_folder, pack  # noqa: E402
+from servers import FaultyHTTPServer, MotoS3  # noqa: E402
 
 BUCKET = "shards"
 LOADER_TIMEOUT = 60  # seconds a DataLoader may wait for one item before the test fails

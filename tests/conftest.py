@@ -7,8 +7,8 @@ but noisy, so JPEG sizes and shard boundaries behave like real data rather than 
 from __future__ import annotations
 
 import io
-import re
 import os
+import re
 import struct
 import sys
 import tarfile

@@ -25,10 +25,19 @@ from shardkit import StreamingDataset, make_loader
 from shardkit.cache import CacheIntegrityError, ShardCache
 from shardkit.errors import ShardError
 
-from _helpers_remote import BUCKET, LOADER_TIMEOUT, Data, check_same, read_all  # noqa: E402
-from _helpers_remote import big, reference, served, served_big, small  # noqa: E402, F401 - fixtures
 from _helpers_read import shard_samples
-
+from _helpers_remote import (  # noqa: E402  # noqa: E402, F401 - fixtures
+    BUCKET,
+    LOADER_TIMEOUT,
+    Data,
+    big,
+    check_same,
+    read_all,
+    reference,
+    served,
+    served_big,
+    small,
+)
 
 CHUNK = 16 << 10
 URL = "https://data.example.com/train/shard-000001.tar"

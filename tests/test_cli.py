@@ -10,17 +10,26 @@ import struct
 import subprocess
 import sys
 import termios
-import tomllib
 from importlib import import_module
 
 import numpy as np
 import pytest
-from conftest import (REPO, damage_shard, jpeg_bytes, make_class_folder, photo, png_bytes,
-                      subprocess_env, write)
+import tomllib
 from PIL import Image
 
 from shardkit import Manifest
 from shardkit.cli import main
+
+from conftest import (
+    REPO,
+    damage_shard,
+    jpeg_bytes,
+    make_class_folder,
+    photo,
+    png_bytes,
+    subprocess_env,
+    write,
+)
 
 SUMMARY = re.compile(r"^packed (\d+) samples into (\d+) shards \(([\d.]+ [KMG]?B)\), skipped (\d+), "
                      r"ignored (\d+) non-image files.* in ([\d.]+) s -> .+$")
@@ -99,7 +108,8 @@ def test_skip_exits_zero_with_summary_and_lists_the_file(class_folder, tmp_path,
     groups = SUMMARY.match(out.strip()).groups()
     assert (groups[0], groups[3], groups[4]) == ("6", "1", "1")
     assert "dog/bad.jpg" in err and "empty" in err
-    assert Manifest.load(tmp_path / "out").skipped == [{"path": "dog/bad.jpg", "reason": "empty file (0 bytes)"}]
+    assert Manifest.load(tmp_path / "out").skipped == [
+        {"path": "dog/bad.jpg", "reason": "empty file (0 bytes)"}]
 
 
 @pytest.mark.parametrize("case", ["bad_file", "missing_src", "empty_src", "other_dataset"])

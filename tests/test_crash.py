@@ -23,10 +23,7 @@ from shardkit import StreamingDataset
 from shardkit.shardformat import MANIFEST_PATH
 
 from _helpers_read import image_folder, pack
-from conftest import (JOURNAL, REPO, TEMPORARY, all_files, check_interrupted, make_class_folder,
-                      subprocess_env)
-
-
+from conftest import JOURNAL, REPO, TEMPORARY, all_files, check_interrupted, make_class_folder, subprocess_env
 
 # --------------------------------------------------------------------------- a killed worker
 

@@ -17,10 +17,20 @@ from torch.utils.data import get_worker_info
 import shardkit
 from shardkit import CenterCrop, RandomResizedCrop, StreamingDataset, make_loader
 
-from _helpers_read import (duplicates, image_folder, iter_samples, keys_of, pack, shard_samples)
-from _helpers_read import LAYOUTS, NUM, run
-from _helpers_read import datasets, folder, keys  # noqa: F401 - fixtures, used by name
-
+from _helpers_read import (  # noqa: F401 - fixtures, used by name
+    LAYOUTS,
+    NUM,
+    datasets,
+    duplicates,
+    folder,
+    image_folder,
+    iter_samples,
+    keys,
+    keys_of,
+    pack,
+    run,
+    shard_samples,
+)
 
 # --------------------------------------------------------------------------- 1 + 2: exactly once
 
@@ -241,10 +251,12 @@ def test_tensor_shards_need_no_image_decoding(folder, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decode_image called for a tensor-mode shard")
 
-    monkeypatch.setattr(shardkit.assembly, "decode_image", boom)
+    from shardkit import modes
+
+    monkeypatch.setattr(modes, "decode_image", boom)
     items = list(StreamingDataset(tmp_path / "t", with_keys=True))
     assert len(items) == NUM
-    for image, label, key in items:
+    for image, _label, _key in items:
         assert image.dtype == torch.uint8 and image.shape[0] == 3 and min(image.shape[1:]) == 16
     cropped = list(StreamingDataset(tmp_path / "t", crop=CenterCrop(8, resize=10)))
     assert all(tuple(im.shape) == (3, 8, 8) for im, _ in cropped)
@@ -353,9 +365,9 @@ def test_a_center_crop_larger_than_the_image_is_padded_as_torchvision_pads(tmp_p
 def test_class_labels_that_are_numbers_are_ascii_digits_only():
     from shardkit.assembly import SampleDecoder
     from shardkit.decode import ImageDecodeError
+    from shardkit.modes import DecodeConfig
 
-    decoder = SampleDecoder(decode="raw", crop=None, transform=None, with_keys=False,
-                            max_pixels=1 << 20, fast=False)
+    decoder = SampleDecoder(DecodeConfig.of("raw", max_pixels=1 << 20))
     assert decoder.label({"cls": b" 7\n"}) == 7 and decoder.label({}) == -1
     for bad in ("٣".encode(), b"-1", b"", b"12345678901", b"3a"):
         with pytest.raises(ImageDecodeError, match="not a number"):

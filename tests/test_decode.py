@@ -144,7 +144,8 @@ def test_draft_reduces_large_image_for_small_crop(jpegs, monkeypatch):
     # box is 1312 px high; 1312 / 4 >= 224 but 1312 / 8 < 224, so the DCT scale is 1/4
     assert seen == [((2000, 1500), (500, 375))]
     seen.clear()
-    decode_image(jpegs["large"], crop=RandomResizedCrop(32, scale=(0.5, 0.5), ratio=(1, 1)), rng=random.Random(3))
+    decode_image(jpegs["large"], crop=RandomResizedCrop(32, scale=(0.5, 0.5), ratio=(1, 1)),
+                 rng=random.Random(3))
     assert seen == [((2000, 1500), (250, 188))]  # 1/8
 
 
@@ -165,7 +166,8 @@ def test_params_deterministic_and_seed_dependent():
     assert a == b
     assert len({p.box for p in a}) > 15
     assert {p.flip for p in a} == {True, False}
-    assert not any(RandomResizedCrop(224, flip=False).params(640, 480, random.Random(s)).flip for s in range(20))
+    assert not any(RandomResizedCrop(224, flip=False).params(640, 480, random.Random(s)).flip
+                   for s in range(20))
 
 
 @pytest.mark.parametrize("w,h", [(640, 480), (300, 900), (1000, 100), (37, 23)])
@@ -200,7 +202,8 @@ def test_fallback_matches_torchvision(w, h):
     ratio = (3 / 4, 4 / 3)
     crop = RandomResizedCrop(10, scale=(5.0, 6.0), ratio=ratio)  # never fits: always the fallback
     p = crop.params(w, h, random.Random(0))
-    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.zeros(1, h, w), scale=[5.0, 6.0], ratio=list(ratio))
+    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.zeros(1, h, w), scale=[5.0, 6.0],
+                                                       ratio=list(ratio))
     assert p.box == (left, top, left + cw, top + ch)
 
 
@@ -339,7 +342,8 @@ def npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_array_round_trip(channels):
-    arr = photo(50, 30)[..., :channels] if channels != 4 else np.dstack([photo(50, 30), photo(50, 30)[..., :1]])
+    arr = (photo(50, 30)[..., :channels] if channels != 4
+           else np.dstack([photo(50, 30), photo(50, 30)[..., :1]]))
     t = decode_array(npy(arr))
     assert t.dtype == torch.uint8 and t.shape == (channels, 30, 50) and t.is_contiguous()
     assert np.array_equal(t.permute(1, 2, 0).numpy(), arr)
@@ -419,7 +423,8 @@ def test_array_garbage():
 def test_array_header_claiming_huge_shape_allocates_nothing():
     small = npy(np.zeros((4, 4, 3), np.uint8))
     buf = io.BytesIO()  # ~30 GB claimed; np.load would allocate it before noticing the data is short
-    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (99999, 99999, 3)})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": (99999, 99999, 3)})
     with pytest.raises(ImageDecodeError, match="truncated"):
         decode_array(buf.getvalue() + bytes(48))
     with pytest.raises(ImageDecodeError, match="trailing"):

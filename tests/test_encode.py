@@ -10,13 +10,14 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes, photo, png_bytes, png_with_size, write
 from PIL import Image
 
-from shardkit.encode import EncodeOptions, encode_sample
-from shardkit.shardformat import MTIME
 from shardkit.errors import SourceError
-from shardkit.folder import Item
+from shardkit.packing.encode import EncodeOptions, encode_sample
+from shardkit.packing.folder import Item
+from shardkit.shardformat import MTIME
+
+from conftest import jpeg_bytes, photo, png_bytes, png_with_size, write
 
 RAW = EncodeOptions("raw", None, 90)
 
@@ -49,7 +50,8 @@ def encode(path, opts, **kw):
 def test_raw_member_is_byte_identical_to_source(tmp_path, ext):
     im = photo(64, 48, seed=3)
     buf = io.BytesIO()
-    (im.convert("P") if ext == "gif" else im).save(buf, format={"jpg": "JPEG", "tiff": "TIFF"}.get(ext, ext.upper()))
+    (im.convert("P") if ext == "gif" else im).save(
+        buf, format={"jpg": "JPEG", "tiff": "TIFF"}.get(ext, ext.upper()))
     path = write(tmp_path / f"pic.{ext}", buf.getvalue())
     got, _ = encode(path, RAW)
     field = "tiff" if ext == "tiff" else ext
@@ -146,7 +148,8 @@ def _variants():
     base = photo(64, 48, seed=9)
     grey = np.asarray(base.convert("L"))
     out = {
-        "cmyk.jpg": (jpeg_bytes(base.convert("CMYK"), quality=95), np.asarray(base.convert("CMYK").convert("RGB"))),
+        "cmyk.jpg": (jpeg_bytes(base.convert("CMYK"), quality=95),
+                     np.asarray(base.convert("CMYK").convert("RGB"))),
         "grey.jpg": (jpeg_bytes(base.convert("L"), quality=95), np.repeat(grey[..., None], 3, 2)),
         "p.png": (png_bytes(base.convert("P")), np.asarray(base.convert("P").convert("RGB"))),
         "p_transparent.png": (png_bytes(base.convert("P"), transparency=0),

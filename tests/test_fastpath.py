@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_decode import encode, photo, reference
 
 import shardkit
-from shardkit import CenterCrop, RandomResizedCrop, StreamingDataset, make_loader
-from shardkit import assembly
+from shardkit import CenterCrop, RandomResizedCrop, StreamingDataset, batching, make_loader
 from shardkit import decode as dec
 from shardkit.decode import ImageDecodeError, decode_array, decode_image
 
 from _helpers_read import image_folder, pack
-from test_decode import encode, photo, reference
 
 pytestmark = pytest.mark.skipif(not dec.fast_path_available(), reason="simplejpeg/OpenCV missing")
 
@@ -169,7 +168,7 @@ def test_batches_are_channels_last_and_match_the_per_sample_path(packed):
         seen = 0
         for num_workers in (0, 2):
             ds = StreamingDataset(source, batch_size=4, **kw)
-            for images, labels, keys in make_loader(ds, num_workers=num_workers,
+            for images, _labels, keys in make_loader(ds, num_workers=num_workers,
                                                      persistent_workers=False):
                 assert images.dtype == torch.uint8 and images.shape[1:] == single[keys[0]].shape
                 assert images.is_contiguous(memory_format=torch.channels_last)
@@ -225,7 +224,7 @@ def test_fuzz_fast_jpeg_decode_gives_an_image_or_a_decode_error(flips, cut, seed
 
 
 def _item(name="a/x.jpg"):
-    from shardkit.folder import Item
+    from shardkit.packing.folder import Item
 
     return Item(relpath=name, path="/nonexistent/" + name, key="k", label=0, class_name="a",
                 kind="image")
@@ -235,7 +234,7 @@ def _item(name="a/x.jpg"):
                                        ("tensor", 400)])
 @pytest.mark.parametrize("name", ["normal", "large", "gray", "progressive"])
 def test_fast_pack_encoding_matches_the_pillow_path(jpeg_set, monkeypatch, mode, size, name):
-    from shardkit import encode as enc
+    from shardkit.packing import encode as enc
 
     opts = enc.EncodeOptions(mode=mode, size=size, quality=90)
     data = jpeg_set[name]
@@ -252,8 +251,8 @@ def test_fast_pack_encoding_matches_the_pillow_path(jpeg_set, monkeypatch, mode,
 
 
 def test_fast_pack_leaves_exif_rotation_and_bad_jpegs_to_pillow(jpeg_set):
-    from shardkit import encode as enc
     from shardkit.errors import SourceError
+    from shardkit.packing import encode as enc
 
     opts = enc.EncodeOptions(mode="resize", size=64, quality=90)
     im = Image.fromarray(photo(120, 80, seed=1))
@@ -326,10 +325,10 @@ def test_uncropped_arrays_are_copied_into_their_slots_shuffled(packed, workers, 
     # shuffled order, and every sample lands once (never by batching at the end).
     want = {key: dec.decode_array_hwc(data).copy() for data, _, key in
             StreamingDataset(packed["tensor"], decode="raw", shuffle=False, with_keys=True)}
-    monkeypatch.setattr(assembly, "stack", lambda *a, **k: pytest.fail("batched at the end"))
+    monkeypatch.setattr(batching, "stack", lambda *a, **k: pytest.fail("batched at the end"))
     ds = StreamingDataset(packed["tensor"], batch_size=4, with_keys=True, seed=2)
     seen = []
-    for images, labels, keys in make_loader(ds, num_workers=workers, persistent_workers=False):
+    for images, _labels, keys in make_loader(ds, num_workers=workers, persistent_workers=False):
         assert images.is_contiguous(memory_format=torch.channels_last)
         for image, key in zip(images, keys):
             assert np.array_equal(image.permute(1, 2, 0).numpy(), want[key]), key

@@ -6,10 +6,11 @@ import os
 import shutil
 
 import pytest
-from conftest import jpeg_bytes, make_class_folder, photo, png_bytes, write
 
 from shardkit.errors import SourceError
-from shardkit.folder import make_key, scan_folder
+from shardkit.packing.folder import make_key, scan_folder
+
+from conftest import jpeg_bytes, make_class_folder, photo, png_bytes, write
 
 TRICKY_NAMES = ["a.jpg", "a.png", "a.b.c.jpg", "my photo.jpg", "café.jpg", "日本語.jpg",
                 "..jpg", "-.jpg", "x" * 120 + ".jpg"]

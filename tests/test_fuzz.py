@@ -472,7 +472,7 @@ EXTS = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".JPG"]
 
 
 def _png_bomb() -> bytes:
-    from conftest import png_bytes, png_with_size, photo
+    from conftest import photo, png_bytes, png_with_size
 
     return png_with_size(png_bytes(photo(8, 8)), 100_000, 100_000)
 

@@ -13,8 +13,8 @@ import shardkit
 from shardkit import DecodeError, GpuPrefetcher, StreamingDataset, index_shards, make_loader
 from shardkit.gpudecode import GpuBatch, jpeg_header
 
-from conftest import jpeg_bytes, photo, png_bytes
 from _helpers_read import image_folder, pack
+from conftest import jpeg_bytes, photo, png_bytes
 
 wds = pytest.importorskip("webdataset")
 

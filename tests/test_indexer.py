@@ -29,8 +29,11 @@ from conftest import jpeg_bytes, photo, png_bytes, subprocess_env
 
 wds = pytest.importorskip("webdataset")
 
-from _helpers_remote import BUCKET  # noqa: E402
-from _helpers_remote import moto_server, s3  # noqa: E402, F401 - fixtures
+from _helpers_remote import (  # noqa: E402, F401 - fixtures
+    BUCKET,  # noqa: E402
+    moto_server,
+    s3,
+)
 
 LOADER_TIMEOUT = 60
 
@@ -141,7 +144,7 @@ def test_index_writes_a_manifest_beside_the_shards_and_nothing_other_readers_tri
 def test_fields_come_as_text_or_bytes_and_as_lists_in_batches(indexed):
     folder, want = indexed
     items = read(folder, fields=("txt", "json", "seg.png", "nope"))
-    for image, label, txt, meta, seg, nope, key in items:
+    for _image, label, txt, meta, seg, nope, key in items:
         assert txt == want[key]["txt"] and isinstance(txt, str)
         assert json.loads(meta)["name"] == f"class-{label}"
         assert isinstance(seg, bytes) and seg.startswith(b"\x89PNG") and nope is None
@@ -415,7 +418,7 @@ def test_http_folder_brace_pattern_and_presigned_urls(http_shards, tmp_path):
     ds = StreamingDataset(tmp_path / "c")
     assert "s3cr3t" not in repr([ds.manifest.shard_store().url(s.url) for s in m.shards])
     with pytest.raises(ValueError, match="query string"):
-        StreamingDataset(urls).manifest  # a list derives index URLs: it needs an index
+        _ = StreamingDataset(urls).manifest  # a list derives index URLs: it needs an index
     shown = subprocess.run([sys.executable, "-m", "shardkit", "show", str(tmp_path / "c")],
                            capture_output=True, text=True, env=subprocess_env())
     assert shown.returncode == 0 and "train-000000.tar" in shown.stdout

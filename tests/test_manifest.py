@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import samples_of
 
 from shardkit import Manifest, pack_folder
 from shardkit.errors import ManifestError
 from shardkit.shardformat import decode_index
+
+from conftest import samples_of
 
 
 @pytest.fixture(scope="module")

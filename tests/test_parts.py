@@ -14,6 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import shardkit
+from shardkit import Manifest, pack_folder, verify
+from shardkit.errors import DestinationError
+from shardkit.packing.folder import scan_folder
+from shardkit.packing.parts import merge_parts, part_manifest_name, part_tag
+from shardkit.shardformat import MANIFEST_PATH
+
 from conftest import (
     REPO,
     all_files,
@@ -22,13 +30,6 @@ from conftest import (
     subprocess_env,
     write,
 )
-
-import shardkit
-from shardkit import Manifest, pack_folder, verify
-from shardkit.errors import DestinationError
-from shardkit.folder import scan_folder
-from shardkit.shardformat import MANIFEST_PATH
-from shardkit.writer import merge_parts, part_manifest_name, part_tag
 
 PACK = [sys.executable, str(REPO / "tools" / "pack.py")]
 OPTS = {"max_samples": 3, "seed": 5}

@@ -20,11 +20,19 @@ from shardkit.errors import DecodeError, ShardError
 from shardkit.shardformat import END_OF_ARCHIVE, encode_index, index_name, member
 from shardkit.storage import LocalStore
 
-from _helpers_read import (all_keys, image_folder, keys_of, members_of,
-                           pack, shard_samples, write_shard)
-from _helpers_read import offsets_of, same_items
-from _helpers_read import datasets, folder  # noqa: F401 - fixtures, used by name
-
+from _helpers_read import (  # noqa: F401 - fixtures, used by name
+    all_keys,
+    datasets,
+    folder,
+    image_folder,
+    keys_of,
+    members_of,
+    offsets_of,
+    pack,
+    same_items,
+    shard_samples,
+    write_shard,
+)
 
 # --------------------------------------------------------------------------- 9: in memory
 
@@ -272,7 +280,7 @@ def test_bad_shards_are_logged_once_per_epoch_and_found_again_next_epoch(bad, ca
     ds = StreamingDataset(bad.path, with_keys=True, on_error="skip", batch_size=4,
                           crop=CenterCrop(8))
     loader = make_loader(ds, num_workers=2)
-    for epoch in range(2):
+    for _epoch in range(2):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="shardkit"):
             got = keys_of(list(loader), batched=True)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import gc
 import os
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
 import torch
-
-from multiprocessing.reduction import ForkingPickler
 
 from shardkit import RandomResizedCrop, StreamingDataset, make_loader
 from shardkit.loader import RING_SPARE

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from servers import HOST, FaultyHTTPServer, MotoS3, free_port, server_down_url
 
 aiohttp = pytest.importorskip("aiohttp")

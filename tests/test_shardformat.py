@@ -13,9 +13,21 @@ import pytest
 
 from shardkit.errors import ManifestError, ShardError
 from shardkit.reader import Replay, read_upto
-from shardkit.shardformat import (END_OF_ARCHIVE, INDEX_MAGIC, MTIME, decode_index, encode_index,
-                                  index_extent, index_name, iter_keys, member, parse_sample,
-                                  split_member, strict_samples, tar_header)
+from shardkit.shardformat import (
+    END_OF_ARCHIVE,
+    INDEX_MAGIC,
+    MTIME,
+    decode_index,
+    encode_index,
+    index_extent,
+    index_name,
+    iter_keys,
+    member,
+    parse_sample,
+    split_member,
+    strict_samples,
+    tar_header,
+)
 
 from _helpers_read import image_folder, pack
 

@@ -15,10 +15,7 @@ import torch
 from shardkit import RandomResizedCrop, StreamingDataset, make_loader
 from shardkit.storage import LocalStore
 
-from _helpers_read import keys_of
-from _helpers_read import NUM, offsets_of, same_items
-from _helpers_read import datasets, folder, keys  # noqa: F401 - fixtures, used by name
-
+from _helpers_read import NUM, datasets, folder, keys, keys_of, offsets_of, same_items  # noqa: F401 - fixtures, used by name
 
 # --------------------------------------------------------------------------- 5: exact resume
 
@@ -261,8 +258,8 @@ def _fit(make_loader_, epochs: int, stop_at: int | None = None, checkpoint: dict
             start_epoch, skip = start_epoch + 1, 0
     seen, step = [], 0
     for epoch in range(start_epoch, epochs):
-        for batch, (_, _, keys) in enumerate(loader, start=skip if epoch == start_epoch else 0):
-            seen.append((epoch, batch, tuple(keys)))
+        for batch, (_, _, batch_keys) in enumerate(loader, start=skip if epoch == start_epoch else 0):
+            seen.append((epoch, batch, tuple(batch_keys)))
             step += 1
             if step == stop_at:
                 return seen, {"epoch": epoch, "batch": batch + 1,

@@ -12,18 +12,16 @@ pytest.importorskip("s3fs")
 pytest.importorskip("aiohttp")
 pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask, flask-cors)")
 
-from conftest import REPO, subprocess_env  # noqa: E402
-from servers import MotoS3  # noqa: E402
 from shardkit.errors import DestinationError  # noqa: E402
+from shardkit.packing.journal import JOURNAL_NAME  # noqa: E402
+from shardkit.packing.shards import ShardWriter  # noqa: E402
 from shardkit.shardformat import MANIFEST_PATH  # noqa: E402
 from shardkit.storage import RemoteDest  # noqa: E402
-from shardkit.writer import JOURNAL_NAME, _ShardWriter  # noqa: E402
 
 from _helpers_read import pack  # noqa: E402
-from _helpers_remote import BUCKET, Data, bucket_objects  # noqa: E402
-from _helpers_remote import moto_server, s3, small  # noqa: E402, F401 - fixtures
-
-
+from _helpers_remote import BUCKET, Data, bucket_objects, moto_server, s3, small  # noqa: E402  # noqa: E402, F401 - fixtures
+from conftest import REPO, subprocess_env  # noqa: E402
+from servers import MotoS3  # noqa: E402
 
 # --------------------------------------------------------------------------- 1: writing
 
@@ -92,14 +90,14 @@ class Interrupted(RuntimeError):
 
 
 def _interrupt_after(monkeypatch, n_shards: int) -> None:
-    real = _ShardWriter._close_shard
+    real = ShardWriter._close_shard
 
     def close_shard(self, consumed):
         if len(self.shards) == n_shards:
             raise Interrupted(f"killed while finishing shard {n_shards}")
         return real(self, consumed)
 
-    monkeypatch.setattr(_ShardWriter, "_close_shard", close_shard)
+    monkeypatch.setattr(ShardWriter, "_close_shard", close_shard)
 
 
 @pytest.mark.parametrize("how", ["library", "cli"])

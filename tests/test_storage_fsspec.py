@@ -21,8 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry, known_implementations
 
 import shardkit
-from shardkit import Manifest, StreamingDataset, make_loader
-from shardkit import cli
+from shardkit import Manifest, StreamingDataset, cli, make_loader
 from shardkit.errors import ShardError
 from shardkit.storage import FsspecStore, open_store
 

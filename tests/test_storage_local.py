@@ -16,9 +16,10 @@ import pytest
 
 import shardkit
 from shardkit import StreamingDataset, make_loader
-from shardkit.storage import local as local_storage
 from shardkit.errors import ManifestError, ShardError
 from shardkit.storage import LocalStore, make_store
+from shardkit.storage import bounded as helper_threads
+from shardkit.storage import local as local_storage
 
 from _helpers_read import image_folder, pack
 
@@ -213,14 +214,14 @@ def test_readers_leave_no_threads_behind(packed, tmp_path):
         list(ds)
     assert threading.active_count() <= before + 8  # idle helpers are kept for reuse, a few
     (tmp_path / "big.bin").write_bytes(bytes(20 << 20))
-    idle = local_storage._helpers["idle"]
+    idle = helper_threads._helpers["idle"]
     reader = LocalStore(tmp_path).open_range("big.bin", 0, 20 << 20)
     reader.read(10)  # its helper has read ahead and now waits for the reader
     del reader  # abandoned, not closed: the helper stops all the same, and is idle again
     deadline = time.monotonic() + 10
-    while local_storage._helpers["idle"] < max(idle, 1) and time.monotonic() < deadline:
+    while helper_threads._helpers["idle"] < max(idle, 1) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert local_storage._helpers["idle"] >= max(idle, 1)
+    assert helper_threads._helpers["idle"] >= max(idle, 1)
 
 
 def test_stalled_folder_is_an_error_when_loading_the_manifest(packed, monkeypatch):

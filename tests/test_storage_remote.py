@@ -21,17 +21,35 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("flask", reason="moto server mode needs moto[server] (flask, flask-cors)")
 
 import shardkit  # noqa: E402
-from servers import server_down_url  # noqa: E402
-from shardkit import StreamingDataset, make_loader  # noqa: E402
-from shardkit.reader import ShardReader  # noqa: E402
+from shardkit import (  # noqa: E402
+    StreamingDataset,
+    make_loader,
+    reader,  # noqa: E402
+)
 from shardkit.errors import ManifestError, ShardError  # noqa: E402
 from shardkit.shardformat import MANIFEST_PATH  # noqa: E402
 
 from _helpers_read import pack, shard_samples  # noqa: E402
-from _helpers_remote import BUCKET, FAST, LOADER_TIMEOUT, PROTOS, bucket_objects, check_same, clean_aws_env, read_all, upload  # noqa: E402
-from _helpers_remote import aws_env, big, moto_server, reference, s3, served, served_big, small  # noqa: E402, F401 - fixtures
-
-
+from _helpers_remote import (  # noqa: E402  # noqa: E402, F401 - fixtures
+    BUCKET,
+    FAST,
+    LOADER_TIMEOUT,
+    PROTOS,
+    aws_env,
+    big,
+    bucket_objects,
+    check_same,
+    clean_aws_env,
+    moto_server,
+    read_all,
+    reference,
+    s3,
+    served,
+    served_big,
+    small,
+    upload,
+)
+from servers import server_down_url  # noqa: E402
 
 # --------------------------------------------------------------------------- 2: reading
 
@@ -123,16 +141,16 @@ def test_resume_mid_shard_is_a_range_request_at_the_sample_offset(big, served_bi
 
 def _after_first_index(monkeypatch, action) -> None:
     """Run ``action()`` once, when the first index file has been read (next GET: shard bytes)."""
-    real = ShardReader._index
+    real = reader.load_index
     pending = [action]
 
-    def index(self, shard):
-        offsets = real(self, shard)
+    def index(store, shard):
+        offsets = real(store, shard)
         while pending:
             pending.pop()()
         return offsets
 
-    monkeypatch.setattr(ShardReader, "_index", index)
+    monkeypatch.setattr(reader, "load_index", index)
 
 
 @pytest.mark.parametrize("proto", PROTOS)

@@ -9,9 +9,8 @@ import pytest
 from shardkit import verify
 from shardkit.cli import main
 
-from _helpers_remote import BUCKET, upload  # noqa: E402
+from _helpers_remote import BUCKET, aws_env, moto_server, s3, served, small, upload  # noqa: E402  # noqa: E402, F401 - fixtures
 from conftest import damage_shard
-from _helpers_remote import aws_env, moto_server, s3, served, small  # noqa: E402, F401 - fixtures
 
 DAMAGES = ["flip_byte", "truncate", "missing", "flip_index"]
 

@@ -12,15 +12,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (all_files, check_interrupted, dataset_samples, jpeg_bytes, make_class_folder,
-                      photo, png_bytes, png_with_size, samples_of, tar_members, write)
 
-import shardkit.writer as writer_mod
 from shardkit import Manifest, pack_folder
-from shardkit.errors import DestinationError, SourceError
 from shardkit.common import parse_bytes
+from shardkit.errors import DestinationError, SourceError
+from shardkit.packing import pool
+from shardkit.packing.journal import JOURNAL_NAME
+from shardkit.packing.shards import ShardWriter
 from shardkit.shardformat import MANIFEST_NAME, MANIFEST_PATH
-from shardkit.writer import JOURNAL_NAME
+
+from conftest import (
+    all_files,
+    check_interrupted,
+    dataset_samples,
+    jpeg_bytes,
+    make_class_folder,
+    photo,
+    png_bytes,
+    png_with_size,
+    samples_of,
+    tar_members,
+    write,
+)
 
 MODES = {"raw": None, "resize": 32, "tensor": 24}
 
@@ -371,7 +384,7 @@ def test_resume_after_crash_at_each_step(mixed_folder, tmp_path, monkeypatch, wh
         return real_replace(a, b)
 
     added = {"n": 0}
-    real_add = writer_mod._ShardWriter.add
+    real_add = ShardWriter.add
 
     def add(self, *a, **k):
         added["n"] += 1
@@ -380,7 +393,7 @@ def test_resume_after_crash_at_each_step(mixed_folder, tmp_path, monkeypatch, wh
         return real_add(self, *a, **k)
 
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(writer_mod._ShardWriter, "add", add)
+    monkeypatch.setattr(ShardWriter, "add", add)
     with pytest.raises(_Crash):
         pack(mixed_folder, dest, **kw)
     monkeypatch.undo()
@@ -415,7 +428,7 @@ def test_kill_before_the_manifest_is_published_resumes_to_the_same_files(mixed_f
     assert not (dest / MANIFEST_PATH).exists()
     assert json.loads((dest / JOURNAL_NAME).read_bytes())["format"] == "shardkit"
     encoded = []
-    monkeypatch.setattr(writer_mod, "_encode_chunk", lambda *a: encoded.append(a) or [])
+    monkeypatch.setattr(pool, "_encode_chunk", lambda *a: encoded.append(a) or [])
     m = pack(mixed_folder, dest, resume=True, **kw)
     assert not encoded  # nothing packed again
     assert m == ref_m and m.stats["resumed_shards"] == len(ref_m.shards) == 5
@@ -439,8 +452,8 @@ def test_resume_redoes_a_damaged_shard(mixed_folder, tmp_path, monkeypatch):
     kw = dict(max_samples=4)
     ref = all_files(Path(pack(mixed_folder, tmp_path / "ref", **kw).base_url))
     dest = tmp_path / "out"
-    real = writer_mod._ShardWriter._close_shard
-    monkeypatch.setattr(writer_mod._ShardWriter, "_close_shard",
+    real = ShardWriter._close_shard
+    monkeypatch.setattr(ShardWriter, "_close_shard",
                         lambda self, consumed: (real(self, consumed),
                                                 len(self.shards) == 4 and (_ for _ in ()).throw(_Crash())))
     with pytest.raises(_Crash):
@@ -457,7 +470,7 @@ def test_resume_with_other_options_or_files_is_refused(mixed_folder, tmp_path, m
     src = tmp_path / "src"
     shutil.copytree(mixed_folder, src)
     dest = tmp_path / "out"
-    monkeypatch.setattr(writer_mod._ShardWriter, "finish", lambda self, total: (_ for _ in ()).throw(_Crash()))
+    monkeypatch.setattr(ShardWriter, "finish", lambda self, total: (_ for _ in ()).throw(_Crash()))
     with pytest.raises(_Crash):
         pack(src, dest, max_samples=4)
     monkeypatch.undo()

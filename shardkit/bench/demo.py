@@ -37,7 +37,7 @@ def _stream(dest: Path, batch_size: int, workers: int) -> tuple[float, int, int]
     keys: set = set()
     start, n = time.perf_counter(), 0
     with tqdm(total=len(ds), unit="batch", desc="stream", disable=not sys.stderr.isatty()) as bar:
-        for images, labels, batch_keys in loader:
+        for images, _labels, batch_keys in loader:
             n += len(images)
             keys.update(batch_keys)
             bar.update(1)
@@ -45,8 +45,8 @@ def _stream(dest: Path, batch_size: int, workers: int) -> tuple[float, int, int]
 
 
 def run_demo(workdir: str = "demo-data", classes: int = 10, per_class: int = 30) -> int:
+    from ..packing import pack_folder
     from .synth import make_image_folder
-    from ..writer import pack_folder
 
     root = Path(workdir)
     t0 = time.perf_counter()

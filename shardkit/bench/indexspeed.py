@@ -20,7 +20,7 @@ def _shards(source: Path | None, out: Path, classes: int, per_class: int, worker
     """A folder of plain ``.tar`` shards: ``source`` itself, or packed from a synthetic folder."""
     if source is not None:
         return source
-    from ..writer import pack_folder
+    from ..packing import pack_folder
     from .synth import make_image_folder
 
     folder = out / "index-images"

@@ -604,7 +604,7 @@ def auto(shards: Path, batch_size: int = 256, max_workers: int | None = None,
     sweep = {}
     for w in range(1, max_workers + 1):
         for pf in prefetches:
-            r = _time_loader(lambda: shardkit_loader(shards, batch_size, w, TRAIN, pf),
+            r = _time_loader(lambda w=w, pf=pf: shardkit_loader(shards, batch_size, w, TRAIN, pf),
                              m.num_bytes, m.num_samples)
             sweep[f"{w}x{pf}"] = r["samples_per_s"]
     best = max(sweep, key=sweep.get)
@@ -654,6 +654,7 @@ def run_pack(folder: Path | None = None, out: Path = Path("bench-out"), *, class
     import subprocess
 
     import shardkit
+
     from .synth import make_image_folder
 
     out.mkdir(parents=True, exist_ok=True)

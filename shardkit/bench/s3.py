@@ -34,8 +34,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .loaders import _cpu_seconds, _rss_mb, proc_cpu_seconds, read_limit
 from ..shardformat import MANIFEST_PATH
+from .loaders import _cpu_seconds, _rss_mb, proc_cpu_seconds, read_limit
 
 BUCKET = "shardkit-bench"
 PREFIX = "raw"
@@ -205,6 +205,7 @@ def run_s3(folder: Path | None = None, out: Path = Path("bench-out"), *, classes
     process, and time local disk against S3 (cold cache, no cache, warm cache), ``repeats``
     times interleaved. Writes ``out/bench-s3.json`` and returns the report."""
     import shardkit
+
     from .synth import make_image_folder
 
     out = Path(out)

@@ -2,9 +2,9 @@
 
 :func:`synthetic_manifest` builds such a manifest in memory (no shard exists; names, counts and
 digests look like ``pack``'s), :func:`shardkit.manifest.write_manifest` writes it as
-``manifest.json`` and its compact companion ``manifest.msgpack``, and :func:`run` measures, each case in a fresh process that has
-already imported torch (as a training process has), the wall time and the peak memory beyond
-that of
+``manifest.json`` and its compact companion ``manifest.msgpack``, and :func:`run` measures, each
+case in a fresh process that has already imported torch (as a training process has), the wall
+time and the peak memory beyond that of
 
 - loading the manifest (JSON, msgpack),
 - computing the epoch plan of one DataLoader worker of ``world_size`` ranks x ``num_workers``

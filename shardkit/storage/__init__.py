@@ -1,7 +1,9 @@
 """Where a dataset lives and how its bytes move, one module per job:
 
+- :mod:`~shardkit.storage.base` — the contracts: ``Store`` (reading), ``Dest`` (writing);
 - :mod:`~shardkit.storage.urls` — sources and URLs to stores; the one place protocols are
   dispatched (local folders, the tuned protocols of ``remote.STORES``, any other fsspec knows);
+- :mod:`~shardkit.storage.bounded` — calls that may block, on helper threads, with a timeout;
 - :mod:`~shardkit.storage.local` — local files, every read bounded by a timeout;
 - :mod:`~shardkit.storage.remote` — ``s3://`` and ``http(s)://`` through fsspec: streamed range
   GETs, retries with backoff that resume at the right byte;
@@ -13,16 +15,17 @@
 Nothing here knows the manifest: :mod:`shardkit.manifest` loads it through a store.
 """
 
-from .base import Store, redact
-from .dest import LocalDest, RemoteDest, fsync_dir, make_dest, sha256_file
+from .base import BaseStore, Dest, Store, redact
+from .dest import BaseDest, LocalDest, RemoteDest, fsync_dir, make_dest, sha256_file
+from .generic import FsspecStore
 from .listed import ListedStore, MixedStore
 from .local import LocalStore, RangeReader
 from .remote import RemoteStore
-from .generic import FsspecStore
 from .urls import make_store, open_store, remote_protocols, split_file_url, split_source
 
-__all__ = ["REMOTE_PROTOCOLS", "FsspecStore", "ListedStore", "LocalDest", "LocalStore", "MixedStore",
-           "RangeReader", "RemoteDest", "RemoteStore", "Store", "fsync_dir", "make_dest",
+__all__ = ["REMOTE_PROTOCOLS", "BaseDest", "BaseStore", "Dest", "FsspecStore", "ListedStore",
+           "LocalDest", "LocalStore", "MixedStore", "RangeReader", "RemoteDest", "RemoteStore",
+           "Store", "fsync_dir", "make_dest",
            "make_store", "open_store", "redact", "remote_protocols", "sha256_file",
            "split_file_url", "split_source"]
 

@@ -7,8 +7,8 @@ backoff and resume logic it shares. A range is one ``fs.open(path, "rb")`` read 
 from ``start`` (:class:`_FileStream`), whether the filesystem is sync or async; a dropped read
 is retried from the first byte not yet delivered. Not every fsspec filesystem has timeouts of its
 own, so each call that may block runs on a helper thread that the store waits for at most
-``timeout`` seconds: a call that has not answered by then is a ``TimeoutError``, retried like a
-dropped connection.
+``timeout`` seconds (:func:`~shardkit.storage.bounded.call_within`): a call that has not answered
+by then is a ``TimeoutError``, retried like a dropped connection.
 
 Read-only: packing writes to local folders and ``s3://`` only (``writable`` is False).
 """
@@ -20,7 +20,10 @@ import threading
 import weakref
 
 from ..errors import ShardError
+from .bounded import call_within
 from .remote import PIECE, RemoteStore
+
+FSSPEC_CALL = "shardkit-fsspec-call"  # the name of a helper thread while it calls fsspec
 
 
 class FsspecStore(RemoteStore):
@@ -36,7 +39,7 @@ class FsspecStore(RemoteStore):
         return fsspec.filesystem(self.protocol, **options)
 
     def _fs_call(self, fn):
-        return _within(self.timeout, fn)
+        return call_within(self.timeout, fn, name=FSSPEC_CALL)
 
     def _open_stream(self, name: str, start: int, stop: int) -> "_FileStream":
         return _FileStream(self, name, start, stop)
@@ -86,7 +89,7 @@ class _FileStream:
 
     def _call(self, fn, late):
         try:
-            return _within(self._timeout, fn, late)
+            return call_within(self._timeout, fn, name=FSSPEC_CALL, late=late)
         except TimeoutError:
             self._stuck = True  # the call goes on alone; `late` closes the file after it
             _forget(self._path, self._turns)  # it may hold the lock: the next try takes another
@@ -119,7 +122,7 @@ class _FileStream:
         file, self._file = self._file, None
         if file is not None and not self._stuck:
             try:
-                _within(self._timeout, lambda: _close_quietly(file))
+                call_within(self._timeout, lambda: _close_quietly(file), name=FSSPEC_CALL)
             except TimeoutError:  # closing a stalled connection: it goes with its thread
                 pass
 
@@ -129,41 +132,6 @@ def _close_quietly(file) -> None:
         file.close()
     except Exception:  # a broken connection may fail to close; nothing to keep
         pass
-
-
-def _within(timeout: float | None, fn, late=None):
-    """``fn()`` on a helper thread, waited for at most ``timeout`` seconds (None: run here).
-
-    A call that has not answered by then is a ``TimeoutError`` (transient: the store retries);
-    it goes on alone on its daemon thread, and ``late(result)`` disposes of a result that comes
-    after the caller stopped waiting (a file object to close)."""
-    if timeout is None:
-        return fn()
-    lock, done, box, abandoned = threading.Lock(), threading.Event(), [], []
-
-    def job():
-        try:
-            out = (True, fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out = (False, exc)
-        with lock:
-            if not abandoned:
-                box.append(out)
-                done.set()
-                return
-        if out[0] and late is not None:
-            late(out[1])
-
-    threading.Thread(target=job, name="shardkit-fsspec-call", daemon=True).start()
-    done.wait(timeout)
-    with lock:
-        if not box:
-            abandoned.append(True)
-            raise TimeoutError(f"no answer for {timeout:g} s")
-    ok, value = box.pop()
-    if ok:
-        return value
-    raise value
 
 
 class _Turn:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterable, Iterator
 
 from ..errors import ShardError
 from ..shardformat import index_name
-from .base import Store, redact
+from .base import BaseStore, Store, redact
 from .urls import open_store, remote_protocols, split_file_url
 
 
-class _Routed(Store):
+class _Routed(BaseStore):
     """A store whose names are routed to the stores of their own folders (``_file``)."""
 
     def _file(self, name: str) -> tuple[Store, str]:
@@ -36,11 +38,12 @@ class _Routed(Store):
         store, own = self._file(name)
         return store.stamp(own)
 
-    def open_range(self, name: str, start: int, stop: int):
+    def open_range(self, name: str, start: int, stop: int) -> io.RawIOBase:
         store, own = self._file(name)
         return store.open_range(own, start, stop)
 
-    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
+    def iter_bytes(self, name: str, start: int, stop: int,
+                   chunk: int = 1 << 20) -> Iterator[bytes]:
         store, own = self._file(name)
         return store.iter_bytes(own, start, stop, chunk)
 
@@ -57,8 +60,8 @@ class ListedStore(_Routed):
     ``storage_options`` apply to every remote URL, or per protocol when keyed by protocols
     (``"s3"``, ``"https"``, ``"gs"``, …)."""
 
-    def __init__(self, urls, storage_options: dict | None = None, *, timeout: float = 60.0,
-                 retries: int = 6):
+    def __init__(self, urls: Iterable[str | os.PathLike[str]], storage_options: dict | None = None,
+                 *, timeout: float = 60.0, retries: int = 6) -> None:
         if isinstance(urls, (str, bytes, os.PathLike)):
             raise TypeError("pass a list of shard URLs, not a single one")
         self._files: dict[str, tuple[Store, str]] = {}
@@ -116,12 +119,12 @@ class MixedStore(_Routed):
     manifest whose signature holds."""
 
     def __init__(self, home: Store, storage_options: dict | None = None, *,
-                 timeout: float = 60.0, retries: int = 6):
+                 timeout: float = 60.0, retries: int = 6) -> None:
         self.home = home
         self._options, self._timeout, self._retries = storage_options, timeout, retries
         self._stores: dict[tuple[str, str], Store] = {}
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_stores"] = {}  # made again where used
         return state

@@ -1,9 +1,10 @@
 """Local shard and index files, every read bounded by a timeout.
 
-Whatever may block (open(2), a read the page cache cannot serve) runs in a helper thread that the
-reader waits for at most ``timeout`` seconds: a stalled NFS/FUSE mount or a FIFO with no writer is
-a ``ShardError`` naming the file, not a hang. Reads the page cache serves go straight into the
-caller's buffer (``preadv2(RWF_NOWAIT)`` on Linux), so the hot path costs what a plain read does.
+Whatever may block (open(2), a read the page cache cannot serve) runs in a helper thread
+(:mod:`~shardkit.storage.bounded`) that the reader waits for at most ``timeout`` seconds: a
+stalled NFS/FUSE mount or a FIFO with no writer is a ``ShardError`` naming the file, not a hang.
+Reads the page cache serves go straight into the caller's buffer (``preadv2(RWF_NOWAIT)`` on
+Linux), so the hot path costs what a plain read does.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ from __future__ import annotations
 import errno
 import io
 import os
-import queue
 import stat
 import threading
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO, Callable, TypeVar
 
 from ..errors import ShardError
-from .base import Store
+from .base import BaseStore
+from .bounded import call_within, in_helper
+
+T = TypeVar("T")
 
 LOCAL_CHUNK = 1 << 20  # a helper's read on a page-cache miss; a streaming helper's largest read
 LOCAL_FIRST = 64 << 10  # a streaming helper's first read (then doubling): samples come at once
 LOCAL_AHEAD = 2  # chunks a streaming helper reads ahead of the reader
 
 
-class LocalStore(Store):
+class LocalStore(BaseStore):
     """Reads shard and index files below a local folder.
 
     Every read has a ``timeout`` (seconds without a byte; None: none, plain blocking reads): a
@@ -35,7 +39,7 @@ class LocalStore(Store):
     the caller's buffer, so the hot path costs what it did (see :class:`_LocalReader`).
     """
 
-    def __init__(self, base: str, timeout: float | None = 60.0):
+    def __init__(self, base: str | os.PathLike[str], timeout: float | None = 60.0) -> None:
         self.base = Path(base)
         self.timeout = timeout
 
@@ -99,7 +103,7 @@ class LocalStore(Store):
 
         return stat() if self.timeout is None else _bounded(stat, self.timeout, self.url(name))
 
-    def open_range(self, name: str, start: int, stop: int):
+    def open_range(self, name: str, start: int, stop: int) -> io.RawIOBase:
         """A file object positioned at ``start`` that ends at ``stop`` (exclusive)."""
         if self.timeout is not None:
             return _LocalReader(self.base / name, self.url(name), start, stop, self.timeout)
@@ -114,7 +118,7 @@ class LocalStore(Store):
 class RangeReader(io.RawIOBase):
     """At most ``length`` bytes of an underlying file object; tracks how many were read."""
 
-    def __init__(self, raw, length: int):
+    def __init__(self, raw: io.RawIOBase | BinaryIO, length: int) -> None:
         self.raw, self.remaining, self.consumed = raw, length, 0
 
     def readable(self) -> bool:
@@ -229,69 +233,12 @@ def _stream_job(state: _ReadState, fd: int, regular: bool, pos: int, stop: int |
     state.end_job(error, done=True)
 
 
-# Idle helper threads, reused: starting a thread costs ~0.1 ms per file opened. A thread stuck in
-# a stalled read is simply never idle again. Reset in a forked child (no threads there).
-_MAX_IDLE = 8
-_helpers_lock = threading.Lock()
-_helpers: dict = {"jobs": None, "idle": 0}
+LOCAL_READ = "shardkit-local-read"  # the name of a helper thread while it reads a local file
 
 
-def _reset_helpers() -> None:
-    global _helpers_lock
-    _helpers_lock = threading.Lock()
-    _helpers.update(jobs=None, idle=0)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_helpers)
-
-
-def _in_helper(job, *args) -> None:
-    """Run ``job(*args)`` in an idle helper thread, or a new one."""
-    with _helpers_lock:
-        if _helpers["jobs"] is None:
-            _helpers["jobs"] = queue.SimpleQueue()
-        jobs = _helpers["jobs"]
-        if _helpers["idle"]:
-            _helpers["idle"] -= 1
-            jobs.put((job, args))
-            return
-    threading.Thread(target=_helper, args=(jobs, job, args), name="shardkit-local-read",
-                     daemon=True).start()
-
-
-def _helper(jobs, job, args) -> None:
-    while True:
-        job(*args)  # handles its own errors
-        job = args = None
-        with _helpers_lock:
-            if _helpers["jobs"] is not jobs or _helpers["idle"] >= _MAX_IDLE:
-                return
-            _helpers["idle"] += 1
-        job, args = jobs.get()
-
-
-def _bounded(fn, timeout: float, url: str):
+def _bounded(fn: Callable[[], T], timeout: float, url: str) -> T:
     """``fn()`` run by a helper thread, waiting at most ``timeout`` for it (a ShardError)."""
-    cond, box = threading.Condition(threading.Lock()), []
-
-    def job():
-        try:
-            out = (True, fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out = (False, exc)
-        with cond:
-            box.append(out)
-            cond.notify_all()
-
-    _in_helper(job)
-    with cond:
-        if not cond.wait_for(lambda: box, timeout):
-            raise _stalled(url, f"no answer for {timeout:g} s")
-    ok, value = box[0]
-    if ok:
-        return value
-    raise value
+    return call_within(timeout, fn, name=LOCAL_READ, stalled=lambda what: _stalled(url, what))
 
 
 def _stalled(url: str, what: str) -> ShardError:
@@ -327,7 +274,7 @@ class _LocalReader(io.RawIOBase):
         self._failed: BaseException | None = None
         self._pid = os.getpid()
         self._state = _ReadState()
-        _in_helper(_open_job, self._state, os.fspath(path), start)
+        in_helper(LOCAL_READ, _open_job, self._state, os.fspath(path), start)
 
     @property
     def remaining(self) -> int | None:
@@ -363,7 +310,7 @@ class _LocalReader(io.RawIOBase):
         self._mode, self._fd = "stream", -1
         with st.cond:
             st.busy = True
-        _in_helper(_stream_job, st, st.fd, st.regular, self._pos, self._stop)
+        in_helper(LOCAL_READ, _stream_job, st, st.fd, st.regular, self._pos, self._stop)
 
     def readinto(self, b) -> int:
         if self._fd >= 0 and self._off >= len(self._buf):  # the hot path: from the page cache
@@ -426,7 +373,7 @@ class _LocalReader(io.RawIOBase):
             want = LOCAL_CHUNK if self._stop is None else min(LOCAL_CHUNK, self._stop - self._pos)
             with st.cond:
                 st.busy = True
-            _in_helper(_pread_job, st, st.fd, self._pos, want)
+            in_helper(LOCAL_READ, _pread_job, st, st.fd, self._pos, want)
         with st.cond:
             self._wait(lambda: st.chunks or st.error is not None or not st.busy, "no data")
             data = st.chunks.popleft() if st.chunks else None

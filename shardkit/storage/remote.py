@@ -22,13 +22,16 @@ import os
 import random
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
 from ..errors import ShardError
-from .base import Store, redact
+from .base import BaseStore, redact
 
 # Remote reads are one streamed GET per byte range (a span of samples, or a whole shard for the
 # cache), handed on in PIECE-byte pieces; a reader's helper thread keeps up to AHEAD pieces ready.
+T = TypeVar("T")
 PIECE = 1 << 20
 AHEAD = 2
 
@@ -70,7 +73,7 @@ def _transient(exc: BaseException) -> bool:
                               "asyncio"))
 
 
-class RemoteStore(Store):
+class RemoteStore(BaseStore):
     """Files below one remote prefix, through fsspec, with retries and range reads. Subclasses
     (one per protocol, :data:`STORES`) make the filesystem, map names to paths and open range
     GETs; the retry and resume logic is here."""
@@ -78,20 +81,20 @@ class RemoteStore(Store):
     writable = False  # packing may write to it (RemoteDest)
 
     def __init__(self, protocol: str, base: str, storage_options: dict | None = None, *,
-                 retries: int = 6, timeout: float = 60.0, backoff: float = 0.2):
+                 retries: int = 6, timeout: float = 60.0, backoff: float = 0.2) -> None:
         self.protocol, self.base = protocol, base.rstrip("/")
         self._options = dict(storage_options or {})
         self.retries, self.timeout, self.backoff = retries, timeout, backoff
         self._fs = None
         self._pid = None
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fs"] = None
         return state
 
     @property
-    def fs(self):
+    def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
             self._fs, self._pid = self._make_fs(dict(self._options)), os.getpid()
         return self._fs
@@ -122,7 +125,7 @@ class RemoteStore(Store):
     def url(self, name: str) -> str:
         return redact(f"{self.protocol}://{self.base}/{name}")
 
-    def retry(self, what, name: str, fn):
+    def retry(self, what: str, name: str, fn: Callable[[], T]) -> T:
         """``fn()``, retried with backoff while it fails with a transient error; the last error
         (or a permanent one at once) is a ShardError naming ``name``."""
         delay = self.backoff
@@ -153,10 +156,11 @@ class RemoteStore(Store):
         return self.retry("read", name,
                           lambda: self._fs_call(lambda: self.fs.cat_file(self.path(name))))
 
-    def open_range(self, name: str, start: int, stop: int):
+    def open_range(self, name: str, start: int, stop: int) -> io.RawIOBase:
         return ChunkedReader(self, name, start, stop)
 
-    def iter_bytes(self, name: str, start: int, stop: int, chunk: int = 1 << 20):
+    def iter_bytes(self, name: str, start: int, stop: int,
+                   chunk: int = 1 << 20) -> Iterator[bytes]:
         """The bytes ``[start, stop)`` in pieces of ``chunk`` bytes (the last may be shorter), as
         they arrive: one stream of the whole range (:meth:`_open_stream`; the cache's
         whole-shard downloads), not a request per piece. A dropped connection, 5xx or timeout is

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import SourceError
+from ..errors import SourceError
+from ..jpegheader import jpeg_size
+from ..shardformat import MAX_PIXELS, member_parts
 from .folder import Item
-from .shardformat import MAX_PIXELS, member_parts
 
 # ``warnings.catch_warnings`` swaps process-wide state: raw-mode packing opens images from several
 # threads, so the header parse that may warn about a decompression bomb is serialised.
@@ -40,13 +41,16 @@ _BAD_INPUT = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError
 
 @dataclass(frozen=True)
 class EncodeOptions:
+    """What one sample's bytes depend on (pickled to the encode workers). ``mode`` is the one
+    applied: arrays are always encoded in ``"tensor"`` mode, whatever was asked for."""
+
     mode: str  # "raw" | "resize" | "tensor"
     size: int | None
     quality: int
     max_pixels: int = MAX_PIXELS
 
 
-def encode_sample(item: Item, opts: EncodeOptions):
+def encode_sample(item: Item, opts: EncodeOptions) -> tuple[bytes, dict]:
     """Encode one item. Returns ``(tar_bytes, info)`` or raises ``SourceError`` for bad input.
 
     ``info`` is a small dict for the pack summary (``dtype``/``shape`` for arrays).
@@ -55,7 +59,7 @@ def encode_sample(item: Item, opts: EncodeOptions):
     return b"".join(parts), info
 
 
-def encode_parts(item: Item, opts: EncodeOptions):
+def encode_parts(item: Item, opts: EncodeOptions) -> tuple[list[bytes], dict]:
     """Like ``encode_sample``, but the tar bytes as a list of buffers (no copy of the payload).
 
     ``info`` is a small dict for the pack summary (``dtype``/``shape`` for arrays).
@@ -81,7 +85,7 @@ def encode_parts(item: Item, opts: EncodeOptions):
     except _BAD_INPUT as exc:
         raise SourceError(item.relpath, _reason(exc)) from exc
     meta = {"path": item.relpath, "class": item.class_name, **meta}
-    parts = []
+    parts: list[bytes] = []
     if item.label is not None:
         parts += member_parts(f"{item.key}.cls", str(item.label).encode("ascii"))
     parts += member_parts(f"{item.key}.{field}", payload)
@@ -122,47 +126,7 @@ def _open(item: Item, data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
-
-
-def jpeg_frame(data) -> tuple[int, int, int, int] | None:
-    """``(marker, width, height, components)`` of a JPEG's frame header (SOF0..SOF15), or None
-    when the marker walk fails. A few dozen bytes of work; anything unusual (no SOF, broken
-    segment lengths) returns None and the caller falls back to Pillow and its messages."""
-    n, i = len(data), 2
-    if bytes(data[:3]) != b"\xff\xd8\xff":
-        return None
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF:
-            if i + 10 > n or length < 8:
-                return None
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            return (marker, width, height, data[i + 9]) if width and height else None
-        if marker in (0xD9, 0xDA) or length < 2:  # end of image / scan before any frame header
-            return None
-        i += 2 + length
-    return None
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a JPEG's frame header, or None (see :func:`jpeg_frame`)."""
-    frame = jpeg_frame(data)
-    return None if frame is None else (frame[1], frame[2])
-
-
-def _encode_raw(item: Item, data: bytes, opts: EncodeOptions):
+def _encode_raw(item: Item, data: bytes, opts: EncodeOptions) -> tuple[str, bytes, dict]:
     """Original bytes, checked cheaply: format, pixel limit, end marker (truncation)."""
     ext = item.relpath.rsplit(".", 1)[-1].lower()
     if _EXT_FIELD.get(ext) == "jpg":
@@ -187,7 +151,8 @@ def _encode_raw(item: Item, data: bytes, opts: EncodeOptions):
     return field, data, {"size": list(im.size)}
 
 
-def _decode_rgb(item: Item, data: bytes, opts: EncodeOptions, min_short: int | None):
+def _decode_rgb(item: Item, data: bytes, opts: EncodeOptions,
+                min_short: int | None) -> tuple[Image.Image, tuple[int, int]]:
     im = _open(item, data, opts.max_pixels)
     orig = im.size
     if min_short and im.format == "JPEG":
@@ -257,7 +222,8 @@ def _shorter_side_to(arr: np.ndarray, size: int) -> np.ndarray:
     return _cv2.resize(arr, new, interpolation=_cv2.INTER_AREA)
 
 
-def _encode_image_fast(item: Item, data: bytes, opts: EncodeOptions):
+def _encode_image_fast(item: Item, data: bytes,
+                       opts: EncodeOptions) -> tuple[str, bytes, dict] | None:
     """The resize/tensor encodings of a plain JPEG without Pillow's decode, resampler or encoder;
     None when the Pillow path must do it (see ``_fast_jpeg_rgb``; tensor mode enlarging)."""
     im = _open(item, data, opts.max_pixels)
@@ -280,7 +246,7 @@ def _encode_image_fast(item: Item, data: bytes, opts: EncodeOptions):
     return "npy", _npy_bytes(arr[top:top + opts.size, left:left + opts.size]), {"size": orig}
 
 
-def _encode_image(item: Item, data: bytes, opts: EncodeOptions):
+def _encode_image(item: Item, data: bytes, opts: EncodeOptions) -> tuple[str, bytes, dict]:
     fast = _encode_image_fast(item, data, opts)
     if fast is not None:
         return fast
@@ -305,7 +271,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def _encode_array(item: Item, data: bytes):
+def _encode_array(item: Item, data: bytes) -> tuple[str, bytes, dict, dict]:
     """A preprocessed ``.npy`` array or a ``.pt`` file holding one tensor (``torch.save(t)``)."""
     if item.relpath.lower().endswith(".npy"):
         arr = np.load(io.BytesIO(data), allow_pickle=False)

@@ -19,8 +19,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SourceError
-from .shardformat import IMAGE_FIELDS
+from ..errors import SourceError
+from ..shardformat import IMAGE_FIELDS
 
 IMAGE_EXTENSIONS = tuple(f".{field}" for field in IMAGE_FIELDS)
 ARRAY_EXTENSIONS = (".npy", ".pt")
@@ -78,7 +78,7 @@ def _kind_of(name: str) -> str | None:
 
 
 def _walk_files(top: str, top_rel: str, problems: list[tuple[str, str]],
-                seen: set) -> list[tuple[str, os.DirEntry]]:
+                seen: set[tuple[int, int]]) -> list[tuple[str, os.DirEntry]]:
     """``(relative path, entry)`` of all files below ``top`` (following symlinks, refusing loops),
     sorted by relative path. Plain strings and ``os.scandir``: this runs once per file."""
     out: list[tuple[str, os.DirEntry]] = []
@@ -126,7 +126,7 @@ def scan_folder(src: str | os.PathLike) -> Scan:
         raise SourceError(root, "source is not a folder")
     root = root.resolve()
     problems: list[tuple[str, str]] = []
-    seen: set = set()
+    seen: set[tuple[int, int]] = set()
     try:
         top_entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
@@ -137,7 +137,7 @@ def scan_folder(src: str | os.PathLike) -> Scan:
     ignored = 0
     classes: list[str] | None
 
-    def add(rel: str, entry: os.DirEntry, label, class_name) -> None:
+    def add(rel: str, entry: os.DirEntry, label: int | None, class_name: str | None) -> None:
         nonlocal ignored
         kind = _kind_of(entry.name)
         if kind is None:
@@ -175,7 +175,7 @@ def scan_folder(src: str | os.PathLike) -> Scan:
     if not items:
         hint = ", ".join(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
         raise SourceError(root, f"no images found (supported extensions: {hint})")
-    keys = {}
+    keys: dict[str, str] = {}
     for item in items:
         if item.key in keys:  # a SHA-1 prefix collision: practically never, but never silent
             raise SourceError(item.relpath, f"key {item.key!r} collides with {keys[item.key]!r}")
@@ -190,6 +190,6 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _ident(path: Path):
+def _ident(path: Path) -> tuple[int, int]:
     st = path.stat()
     return (st.st_dev, st.st_ino)
