@@ -100,13 +100,15 @@ class Sink:
             # decoded or copied in place already (the decoders return the ``out`` they were given)
             if im is not slot and not _put(slot, im):
                 return None
+        # a batch has at least one image, so len(slots) >= 1: the buffer was taken
+        assert self.out is not None
         return self.out.permute(0, 3, 1, 2)
 
 
 def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None,
             nfields: int = 0):
     """One batch ``(images, int64 labels, *field lists[, keys])`` of emitted items."""
-    images = [it[0] for it in items]
+    images: Any = [it[0] for it in items]  # the images, then the batch (a tensor, or ring.seal's)
     labels = small_tensor(np.fromiter((it[1] for it in items), dtype=np.int64,
                                       count=len(items)))
     batch = None if sink is None else sink.fill(images)

@@ -28,7 +28,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Literal, Optional, cast, overload
 
 from .errors import ShardError
 
@@ -46,6 +46,12 @@ class CacheIntegrityError(ShardError):
     """A downloaded shard does not match the manifest's size and sha256 (names the shard URL)."""
 
     gave_up = True  # downloaded twice already: its other samples are not worth trying
+
+
+@overload
+def _lock(path: Path, blocking: Literal[True] = True) -> int: ...
+@overload
+def _lock(path: Path, blocking: bool) -> Optional[int]: ...
 
 
 def _lock(path: Path, blocking: bool = True) -> Optional[int]:
@@ -162,7 +168,8 @@ class _FileFollower(io.RawIOBase):
         super().__init__()
         self._url, self._fd, self._path = url, fd, path
         self._start, self._stop, self._pos = start, stop, start
-        self._reopen, self._next = reopen, None
+        self._reopen = reopen
+        self._next: BinaryIO | None = None
 
     def readable(self) -> bool:
         return True
@@ -208,7 +215,8 @@ class _FileFollower(io.RawIOBase):
                 self._switch()
             else:
                 time.sleep(_POLL)
-        return self._next.readinto(buf)
+        # ShardCache.open returns io.BufferedReader objects (typed BinaryIO, which lacks readinto)
+        return cast(io.BufferedReader, self._next).readinto(buf)
 
     def _switch(self) -> None:
         new = self._reopen(self._start)
@@ -279,13 +287,13 @@ class ShardCache:
                 if st.users == 0 or st.error is not None:
                     return None
                 st.users += 1  # under cond: the fds stay open for us
-        return io.BufferedReader(_Reader(url, st, start, stop), buffer_size=_BUFFER)  # type: ignore
+        return io.BufferedReader(_Reader(url, st, start, stop), buffer_size=_BUFFER)
 
     def path_for(self, url: str) -> Path:
         """Where the complete shard for ``url`` lives: a hash, so no collisions and no URL text."""
         return self.cache_dir / (hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + ".tar")
 
-    def cached(self, url: str, size: int, sha256: str) -> Path | None:
+    def cached(self, url: str, size: int, sha256: str | None) -> Path | None:
         """The complete cached file, touched for LRU, or None. (Its sha256 was checked when added.)"""
         path = self.path_for(url)
         with contextlib.suppress(FileNotFoundError):
@@ -294,8 +302,15 @@ class ShardCache:
                 return path
         return None
 
+    @overload
     def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
-             stop: int | None = None, prefetch: bool = False) -> BinaryIO:
+             stop: int | None = None, prefetch: Literal[False] = False) -> BinaryIO: ...
+    @overload
+    def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
+             stop: int | None = None, prefetch: bool) -> BinaryIO | None: ...
+
+    def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
+             stop: int | None = None, prefetch: bool = False) -> BinaryIO | None:
         """A readable binary file over bytes ``[start, stop)`` of the shard at ``url``: from disk
         when cached, else downloaded once per machine and returned as the bytes arrive.
         ``sha256`` None (shards listed by URL, whose hash nobody recorded): only the size is
@@ -345,7 +360,7 @@ class ShardCache:
                 self._live.pop(path, None)
             _unlock(lock)
             raise
-        return io.BufferedReader(reader, buffer_size=_BUFFER)  # type: ignore[return-value]
+        return io.BufferedReader(reader, buffer_size=_BUFFER)
 
     def _follow_other(self, path: Path, url: str, start: int, stop: int,
                       reopen: Callable[[int], BinaryIO]) -> BinaryIO | None:
@@ -358,13 +373,13 @@ class ShardCache:
                 if _TEMP.match(name) and name.startswith(f".{path.name}.tmp-"):
                     fd = os.open(self.cache_dir / name, os.O_RDONLY)
                     reader = _FileFollower(url, fd, path, start, stop, reopen)
-                    return io.BufferedReader(reader, buffer_size=_BUFFER)  # type: ignore
+                    return io.BufferedReader(reader, buffer_size=_BUFFER)
             if path.exists() or _lock_free(lock_path):  # finished, or nobody downloads it now
                 return None
             time.sleep(_POLL)
         return None
 
-    def _open_cached(self, url: str, size: int, sha256: str, start: int, stop: int
+    def _open_cached(self, url: str, size: int, sha256: str | None, start: int, stop: int
                      ) -> BinaryIO | None:
         path = self.cached(url, size, sha256)
         try:
@@ -376,7 +391,7 @@ class ShardCache:
         elif f is not None:  # limited to stop
             state = _State([os.dup(f.fileno())], users=1, written=size, done=True)
             f.close()
-            f = io.BufferedReader(_Reader(url, state, start, stop), _BUFFER)  # type: ignore
+            f = io.BufferedReader(_Reader(url, state, start, stop), _BUFFER)
         return f
 
     def _download(self, url: str, size: int, sha256: str, fetch: Fetch, lock: int,

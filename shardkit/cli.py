@@ -11,9 +11,13 @@ import logging
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 from .common import available_cpus, format_bytes
 from .errors import ShardkitError
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 
 def _parse_part(text: str) -> tuple[int, int]:
@@ -104,7 +108,7 @@ def _pack(args) -> int:
     return code
 
 
-def _run_pack(args, kwargs):
+def _run_pack(args: argparse.Namespace, kwargs: dict) -> tuple[int, Manifest | None]:
     """``(exit code, manifest or None)``: one pack_folder call; errors and warnings printed."""
     from .packing import pack_folder
 
@@ -179,6 +183,7 @@ def _pack_distributed(args, kwargs) -> int:
               "(finished parts and shards are kept)", file=sys.stderr)
         result = 1
     elif rank == 0 and world > 1:
+        assert m is not None  # this rank's code is 0: _run_pack returned pack_folder's manifest
         try:
             merge_parts(args.dest, world, fingerprint=m.options["fingerprint"])
         except (ShardkitError, OSError, ValueError) as exc:
@@ -247,6 +252,7 @@ def _show(args) -> int:
     print(f"skipped   {len(m.skipped)}" + "".join(f"\n  {s['path']}: {s['reason']}" for s in m.skipped[:10]))
     print(f"ignored   {m.ignored} non-image files")
     for s in m.shards[:10]:
+        assert s.sha256 is not None  # a loaded manifest's sha256 values are checked strings
         print(f"  {redact(s.url)}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  "
               f"sha256 {s.sha256[:16]}…")
     if len(m.shards) > 10:

@@ -12,6 +12,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 def parse_bytes(value: int | str, name: str = "max_bytes") -> int:
     """``256MB`` -> 256_000_000, ``1GiB`` -> 1_073_741_824, ints unchanged; at least 4096.
     ``name`` is the argument's name in error messages."""
+    number: float
     if isinstance(value, int) and not isinstance(value, bool):
         number, unit = value, 1
     else:

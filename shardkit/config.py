@@ -14,16 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .common import parse_bytes
-from .plan import REMAINDER_POLICIES
+from .plan import check_settings
 
 # The settings that decide a plan besides (seed, epoch, world size, workers); global states
 # record them under "plan" (their names are part of the state format).
 PLAN_SETTINGS = ("shuffle", "block_size", "shuffle_buffer", "remainder", "batch_size", "drop_last")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -40,21 +35,16 @@ class PlanConfig:
     drop_last: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.remainder not in REMAINDER_POLICIES:
-            raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, "
-                             f"got {self.remainder!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                            or isinstance(self.batch_size, bool)
-                                            or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size!r}")
-        if self.drop_last and self.batch_size is None:
+        # the rules live with the plan (check_settings); the values are kept as ints
+        seed, block_size, shuffle_buffer, batch_size = check_settings(
+            seed=self.seed, block_size=self.block_size, shuffle_buffer=self.shuffle_buffer,
+            remainder=self.remainder, batch_size=self.batch_size)
+        if self.drop_last and batch_size is None:
             raise ValueError("drop_last drops a rank's last partial batch: it needs batch_size")
-        if self.block_size is not None:
-            _positive_int("block_size", self.block_size)
-        _positive_int("shuffle_buffer", self.shuffle_buffer)
-        object.__setattr__(self, "shuffle", bool(self.shuffle))
+        for name, value in (("seed", seed), ("block_size", block_size),
+                            ("shuffle_buffer", shuffle_buffer), ("batch_size", batch_size),
+                            ("shuffle", bool(self.shuffle)), ("drop_last", bool(self.drop_last))):
+            object.__setattr__(self, name, value)
 
     def resolved(self, block_size: int) -> PlanConfig:
         """This config with ``block_size`` filled in where it was left to the manifest."""

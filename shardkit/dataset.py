@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, cast
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -31,7 +31,7 @@ from . import plan as planlib
 from .assembly import SampleDecoder, emit
 from .batching import Sink, batches
 from .config import PlanConfig, StorageConfig
-from .decode import CropRecipe
+from .decode import CropRecipe, SizedCropRecipe
 from .diagnosis import ShardFault
 from .distributed import gather_states
 from .errors import OnError, ShardError
@@ -42,6 +42,9 @@ from .reader import ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS
 from .skiplog import NEW, UNLISTED, Region, SkipLog
 from .state import EpochState
+
+if TYPE_CHECKING:
+    from .recycle import BatchRing
 
 log = logging.getLogger("shardkit")
 
@@ -115,7 +118,7 @@ class StreamingDataset(IterableDataset):
                  max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
-        if world_size is not None and not 0 <= rank < world_size:
+        if world_size is not None and rank is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.on_error = OnError.of(on_error)
         # Each group of settings is checked once, where it is made.
@@ -133,9 +136,9 @@ class StreamingDataset(IterableDataset):
         self._decoder = SampleDecoder(self.decoding)
         self._state = EpochState(plan=self.plan_config, rank=rank, world_size=world_size,
                                  sizes=self._shard_sizes, block_default=self._default_block_size)
-        self._manifest = None
+        self._manifest: Manifest | None = None
         self._reader: ShardReader | None = None
-        self._ring = None  # this worker's BatchRing (recycle.py)
+        self._ring: BatchRing | None = None  # this worker's BatchRing (recycle.py)
         self._skiplog = SkipLog()  # shared: what skip mode cost, seen from every process
 
     # The settings users most often look at, read from where they live.
@@ -278,7 +281,8 @@ class StreamingDataset(IterableDataset):
         # straight into it with a crop; copied while its bytes are fresh in the cache without)
         decoding = self.decoding
         crop = decoding.crop
-        sink = Sink(None if crop is None else crop.size) if decoding.fast else None
+        # DecodeConfig checked that a crop has a size tuple
+        sink = Sink(None if crop is None else cast(SizedCropRecipe, crop).size) if decoding.fast else None
         samples = emit(plan, consumed, partial(self._read, skips=skips, report=report),
                        self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable)
         if self.batch_size is None:

@@ -30,7 +30,7 @@ import random
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Tuple, Union
+from typing import Literal, Optional, Protocol, Sequence, Tuple, Union, cast, overload
 
 import numpy as np
 import torch
@@ -91,6 +91,13 @@ class CropRecipe(Protocol):
     def params(self, width: int, height: int, rng: Optional[random.Random]) -> CropParams: ...
 
 
+class SizedCropRecipe(CropRecipe, Protocol):
+    """A crop recipe of one output ``size``, ``(height, width)``: the crops a dataset takes
+    (:class:`RandomResizedCrop`, :class:`CenterCrop`; ``DecodeConfig`` checks for the tuple)."""
+
+    size: Tuple[int, int]
+
+
 def _size_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     """torchvision's convention: an int means square, a pair means (height, width)."""
     if isinstance(size, bool):
@@ -116,6 +123,7 @@ class RandomResizedCrop:
     ``size`` is an int or ``(height, width)``.  The box follows
     ``torchvision.transforms.v2.RandomResizedCrop`` (10 tries, then a centred fallback), drawing
     from the given ``random.Random``; with ``flip`` the image is mirrored with probability 1/2.
+    ``interpolation``: ``"bilinear"`` (default), ``"bicubic"``, ``"nearest"`` or ``"lanczos"``.
     """
 
     def __init__(self, size: Union[int, Sequence[int]], *, scale: Tuple[float, float] = (0.08, 1.0),
@@ -168,7 +176,8 @@ class CenterCrop:
     The same as torchvision's ``v2.Resize(resize)`` then ``v2.CenterCrop(size)``, fused into
     decoding: an image smaller than ``resize`` is enlarged (as ``Resize`` does; a warning says so
     when it is more than twice), and where ``size`` is larger than the resized image the output
-    gets zero borders (as ``CenterCrop`` pads), never a stretched image."""
+    gets zero borders (as ``CenterCrop`` pads), never a stretched image. ``interpolation``: as
+    for :class:`RandomResizedCrop`."""
 
     def __init__(self, size: Union[int, Sequence[int]], *, resize: Optional[int] = None,
                  interpolation: str = "bilinear") -> None:
@@ -298,13 +307,31 @@ def _decode_pil(im: Image.Image, p: Optional[CropParams], resample: int) -> Imag
                 scale = round(full_w / res[1][2])
     im.load()
     # Reduced pixel i covers original pixels [i*s, (i+1)*s), so the box maps by plain division.
-    box = tuple(v / scale for v in p.box)
+    box = cast("tuple[float, float, float, float]", tuple(v / scale for v in p.box))
     out = _to_rgb(im).resize(p.inner_size, resample=resample, box=box, reducing_gap=None)
     if p.inner_size != p.out_size:  # zero borders around it
         canvas = Image.new("RGB", p.out_size)
         canvas.paste(out, p.pad[:2])
         out = canvas
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else out
+
+
+@overload
+def decode_image(data: bytes, *, mode: Literal["uint8"] = "uint8", crop: Optional[CropRecipe] = None,
+                 rng: Optional[random.Random] = None, max_pixels: int = MAX_PIXELS,
+                 ) -> torch.Tensor: ...
+@overload
+def decode_image(data: bytes, *, mode: Literal["pil"], crop: Optional[CropRecipe] = None,
+                 rng: Optional[random.Random] = None, max_pixels: int = MAX_PIXELS,
+                 ) -> Image.Image: ...
+@overload
+def decode_image(data: bytes, *, mode: Literal["raw"], crop: Optional[CropRecipe] = None,
+                 rng: Optional[random.Random] = None, max_pixels: int = MAX_PIXELS,
+                 ) -> bytes: ...
+@overload
+def decode_image(data: bytes, *, mode: str, crop: Optional[CropRecipe] = None,
+                 rng: Optional[random.Random] = None, max_pixels: int = MAX_PIXELS,
+                 ) -> Union[torch.Tensor, Image.Image, bytes]: ...
 
 
 def decode_image(data: bytes, *, mode: str = "uint8", crop: Optional[CropRecipe] = None,
@@ -421,7 +448,7 @@ try:  # pragma: no cover - exercised when installed (they are dependencies)
     import cv2 as _cv2
     import simplejpeg as _sj
 except ImportError:  # pragma: no cover
-    _cv2 = _sj = None
+    _cv2 = _sj = None  # type: ignore[assignment]  # optional modules: None when not installed
 
 _cv2_threads_set = False
 
@@ -518,7 +545,7 @@ def decode_image_hwc(data, *, crop: CropRecipe, rng: Optional[random.Random],
         arr = _sj.decode_jpeg(data, "RGB", min_height=math.ceil(height / s),
                               min_width=math.ceil(width / s))
     except ValueError:  # libjpeg-turbo warned (e.g. truncated data) or failed: Pillow decides
-        if state is not None:
+        if state is not None and rng is not None:  # state is None exactly when rng is
             rng.setstate(state)
         return decode_image(bytes(data), crop=crop, rng=rng, max_pixels=max_pixels)
     dh, dw = arr.shape[:2]

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import multiprocessing
 import select
+import threading
 from multiprocessing import queues
 from multiprocessing.context import BaseContext
 from queue import Full
+from typing import TYPE_CHECKING, Callable, cast
 
-_ForkingPickler = queues._ForkingPickler
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.synchronize import BoundedSemaphore, Lock
+
+_ForkingPickler = queues._ForkingPickler  # type: ignore[attr-defined]  # private name, not in typeshed
 
 # bytes: with send_bytes' 4-byte header, one write of at most PIPE_BUF (4096), which a pipe that
 # polls writable takes whole at once: written directly, an item never blocks the caller
@@ -38,8 +44,19 @@ class _Pickled(bytes):
 class EagerQueue(queues.Queue):
     """``multiprocessing.Queue`` whose small items skip the feeder thread (module docstring)."""
 
+    # multiprocessing.queues.Queue's internals used here (typeshed does not declare them)
+    _closed: bool
+    _thread: threading.Thread | None
+    _notempty: threading.Condition
+    _sem: BoundedSemaphore
+    _wlock: Lock | None
+    _writer: Connection
+    _start_thread: Callable[[], None]
+    _send_bytes: Callable[[bytes], None]
+    _counts: list[int]
+
     def _reset(self, after_fork: bool = False) -> None:
-        super()._reset(after_fork)
+        super()._reset(after_fork)  # type: ignore[misc]  # Queue._reset: internal, not in typeshed
         counts = self._counts = [0, 0]  # items handed to the feeder thread / written by it
         send = self._send_bytes
 
@@ -110,10 +127,12 @@ def _dumps(obj) -> bytes:
             where="in a DataLoader worker, pickling its result for the main process")))
 
 
-_CONTEXTS: dict[type, type] = {}
+_CONTEXTS: dict[type, type[BaseContext]] = {}
 
 
 class _EagerContext:
+    get_context: Callable[[], BaseContext]  # from the context class it is mixed into
+
     def Queue(self, maxsize: int = 0) -> EagerQueue:  # noqa: N802 (multiprocessing's name)
         return EagerQueue(maxsize, ctx=self.get_context())
 
@@ -126,8 +145,8 @@ def eager_context(ctx: BaseContext | str | None = None) -> BaseContext:
         return base
     cls = _CONTEXTS.get(type(base))
     if cls is None:
-        cls = _CONTEXTS[type(base)] = type(f"Eager{type(base).__name__}",
-                                           (_EagerContext, type(base)), {})
+        cls = _CONTEXTS[type(base)] = cast("type[BaseContext]", type(
+            f"Eager{type(base).__name__}", (_EagerContext, type(base)), {}))
     eager = cls.__new__(cls)
     eager.__dict__.update(base.__dict__)
     return eager

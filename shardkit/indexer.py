@@ -29,7 +29,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -37,9 +37,18 @@ from tqdm.auto import tqdm
 from .common import available_cpus
 from .errors import ManifestError, ShardError, ShardkitError
 from .manifest import Manifest, ShardInfo
-from .shardformat import IMAGE_FIELDS, MANIFEST_PATH, Walk, encode_index, index_name, member_key, walk_members
+from .shardformat import (
+    IMAGE_FIELDS,
+    MANIFEST_PATH,
+    Walk,
+    encode_index,
+    index_extent,
+    index_name,
+    member_key,
+    walk_members,
+)
 from .signing import sign
-from .storage import make_dest, open_store, redact, split_file_url, split_source
+from .storage import RemoteStore, make_dest, open_store, redact, split_file_url, split_source
 
 LABEL_FIELDS = ("cls", "cls2", "label")  # looked for in this order when label is "auto"
 TEXT_LIMIT = 1 << 16  # label and metadata members kept while walking (bytes)
@@ -74,7 +83,11 @@ def index_shards(source: str | os.PathLike | Sequence[str],
     ``label``: ``"auto"`` (the first of ``cls``, ``cls2``, ``label`` that a sample holds, which
     every sample must then hold; none when no sample holds one), a field (``"cls"``),
     ``"json:KEY"`` (a key of each sample's ``.json``), or ``"none"``. Labels that are numbers are
-    used as they are; text labels become class indices (``classes``: the sorted names)."""
+    used as they are; text labels become class indices (``classes``: the sorted names).
+    ``workers``: shards indexed at once (default: the CPUs). ``resume``: keep the index files a
+    killed run finished (shards changed since are indexed again). ``storage_options``: fsspec
+    options of the shards' protocol. ``progress``: a progress bar with MB/s. ``timeout`` /
+    ``retries``: of every remote read."""
     urls = shard_urls(source, storage_options)
     if not urls:
         raise ShardError(str(source), "no .tar shards found")
@@ -87,7 +100,8 @@ def index_shards(source: str | os.PathLike | Sequence[str],
                              "DIR) for the manifest and index files")
         protocol, base = next(iter(homes))
         dest_text = base if protocol == "file" else f"{protocol}://{base}"
-        if protocol != "file" and not open_store(protocol, base).writable:
+        # not "file": open_store made a RemoteStore (its tuned class, or FsspecStore)
+        if protocol != "file" and not cast(RemoteStore, open_store(protocol, base)).writable:
             raise ValueError(f"{redact(dest_text)}: cannot write beside shards read over "
                              f"{protocol}://: pass out= (--out DIR) for the manifest and index files")
     out_dest = make_dest(dest_text, storage_options)
@@ -358,6 +372,7 @@ def _manifest(shards: list[IndexedShard], offsets: list[list[int]], names: list[
                             "(pass label= / --label)")
     source = next(iter(sources))
     values = [v for s in shards for v in (s.labels or ())]
+    labels: dict[str, str | bool | None]
     classes, labels = None, {"field": None}
     if source is not None:
         kind, json_key = source
@@ -429,8 +444,6 @@ def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options
     """The shards a killed run finished: ``name -> (IndexedShard, offsets)`` for those whose
     record and index file are there and agree, indexed with the same label spec, and not
     changed since (the store's mtime or ETag, else size, as recorded)."""
-    from .shardformat import index_extent
-
     done = {}
     for name, url in zip(names, urls):
         raw, index = out_dest.read_bytes(_record_name(name)), None

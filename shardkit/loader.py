@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -15,6 +15,9 @@ from .gpudecode import GpuBatch
 from .loaderlink import LoaderLink
 from .recycle import MainRings, ring_slots
 from .wds import WdsSource
+
+if TYPE_CHECKING:
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 # Buffers a worker keeps beyond prefetch_factor: the batch it makes, the one the user holds while
 # asking for the next (a for loop's variables), and one released a batch late.
@@ -44,7 +47,7 @@ class ShardkitLoader(DataLoader):
         # Pinned: the pin-memory thread copies each batch, the user never holds the shared one.
         return bool(self.pin_memory) and torch.cuda.is_available()
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator:  # type: ignore[override]  # a generator around DataLoader's iterator
         if self.num_workers > 0:  # requests and results skip the feeder threads (eagerqueue.py);
             # the default start method is resolved now, as the DataLoader would
             self.multiprocessing_context = eager_context(self.multiprocessing_context)
@@ -66,7 +69,7 @@ class ShardkitLoader(DataLoader):
             yield from it
             return
         if rings is not None:  # as long as the iterator: its pin thread may unpickle batches
-            it._shardkit_rings = rings  # until it is shut down
+            it._shardkit_rings = rings  # type: ignore[attr-defined]  # deliberate: until it is shut down
         release = rings.release if rings is not None and self._recycles() else None
         try:
             while True:
@@ -110,7 +113,8 @@ class ShardkitLoader(DataLoader):
         ds = self._streaming_dataset()
         ds.load_state_dict(state)
         if getattr(self, "_iterator", None) is not None:  # persistent workers hold old copies
-            self._iterator._shutdown_workers()
+            # only persistent workers leave an iterator here: the multiprocessing one
+            cast("_MultiProcessingDataLoaderIter", self._iterator)._shutdown_workers()
             self._iterator = None
             self._rings = None
         self._link = ds.link_loader(self.num_workers)
@@ -138,10 +142,13 @@ def streaming_dataset_of(dataset) -> StreamingDataset | None:
 def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory: bool | None = None,
                 persistent_workers: bool | None = None, prefetch_factor: int | None = None,
                 recycle_batches: bool | None = None, **kwargs: Any) -> DataLoader:
-    """A DataLoader for a ``StreamingDataset`` that batches inside its workers.
+    """A DataLoader for ``dataset`` (a ``StreamingDataset``, or a webdataset pipeline whose source
+    is ``wds_source``) that batches inside its workers and counts what it hands out, so that
+    ``loader.state_dict()`` is exact.
 
     Defaults: ``num_workers`` = the CPUs this process may use, ``pin_memory`` when CUDA is present,
-    persistent workers, ``prefetch_factor=2``. Every one can be overridden; ``kwargs`` go to
+    ``persistent_workers`` (workers and their open shards live across epochs),
+    ``prefetch_factor=2``. Every one can be overridden; ``kwargs`` go to
     ``DataLoader``. With ``in_memory=True`` the shards are loaded into shared memory first, once.
 
     ``recycle_batches``: workers write a batch into the shared memory of an earlier one once
@@ -159,9 +166,10 @@ def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory:
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
-    if getattr(dataset, "batch_size", None) is not None and kwargs.get("batch_size") is not None \
+    dataset_batch_size = getattr(dataset, "batch_size", None)
+    if dataset_batch_size is not None and kwargs.get("batch_size") is not None \
             and not isinstance(dataset, WdsSource):
-        raise ValueError(f"the dataset makes batches of {dataset.batch_size} in the workers; "
+        raise ValueError(f"the dataset makes batches of {dataset_batch_size} in the workers; "
                          f"make_loader(batch_size={kwargs['batch_size']}) would batch those "
                          "batches again: leave batch_size out (or give the dataset batch_size=None)")
     link = None
@@ -182,6 +190,11 @@ def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory:
 
 class GpuPrefetcher:
     """Copy the next batch to ``device`` while the current one is in use; uint8 -> normalized float.
+
+    ``loader``: any iterable of ``(images, labels, ...)`` batches (``make_loader``'s). ``mean`` /
+    ``std``: per channel, on the 0-1 scale (None: no normalization). ``dtype``: of the images
+    handed out. ``channels_last``: keep the batch's channels-last memory layout (else
+    contiguous N×C×H×W).
 
     Images travel as uint8 (4x fewer bytes than float32) and become ``(x / 255 - mean) / std`` on
     the device. On CUDA the copy runs on a side stream (``non_blocking``) and the main stream waits
@@ -224,7 +237,7 @@ class GpuPrefetcher:
         self.cpu_decoded = self.fallbacks = self.skipped = 0
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader)  # type: ignore[arg-type]  # TypeError for a loader without len()
 
     def _convert(self, batch):
         images, *rest = batch

@@ -13,12 +13,19 @@ keys, fields, pixel limit), checked once when it is made.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union, cast
 
 import numpy as np
 
 from .batching import Sink, collate, collate_gpu
-from .decode import CropRecipe, decode_array, decode_array_hwc, decode_image, decode_image_hwc
+from .decode import (
+    CropRecipe,
+    SizedCropRecipe,
+    decode_array,
+    decode_array_hwc,
+    decode_image,
+    decode_image_hwc,
+)
 from .errors import OnError
 from .gpudecode import JpegItem, encode_item
 from .shardformat import MAX_PIXELS
@@ -122,10 +129,11 @@ class Gpu(DecodeMode):
                              "its device: it needs batch_size and a crop (RandomResizedCrop or "
                              "CenterCrop, for one output size), and no transform (which would "
                              "run on the CPU)")
-        if getattr(crop, "interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
+        interpolation = getattr(crop, "interpolation", "bilinear")
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"decode='gpu' resizes on the device with bilinear, bicubic or "
                              f"nearest interpolation; the crop asks for "
-                             f"{crop.interpolation!r}")
+                             f"{interpolation!r}")
 
     def image(self, data, config, rng, out, key, url):
         return encode_item(data, config.crop, rng, config.max_pixels, key, url)
@@ -229,7 +237,10 @@ class DecodeConfig:
     @property
     def batch_size_hw(self) -> Optional[tuple[int, int]]:
         """The output size every image has (the crop's), when known before decoding."""
-        return None if self.crop is None else tuple(self.crop.size)  # type: ignore[return-value]
+        if self.crop is None:
+            return None
+        # __post_init__ checked that the crop's size is a tuple: (height, width)
+        return cast("tuple[int, int]", tuple(cast(SizedCropRecipe, self.crop).size))
 
 
 __all__ = ["DecodeConfig", "DecodeMode", "MODES", "SAMPLE_DICTS", "TEXT_FIELDS", "field_kinds"]

@@ -46,12 +46,15 @@ emitted) once, and a new worker's spans O(own blocks + holes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
+Sizes = Union[Sequence[int], np.ndarray]  # samples per shard: a list or an array
+
 __all__ = [
     "Span",
+    "check_settings",
     "WorkerPlan",
     "epoch_plan",
     "rank_num_batches",
@@ -110,12 +113,28 @@ def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value >= high):
-        allowed = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {allowed}, got {value}")
+        allowed = f"in [{low}, {high})" if high is not None else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
     return value
 
 
-def _check_sizes(shard_sizes: Sequence[int]) -> np.ndarray:
+def check_settings(*, seed: int, block_size: Optional[int], shuffle_buffer: int, remainder: str,
+                   batch_size: Optional[int]) -> tuple[int, Optional[int], int, Optional[int]]:
+    """The plan settings checked, ``(seed, block_size, shuffle_buffer, batch_size)`` as ints: the
+    one home of their rules, for the plan functions and for a dataset's
+    :class:`~shardkit.config.PlanConfig` (``block_size`` None: left to the caller)."""
+    seed = _check_int("seed", seed, 0)
+    if block_size is not None:
+        block_size = _check_int("block_size", block_size, 1)
+    shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
+    if remainder not in REMAINDER_POLICIES:
+        raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1)
+    return seed, block_size, shuffle_buffer, batch_size
+
+
+def _check_sizes(shard_sizes: Sizes) -> np.ndarray:
     sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
     if sizes.size and sizes.min() < 0:
         raise ValueError("shard_sizes must be non-negative")
@@ -135,7 +154,7 @@ def _per_rank(total: int, world_size: int, remainder: str, batch_size: Optional[
     return per_rank
 
 
-def rank_num_samples(shard_sizes: Sequence[int], world_size: int, *, remainder: str = "drop",
+def rank_num_samples(shard_sizes: Sizes, world_size: int, *, remainder: str = "drop",
                      batch_size: Optional[int] = None, drop_last: bool = False) -> int:
     """Number of samples every rank reads per epoch (the same on all ranks)."""
     sizes = _check_sizes(shard_sizes)
@@ -145,7 +164,7 @@ def rank_num_samples(shard_sizes: Sequence[int], world_size: int, *, remainder: 
     return _per_rank(int(sizes.sum()), world_size, remainder, batch_size, drop_last)
 
 
-def rank_num_batches(shard_sizes: Sequence[int], world_size: int, *, remainder: str = "drop",
+def rank_num_batches(shard_sizes: Sizes, world_size: int, *, remainder: str = "drop",
                      batch_size: Optional[int] = None, drop_last: bool = False) -> int:
     """Batches every rank yields per epoch: ceil (floor with ``drop_last``) of samples / batch."""
     if batch_size is None:
@@ -375,22 +394,21 @@ def _shuffled_spans(sizes: np.ndarray, block_size: int, perm_seed: tuple[int, in
     return _merge(shards, starts, stops)
 
 
-def epoch_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int,
+def epoch_plan(shard_sizes: Sizes, *, seed: int, epoch: int, rank: int, world_size: int,
                worker: int, num_workers: int, shuffle: bool = True, block_size: int = 64,
                shuffle_buffer: int = 1000, remainder: str = "drop",
                batch_size: Optional[int] = None, drop_last: bool = False) -> WorkerPlan:
     """Plan of worker ``worker`` of rank ``rank`` for ``epoch`` (see the module docstring)."""
     sizes = _check_sizes(shard_sizes)
-    seed = _check_int("seed", seed, 0)
+    seed, block, shuffle_buffer, batch_size = check_settings(
+        seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
+        batch_size=batch_size)
+    block_size = _check_int("block_size", block, 1)  # None is not a block size here
     epoch = _check_int("epoch", epoch, 0)
     world_size = _check_int("world_size", world_size, 1)
     rank = _check_int("rank", rank, 0, world_size)
     num_workers = _check_int("num_workers", num_workers, 1)
     worker = _check_int("worker", worker, 0, num_workers)
-    block_size = _check_int("block_size", block_size, 1)
-    shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
-    if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1)
     total = int(sizes.sum())
     per_rank = _per_rank(total, world_size, remainder, batch_size, drop_last)
 
@@ -542,7 +560,7 @@ def _check_stream(stream, total: int) -> np.ndarray:
     return _normalize(r)
 
 
-def rest_stream(shard_sizes: Sequence[int], consumed: Sequence[Sequence[int]], *, seed: int,
+def rest_stream(shard_sizes: Sizes, consumed: Sequence[Sequence[int]], *, seed: int,
                 epoch: int, world_size: int, num_workers: int, stream=None, level: int = 0,
                 shuffle: bool = True, shuffle_buffer: int = 1000, remainder: str = "drop",
                 batch_size: Optional[int] = None, drop_last: bool = False) -> np.ndarray:
@@ -555,13 +573,13 @@ def rest_stream(shard_sizes: Sequence[int], consumed: Sequence[Sequence[int]], *
     not emit, each once (``"pad"``'s repeats and samples emitted by another worker are left out).
     """
     sizes = _check_sizes(shard_sizes)
-    seed, epoch = _check_int("seed", seed, 0), _check_int("epoch", epoch, 0)
+    seed, _, shuffle_buffer, batch_size = check_settings(
+        seed=seed, block_size=None, shuffle_buffer=shuffle_buffer, remainder=remainder,
+        batch_size=batch_size)
+    epoch = _check_int("epoch", epoch, 0)
     world_size = _check_int("world_size", world_size, 1)
     num_workers = _check_int("num_workers", num_workers, 1)
     level = _check_int("level", level, 0)
-    shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
-    if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1)
     total = int(sizes.sum())
     if (stream is None) != (level == 0):
         raise ValueError("level must be 0 for the epoch plan (stream=None) and >= 1 for a rest plan")
@@ -590,7 +608,7 @@ def rest_stream(shard_sizes: Sequence[int], consumed: Sequence[Sequence[int]], *
     return rest if stream is None else _compose(base, rest)
 
 
-def rest_plan(shard_sizes: Sequence[int], stream, *, seed: int, epoch: int, rank: int,
+def rest_plan(shard_sizes: Sizes, stream, *, seed: int, epoch: int, rank: int,
               world_size: int, worker: int, num_workers: int, level: int = 1,
               shuffle: bool = True, block_size: int = 64, shuffle_buffer: int = 1000,
               remainder: str = "drop", batch_size: Optional[int] = None,
@@ -606,16 +624,16 @@ def rest_plan(shard_sizes: Sequence[int], stream, *, seed: int, epoch: int, rank
     define the global stream); the other settings may differ from it.
     """
     sizes = _check_sizes(shard_sizes)
-    seed, epoch = _check_int("seed", seed, 0), _check_int("epoch", epoch, 0)
+    seed, block, shuffle_buffer, batch_size = check_settings(
+        seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
+        batch_size=batch_size)
+    block_size = _check_int("block_size", block, 1)  # None is not a block size here
+    epoch = _check_int("epoch", epoch, 0)
     world_size = _check_int("world_size", world_size, 1)
     rank = _check_int("rank", rank, 0, world_size)
     num_workers = _check_int("num_workers", num_workers, 1)
     worker = _check_int("worker", worker, 0, num_workers)
     level = _check_int("level", level, 1)
-    block_size = _check_int("block_size", block_size, 1)
-    shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
-    if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1)
     base = _check_stream(stream, int(sizes.sum()))
     length = int((base[:, 1] - base[:, 0]).sum())
     per_rank = _per_rank(length, world_size, remainder, batch_size, drop_last)

@@ -19,7 +19,7 @@ import logging
 import os
 import tarfile
 from functools import partial
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from .errors import ManifestError, OnError, ShardError
 from .shardformat import BLOCK, MAX_TAIL, decode_index, parse_sample, strict_samples
 from .skiplog import Region
 from .storage import LocalStore
+
+if TYPE_CHECKING:
+    from .cache import ShardCache
 
 log = logging.getLogger("shardkit")
 
@@ -62,7 +65,7 @@ class ShardReader:
         self._per_process()
 
     def _per_process(self) -> None:
-        self._cache = None
+        self._cache: ShardCache | None = None
         self._faults: dict[int, ShardFault] = {}  # shard faults found in this iteration
         self._healthy: set[int] = set()  # shards diagnosed whole in this iteration
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
@@ -119,6 +122,8 @@ class ShardReader:
                     j += 1
                     continue
                 stop = span.stop if fault is None else min(span.stop, fault.first_lost)
+                # offsets is None only with a fault from sample 0: every sample went to BadSample
+                assert offsets is not None
                 try:
                     for sample in self._samples(span.shard, offsets, j, stop, tail=fault is None):
                         yield pos + j - span.start, sample
@@ -255,7 +260,8 @@ class ShardReader:
             if data is None:
                 raise ShardError(self.store.url(shard.url), "could not be preloaded: "
                                  + self._unloaded.get(shard_no, "unreadable"))
-            stream = io.BytesIO(memoryview(data.numpy())[lo:hi])
+            # numpy's stubs give ndarray its buffer protocol (__buffer__) only for Python 3.12+
+            stream = io.BytesIO(memoryview(data.numpy())[lo:hi])  # type: ignore[arg-type]  # numpy stubs
         else:
             stream = self._open_stream(shard, lo, hi)
         return lo, hi, ends, stream
@@ -299,7 +305,7 @@ class ShardReader:
                 return
             # The strict path goes on from sample k over the same stream (one request per span,
             # each byte read once), starting with the bytes the fast path has read of it.
-            rest = Replay(read, stream)
+            rest = cast(BinaryIO, Replay(read, stream))  # a RawIOBase: all tarfile's stream mode needs
             yield from strict_samples(rest, url, [e - prev for e in ends[k:]], first + k,
                                       len(offsets) - 1, hi - lo - prev, prev_key=sample_key,
                                       index_url=index_url)
@@ -383,7 +389,8 @@ def read_upto(stream, n: int) -> memoryview:
     ``readinto`` a buffer of our own: ``RawIOBase.read`` would read into a temporary buffer and
     copy it into a new ``bytes`` (an extra copy of every image, ~15 % slower measured). The
     buffer is not zeroed first (``bytearray(n)`` would write every byte once more)."""
-    view, got = memoryview(np.empty(n, dtype=np.uint8)), 0
+    # numpy's stubs give ndarray its buffer protocol (__buffer__) only for Python 3.12+
+    view, got = memoryview(np.empty(n, dtype=np.uint8)), 0  # type: ignore[arg-type]  # numpy stubs (py3.11)
     while got < n:
         r = stream.readinto(view[got:])
         if not r:

@@ -102,6 +102,7 @@ class MainRings:
         with its first batch, kept from then on). Runs where the result is unpickled: the main
         thread or the pin-memory thread."""
         key = (worker, slot)
+        entry: list | None
         if storage is not None:
             entry = self.buffers[key] = [storage, 0]
         else:

@@ -202,6 +202,7 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
     """
     by_index = "its index" if index_url is None else f"its index {index_url}"
     current: dict | None = None
+    key: str | None
     k, prev = 0, prev_key
     try:
         try:
@@ -240,7 +241,9 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
             if field in current:
                 raise ShardError(url, f"duplicate member {info.name!r}", key=key)
             try:
-                current[field] = tar.extractfile(info).read()
+                member = tar.extractfile(info)
+                assert member is not None  # a regular file (checked above): never None
+                current[field] = member.read()
             except (tarfile.TarError, EOFError) as exc:
                 raise ShardError(url, f"member {info.name!r} is truncated: {exc}",
                                  key=key) from None
@@ -259,7 +262,7 @@ def strict_samples(stream: BinaryIO, url: str, ends: list[int], first: int, tota
                               f"{exc}") from None
 
 
-def header_checksum_ok(block: bytes) -> bool:
+def header_checksum_ok(block: bytes | bytearray | memoryview) -> bool:
     """Whether ``block`` is a tar header: 512 bytes whose checksum field holds their sum (the test
     tarfile makes; plain zeros, compressed data or text fail it)."""
     if len(block) < BLOCK:
@@ -372,6 +375,8 @@ class _TarBytes:
 class _StreamBytes(_TarBytes):
     """A tar read once from a stream, every byte hashed as it arrives (remote shards)."""
 
+    buf: bytearray
+
     def __init__(self, stream: BinaryIO, chunk: int):
         import hashlib
 
@@ -432,6 +437,8 @@ class _MappedBytes(_TarBytes):
     """A whole tar in memory (a local file mapped): headers read where they lie, the data
     never copied; the sha256 is computed by ``finish`` in one call that releases the GIL."""
 
+    buf: memoryview
+
     def __init__(self, data):
         self.buf = memoryview(data)
         self.base = self.cur = 0
@@ -463,11 +470,13 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
     ``walk`` gets the end-of-archive offset, the size and sha256 once the walk is done. A damaged
     header, a member running past the end of the file or no end-of-archive block is a
     :class:`ShardError` naming ``url`` and the byte offset."""
+    src: _MappedBytes | _StreamBytes
     if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "madvise"):
         src = _MappedBytes(source)
     else:
         src = _StreamBytes(source, chunk)
     pending_name, pending_size, chain_start = None, None, None
+    data: bytes | None
     while True:
         at = src.base + src.cur
         if not src.need(BLOCK):
@@ -482,7 +491,8 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
         src.cur += BLOCK
         flag = h[156]
         try:
-            size = pending_size if pending_size is not None else tarfile.nti(bytes(h[124:136]))
+            size = (pending_size if pending_size is not None
+                    else tarfile.nti(bytes(h[124:136])))  # type: ignore[attr-defined]  # not in typeshed
         except (tarfile.HeaderError, ValueError):
             raise ShardError(url, f"corrupt tar header at byte {at:,} (size)") from None
         if size < 0:

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import Literal, overload
 
 from .errors import ManifestError
 
@@ -31,6 +32,12 @@ KEY_VARIABLE = "SHARDKIT_INDEX_KEY"
 def key_path() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "shardkit" / "index.key"
+
+
+@overload
+def _key(create: Literal[True]) -> bytes: ...
+@overload
+def _key(create: bool) -> bytes | None: ...
 
 
 def _key(create: bool) -> bytes | None:

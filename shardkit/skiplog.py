@@ -102,7 +102,7 @@ class Region:
     def sample(self, shard: int | None = None) -> None:
         """One sample replaced or dropped (of ``shard`` when it is listed as bad)."""
         self.ints[1] += 1
-        e = self._index.get(shard, -1)
+        e = -1 if shard is None else self._index.get(shard, -1)
         if e >= 0:
             self.ints[_HEAD + e * _ENTRY + 2] += 1
 

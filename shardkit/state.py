@@ -9,7 +9,7 @@ elastic mid-epoch resume.
 - :mod:`shardkit.distributed` — the rank and world size (``torch.distributed`` or torchrun's
   variables);
 - :mod:`shardkit.loaderlink` — shardkit's loader's side (:class:`~shardkit.loaderlink.LoaderLink`,
-  :class:`~shardkit.loaderlink.Progress`), which tells this state what the loader handed out.
+  :class:`~shardkit.epochs.Progress`), which tells this state what the loader handed out.
 
 It holds what a dataset's iterations leave behind (the resume waiting for its epoch, the rest plan
 of an elastic resume, the samples emitted), computes each worker's plan for the epoch, and the

@@ -29,7 +29,8 @@ def verify(source: Source, storage_options: dict | None = None,
     """Check sizes, sha256, index files and per-shard sample counts against the manifest.
 
     ``source`` is anything :meth:`Manifest.load` takes (a folder, ``s3://``, ``http(s)://``);
-    every file is read through the store the manifest was loaded with."""
+    every file is read through the store the manifest was loaded with (``storage_options``: its
+    fsspec options). ``progress``: a progress bar over the shards."""
     from tqdm.auto import tqdm
 
     manifest = Manifest.load(source, storage_options=storage_options)

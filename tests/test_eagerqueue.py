@@ -4,7 +4,7 @@ the caller at once, large ones by the feeder thread, and every item arrives, who
 from __future__ import annotations
 
 import multiprocessing
-import queue
+from queue import Empty
 
 import pytest
 import torch
@@ -42,7 +42,7 @@ def test_items_arrive_in_order_within_a_process():
     for item in _items(50):
         queue.put(item)
     assert [queue.get(timeout=10) for _ in range(50)] == _items(50)
-    with pytest.raises(queue.Empty):
+    with pytest.raises(Empty):
         queue.get(timeout=0.05)
 
 

@@ -235,6 +235,18 @@ def test_server_that_stops_answering_gives_up_after_the_retries(small, served, p
     assert len(served.gets(first)) == 3  # retries=2: three GETs, then the error
 
 
+def test_a_store_tries_once_even_with_no_retries_left(small, served):
+    from shardkit.storage import open_store, split_source
+
+    served.srv.fail(503, times=1000)
+    source, _ = served.source("http")
+    protocol, base, _ = split_source(source)
+    store = open_store(protocol, base, None, timeout=2.0, retries=-1)
+    with pytest.raises(ShardError, match="503"):
+        store.read_bytes("missing-anyway.bin")
+    assert len(served.srv.requests) == 1
+
+
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_shard_failing_past_its_retries_costs_only_its_samples_in_skip_mode(

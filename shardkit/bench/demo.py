@@ -59,9 +59,11 @@ def run_demo(workdir: str = "demo-data", classes: int = 10, per_class: int = 30)
         dest = root / f"shards-{mode}"
         m = pack_folder(images, dest, mode=mode, size=size, max_bytes="8MB", overwrite=True)
         s = m.stats
+        assert s is not None  # pack_folder's manifest has its stats
         print(f"[2/3] packed {mode:6s}: {s['samples']} samples -> {s['shards']} shards "
               f"({format_bytes(s['bytes'])}) in {s['seconds']:.1f} s "
               f"({s['samples'] / max(s['seconds'], 1e-9):.0f} images/s) -> {dest}")
+    assert m.classes is not None  # an ImageFolder layout: classes
     print(f"      classes: {', '.join(m.classes[:3])}, ... ({len(m.classes)} in all)")
     workers = 2
     rate, seen, unique = _stream(root / "shards-raw", batch_size=32, workers=workers)

@@ -38,7 +38,8 @@ class Utilization:
     """GPU utilization sampled in a thread while the ``with`` block runs (mean, percent)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.samples = device, []
+        self.device = device
+        self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -205,7 +206,7 @@ def run(out: Path, *, device: str = "cuda", images: int = 3000, workers: int | N
         kinds = ("raw", "tensor256") if model == "resnet18" else ("raw",)
         for kind in kinds:
             r: dict = {"step alone": round(alone), "step alone GPU %": util}
-            modes = {"cpu decode": {}}
+            modes: dict[str, dict[str, str]] = {"cpu decode": {}}
             if kind == "raw":
                 modes["gpu decode"] = {"decode": "gpu"}
             for mode, kw in modes.items():

@@ -25,8 +25,9 @@ import os
 import resource
 import statistics
 import time
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -189,12 +190,12 @@ def _run_loader(make, stored_bytes, expected, cold_files, memory, epochs) -> dic
     for _ in range(0 if memory else epochs):
         if cold_files:
             evict(cold_files)
-        pids = ["self"] + _children()
-        cpu0, t0 = sum(proc_cpu_seconds(p) for p in pids), time.perf_counter()
+        procs: list[int | str] = ["self", *_children()]
+        cpu0, t0 = sum(proc_cpu_seconds(p) for p in procs), time.perf_counter()
         for batch in loader:
             n += len(batch[0])
         seconds += time.perf_counter() - t0
-        cpu += sum(proc_cpu_seconds(p) for p in pids) - cpu0
+        cpu += sum(proc_cpu_seconds(p) for p in procs) - cpu0
     del loader, batch  # joins the workers
     import gc
 
@@ -399,7 +400,7 @@ def _prepare(images: Path, out: Path):
     files = sorted(p for p in Path(images).rglob("*") if p.is_file())
     # 16 shards or more, as a real dataset has: plain webdataset hands out whole shards, so with
     # fewer shards than workers it would run on fewer cores than it was given.
-    opts = dict(resume=True, progress=False, max_samples=max(1, len(files) // 16))
+    opts: dict[str, Any] = dict(resume=True, progress=False, max_samples=max(1, len(files) // 16))
     packs = {
         "raw": shardkit.pack_folder(images, out / "raw", mode="raw", **opts),
         "resize256": shardkit.pack_folder(images, out / "resize256", mode="resize", size=256,
@@ -413,11 +414,11 @@ def _prepare(images: Path, out: Path):
     pt_dir = out / "pt256"
     arrays = []
     for p in files:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
+        with Image.open(p) as opened:
+            im = opened.convert("RGB")
             w, h = im.size
             s = 256 / min(w, h)
-            im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BICUBIC)
+            im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.Resampling.BICUBIC)
             w, h = im.size
             im = im.crop(((w - 256) // 2, (h - 256) // 2, (w - 256) // 2 + 256, (h - 256) // 2 + 256))
             t = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
@@ -601,14 +602,15 @@ def auto(shards: Path, batch_size: int = 256, max_workers: int | None = None,
     m = shardkit.Manifest.load(shards)
     cpus = len(os.sched_getaffinity(0))
     max_workers = max_workers or 2 * cpus
-    sweep = {}
+    sweep: dict[str, float] = {}
     for w in range(1, max_workers + 1):
         for pf in prefetches:
-            r = _time_loader(lambda w=w, pf=pf: shardkit_loader(shards, batch_size, w, TRAIN, pf),
+            r = _time_loader(partial(shardkit_loader, shards, batch_size, w, TRAIN, pf),
                              m.num_bytes, m.num_samples)
             sweep[f"{w}x{pf}"] = r["samples_per_s"]
-    best = max(sweep, key=sweep.get)
+    best = max(sweep, key=lambda k: sweep[k])
     w, pf = (int(x) for x in best.split("x"))
+    assert m.base_url is not None  # Manifest.load sets it
     files = [Path(m.base_url) / s.url for s in m.shards]
     read_mb = read_limit(files, cold=False)
     loader_mb = sweep[best] * m.num_bytes / m.num_samples / 1e6
@@ -642,7 +644,7 @@ def _pillow_resize(args) -> int:
     w, h = im.size
     scale = size / min(w, h)
     if scale < 1:
-        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=90)
     return len(out.getvalue())

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,7 @@ def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAM
         write_manifest(manifest, folder)
         np.save(folder / "sizes.npy", manifest.shard_sizes())
         files = {"json": folder / MANIFEST_PATH, "msgpack": folder / MSGPACK_PATH}
-        result = {
+        result: dict[str, Any] = {
             "num_shards": num_shards, "num_samples": num_samples, "world_size": world_size,
             "num_workers": num_workers, "block_size": 64, "shuffle_buffer": 1000,
             "python": sys.version.split()[0], "cpus": os.cpu_count(),

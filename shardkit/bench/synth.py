@@ -19,7 +19,8 @@ def photo_like(rng: np.random.Generator, width: int, height: int, hue: float = 0
     acc = np.zeros((height, width, 3), np.float32)
     for cells, weight in ((3, 90.0), (9, 50.0), (27, 30.0), (81, 22.0), (200, 16.0)):
         small = rng.random((cells, cells, 3), dtype=np.float32)
-        layer = Image.fromarray((small * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        layer = Image.fromarray((small * 255).astype(np.uint8)).resize((width, height),
+                                                                       Image.Resampling.BICUBIC)
         acc += (np.asarray(layer, np.float32) / 255.0 - 0.5) * weight
     tint = np.array([np.cos(hue), np.cos(hue + 2.1), np.cos(hue + 4.2)], np.float32) * 40
     acc += 128 + tint

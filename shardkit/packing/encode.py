@@ -15,6 +15,7 @@ import threading
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -140,6 +141,7 @@ def _encode_raw(item: Item, data: bytes, opts: EncodeOptions) -> tuple[str, byte
                 raise SourceError(item.relpath, "truncated image: JPEG end-of-image marker missing")
             return "jpg", data, {"size": [w, h]}
     im = _open(item, data, opts.max_pixels)
+    assert im.format is not None  # _open refused images of a format not in _FORMAT_FIELD
     field = _FORMAT_FIELD[im.format]
     tail = data[-1024:]
     if field == "jpg" and b"\xff\xd9" not in tail:
@@ -183,14 +185,14 @@ def _resize_short(im: Image.Image, size: int, upscale: bool) -> Image.Image:
         new = (size, max(1, round(h * size / w)))
     else:
         new = (max(1, round(w * size / h)), size)
-    return im.resize(new, Image.BICUBIC)
+    return im.resize(new, Image.Resampling.BICUBIC)  # the IntEnum behind Image.BICUBIC (3)
 
 
 try:  # libjpeg-turbo and OpenCV for the common case (dependencies; Pillow covers the rest)
     import cv2 as _cv2
     import simplejpeg as _sj
 except ImportError:  # pragma: no cover
-    _cv2 = _sj = None
+    _cv2 = _sj = None  # type: ignore[assignment]  # optional modules: None when not installed
 
 
 def _fast_jpeg_rgb(im: Image.Image, data: bytes, min_short: int | None) -> np.ndarray | None:
@@ -226,41 +228,43 @@ def _encode_image_fast(item: Item, data: bytes,
                        opts: EncodeOptions) -> tuple[str, bytes, dict] | None:
     """The resize/tensor encodings of a plain JPEG without Pillow's decode, resampler or encoder;
     None when the Pillow path must do it (see ``_fast_jpeg_rgb``; tensor mode enlarging)."""
+    size = cast(int, opts.size)  # resize and tensor modes: PackOptions made it an int
     im = _open(item, data, opts.max_pixels)
-    arr = _fast_jpeg_rgb(im, data, opts.size)
+    arr = _fast_jpeg_rgb(im, data, size)
     if arr is None:
         return None
     orig = list(im.size)
     short = min(arr.shape[:2])
     if opts.mode == "resize":
-        if short > opts.size:
-            arr = _shorter_side_to(arr, opts.size)
+        if short > size:
+            arr = _shorter_side_to(arr, size)
         jpg = _sj.encode_jpeg(np.ascontiguousarray(arr), quality=opts.quality, colorspace="RGB",
                               colorsubsampling="420")
         return "jpg", jpg, {"size": orig}
-    if short < opts.size:
+    if short < size:
         return None  # tensor mode enlarges small images: Pillow's bicubic
-    arr = _shorter_side_to(arr, opts.size)
+    arr = _shorter_side_to(arr, size)
     h, w = arr.shape[:2]
-    top, left = (h - opts.size) // 2, (w - opts.size) // 2
-    return "npy", _npy_bytes(arr[top:top + opts.size, left:left + opts.size]), {"size": orig}
+    top, left = (h - size) // 2, (w - size) // 2
+    return "npy", _npy_bytes(arr[top:top + size, left:left + size]), {"size": orig}
 
 
 def _encode_image(item: Item, data: bytes, opts: EncodeOptions) -> tuple[str, bytes, dict]:
     fast = _encode_image_fast(item, data, opts)
     if fast is not None:
         return fast
-    im, orig = _decode_rgb(item, data, opts, opts.size)
+    size = cast(int, opts.size)  # resize and tensor modes: PackOptions made it an int
+    im, orig = _decode_rgb(item, data, opts, size)
     if opts.mode == "resize":
-        im = _resize_short(im, opts.size, upscale=False)
+        im = _resize_short(im, size, upscale=False)
         out = io.BytesIO()
         im.save(out, format="JPEG", quality=opts.quality)
         return "jpg", out.getvalue(), {"size": list(orig)}
     # tensor: shorter side to size, center crop size x size, uint8 HWC .npy
-    im = _resize_short(im, opts.size, upscale=True)
+    im = _resize_short(im, size, upscale=True)
     w, h = im.size
-    left, top = (w - opts.size) // 2, (h - opts.size) // 2
-    im = im.crop((left, top, left + opts.size, top + opts.size))
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
     arr = np.asarray(im, dtype=np.uint8)
     return "npy", _npy_bytes(arr), {"size": list(orig)}
 

@@ -88,7 +88,10 @@ def prepare_dest(out: Dest, opts: PackOptions, fingerprint: str) -> Manifest | R
     present = next((n for n in (MANIFEST_PATH, MANIFEST_NAME) if out.exists(n)), None)
     if present is not None:  # (or a dataset of format version 1)
         try:
-            existing = Manifest.from_json(out.read_bytes(present), out.url(present))
+            data = out.read_bytes(present)
+            if data is None:  # gone since exists()
+                raise FileNotFoundError("it went away while being read")
+            existing = Manifest.from_json(data, out.url(present))
         except Exception as exc:
             raise DestinationError(f"{out.url('')}: holds a manifest that cannot be read ({exc}); "
                                    "use an empty folder or overwrite=True") from exc

@@ -46,7 +46,22 @@ def pack_folder(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, mo
                 part: tuple[int, int] | None = None, finalize: bool = True) -> Manifest:
     """Pack an image folder (ImageFolder layout or flat) into tar shards plus ``manifest.json``.
 
-    See the README for the modes. Returns the manifest; ``manifest.stats`` holds timing and counts.
+    Returns the manifest; ``manifest.stats`` holds timing and counts. Longer explanations:
+    ``docs/packing.md``.
+
+    ``src``: an ImageFolder tree (one sub-folder per class; indices follow the sorted names) or a
+    flat folder (no labels); ``.npy`` / ``.pt`` trees become tensor shards. ``dest``: a local
+    folder or ``s3://bucket/prefix`` (``storage_options`` for fsspec). ``mode``: ``"raw"`` (each
+    file's bytes, checked cheaply), ``"resize"`` (shorter side down to ``size``, EXIF-oriented,
+    JPEG at ``quality``) or ``"tensor"`` (shorter side to ``size``, centre ``size×size`` crop,
+    uint8 H×W×C ``.npy``). ``max_bytes`` (``"256MB"``, ``"1GiB"`` or a count) and
+    ``max_samples`` bound each shard. ``workers``: encoding processes (default: the CPUs); the
+    bytes are the same for any number. ``seed`` / ``shuffle``: the pack-time shuffle.
+    ``on_error``: ``"raise"`` (the first bad file stops the pack, naming it) or ``"skip"`` (left
+    out, listed in the manifest's ``skipped``). ``resume``: reuse the shards a killed pack
+    finished (checked by sha256); ``overwrite``: replace a dataset already at ``dest``.
+    ``progress``: a progress bar. ``prefix``: shard file names (``shard-000000.tar``).
+    ``max_pixels``: larger images are refused from their header (decompression bombs).
     ``durable=False`` skips the fsync of each shard before its rename: still safe against a killed
     process (the page cache survives it), not against a power loss.
 

@@ -47,7 +47,8 @@ def part_slice(order: list, part: tuple[int, int] | None) -> list:
 
 def merge_parts(dest: str | os.PathLike[str], parts: int, *, storage_options: dict | None = None,
                 fingerprint: str | None = None) -> Manifest:
-    """Write ``manifest.json`` of a pack made in ``parts`` parts, from their part manifests.
+    """Write ``manifest.json`` of a pack made in ``parts`` parts, from their part manifests in
+    ``dest`` (a folder or ``s3://`` prefix; ``storage_options`` for fsspec).
 
     Raises :class:`DestinationError` naming the parts that are not finished (or that belong to
     another pack: other files or options). ``fingerprint`` (a part manifest's

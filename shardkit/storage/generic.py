@@ -50,7 +50,7 @@ class FsspecStore(RemoteStore):
         def read() -> bytes:
             stream = _FileStream(self, name, 0, None)
             try:
-                parts = []
+                parts: list[bytes] = []
                 while True:
                     part = stream.read(PIECE)
                     if not part:

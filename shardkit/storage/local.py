@@ -16,7 +16,7 @@ import stat
 import threading
 from collections import deque
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar, cast
 
 from ..errors import ShardError
 from .base import BaseStore
@@ -115,10 +115,18 @@ class LocalStore(BaseStore):
         return RangeReader(f, stop - start)
 
 
+class ReadsInto(Protocol):
+    """What :class:`RangeReader` reads from: a raw or buffered binary file."""
+
+    def readinto(self, buffer: Any, /) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class RangeReader(io.RawIOBase):
     """At most ``length`` bytes of an underlying file object; tracks how many were read."""
 
-    def __init__(self, raw: io.RawIOBase | BinaryIO, length: int) -> None:
+    def __init__(self, raw: ReadsInto, length: int) -> None:
         self.raw, self.remaining, self.consumed = raw, length, 0
 
     def readable(self) -> bool:
@@ -152,7 +160,7 @@ class _ReadState:
 
     __slots__ = ("busy", "chunks", "cond", "done", "error", "fd", "regular", "size", "stop")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.chunks: deque = deque()
         self.fd: int | None = None
@@ -301,6 +309,8 @@ class _LocalReader(io.RawIOBase):
         if error is not None:
             raise self._fail(_read_error(self.url, self._opening, error))
         if st.regular and _NOWAIT is not None:
+            if st.fd is None:  # closed before its first read
+                raise ValueError("I/O operation on closed file")
             self._mode, self._fd = "direct", st.fd
         else:
             self._stream()
@@ -322,7 +332,7 @@ class _LocalReader(io.RawIOBase):
                     return 0
                 b = memoryview(b)[:stop - pos]
             try:
-                got = os.preadv(self._fd, (b,), pos, _NOWAIT)
+                got = os.preadv(self._fd, (b,), pos, cast(int, _NOWAIT))  # _fd >= 0: "direct" mode
             except OSError:
                 return self._readinto(b)  # decides what the error means
             self._pos = pos + got
@@ -344,7 +354,7 @@ class _LocalReader(io.RawIOBase):
                 self._start()
             if self._mode == "direct":
                 try:
-                    got = os.preadv(self._fd, (view[:n],), self._pos, _NOWAIT)
+                    got = os.preadv(self._fd, (view[:n],), self._pos, cast(int, _NOWAIT))  # "direct"
                 except BlockingIOError:  # not in the page cache: a helper reads it
                     got = None
                 except OSError as exc:

@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -47,13 +47,14 @@ def _status(exc: BaseException) -> int | None:
         if isinstance(status, int) and 100 <= status < 600:
             return status
     seen = 0
-    while exc is not None and seen < 4:
-        response = getattr(exc, "response", None)  # botocore ClientError
+    cause: BaseException | None = exc
+    while cause is not None and seen < 4:
+        response = getattr(cause, "response", None)  # botocore ClientError
         if isinstance(response, dict):
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if isinstance(status, int):
                 return status
-        exc, seen = exc.__cause__, seen + 1
+        cause, seen = cause.__cause__, seen + 1
     return None
 
 
@@ -85,8 +86,8 @@ class RemoteStore(BaseStore):
         self.protocol, self.base = protocol, base.rstrip("/")
         self._options = dict(storage_options or {})
         self.retries, self.timeout, self.backoff = retries, timeout, backoff
-        self._fs = None
-        self._pid = None
+        self._fs: Any = None
+        self._pid: int | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -127,14 +128,16 @@ class RemoteStore(BaseStore):
 
     def retry(self, what: str, name: str, fn: Callable[[], T]) -> T:
         """``fn()``, retried with backoff while it fails with a transient error; the last error
-        (or a permanent one at once) is a ShardError naming ``name``."""
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
+        (or a permanent one at once) is a ShardError naming ``name``. At least one try, whatever
+        ``retries`` says."""
+        delay, attempt = self.backoff, 0
+        while True:
             try:
                 return fn()
             except Exception as exc:  # classified below; non-transient ones re-raise at once
                 self._give_up_or_wait(what, name, exc, attempt, delay)
                 delay = min(delay * 2, 5.0)
+                attempt += 1
 
     def _give_up_or_wait(self, what, name: str, exc: Exception, attempt: int,
                          delay: float) -> None:
@@ -160,7 +163,7 @@ class RemoteStore(BaseStore):
         return ChunkedReader(self, name, start, stop)
 
     def iter_bytes(self, name: str, start: int, stop: int,
-                   chunk: int = 1 << 20) -> Iterator[bytes]:
+                   chunk: int = 1 << 20) -> Generator[bytes, None, None]:
         """The bytes ``[start, stop)`` in pieces of ``chunk`` bytes (the last may be shorter), as
         they arrive: one stream of the whole range (:meth:`_open_stream`; the cache's
         whole-shard downloads), not a request per piece. A dropped connection, 5xx or timeout is
@@ -240,7 +243,8 @@ class _RangeStream:
         self._sync, self._fs = sync, store.fs
         self._url, self.start, self.stop = store.url(name), start, stop
         self._timeout = store.timeout * 2 + 10
-        self.body = self.resp = None
+        self.body: Any = None  # set by store._open_get (the client's response objects)
+        self.resp: Any = None
         try:
             self._call(store._open_get, self, store.path(name))
         except BaseException:
