@@ -92,7 +92,3 @@ class OnError(str, enum.Enum):
     @property
     def raises(self) -> bool:
         return self is OnError.RAISE
-
-    @property
-    def skips(self) -> bool:
-        return self is OnError.SKIP

@@ -13,14 +13,13 @@ keys, fields, pixel limit), checked once when it is made.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union, cast
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
 from .batching import Sink, collate, collate_gpu
 from .decode import (
     CropRecipe,
-    SizedCropRecipe,
     decode_array,
     decode_array_hwc,
     decode_image,
@@ -233,14 +232,6 @@ class DecodeConfig:
         """uint8 batches without a transform: image bytes stay views of the read buffer and
         decode to H×W×C arrays that land in a channels-last batch."""
         return self.mode.fast(self)
-
-    @property
-    def batch_size_hw(self) -> Optional[tuple[int, int]]:
-        """The output size every image has (the crop's), when known before decoding."""
-        if self.crop is None:
-            return None
-        # __post_init__ checked that the crop's size is a tuple: (height, width)
-        return cast("tuple[int, int]", tuple(cast(SizedCropRecipe, self.crop).size))
 
 
 __all__ = ["DecodeConfig", "DecodeMode", "MODES", "SAMPLE_DICTS", "TEXT_FIELDS", "field_kinds"]

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..common import available_cpus, parse_bytes
+from ..errors import OnError
 from ..shardformat import MAX_PIXELS
 
 MODES = ("raw", "resize", "tensor")
-ON_ERROR = ("raise", "skip")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PackOptions:
     workers: int | None = None
     seed: int = 0
     shuffle: bool = True
-    on_error: str = "raise"
+    on_error: OnError = OnError.RAISE
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -52,8 +52,6 @@ class PackOptions:
         mode, size, quality = self.mode, self.size, self.quality
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if mode in ("resize", "tensor") and (size is None or int(size) < 1):
             raise ValueError(f"size is required (a positive number of pixels) for mode={mode!r}")
         if mode == "raw" and size is not None:

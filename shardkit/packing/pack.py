@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ShardkitError, SourceError, WriteError
+from ..errors import OnError, ShardkitError, SourceError, WriteError
 from ..manifest import Manifest
 from ..shardformat import MANIFEST_PATH, MAX_PIXELS
 from ..storage import Dest, make_dest
@@ -75,9 +75,9 @@ def pack_folder(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, mo
     started = time.perf_counter()
     opts = PackOptions(mode=mode, size=size, quality=quality, max_bytes=max_bytes,
                        max_samples=max_samples, workers=workers, seed=seed, shuffle=shuffle,
-                       on_error=on_error, resume=resume, overwrite=overwrite, progress=progress,
-                       prefix=prefix, max_pixels=max_pixels, durable=durable, part=part,
-                       finalize=finalize)
+                       on_error=OnError.of(on_error), resume=resume, overwrite=overwrite,
+                       progress=progress, prefix=prefix, max_pixels=max_pixels,
+                       durable=durable, part=part, finalize=finalize)
     plan = _plan(src, opts)
     out = make_dest(dest, storage_options)
     try:
@@ -108,7 +108,7 @@ def _plan(src: str | os.PathLike[str], opts: PackOptions) -> _Plan:
     scan = scan_folder(src)
     skipped: list[dict] = []
     for relpath, reason in scan.problems:
-        if opts.on_error == "raise":
+        if opts.on_error.raises:
             raise SourceError(Path(scan.root, relpath), reason)
         if opts.part is None or opts.part[0] == 0:  # listed once, first, as in a single pack
             skipped.append({"path": relpath, "reason": reason, "pos": -1})
@@ -151,7 +151,7 @@ def _pack(out: Dest, plan: _Plan, opts: PackOptions, started: float) -> Manifest
         for pos, item, result in encode_all(order, done.consumed, plan.encode, opts.num_workers,
                                             plan.scan.kind):
             if isinstance(result, SourceError):
-                if opts.on_error == "raise":
+                if opts.on_error.raises:
                     raise result
                 writer.skip(pos, item, result.reason)
             else:
@@ -159,7 +159,7 @@ def _pack(out: Dest, plan: _Plan, opts: PackOptions, started: float) -> Manifest
                 try:
                     writer.add(pos, item, blob, info)
                 except SourceError as exc:  # an array unlike the others: bad input like any other
-                    if opts.on_error == "raise":
+                    if opts.on_error.raises:
                         raise
                     writer.skip(pos, item, exc.reason)
             bar.update(1)
