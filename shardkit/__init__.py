@@ -17,7 +17,8 @@ Packing (packing/, never imports torch):
     (resume) · parts (packing in parts, merge_parts) · pack (pack_folder).
 
 Reading (the read path, bottom to top):
-    plan (who reads what: pure) · config (PlanConfig, StorageConfig) · epochs (the epoch shared
+    layout (an epoch's global stream: sources' shares, passes, mixing; pure) · plan (who reads
+    what: pure) · config (PlanConfig, StorageConfig, Source, MixConfig) · epochs (the epoch shared
     with workers) · resume (exact and elastic resume, pure) · distributed (rank, world,
     gathering states) · state (EpochState: the epoch, the plan in force, state dicts) ·
     skiplog · diagnosis (a failing shard) · reader (spans -> raw samples) · decode (images,
@@ -55,9 +56,9 @@ __all__ = [
 
 # The read path imports torch; packing workers (spawned processes) must not pay for that, so these
 # names are imported on first use.
-_LAZY = {"CenterCrop": "decode", "RandomResizedCrop": "decode", "StreamingDataset": "dataset",
-         "GpuPrefetcher": "loader", "make_loader": "loader", "WdsSource": "wds",
-         "wds_source": "wds"}
+_LAZY = {"Source": "config", "CenterCrop": "decode", "RandomResizedCrop": "decode",
+         "StreamingDataset": "dataset", "GpuPrefetcher": "loader", "make_loader": "loader",
+         "WdsSource": "wds", "wds_source": "wds"}
 __all__ += sorted(_LAZY)
 
 

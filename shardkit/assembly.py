@@ -25,36 +25,33 @@ from .shardformat import IMAGE_FIELDS
 from .skiplog import Region
 
 
-class SampleDecoder:
-    """A raw sample dict -> ``(image, label, *fields)`` (and the key last, ``with_keys``), or
-    for a mode of sample dicts the sample dict itself (webdataset's form: ``__key__``,
-    ``__url__`` and one bytes value per member).
+class Labeler:
+    """A sample's label, as one manifest says (``labels``, ``classes``): ``.cls`` as a number
+    unless it says otherwise; ``remap`` maps it into a shared label space."""
 
-    ``config`` (:class:`~shardkit.modes.DecodeConfig`) says what becomes of the image (its
-    mode's strategy), the crop, transform, fields and keys. Where labels come from is the
-    manifest's say (:meth:`configure`): ``.cls`` as a number unless it says otherwise."""
-
-    def __init__(self, config: DecodeConfig):
-        self.config = config
-        self.fields = tuple(config.fields.items())
-        self.crop_seed = ""  # "seed/epoch/" of the running iteration: crops follow the plan's epoch
-        self.label_field: str | None = "cls"  # the member labels come from; None: no labels
-        self.label_key: str | None = None  # a key of that (JSON) member
-        self.label_names: dict[str, int] | None = None  # labels that are class names -> index
-
-    def configure(self, labels: dict | None, classes: list[str] | None) -> None:
-        """Where labels come from (a manifest's ``labels`` and ``classes``)."""
+    def __init__(self, labels: dict | None = None, classes: list[str] | None = None):
         labels = labels or {"field": "cls"}
+        self.label_field: str | None  # the member labels come from; None: no labels
+        self.label_key: str | None  # a key of that (JSON) member
         if "json" in labels:
             self.label_field, self.label_key = "json", labels["json"]
         else:
             self.label_field, self.label_key = labels.get("field"), None
+        # labels that are class names -> index
         self.label_names = ({name: i for i, name in enumerate(classes or [])}
                             if labels.get("names") else None)
+        self.remap: np.ndarray | None = None
 
-    def label(self, sample: dict) -> int:
-        """The sample's class index; -1 without labels. ImageDecodeError for one that is not
-        usable (not a number, not a known class name)."""
+    def __call__(self, sample: dict) -> int:
+        label = self._label(sample)
+        if self.remap is None or label < 0:
+            return label
+        if label >= len(self.remap):
+            raise ImageDecodeError(f"label {label} is not one of its source's "
+                                   f"{len(self.remap)} classes")
+        return int(self.remap[label])
+
+    def _label(self, sample: dict) -> int:
         raw = None if self.label_field is None else sample.get(self.label_field)
         if raw is None:
             return -1
@@ -81,6 +78,49 @@ class SampleDecoder:
             raise ImageDecodeError(f"label {text[:40]!r} is not one of the manifest's classes")
         return index
 
+
+class SampleDecoder:
+    """A raw sample dict -> ``(image, label, *fields)`` (and the key last, ``with_keys``), or
+    for a mode of sample dicts the sample dict itself (webdataset's form: ``__key__``,
+    ``__url__`` and one bytes value per member).
+
+    ``config`` (:class:`~shardkit.modes.DecodeConfig`) says what becomes of the image (its
+    mode's strategy), the crop, transform, fields and keys. Where labels come from is the
+    manifest's say (:meth:`configure`): ``.cls`` as a number unless it says otherwise; each
+    source of a mixture has its own (samples say their source under ``"__source__"``)."""
+
+    def __init__(self, config: DecodeConfig):
+        self.config = config
+        self.fields = tuple(config.fields.items())
+        self.crop_seed = ""  # "seed/epoch/" of the running iteration: crops follow the plan's epoch
+        self.labelers: list[Labeler] = [Labeler()]  # per source
+
+    def configure(self, labels: dict | None, classes: list[str] | None) -> None:
+        """Where labels come from (a manifest's ``labels`` and ``classes``)."""
+        self.labelers = [Labeler(labels, classes)]
+
+    def configure_sources(self, manifests: list, by_name: bool = False) -> list[str] | None:
+        """Labels of several sources (their manifests' ``labels`` and ``classes``): each keeps its
+        own label space, or with ``by_name`` all share one, the sorted union of their class
+        names (returned), each source's labels mapped into it."""
+        self.labelers = [Labeler(m.labels, m.classes) for m in manifests]
+        if not by_name:
+            return None
+        missing = [m.base_url or "listed shards" for m in manifests if not m.classes]
+        if missing:
+            raise ValueError(f"label_space='by_name' needs each source's class names; "
+                             f"{', '.join(missing)} lists none")
+        names = sorted({c for m in manifests for c in m.classes})
+        index = {c: i for i, c in enumerate(names)}
+        for labeler, m in zip(self.labelers, manifests):
+            labeler.remap = np.array([index[c] for c in m.classes], dtype=np.int64)
+        return names
+
+    def label(self, sample: dict) -> int:
+        """The sample's class index (in its source's label space, or the shared one); -1
+        without labels. ImageDecodeError for one that is not usable."""
+        return self.labelers[sample.get("__source__", 0)](sample)
+
     def extras(self, sample: dict) -> tuple:
         """The ``fields`` of a sample: text, bytes, or None where it has no such member."""
         out = []
@@ -102,6 +142,7 @@ class SampleDecoder:
         mode = config.mode
         if mode.sample_dicts:  # webdataset's sample dict, for a webdataset pipeline
             return {k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in sample.items()}
+        source = (sample.get("__source__", 0),) if config.with_source else ()
         key, url = sample["__key__"], sample["__url__"]
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         try:
@@ -119,8 +160,8 @@ class SampleDecoder:
         if config.transform is not None:
             image = config.transform(image)
         if config.with_keys:
-            return (image, label, *extras, key)
-        return (image, label, *extras)
+            return (image, label, *source, *extras, key)
+        return (image, label, *source, *extras)
 
 
 def _number(text: str | bytes) -> int:

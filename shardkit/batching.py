@@ -106,8 +106,9 @@ class Sink:
 
 
 def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None,
-            nfields: int = 0):
-    """One batch ``(images, int64 labels, *field lists[, keys])`` of emitted items."""
+            nfields: int = 0, with_source: bool = False):
+    """One batch ``(images, int64 labels[, int64 sources], *field lists[, keys])`` of emitted
+    items."""
     images: Any = [it[0] for it in items]  # the images, then the batch (a tensor, or ring.seal's)
     labels = small_tensor(np.fromiter((it[1] for it in items), dtype=np.int64,
                                       count=len(items)))
@@ -126,10 +127,18 @@ def collate(items: list, with_keys: bool, ring=None, sink: Sink | None = None,
         images = stack(images, next(iter(shapes)), None if taken else ring)
     if ring is not None:
         images = ring.seal(images)  # leaves the worker as a reference to its buffer
-    extras = [[it[2 + j] for it in items] for j in range(nfields)]
+    return (images, labels, *_after_labels(items, nfields, with_source, with_keys))
+
+
+def _after_labels(items: list, nfields: int, with_source: bool, with_keys: bool) -> list:
+    """A batch's columns after the labels: sources (an int64 tensor), fields (lists), keys."""
+    first = 3 if with_source else 2
+    out: list = [small_tensor(np.fromiter((it[2] for it in items), dtype=np.int64,
+                                          count=len(items)))] if with_source else []
+    out += [[it[first + j] for it in items] for j in range(nfields)]
     if with_keys:
-        return (images, labels, *extras, [it[2 + nfields] for it in items])
-    return (images, labels, *extras)
+        out.append([it[first + nfields] for it in items])
+    return out
 
 
 class _SmallTensor(torch.Tensor):
@@ -198,9 +207,9 @@ def stack(images: list, chw: tuple, ring=None) -> torch.Tensor:
 
 
 def collate_gpu(items: list, size: tuple[int, int], on_error: OnError, interpolation: str,
-                nfields: int, with_keys: bool):
-    """One batch of ``decode="gpu"`` items (``(JpegItem, label, *fields[, key])``):
-    ``(GpuBatch, labels, *field lists[, keys])``."""
+                with_source: bool, nfields: int, with_keys: bool):
+    """One batch of ``decode="gpu"`` items (``(JpegItem, label[, source], *fields[, key])``):
+    ``(GpuBatch, labels[, sources], *field lists[, keys])``."""
     n = len(items)
     labels = torch.from_numpy(np.fromiter((it[1] for it in items), dtype=np.int64, count=n))
     jpegs = [(i, it[0]) for i, it in enumerate(items) if it[0].data is not None]
@@ -233,7 +242,4 @@ def collate_gpu(items: list, size: tuple[int, int], on_error: OnError, interpola
                                                          dtype=np.int64)),
         size=(h, w), labels=labels, keys=keys, urls=urls, on_error=on_error,
         interpolation=interpolation)
-    extras = [[it[2 + j] for it in items] for j in range(nfields)]
-    if with_keys:
-        return (batch, labels, *extras, [it[2 + nfields] for it in items])
-    return (batch, labels, *extras)
+    return (batch, labels, *_after_labels(items, nfields, with_source, with_keys))

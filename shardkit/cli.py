@@ -371,6 +371,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="sweep num_workers and prefetch on SOURCE (a dataset) and name the bottleneck")
     p.add_argument("--s3", action="store_true",
                    help="local disk against a local S3 server (moto, own process): cold, no, warm cache")
+    p.add_argument("--mix", action="store_true",
+                   help="the raw shards as one dataset against a 50/50 mixture of their halves, "
+                        "alternated")
     p.add_argument("--index", action="store_true",
                    help="time `shardkit index` on SOURCE (a folder of .tar shards; default: the "
                         "synthetic folder packed raw) against `cat` of the same files, warm and cold")
@@ -390,6 +393,16 @@ def _bench(args) -> int:
                         batch_size=args.batch_size, workers=args.workers, repeats=args.repeats)
         print(format_s3_report(report))
         print(f"(JSON: {Path(args.out) / 'bench-s3.json'})")
+        return 0
+    if args.mix:
+        from .bench.loaders import format_mix_report, run_mix
+
+        report = run_mix(Path(args.source) if args.source else None, Path(args.out),
+                         classes=args.classes, per_class=args.per_class,
+                         batch_size=args.batch_size, workers=args.workers, repeats=args.repeats)
+        print(format_mix_report(report))
+        (Path(args.out) / "bench-mix.json").write_text(json.dumps(report, indent=1))
+        print(f"(JSON: {Path(args.out) / 'bench-mix.json'})")
         return 0
     if args.index:
         from .bench.indexspeed import format_index_report, run_index

@@ -9,11 +9,13 @@ samples are decoded is :class:`shardkit.modes.DecodeConfig`. Each raises ``Value
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .common import parse_bytes
+from .layout import MIXES
 from .plan import check_settings
 
 # The settings that decide a plan besides (seed, epoch, world size, workers); global states
@@ -98,3 +100,105 @@ class StorageConfig:
             raise TypeError(f"storage_options must be a dict of fsspec options, got "
                             f"{type(self.storage_options).__name__}")
 
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of a mixture (``StreamingDataset([Source(...), Source(...)])``).
+
+    ``location``: anything a single dataset takes (a packed or indexed folder on any store, a
+    manifest path or URL, a :class:`~shardkit.Manifest`, a list of shard URLs).
+    Its share of each epoch, at most one of: ``weight`` (a fraction of ``epoch_size``; weights
+    are normalized, and given to every source or to none), ``repeat`` (times its own size,
+    fractional allowed: 0.5 reads half of it each epoch, 3 reads it three times) or ``choose``
+    (samples per epoch); none of them: its own size. ``storage_options``: fsspec options of its
+    store (default: the dataset's)."""
+
+    location: Any
+    weight: Optional[float] = None
+    repeat: Optional[float] = None
+    choose: Optional[int] = None
+    storage_options: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("weight", "repeat", "choose") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"Source({self.location!r}): give at most one of weight, repeat "
+                             f"and choose, got {' and '.join(given)}")
+        for name in ("weight", "repeat"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"Source({self.location!r}): {name} must be a positive number, "
+                                 f"got {value!r}")
+        choose = self.choose
+        if choose is not None and (isinstance(choose, bool) or not isinstance(choose, int)
+                                   or choose < 1):
+            raise ValueError(f"Source({self.location!r}): choose must be an integer >= 1 "
+                             f"(samples per epoch), got {choose!r}")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise TypeError(f"Source({self.location!r}): storage_options must be a dict of "
+                            f"fsspec options, got {type(self.storage_options).__name__}")
+        if isinstance(self.location, Source):
+            raise TypeError("Source(Source(...)): give the location itself")
+
+    @property
+    def spec(self) -> tuple:
+        """``(weight, repeat, choose)``, as :func:`shardkit.layout.epoch_shares` takes them."""
+        return (self.weight, self.repeat, self.choose)
+
+
+LABEL_SPACES = ("per_source", "by_name")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """What an epoch takes of each source: the ``sources`` (one for a plain dataset), whether
+    the user gave a list of them (``mixture``), ``epoch_size``, ``mix`` (see
+    :mod:`shardkit.layout`) and how labels of several sources relate (``label_space``:
+    ``"per_source"``, each keeps its own; ``"by_name"``, one space of all class names)."""
+
+    sources: tuple[Source, ...]
+    mixture: bool = False
+    epoch_size: Optional[int] = None
+    mix: str = "random"
+    label_space: str = "per_source"
+
+    @classmethod
+    def of(cls, source: Any, *, epoch_size: Optional[int] = None, mix: str = "random",
+           label_space: str = "per_source", storage_options: Optional[dict] = None,
+           batch_size: Optional[int] = None) -> MixConfig:
+        """From the dataset's ``source`` argument: a location, a :class:`Source`, or a list of
+        them (a list of strings is a list of shard URLs, one dataset)."""
+        if isinstance(source, Source):
+            items, mixture = [source], True
+        elif isinstance(source, (list, tuple)) and any(isinstance(s, Source) for s in source):
+            if not all(isinstance(s, Source) for s in source):
+                raise TypeError("source: a list of shardkit.Source for a mixture, or a list of "
+                                "shard URLs for one dataset, not both in one list")
+            items, mixture = list(source), True
+        else:
+            if isinstance(source, list):
+                source = tuple(source)  # a caller's copy
+            items, mixture = [Source(source)], False
+        if mixture and not items:
+            raise ValueError("source: an empty list of sources")
+        items = [s if s.storage_options is not None or storage_options is None
+                 else replace(s, storage_options=storage_options) for s in items]
+        if epoch_size is not None and (isinstance(epoch_size, bool)
+                                       or not isinstance(epoch_size, int) or epoch_size < 1):
+            raise ValueError(f"epoch_size must be an integer >= 1 (samples per epoch over all "
+                             f"ranks), got {epoch_size!r}")
+        if mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+        if mix == "per_source" and batch_size is None:
+            raise ValueError("mix='per_source' makes every batch from one source: it needs "
+                             "batch_size")
+        if label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
+        return cls(tuple(items), mixture, epoch_size, mix, label_space)
+
+    @property
+    def plain(self) -> bool:
+        """One dataset read whole each epoch (nothing for a state to record)."""
+        return not self.mixture and self.epoch_size is None

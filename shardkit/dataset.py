@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, cast
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, cast
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -30,13 +30,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import plan as planlib
 from .assembly import SampleDecoder, emit
 from .batching import Sink, batches
-from .config import PlanConfig, StorageConfig
+from .config import MixConfig, PlanConfig, Source, StorageConfig
 from .decode import CropRecipe, SizedCropRecipe
 from .diagnosis import ShardFault
 from .distributed import gather_states
 from .errors import OnError, ShardError
+from .layout import Layout, epoch_shares
 from .loaderlink import LoaderLink
-from .manifest import Manifest, Source, load_manifest
+from .manifest import Location, Manifest, load_manifest
 from .modes import DecodeConfig, DecodeMode
 from .reader import ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS
@@ -77,6 +78,17 @@ class StreamingDataset(IterableDataset):
       ``in_memory``: load every shard into shared memory once (up to ``memory_limit``, default
       half the machine's memory); later epochs open no file.
 
+    Mixtures and epochs (``docs/mixtures.md``):
+      ``source`` may be a list of :class:`~shardkit.Source` (each a location as above with its
+      ``weight``, ``repeat`` or ``choose`` share and its ``storage_options``): one stream of
+      them, each source walked through pass after pass before it repeats. ``epoch_size``:
+      samples per epoch over all ranks (one dataset or a mixture; default: the sum of the
+      shares). ``mix``: ``"random"`` (one shuffle of all sources), ``"stratified"`` (each batch
+      but a worker's last holds each source in proportion, to within one sample) or
+      ``"per_source"`` (each batch from one source; needs ``batch_size``). ``with_source``: the
+      source's index right after the label. ``label_space``: ``"per_source"`` (each source's
+      own classes) or ``"by_name"`` (one space, the sorted union of the class names).
+
     Plan (who reads what, in which order):
       ``shuffle`` and ``seed``: a new, reproducible order each epoch (``set_epoch`` or the next
       iteration). ``block_size``: samples per read; None: 64 when the manifest says the samples
@@ -105,7 +117,7 @@ class StreamingDataset(IterableDataset):
       epoch). Code bugs are never skipped.
     """
 
-    def __init__(self, source: Source, *, shuffle: bool = True, seed: int = 0,
+    def __init__(self, source: Location | Source | Sequence[Source], *, shuffle: bool = True, seed: int = 0,
                  batch_size: int | None = None, decode: str | DecodeMode = "uint8",
                  crop: CropRecipe | None = None, transform: Callable | None = None,
                  with_keys: bool = False, rank: int | None = None, world_size: int | None = None,
@@ -115,7 +127,9 @@ class StreamingDataset(IterableDataset):
                  remainder: str = "drop", drop_last: bool = False, block_size: int | None = None,
                  shuffle_buffer: int = 1000,
                  fields: tuple[str, ...] | list[str] | dict[str, str] | None = None,
-                 max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6) -> None:
+                 max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6,
+                 epoch_size: int | None = None, mix: str = "random", with_source: bool = False,
+                 label_space: str = "per_source") -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if world_size is not None and rank is not None and not 0 <= rank < world_size:
@@ -124,7 +138,8 @@ class StreamingDataset(IterableDataset):
         # Each group of settings is checked once, where it is made.
         self.decoding = DecodeConfig.of(decode, crop=crop, transform=transform,
                                         with_keys=with_keys, fields=fields,
-                                        max_pixels=max_pixels, batch_size=batch_size)
+                                        max_pixels=max_pixels, batch_size=batch_size,
+                                        with_source=with_source)
         self.plan_config = PlanConfig(seed=seed, shuffle=shuffle, block_size=block_size,
                                       shuffle_buffer=shuffle_buffer, remainder=remainder,
                                       batch_size=batch_size, drop_last=drop_last)
@@ -132,11 +147,20 @@ class StreamingDataset(IterableDataset):
                                         retries=retries, cache_dir=cache_dir,
                                         cache_limit=cache_limit, in_memory=in_memory,
                                         memory_limit=memory_limit)
-        self.source = tuple(source) if isinstance(source, list) else source  # a caller's copy
+        self.mixing = MixConfig.of(source, epoch_size=epoch_size, mix=mix,
+                                   label_space=label_space, storage_options=storage_options,
+                                   batch_size=batch_size)
+        # what the caller gave (a caller's copy): a location, or the sources of a mixture
+        self.source = self.mixing.sources if self.mixing.mixture else self.mixing.sources[0].location
         self._decoder = SampleDecoder(self.decoding)
         self._state = EpochState(plan=self.plan_config, rank=rank, world_size=world_size,
-                                 sizes=self._shard_sizes, block_default=self._default_block_size)
-        self._manifest: Manifest | None = None
+                                 layout=self._layout, num_samples=self._num_samples,
+                                 mixture=self._mixture_settings,
+                                 block_default=self._default_block_size)
+        self._manifests: list[Manifest] | None = None
+        self._shares: list[int] | None = None
+        self._layouts: dict[int, Layout] = {}
+        self._classes: list[str] | None = None
         self._reader: ShardReader | None = None
         self._ring: BatchRing | None = None  # this worker's BatchRing (recycle.py)
         self._skiplog = SkipLog()  # shared: what skip mode cost, seen from every process
@@ -161,35 +185,95 @@ class StreamingDataset(IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_ring"] = None  # each worker keeps its own
+        state["_layouts"] = {}  # O(shards) each: a worker computes its own
         return state
 
     # ----------------------------------------------------------------- setup
     @property
-    def manifest(self) -> Manifest:
-        if self._manifest is None:
+    def manifests(self) -> list[Manifest]:
+        """The manifest of each source (one for a single dataset), loaded on first use."""
+        if self._manifests is None:
             s = self.storage
-            self._manifest = load_manifest(self.source, s.storage_options, timeout=s.timeout,
-                                           retries=s.retries)
-        return self._manifest
+            self._manifests = [load_manifest(src.location, src.storage_options,
+                                             timeout=s.timeout, retries=s.retries)
+                               for src in self.mixing.sources]
+        return self._manifests
+
+    @property
+    def manifest(self) -> Manifest:
+        """The dataset's manifest (a mixture has one per source: :attr:`manifests`)."""
+        if self.mixing.mixture:
+            raise AttributeError("a mixture of sources has one manifest per source: use "
+                                 "ds.manifests")
+        return self.manifests[0]
+
+    @property
+    def classes(self) -> list:
+        """Class names: the dataset's; for a mixture, each source's list (its own label space),
+        or with ``label_space="by_name"`` the one list all labels index."""
+        self.reader  # noqa: B018 - configures the labels
+        if self._classes is not None:
+            return self._classes
+        if not self.mixing.mixture:
+            return list(self.manifests[0].classes or [])
+        return [list(m.classes or []) for m in self.manifests]
 
     @property
     def reader(self) -> ShardReader:
-        """The shard reader (made with the manifest, on first use)."""
+        """The shard reader (made with the manifests, on first use)."""
         if self._reader is None:
-            m = self.manifest
-            self._decoder.configure(m.labels, m.classes)
-            self._reader = ShardReader(self.manifest, on_error=self.on_error,
+            manifests = self.manifests
+            self._classes = self._decoder.configure_sources(
+                manifests, by_name=self.mixing.label_space == "by_name")
+            self._reader = ShardReader(manifests, on_error=self.on_error,
                                        views=self.decoding.fast, cache_dir=self.storage.cache_dir,
                                        cache_limit=self.storage.cache_limit)
         return self._reader
 
     def _shard_sizes(self) -> np.ndarray:
-        return self.manifest.shard_sizes()
+        return np.concatenate([m.shard_sizes() for m in self.manifests])
+
+    def _num_samples(self) -> int:
+        return sum(int(m.num_samples) for m in self.manifests)
+
+    def shares(self) -> list[int]:
+        """Samples of each source per epoch, over all ranks (see :class:`shardkit.Source`)."""
+        if self._shares is None:
+            mixing, names = self.mixing, [repr(s.location) for s in self.mixing.sources]
+            sizes = [int(m.shard_sizes().sum()) for m in self.manifests]
+            for name, n in zip(names, sizes):
+                if n == 0:
+                    raise ValueError(f"source {name} holds no sample")
+            unit = self.batch_size if mixing.mix == "per_source" and self.batch_size else 1
+            self._shares = epoch_shares(sizes, [s.spec for s in mixing.sources],
+                                        epoch_size=mixing.epoch_size, unit=unit, names=names)
+        return self._shares
+
+    def _layout(self, epoch: int) -> Layout:
+        """The global stream of ``epoch`` (what each source gives it, in which order)."""
+        layout = self._layouts.get(epoch)
+        if layout is None:
+            layout = Layout.of_sources([m.shard_sizes() for m in self.manifests], self.shares(),
+                                       seed=self.seed, epoch=epoch,
+                                       shuffle=self.plan_config.shuffle,
+                                       mix=self.mixing.mix, unit=self.batch_size or 1)
+            if len(self._layouts) >= 4:
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[epoch] = layout
+        return layout
+
+    def _mixture_settings(self) -> dict | None:
+        """What a state records of the sources and shares (None: one dataset read whole)."""
+        if self.mixing.plain:
+            return None
+        return {"sizes": [int(m.num_samples) for m in self.manifests],
+                "shares": [int(k) for k in self.shares()], "mix": self.mixing.mix}
 
     def _default_block_size(self) -> int:
-        """``block_size=None``: large reads where the manifest says the samples are shuffled
+        """``block_size=None``: large reads where the manifests say the samples are shuffled
         already, small blocks (a better shuffle at more reads) where they may be in order."""
-        return planlib.BLOCK_SIZE if self.manifest.shuffled else planlib.SMALL_BLOCK_SIZE
+        shuffled = all(m.shuffled for m in self.manifests)
+        return planlib.BLOCK_SIZE if shuffled else planlib.SMALL_BLOCK_SIZE
 
     def rank_world(self) -> tuple[int, int]:
         return self._state.rank_world()
@@ -207,7 +291,9 @@ class StreamingDataset(IterableDataset):
         ``samples_lost`` (how many of its samples this rank lost)."""
         out = self._skiplog.bad_shards(self._last_tag())
         for entry in out:
-            entry["url"] = self.manifest.shard_store().url(self.manifest.shards[entry["shard"]].url)
+            entry["url"] = self.reader.url(entry["shard"])
+            if self.mixing.mixture:
+                entry["source"] = self.reader.source_of(entry["shard"])
         return out
 
     def _last_tag(self) -> int:
@@ -322,7 +408,7 @@ class StreamingDataset(IterableDataset):
             log.warning("shardkit: bad shard %s", fault.error)
 
     def _unreadable(self) -> Exception:
-        where = self.manifest.base_url or "the listed shards"
+        where = ", ".join(m.base_url or "the listed shards" for m in self.manifests)
         bad = self.bad_shards
         total = len(bad) + self._skiplog.unlisted(self._last_tag())
         listed = "; ".join(f"{b['url']}: {b['reason']}" for b in bad[:5])

@@ -50,7 +50,7 @@ MSGPACK_ENCODING = "shardkit-columns/1"  # layout of the msgpack file's shard co
 
 # What a dataset is read from: a folder or manifest (path or URL), a list of shard paths or URLs,
 # or a Manifest already loaded.
-Source = Union[str, "os.PathLike[str]", Sequence[str], "Manifest"]
+Location = Union[str, "os.PathLike[str]", Sequence[str], "Manifest"]  # where a dataset is
 
 
 def _version() -> str:
@@ -219,7 +219,7 @@ class Manifest:
         return any(_is_external(s.url) for s in self.shards)
 
     @classmethod
-    def load(cls, source: Source, storage_options: dict | None = None, *, timeout: float = 60.0,
+    def load(cls, source: Location, storage_options: dict | None = None, *, timeout: float = 60.0,
              retries: int = 6) -> "Manifest":
         """Load from a dataset folder, a manifest path, or a URL of either (s3://, http(s)://,
         or any other protocol fsspec knows: gs://, az://, hf://, …).
@@ -467,7 +467,7 @@ def _decode_column(column: object, count: int, where: str) -> list:
     raise bad(f"unknown column kind {kind!r}")
 
 
-def load_manifest(source: Source, storage_options: dict | None = None, *, timeout: float = 60.0,
+def load_manifest(source: Location, storage_options: dict | None = None, *, timeout: float = 60.0,
                   retries: int = 6) -> Manifest:
     """The manifest of a source: a :class:`Manifest` as it is; a list or tuple of shard URLs
     (:meth:`Manifest.from_urls`); a dataset folder, manifest path or URL (:meth:`Manifest.load`)."""

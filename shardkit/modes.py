@@ -63,7 +63,8 @@ class DecodeMode:
     def collate(self, items: list, config: DecodeConfig, ring: Any, sink: Optional[Sink],
                 on_error: OnError) -> tuple:
         """One batch of emitted items."""
-        return collate(items, config.with_keys, ring, sink, len(config.fields))
+        return collate(items, config.with_keys, ring, sink, len(config.fields),
+                       config.with_source)
 
 
 class Uint8(DecodeMode):
@@ -144,6 +145,7 @@ class Gpu(DecodeMode):
         crop = config.crop
         assert crop is not None  # checked
         return collate_gpu(items, crop.size, on_error, getattr(crop, "interpolation", "bilinear"),
+                           config.with_source,
                            len(config.fields), config.with_keys)
 
 
@@ -201,12 +203,14 @@ class DecodeConfig:
     fields: Mapping[str, str] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS
     batch_size: Optional[int] = None
+    with_source: bool = False
 
     @classmethod
     def of(cls, decode: Union[str, DecodeMode] = "uint8", *, crop: Optional[CropRecipe] = None,
            transform: Optional[Callable] = None, with_keys: bool = False,
            fields: Union[None, tuple, list, Mapping[str, str]] = None,
-           max_pixels: int = MAX_PIXELS, batch_size: Optional[int] = None) -> DecodeConfig:
+           max_pixels: int = MAX_PIXELS, batch_size: Optional[int] = None,
+           with_source: bool = False) -> DecodeConfig:
         """From the dataset's arguments: ``decode`` a name of :data:`MODES` or a mode object."""
         if isinstance(decode, DecodeMode):
             mode = decode
@@ -215,7 +219,8 @@ class DecodeConfig:
         else:
             raise ValueError(f"decode must be one of {tuple(MODES)}, got {decode!r}")
         return cls(mode=mode, crop=crop, transform=transform, with_keys=bool(with_keys),
-                   fields=field_kinds(fields), max_pixels=max_pixels, batch_size=batch_size)
+                   fields=field_kinds(fields), max_pixels=max_pixels, batch_size=batch_size,
+                   with_source=bool(with_source))
 
     def __post_init__(self) -> None:
         self.mode.check(self)

@@ -28,6 +28,14 @@ Every sample is read exactly once per epoch over all ranks and workers (up to th
 every rank reads the same number of samples and batches, and none of it needs more shards than
 ranks x workers.
 
+A mixture of datasets, or an ``epoch_size``, changes only step 1: the global stream is then the
+epoch's :class:`~shardkit.layout.Layout` (each source's share of the epoch, as segments of its
+shards, in blocks), given to these functions in place of the shard sizes. An *interleaved*
+layout (``mix="stratified"`` / ``"per_source"``) has a worker read its samples in chunks of
+each source rather than in stream order; its emission order (:func:`_interleaved_order`) fills
+each batch with each source's share of it from one shuffle buffer per source. ``"per_source"``
+deals the stream in whole batches (the layout's ``unit``), so each batch is one source's.
+
 Elastic resume (another world size or number of workers in the middle of an epoch) is built on the
 same pieces. A *stream* is a sorted list of disjoint ranges of the epoch's global stream
 (:func:`rest_stream` returns one; the whole epoch is ``[(0, N)]``). Given how many samples each
@@ -50,7 +58,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .layout import Layout, Span, _merge
+
 Sizes = Union[Sequence[int], np.ndarray]  # samples per shard: a list or an array
+Stream = Union[Sizes, Layout]  # an epoch's stream: one dataset's shard sizes, or its layout
 
 __all__ = [
     "Span",
@@ -72,24 +83,9 @@ REMAINDER_POLICIES = ("drop", "pad")
 # a batch mixes many blocks (each block is one read: 8 samples of ~110 KB JPEGs is ~1 MB).
 BLOCK_SIZE = 64
 SMALL_BLOCK_SIZE = 8
-_BLOCK_STREAM = 0  # SeedSequence tags keep the two generators of a plan independent.
+# SeedSequence tags keep the generators of a plan independent (layout.py: 0 blocks, 3 passes).
 _WORKER_STREAM = 1
 _RESUME_STREAM = 2
-_FEISTEL_ROUNDS = 8
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser constants
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-@dataclass(frozen=True)
-class Span:
-    """Samples ``[start, stop)`` of shard number ``shard`` (indices inside that shard)."""
-
-    shard: int
-    start: int
-    stop: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -134,6 +130,17 @@ def check_settings(*, seed: int, block_size: Optional[int], shuffle_buffer: int,
     return seed, block_size, shuffle_buffer, batch_size
 
 
+def _layout(stream: Stream, seed: int, epoch: int) -> Layout:
+    """``stream`` as a :class:`~shardkit.layout.Layout` of ``(seed, epoch)``: shard sizes are one
+    dataset read whole."""
+    if isinstance(stream, Layout):
+        if (stream.seed, stream.epoch) != (seed, epoch):
+            raise ValueError(f"the layout is of seed {stream.seed}, epoch {stream.epoch}; the plan "
+                             f"asks for seed {seed}, epoch {epoch}")
+        return stream
+    return Layout.whole(_check_sizes(stream), seed, epoch)
+
+
 def _check_sizes(shard_sizes: Sizes) -> np.ndarray:
     sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
     if sizes.size and sizes.min() < 0:
@@ -144,27 +151,32 @@ def _check_sizes(shard_sizes: Sizes) -> np.ndarray:
 
 
 def _per_rank(total: int, world_size: int, remainder: str, batch_size: Optional[int],
-              drop_last: bool) -> int:
-    """Samples per rank for ``total`` samples; arguments must already be checked."""
+              drop_last: bool, unit: int = 1) -> int:
+    """Samples per rank for ``total`` samples, dealt in whole ``unit``s (a stream of whole
+    batches: ``mix="per_source"``); arguments must already be checked."""
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
-    per_rank = total // world_size if remainder == "drop" else -(-total // world_size)
+    units = total // unit
+    per_rank = unit * (units // world_size if remainder == "drop" else -(-units // world_size))
     if batch_size is not None and drop_last:
         per_rank -= per_rank % batch_size
     return per_rank
 
 
-def rank_num_samples(shard_sizes: Sizes, world_size: int, *, remainder: str = "drop",
+def rank_num_samples(shard_sizes: Stream, world_size: int, *, remainder: str = "drop",
                      batch_size: Optional[int] = None, drop_last: bool = False) -> int:
     """Number of samples every rank reads per epoch (the same on all ranks)."""
-    sizes = _check_sizes(shard_sizes)
+    if isinstance(shard_sizes, Layout):
+        total, unit = shard_sizes.total, shard_sizes.unit
+    else:
+        total, unit = int(_check_sizes(shard_sizes).sum()), 1
     world_size = _check_int("world_size", world_size, 1)
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1)
-    return _per_rank(int(sizes.sum()), world_size, remainder, batch_size, drop_last)
+    return _per_rank(total, world_size, remainder, batch_size, drop_last, unit)
 
 
-def rank_num_batches(shard_sizes: Sizes, world_size: int, *, remainder: str = "drop",
+def rank_num_batches(shard_sizes: Stream, world_size: int, *, remainder: str = "drop",
                      batch_size: Optional[int] = None, drop_last: bool = False) -> int:
     """Batches every rank yields per epoch: ceil (floor with ``drop_last``) of samples / batch."""
     if batch_size is None:
@@ -269,137 +281,83 @@ def _worker_order(n: int, shuffle: bool, shuffle_buffer: int, key: list,
     return shuffle_order(n, shuffle_buffer, rng, count=count)
 
 
-class _BlockPermutation:
-    """A seeded bijection of ``[0, n)`` (stream position -> block number), evaluated on demand.
-
-    A balanced Feistel network on ``2 * half`` bits (the smallest even width covering ``n``) with
-    ``_FEISTEL_ROUNDS`` rounds, whose round function is splitmix64's finaliser of ``value ^ key``
-    (keys drawn from ``SeedSequence([seed, epoch, _BLOCK_STREAM])``). Values that land outside
-    ``[0, n)`` are walked through the network again (cycle walking), which keeps it a bijection of
-    ``[0, n)``; as the domain is at most ``4 n``, a walk takes under 4 steps on average. Nothing of
-    size ``n`` is ever materialised.
-    """
-
-    def __init__(self, n: int, seed: int, epoch: int):
-        self.n = n
-        bits = max(2, (n - 1).bit_length())
-        self.half = np.uint64((bits + 1) // 2)
-        self.mask = np.uint64((1 << int(self.half)) - 1)
-        self.keys = np.random.SeedSequence([seed, epoch, _BLOCK_STREAM]).generate_state(
-            _FEISTEL_ROUNDS, dtype=np.uint64)
-
-    def _f(self, value: np.ndarray, key: np.uint64) -> np.ndarray:
-        z = value ^ key
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return (z ^ (z >> np.uint64(31))) & self.mask
-
-    def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        left, right = x >> self.half, x & self.mask
-        for key in self.keys:
-            left, right = right, left ^ self._f(right, key)
-        return (left << self.half) | right
-
-    def _decrypt(self, y: np.ndarray) -> np.ndarray:
-        left, right = y >> self.half, y & self.mask
-        for key in self.keys[::-1]:
-            left, right = right ^ self._f(left, key), left
-        return (left << self.half) | right
-
-    def _walk(self, values, step) -> np.ndarray:
-        x = step(np.asarray(values, dtype=np.uint64).reshape(-1))
-        n = np.uint64(self.n)
-        out = np.flatnonzero(x >= n)
-        while out.size:
-            x[out] = step(x[out])
-            out = out[x[out] >= n]
-        return x.astype(np.int64)
-
-    def block(self, position) -> np.ndarray:
-        """Block numbers at stream positions ``position`` (int64 array, each in ``[0, n)``)."""
-        return self._walk(position, self._encrypt)
-
-    def position(self, block) -> np.ndarray:
-        """Stream positions of blocks ``block`` (the inverse of :meth:`block`)."""
-        return self._walk(block, self._decrypt)
+def _batch_strands(counts: np.ndarray, batch_sizes: Sequence[int],
+                   shares: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The strand of each emitted sample of a worker whose share holds ``counts[s]`` samples of
+    strand ``s``, cut into batches of ``batch_sizes``: every batch holds each strand's share of it
+    rounded down or up (the extras go to the strands furthest behind their share), the last one
+    whatever is left (``shares``: the strands' shares of the epoch, when the batches should hold
+    those proportions rather than the worker's); inside a batch the strands alternate smoothly."""
+    weights = np.asarray(counts if shares is None else shares, dtype=np.float64)
+    share = weights / weights.sum()
+    left = counts.astype(np.int64).copy()
+    debt = np.zeros(counts.size)
+    out = []
+    for k, size in enumerate(batch_sizes):
+        if k == len(batch_sizes) - 1:
+            take = left.copy()
+        else:
+            want = size * share
+            take = np.minimum(np.floor(want).astype(np.int64), left)
+            extra = size - int(take.sum())
+            room = (take < np.ceil(want)) & (take < left)
+            behind = debt + want - take  # how far each strand would be behind without an extra
+            for s in sorted(np.flatnonzero(room).tolist(), key=lambda s: (-behind[s], s)):
+                if extra <= 0:
+                    break
+                take[s] += 1
+                extra -= 1
+            for s in np.argsort(-(left - take), kind="stable").tolist():  # (only if short)
+                if extra <= 0:
+                    break
+                more = min(extra, int(left[s] - take[s]))
+                take[s] += more
+                extra -= more
+            debt += want - take
+        left -= take
+        keys = np.concatenate([(np.arange(c) + 0.5) / c for c in take.tolist() if c])
+        strand = np.repeat(np.flatnonzero(take), take[take > 0])
+        out.append(strand[np.argsort(keys, kind="stable")])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _merge(shards: list, starts: list, stops: list) -> tuple[Span, ...]:
-    """Spans from per-piece arrays, each merged into its predecessor where it continues it."""
-    shard, start, stop = (np.concatenate(a).astype(np.int64) for a in (shards, starts, stops))
-    if shard.size:
-        new = np.ones(shard.size, dtype=bool)
-        new[1:] = (shard[1:] != shard[:-1]) | (start[1:] != stop[:-1])
-        heads = np.flatnonzero(new)
-        tails = np.append(heads[1:], shard.size) - 1
-        shard, start, stop = shard[heads], start[heads], stop[tails]
-    return tuple(Span(int(a), int(b), int(c)) for a, b, c in zip(shard.tolist(), start.tolist(),
-                                                                   stop.tolist()))
+def _interleaved_order(glob: np.ndarray, strand: np.ndarray, shuffle: bool, shuffle_buffer: int,
+                       key: list, batch_sizes: Sequence[int] = (),
+                       shares: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The emission order of a worker of an interleaved stream (one that reads its samples in
+    chunks, not in stream order): input sample ``i`` is the worker's ``glob[i]``-th in stream
+    order, of strand ``strand[i]``. Which strand the ``t``-th emitted sample is of: with
+    ``batch_sizes`` each batch holds the strands in proportion (:func:`_batch_strands`), else
+    the strand of the worker's ``t``-th sample in stream order. Each strand's samples come from a
+    shuffle buffer of its own (its share of ``shuffle_buffer``, seeded from ``key`` and the
+    strand), so the samples of every strand are held about as long."""
+    n = glob.size
+    if batch_sizes:
+        counts = np.bincount(strand, minlength=0 if shares is None else len(shares))
+        slots_of = _batch_strands(counts, batch_sizes, shares)
+    else:
+        slots_of = np.empty(n, dtype=np.int64)
+        slots_of[glob] = strand
+    order = np.empty(n, dtype=np.int64)
+    for s in np.unique(strand).tolist():
+        inputs = np.flatnonzero(strand == s)  # its inputs in read (= its stream) order
+        slots = np.flatnonzero(slots_of == s)
+        if shuffle:
+            buffer = max(1, round(shuffle_buffer * inputs.size / n))
+            rng = np.random.default_rng(np.random.SeedSequence([*key, s]))
+            order[slots] = inputs[shuffle_order(inputs.size, buffer, rng)]
+        else:
+            order[slots] = inputs
+    return order
 
 
-def _natural_spans(sizes: np.ndarray, pieces: list[tuple[int, int]]) -> tuple[Span, ...]:
-    """Spans of the stream ranges ``pieces`` when shards are read in their natural order."""
-    shard_start = np.concatenate(([0], np.cumsum(sizes)))
-    shards, starts, stops = [], [], []
-    for lo, hi in pieces:
-        s0 = int(np.searchsorted(shard_start, lo, "right")) - 1
-        s1 = int(np.searchsorted(shard_start, hi, "left"))
-        shard = np.arange(s0, s1)[sizes[s0:s1] > 0]
-        begin, end = shard_start[shard], shard_start[shard + 1]
-        shards.append(shard)
-        starts.append(np.maximum(begin, lo) - begin)
-        stops.append(np.minimum(end, hi) - begin)
-    return _merge(shards, starts, stops)
-
-
-def _shuffled_spans(sizes: np.ndarray, block_size: int, perm_seed: tuple[int, int],
-                    pieces: list[tuple[int, int]]) -> tuple[Span, ...]:
-    """Spans of the stream ranges ``pieces`` when blocks are read in permuted order.
-
-    Every block holds ``block_size`` samples except the short last block of a shard whose size is
-    not a multiple of it. So the stream start of position ``k`` is ``k * block_size`` less the
-    deficits of the short blocks placed before ``k``: the inverse permutation of the (at most one
-    per shard) short blocks, sorted, with a cumulative sum of their deficits, answers "where does
-    position ``k`` start" and "which position holds stream sample ``x``" by binary search.
-    """
-    B = block_size
-    blocks_per_shard = -(-sizes // B)
-    first_block = np.concatenate(([0], np.cumsum(blocks_per_shard)))
-    perm = _BlockPermutation(int(first_block[-1]), *perm_seed)
-    rem = sizes % B
-    short = np.flatnonzero(rem)  # shards whose last block is short (never an empty shard)
-    pos = perm.position(first_block[short + 1] - 1)
-    by_pos = np.argsort(pos)
-    short_pos = pos[by_pos]  # stream positions of the short blocks, ascending
-    deficit = np.zeros(short.size + 1, dtype=np.int64)  # deficit[j]: of the first j short blocks
-    np.cumsum(B - rem[short][by_pos], out=deficit[1:])
-    short_end = (short_pos + 1) * B - deficit[1:]  # stream end of each short block
-
-    def start_of(k: np.ndarray) -> np.ndarray:  # stream start of positions k
-        return k * B - deficit[np.searchsorted(short_pos, k, "left")]
-
-    def position_of(x: int) -> int:  # the position whose block holds stream sample x
-        return (x + int(deficit[np.searchsorted(short_end, x, "right")])) // B
-
-    shards, starts, stops = [], [], []
-    for lo, hi in pieces:
-        k = np.arange(position_of(lo), position_of(hi - 1) + 1, dtype=np.int64)
-        blk = perm.block(k)
-        shard = np.searchsorted(first_block, blk, "right") - 1
-        begin, end = start_of(k), start_of(k + 1)  # the blocks' stream positions
-        offset = (blk - first_block[shard]) * B  # where each block starts inside its shard
-        shards.append(shard)
-        starts.append(np.maximum(begin, lo) - begin + offset)
-        stops.append(np.minimum(end, hi) - begin + offset)
-    return _merge(shards, starts, stops)
-
-
-def epoch_plan(shard_sizes: Sizes, *, seed: int, epoch: int, rank: int, world_size: int,
+def epoch_plan(shard_sizes: Stream, *, seed: int, epoch: int, rank: int, world_size: int,
                worker: int, num_workers: int, shuffle: bool = True, block_size: int = 64,
                shuffle_buffer: int = 1000, remainder: str = "drop",
                batch_size: Optional[int] = None, drop_last: bool = False) -> WorkerPlan:
-    """Plan of worker ``worker`` of rank ``rank`` for ``epoch`` (see the module docstring)."""
-    sizes = _check_sizes(shard_sizes)
+    """Plan of worker ``worker`` of rank ``rank`` for ``epoch`` (see the module docstring).
+    ``shard_sizes``: one dataset's samples per shard, or the epoch's
+    :class:`~shardkit.layout.Layout` (a mixture, an epoch size)."""
     seed, block, shuffle_buffer, batch_size = check_settings(
         seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
         batch_size=batch_size)
@@ -409,26 +367,28 @@ def epoch_plan(shard_sizes: Sizes, *, seed: int, epoch: int, rank: int, world_si
     rank = _check_int("rank", rank, 0, world_size)
     num_workers = _check_int("num_workers", num_workers, 1)
     worker = _check_int("worker", worker, 0, num_workers)
-    total = int(sizes.sum())
-    per_rank = _per_rank(total, world_size, remainder, batch_size, drop_last)
+    layout = _layout(shard_sizes, seed, epoch)
+    total = layout.total
+    per_rank = _per_rank(total, world_size, remainder, batch_size, drop_last, layout.unit)
 
     _, pieces, batch_sizes = _deal(total, per_rank, rank, worker, num_workers, batch_size)
-    return _worker_plan(sizes, pieces, batch_sizes, shuffle, block_size, shuffle_buffer,
-                        seed, epoch, _worker_key(seed, epoch, 0, rank, world_size, worker,
-                                                 num_workers))
+    return _worker_plan(layout, pieces, batch_sizes, shuffle, block_size, shuffle_buffer,
+                        _worker_key(seed, epoch, 0, rank, world_size, worker, num_workers))
 
 
-def _worker_plan(sizes: np.ndarray, ranges, batch_sizes, shuffle: bool, block_size: int,
-                 shuffle_buffer: int, seed: int, epoch: int, key: list[int]) -> WorkerPlan:
-    """The plan of a worker that reads positions ``ranges`` of the epoch's global stream."""
-    if not ranges:
-        spans: tuple[Span, ...] = ()
-    elif shuffle:
-        spans = _shuffled_spans(sizes, block_size, (seed, epoch), ranges)
-    else:
-        spans = _natural_spans(sizes, ranges)
+def _worker_plan(layout: Layout, ranges, batch_sizes, shuffle: bool, block_size: int,
+                 shuffle_buffer: int, key: list[int], count: Optional[int] = None
+                 ) -> WorkerPlan:
+    """The plan of a worker that reads positions ``ranges`` of the epoch's global stream
+    (``count``: only the first ``count`` entries of its order)."""
+    spans, glob, strand = layout.worker_input(ranges, shuffle=shuffle, block_size=block_size)
     num_samples = sum(len(s) for s in spans)
-    order = _worker_order(num_samples, shuffle, shuffle_buffer, key)
+    if glob is None or strand is None:
+        order = _worker_order(num_samples, shuffle, shuffle_buffer, key, count)
+    else:
+        order = _interleaved_order(glob, strand, shuffle, shuffle_buffer, key,
+                                   batch_sizes if layout.unit == 1 else (),
+                                   layout.shares)[:count]
     order.flags.writeable = False  # the plan is a value: frozen dataclass, read-only order
     return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
 
@@ -543,7 +503,7 @@ def remaining_spans(plan: WorkerPlan, consumed: int) -> tuple[Span, ...]:
     piece, lo, hi = _cut(cum, rem)
     shard = np.array([s.shard for s in plan.spans], dtype=np.int64)[piece]
     first = np.array([s.start for s in plan.spans], dtype=np.int64)[piece]
-    return _merge([shard], [first + lo], [first + hi])
+    return _merge(shard, first + lo, first + hi)
 
 
 def _worker_key(seed: int, epoch: int, level: int, rank: int, world_size: int, worker: int,
@@ -560,10 +520,11 @@ def _check_stream(stream, total: int) -> np.ndarray:
     return _normalize(r)
 
 
-def rest_stream(shard_sizes: Sizes, consumed: Sequence[Sequence[int]], *, seed: int,
+def rest_stream(shard_sizes: Stream, consumed: Sequence[Sequence[int]], *, seed: int,
                 epoch: int, world_size: int, num_workers: int, stream=None, level: int = 0,
                 shuffle: bool = True, shuffle_buffer: int = 1000, remainder: str = "drop",
-                batch_size: Optional[int] = None, drop_last: bool = False) -> np.ndarray:
+                batch_size: Optional[int] = None, drop_last: bool = False,
+                block_size: int = 64) -> np.ndarray:
     """The samples of an epoch that a plan has not emitted yet, as epoch-stream ranges.
 
     The plan is the epoch plan of ``world_size`` x ``num_workers`` (``stream=None``, ``level=0``)
@@ -571,21 +532,23 @@ def rest_stream(shard_sizes: Sizes, consumed: Sequence[Sequence[int]], *, seed: 
     samples worker ``w`` of rank ``r`` emitted (missing entries count as 0). Returns normalized
     int64 ranges of shape (k, 2) of the epoch's global stream: every sample the plan reads and did
     not emit, each once (``"pad"``'s repeats and samples emitted by another worker are left out).
+    ``block_size`` matters only for an interleaved layout (whose workers read in chunks of it).
     """
-    sizes = _check_sizes(shard_sizes)
-    seed, _, shuffle_buffer, batch_size = check_settings(
-        seed=seed, block_size=None, shuffle_buffer=shuffle_buffer, remainder=remainder,
+    seed, block, shuffle_buffer, batch_size = check_settings(
+        seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
         batch_size=batch_size)
     epoch = _check_int("epoch", epoch, 0)
+    layout = _layout(shard_sizes, seed, epoch)
     world_size = _check_int("world_size", world_size, 1)
     num_workers = _check_int("num_workers", num_workers, 1)
     level = _check_int("level", level, 0)
-    total = int(sizes.sum())
+    total = layout.total
     if (stream is None) != (level == 0):
         raise ValueError("level must be 0 for the epoch plan (stream=None) and >= 1 for a rest plan")
     base = np.array([[0, total]], dtype=np.int64) if stream is None else _check_stream(stream, total)
     length = int((base[:, 1] - base[:, 0]).sum())
-    per_rank = _per_rank(length, world_size, remainder, batch_size, drop_last)
+    unit = layout.unit if stream is None else 1
+    per_rank = _per_rank(length, world_size, remainder, batch_size, drop_last, unit)
     if length == 0:
         return base[:0]
     rem_all, done_all = [], []
@@ -593,12 +556,22 @@ def rest_stream(shard_sizes: Sizes, consumed: Sequence[Sequence[int]], *, seed: 
         row = consumed[r] if r < len(consumed) else ()
         for w in range(num_workers):
             c = int(row[w]) if w < len(row) else 0
-            lo, pieces, _ = _deal(length, per_rank, r, w, num_workers, batch_size)
+            lo, pieces, batches = _deal(length, per_rank, r, w, num_workers, batch_size)
             n = sum(b - a for a, b in pieces)
             if not 0 <= c <= n:
                 raise ValueError(f"consumed[{r}][{w}] = {c}, but that worker reads {n} samples")
-            head = _worker_order(n, shuffle, shuffle_buffer,
-                                 _worker_key(seed, epoch, level, r, world_size, w, num_workers), c)
+            key = _worker_key(seed, epoch, level, r, world_size, w, num_workers)
+            if layout.interleaved:  # emitted samples as offsets in the worker's stream order
+                ranges = [tuple(x) for a, b in pieces for x in
+                          _compose(base, np.array([[a, b]], dtype=np.int64)).tolist()]
+                _, glob, strand = layout.worker_input(ranges, shuffle=shuffle,
+                                                      block_size=int(block or 1))
+                assert glob is not None and strand is not None
+                sizes = batches if layout.unit == 1 else ()
+                head = glob[_interleaved_order(glob, strand, shuffle, shuffle_buffer, key,
+                                               sizes, layout.shares)[:c]]
+            else:
+                head = _worker_order(n, shuffle, shuffle_buffer, key, c)
             rem, done = _split_emitted(n, head)
             rem_all.append(rem + lo)
             done_all.append(done + lo)
@@ -608,7 +581,7 @@ def rest_stream(shard_sizes: Sizes, consumed: Sequence[Sequence[int]], *, seed: 
     return rest if stream is None else _compose(base, rest)
 
 
-def rest_plan(shard_sizes: Sizes, stream, *, seed: int, epoch: int, rank: int,
+def rest_plan(shard_sizes: Stream, stream, *, seed: int, epoch: int, rank: int,
               world_size: int, worker: int, num_workers: int, level: int = 1,
               shuffle: bool = True, block_size: int = 64, shuffle_buffer: int = 1000,
               remainder: str = "drop", batch_size: Optional[int] = None,
@@ -623,7 +596,6 @@ def rest_plan(shard_sizes: Sizes, stream, *, seed: int, epoch: int, rank: int,
     worker, num_workers)``. ``shuffle`` and ``block_size`` must be those of the epoch plan (they
     define the global stream); the other settings may differ from it.
     """
-    sizes = _check_sizes(shard_sizes)
     seed, block, shuffle_buffer, batch_size = check_settings(
         seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
         batch_size=batch_size)
@@ -634,12 +606,12 @@ def rest_plan(shard_sizes: Sizes, stream, *, seed: int, epoch: int, rank: int,
     num_workers = _check_int("num_workers", num_workers, 1)
     worker = _check_int("worker", worker, 0, num_workers)
     level = _check_int("level", level, 1)
-    base = _check_stream(stream, int(sizes.sum()))
+    layout = _layout(shard_sizes, seed, epoch)
+    base = _check_stream(stream, layout.total)
     length = int((base[:, 1] - base[:, 0]).sum())
     per_rank = _per_rank(length, world_size, remainder, batch_size, drop_last)
     _, pieces, batch_sizes = _deal(length, per_rank, rank, worker, num_workers, batch_size)
     ranges = [tuple(x) for a, b in pieces
               for x in _compose(base, np.array([[a, b]], dtype=np.int64)).tolist()]
-    return _worker_plan(sizes, ranges, batch_sizes, shuffle, block_size, shuffle_buffer, seed,
-                        epoch, _worker_key(seed, epoch, level, rank, world_size, worker,
-                                           num_workers))
+    return _worker_plan(layout, ranges, batch_sizes, shuffle, block_size, shuffle_buffer,
+                        _worker_key(seed, epoch, level, rank, world_size, worker, num_workers))

@@ -13,6 +13,7 @@ whose cache download was started ahead, the cache handle.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import logging
@@ -49,14 +50,19 @@ class BadSample:
 
 
 class ShardReader:
-    """Reads spans of a manifest's shards (see the module docstring).
+    """Reads spans of a manifest's shards (see the module docstring), or of several manifests'
+    (the sources of a mixture: shard numbers run on from one source's to the next, and each
+    sample says its source under ``"__source__"``).
 
     ``views``: image and array fields stay memoryviews of the read buffer (the batch fast path).
     ``cache_dir`` / ``cache_limit``: the shared shard cache for remote stores."""
 
     def __init__(self, manifest, *, on_error: OnError | str = OnError.RAISE, views: bool = False,
                  cache_dir: str | None = None, cache_limit: int | None = None):
-        self.manifest, self.store = manifest, manifest.shard_store()
+        self.manifests = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
+        self.stores = [m.shard_store() for m in self.manifests]
+        self.first = np.cumsum([0] + [len(m.shards) for m in self.manifests]).tolist()
+        self.mixed = len(self.manifests) > 1
         self.on_error, self.views = OnError.of(on_error), views
         self.cache_dir, self.cache_limit = cache_dir, cache_limit
         self.memory: dict[int, torch.Tensor] | None = None  # preloaded shards (shared memory)
@@ -85,8 +91,39 @@ class ShardReader:
     def preload(self, limit: int) -> None:
         """Load every shard into shared memory; later reads open no files."""
         if self.memory is None:
-            self.memory, self._offsets_cache, self._unloaded = preload(
-                self.store, self.manifest, limit, self.on_error)
+            total = sum(m.num_bytes for m in self.manifests)
+            if total > limit:
+                where = ", ".join(m.base_url or "the listed shards" for m in self.manifests)
+                raise MemoryError(f"{where}: {total} bytes, over the in-memory limit of {limit} "
+                                  "bytes (memory_limit=...); use in_memory=False")
+            memory: dict = {}
+            for s, (store, m) in enumerate(zip(self.stores, self.manifests)):
+                first = self.first[s]
+                mem, offsets, unloaded = preload(store, m, limit, self.on_error)
+                memory.update({first + i: v for i, v in mem.items()})
+                self._offsets_cache.update({first + i: v for i, v in offsets.items()})
+                self._unloaded.update({first + i: v for i, v in unloaded.items()})
+            self.memory = memory
+
+    # ----------------------------------------------------------------- shards
+    def source_of(self, shard_no: int) -> int:
+        """The source (manifest) that shard number ``shard_no`` belongs to."""
+        if not self.mixed:
+            return 0
+        return bisect.bisect_right(self.first, shard_no) - 1
+
+    def shard(self, shard_no: int):
+        """``(store, ShardInfo)`` of shard number ``shard_no``."""
+        s = self.source_of(shard_no)
+        return self.stores[s], self.manifests[s].shards[shard_no - self.first[s]]
+
+    def url(self, shard_no: int) -> str:
+        """The shard's URL as messages show it (credentials redacted)."""
+        store, shard = self.shard(shard_no)
+        return store.url(shard.url)
+
+    def num_shards(self) -> int:
+        return self.first[-1]
 
     # ----------------------------------------------------------------- spans
     def begin(self) -> None:
@@ -115,6 +152,7 @@ class ShardReader:
             self._prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS])
             j = span.start + max(0, start - pos)
             offsets = self._offsets_or_fault(span.shard, report)
+            source = self.source_of(span.shard) if self.mixed else None
             while j < span.stop:
                 fault = self._faults.get(span.shard)
                 if fault is not None and j >= fault.first_lost:
@@ -126,13 +164,15 @@ class ShardReader:
                 assert offsets is not None
                 try:
                     for sample in self._samples(span.shard, offsets, j, stop, tail=fault is None):
+                        if source is not None:
+                            sample["__source__"] = source
                         yield pos + j - span.start, sample
                         j += 1
                 except GeneratorExit:  # closed (matched first: at interpreter exit the module
                     raise  # globals the next clause names may be gone already)
                 except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                     if not isinstance(exc, ShardError):
-                        exc = ShardError(self._url(span.shard), f"corrupt tar data at sample {j}: {exc}")
+                        exc = ShardError(self.url(span.shard), f"corrupt tar data at sample {j}: {exc}")
                     if fault is not None and exc.gave_up:  # the store gave up again, earlier in
                         # the shard: nothing from here on is tried again (no request per sample)
                         self._faults[span.shard] = ShardFault(j, fault.error)
@@ -152,9 +192,6 @@ class ShardReader:
                         log.warning("shardkit: %s", exc)
                     j += 1
             pos += n
-
-    def _url(self, shard_no: int) -> str:
-        return self.store.url(self.manifest.shards[shard_no].url)
 
     def _fault(self, shard_no: int, fault: ShardFault, report) -> None:
         """Record a shard fault for this iteration (raised at once under ``on_error="raise"``)."""
@@ -178,15 +215,15 @@ class ShardReader:
     def _diagnose(self, shard_no: int, offsets: np.ndarray, j: int,
                   exc: ShardError) -> ShardFault | None:
         """Whether the failure at sample ``j`` is the whole shard's (:func:`diagnose`)."""
-        shard = self.manifest.shards[shard_no]
+        store, shard = self.shard(shard_no)
 
         def size() -> int | None:
             if self.memory is not None:
                 data = self.memory[shard_no]
                 return None if data is None else len(data)
-            return self.store.size(shard.url)
+            return store.size(shard.url)
 
-        return diagnose(shard, self.store.url(shard.url), offsets, j, exc, size,
+        return diagnose(shard, store.url(shard.url), offsets, j, exc, size,
                         partial(self._block, shard_no), self._unloaded.get(shard_no))
 
     def _block(self, shard_no: int, at: int) -> bytes | None:
@@ -194,7 +231,8 @@ class ShardReader:
         try:
             if self.memory is not None:
                 return bytes(self.memory[shard_no][at:at + BLOCK].numpy())  # not None: size > 0
-            stream = self.store.open_range(self.manifest.shards[shard_no].url, at, at + BLOCK)
+            store, shard = self.shard(shard_no)
+            stream = store.open_range(shard.url, at, at + BLOCK)
             try:
                 head = read_upto(stream, BLOCK)
                 return bytes(head) if len(head) == BLOCK else b""
@@ -211,12 +249,11 @@ class ShardReader:
         asks, left the network idle while it decoded. Downloads go on in the background, once per
         machine, as for any reader; nothing is prefetched when the cache is too small to hold
         the shards in flight."""
-        if self.cache_dir is None or self.memory is not None or isinstance(self.store, LocalStore):
+        if self.cache_dir is None or self.memory is not None:
             return
-        m = self.manifest
         for span in spans:
-            shard = m.shards[span.shard]
-            if self.store.is_local(shard.url):
+            store, shard = self.shard(span.shard)
+            if isinstance(store, LocalStore) or store.is_local(shard.url):
                 continue
             if span.shard in self._prefetched:
                 continue
@@ -224,7 +261,7 @@ class ShardReader:
                 return
             self._prefetched.add(span.shard)
             try:
-                opened = self._open_stream(shard, 0, 0, prefetch=True)
+                opened = self._open_stream(store, shard, 0, 0, prefetch=True)
             except (OSError, ShardError):  # only a head start: reading it will say what is wrong
                 continue
             if opened is not None:
@@ -240,7 +277,7 @@ class ShardReader:
         if shard_no in recent:
             recent[shard_no] = recent.pop(shard_no)  # most recent last
             return recent[shard_no]
-        offsets = load_index(self.store, self.manifest.shards[shard_no])
+        offsets = load_index(*self.shard(shard_no))
         recent[shard_no] = offsets
         while len(recent) > RECENT_INDEXES:
             del recent[next(iter(recent))]
@@ -251,19 +288,19 @@ class ShardReader:
         """``(lo, hi, ends, stream)``: the bytes of samples ``first .. stop-1`` (to the archive's
         end when ``stop`` is the last and ``tail``), the samples' ends relative to ``lo``, and a
         stream of them."""
-        shard = self.manifest.shards[shard_no]
+        store, shard = self.shard(shard_no)
         lo = int(offsets[first])
         hi = shard.num_bytes if tail and stop == len(offsets) - 1 else int(offsets[stop])
         ends = (offsets[first + 1:stop + 1] - lo).tolist()
         if self.memory is not None:
             data = self.memory[shard_no]
             if data is None:
-                raise ShardError(self.store.url(shard.url), "could not be preloaded: "
+                raise ShardError(store.url(shard.url), "could not be preloaded: "
                                  + self._unloaded.get(shard_no, "unreadable"))
             # numpy's stubs give ndarray its buffer protocol (__buffer__) only for Python 3.12+
             stream = io.BytesIO(memoryview(data.numpy())[lo:hi])  # type: ignore[arg-type]  # numpy stubs
         else:
-            stream = self._open_stream(shard, lo, hi)
+            stream = self._open_stream(store, shard, lo, hi)
         return lo, hi, ends, stream
 
     def _samples(self, shard_no: int, offsets: np.ndarray, first: int, stop: int,
@@ -276,8 +313,8 @@ class ShardReader:
         over to the strict ``tarfile``-based path at that sample, which decides and names the
         error; so both paths accept and refuse exactly the same shards.
         """
-        shard = self.manifest.shards[shard_no]
-        url, index_url = self.store.url(shard.url), self.store.url(shard.index_url)
+        store, shard = self.shard(shard_no)
+        url, index_url = store.url(shard.url), store.url(shard.index_url)
         views = self.views
         lo, hi, ends, stream = self._range(shard_no, offsets, first, stop, tail)
         k, prev, sample_key = 0, 0, None
@@ -312,10 +349,9 @@ class ShardReader:
         finally:
             stream.close()
 
-    def _open_stream(self, shard, lo: int, hi: int, prefetch: bool = False):
-        """Bytes ``[lo, hi)`` of a shard: through the shared on-disk cache when there is one
-        (``prefetch``: see ``ShardCache.open``)."""
-        store = self.store
+    def _open_stream(self, store, shard, lo: int, hi: int, prefetch: bool = False):
+        """Bytes ``[lo, hi)`` of a shard of ``store``: through the shared on-disk cache when there
+        is one (``prefetch``: see ``ShardCache.open``)."""
         if self.cache_dir is None or store.is_local(shard.url):
             return store.open_range(shard.url, lo, hi)
         if self._cache is None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import plan as planlib
 from .config import PlanConfig
+from .layout import Layout
 
 STATE_VERSION = 1
 STATE_FIELDS = ("version", "seed", "epoch", "world_size", "num_workers")  # shared by all ranks
@@ -56,7 +57,7 @@ def merge_states(states: Iterable[dict], *, num_samples: int, settings: Mapping[
     for state in states:
         if "ranks" in state:
             raise ValueError("merge_states takes per-rank states; this one is already global")
-        for name in (*STATE_FIELDS, "base"):
+        for name in (*STATE_FIELDS, "base", "mixture"):
             if state.get(name) != first.get(name):
                 raise ValueError(f"the states disagree on {name!r}: {first.get(name)!r} and "
                                  f"{state.get(name)!r} (every rank must use the same "
@@ -78,12 +79,21 @@ def merge_states(states: Iterable[dict], *, num_samples: int, settings: Mapping[
 
 
 # ----------------------------------------------------------------- checks
-def check_loadable(state: dict, seed: int) -> None:
-    """A state of the right version, taken with this ``seed``."""
+def check_loadable(state: dict, seed: int, mixture: Mapping[str, Any] | None = None) -> None:
+    """A state of the right version, taken with this ``seed`` and these sources and shares
+    (``mixture``, as settings record it; None: one dataset read whole)."""
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"unsupported state version {state.get('version')!r}")
     if state["seed"] != seed:
         raise ValueError(f"state is from seed={state['seed']}; this dataset has seed={seed}")
+    plan = state.get("plan")
+    recorded = state.get("mixture", plan.get("mixture") if isinstance(plan, dict) else None)
+    if recorded != mixture:
+        def said(m: Any) -> str:
+            return "one dataset read whole" if m is None else f"sources and shares {m!r}"
+        raise ValueError(f"the state was taken with {said(recorded)}; this dataset has "
+                         f"{said(mixture)}: they decide the epoch's samples, so resume with the "
+                         "same sources, shares and epoch_size")
 
 
 def recorded_block_size(state: dict) -> int | None:
@@ -111,6 +121,10 @@ def check_plan(state: dict, *, num_samples: int, settings: Mapping[str, Any]) ->
     if plan.get("num_samples") != total:
         raise ValueError(f"the state is of a dataset of {plan.get('num_samples')} samples; "
                          f"this one has {total}: a changed dataset cannot resume mid-epoch")
+    if plan.get("mixture") != settings.get("mixture"):
+        raise ValueError(f"the state was taken with sources and shares {plan.get('mixture')!r}; "
+                         f"this dataset has {settings.get('mixture')!r}: they decide the "
+                         "epoch's samples, so resume with the same sources, shares and epoch_size")
     for name in ("shuffle", "block_size"):
         if plan.get(name) != settings[name]:
             raise ValueError(f"the state was taken with {name}={plan.get(name)!r}; it decides "
@@ -169,24 +183,30 @@ def resolve(state: dict, *, rank: int, world_size: int, num_workers: int | None,
 
 
 # ----------------------------------------------------------------- elastic resume
-def rest_stream_of(state: dict, *, shard_sizes: Sizes,
+def rest_stream_of(state: dict, *, layout: Layout,
                    settings: Mapping[str, Any]) -> tuple[np.ndarray, int]:
     """The rest stream left by global state ``state`` (and the states it resumed from, under
     ``"base"``) and the level of its rest plan; each state's plan is checked against this
-    dataset's (``shard_sizes`` and plan ``settings``)."""
+    dataset's (the epoch's ``layout`` and plan ``settings``)."""
     base = state.get("base")
     stream, level = (None, 0) if base is None else rest_stream_of(
-        base, shard_sizes=shard_sizes, settings=settings)
-    check_plan(state, num_samples=int(sum(shard_sizes)), settings=settings)
+        base, layout=layout, settings=settings)
+    check_plan(state, num_samples=layout.num_samples, settings=settings)
     plan = state["plan"]
+    if layout.unit > 1:
+        raise ValueError("mix='per_source' resumes mid-epoch only exactly (the same world size, "
+                         "loader workers and plan settings as the state): its batches are "
+                         "whole batches of one source, which the rest of an epoch cannot be "
+                         "dealt into afresh. Resume with the state's settings, or at the next "
+                         "epoch (set_epoch)")
     world, workers = state["world_size"], state["num_workers"]
     consumed = [[int(state["ranks"][str(r)]["consumed"].get(str(w), 0)) for w in range(workers)]
                 for r in range(world)]
-    out = planlib.rest_stream(shard_sizes, consumed, seed=state["seed"], epoch=state["epoch"],
+    out = planlib.rest_stream(layout, consumed, seed=state["seed"], epoch=state["epoch"],
                               world_size=world, num_workers=workers, stream=stream, level=level,
                               shuffle=plan["shuffle"], shuffle_buffer=plan["shuffle_buffer"],
                               remainder=plan["remainder"], batch_size=plan["batch_size"],
-                              drop_last=plan["drop_last"])
+                              drop_last=plan["drop_last"], block_size=plan["block_size"])
     return out, level + 1
 
 
@@ -202,10 +222,10 @@ class RestPlan:
     level: int
 
     @classmethod
-    def of(cls, epoch: int, state: dict, *, shard_sizes: Sizes,
+    def of(cls, epoch: int, state: dict, *, layout: Layout,
            settings: Mapping[str, Any]) -> RestPlan:
         """Computed once, when the resume is decided (before workers copy the dataset)."""
-        stream, level = rest_stream_of(state, shard_sizes=shard_sizes, settings=settings)
+        stream, level = rest_stream_of(state, layout=layout, settings=settings)
         return cls(epoch, state, stream, level)
 
     @property
@@ -214,7 +234,7 @@ class RestPlan:
         return int((self.stream[:, 1] - self.stream[:, 0]).sum())
 
 
-def plan_in_force(shard_sizes: Sizes, config: PlanConfig, rest: RestPlan | None, *,
+def plan_in_force(shard_sizes: Sizes | Layout, config: PlanConfig, rest: RestPlan | None, *,
                   epoch: int, rank: int, world_size: int, worker: int,
                   num_workers: int) -> planlib.WorkerPlan:
     """What plan worker ``worker`` of ``num_workers`` of ``rank`` reads in ``epoch``: of the
@@ -235,14 +255,14 @@ def plan_in_force(shard_sizes: Sizes, config: PlanConfig, rest: RestPlan | None,
                               batch_size=config.batch_size, drop_last=config.drop_last)
 
 
-def items_in_force(shard_sizes: Sizes, config: PlanConfig, rest: RestPlan | None,
+def items_in_force(shard_sizes: Sizes | Layout, config: PlanConfig, rest: RestPlan | None,
                    world_size: int) -> int:
     """Samples (or, with a batch size, batches) each rank yields in the epoch plan of
     ``config``, or in the ``rest`` plan in force."""
     if rest is not None:
-        shard_sizes = [rest.num_samples]
-        if shard_sizes[0] == 0:
+        if rest.num_samples == 0:
             return 0
+        shard_sizes = [rest.num_samples]
     count = planlib.rank_num_samples if config.batch_size is None else planlib.rank_num_batches
     return count(shard_sizes, world_size, remainder=config.remainder,
                  batch_size=config.batch_size, drop_last=config.drop_last)

@@ -21,13 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-
 from . import plan as planlib
 from . import resume as resumelib
 from .config import PlanConfig
 from .distributed import RankWorld
 from .epochs import EpochCounter, Progress
+from .layout import Layout
 from .resume import STATE_VERSION, RestPlan
 
 if TYPE_CHECKING:
@@ -48,16 +47,22 @@ class EpochState:
     """The epoch, the plan in force and the resume state of one dataset (see the module doc).
 
     ``plan``: the plan settings and seed (``block_size`` None: ``block_default()`` decides, when
-    first needed, unless a loaded global state recorded one); ``sizes``: the manifest's samples
-    per shard (loaded on first use); ``rank``/``world_size`` None: see :class:`RankWorld`.
+    first needed, unless a loaded global state recorded one); ``layout(epoch)``: the epoch's
+    global stream (:class:`~shardkit.layout.Layout`; the manifests load on first use);
+    ``num_samples()``: the samples of the dataset (of all its sources); ``mixture()``: what a
+    state records of its sources and shares (None: one dataset read whole);
+    ``rank``/``world_size`` None: see :class:`RankWorld`.
     """
 
     def __init__(self, *, plan: PlanConfig, rank: int | None, world_size: int | None,
-                 sizes: Callable[[], np.ndarray],
+                 layout: Callable[[int], Layout], num_samples: Callable[[], int],
+                 mixture: Callable[[], dict | None] = lambda: None,
                  block_default: Callable[[], int] | None = None) -> None:
         self._plan = plan  # block_size None until resolved (see _config)
         self._block_default = block_default
-        self._sizes = sizes
+        self._layout = layout
+        self._num_samples = num_samples
+        self._mixture = mixture
         self._ranks = RankWorld(rank, world_size)
         self._epochs = EpochCounter()
         self._resume: dict | None = None  # applied to the next iteration of its epoch
@@ -89,8 +94,13 @@ class EpochState:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The plan settings (``PLAN_SETTINGS``), a default block size resolved."""
-        return self._config.settings()
+        """The plan settings (``PLAN_SETTINGS``), a default block size resolved, and for a
+        mixture or an epoch size what the epochs take of each source (``"mixture"``)."""
+        settings = self._config.settings()
+        mixture = self._mixture()
+        if mixture is not None:
+            settings["mixture"] = mixture
+        return settings
 
     @property
     def epoch(self) -> int:
@@ -151,13 +161,15 @@ class EpochState:
         """Samples (or, with a batch size, batches) each rank yields in the plan in force."""
         _, world = self.rank_world()
         config = self._config  # (resolved before the sizes are needed, as ever)
-        return resumelib.items_in_force(self._sizes(), config, self._rest_in_force(), world)
+        return resumelib.items_in_force(self._layout(self.epoch), config, self._rest_in_force(),
+                                        world)
 
     def plan(self, role: int, num_workers: int) -> planlib.WorkerPlan:
         """What plan worker ``role`` of ``num_workers`` of this rank reads this epoch."""
         rank, world = self.rank_world()
-        sizes, rest = self._sizes(), self._rest_in_force()
-        return resumelib.plan_in_force(sizes, self._config, rest, epoch=self.epoch, rank=rank,
+        config = self._config  # (resolved first: the layout's blocks need it)
+        layout, rest = self._layout(self.epoch), self._rest_in_force()
+        return resumelib.plan_in_force(layout, config, rest, epoch=self.epoch, rank=rank,
                                        world_size=world, worker=role, num_workers=num_workers)
 
     def _rest_in_force(self) -> RestPlan | None:
@@ -169,7 +181,7 @@ class EpochState:
         here, before workers copy the dataset."""
         if state is None:
             return None
-        return RestPlan.of(epoch, state, shard_sizes=self._sizes(), settings=self.settings)
+        return RestPlan.of(epoch, state, layout=self._layout(epoch), settings=self.settings)
 
     # ----------------------------------------------------------------- iterations
     def begin(self, worker: int, num_workers: int, in_worker: bool) -> int:
@@ -239,12 +251,19 @@ class EpochState:
         state = resumelib.rank_state(seed=self.seed, epoch=self.epoch, rank=rank, world_size=world,
                                      **progress)
         if worker_info is None and self._finished(state):
-            return resumelib.rank_state(seed=self.seed, epoch=self.epoch + 1, rank=rank,
-                                        world_size=world, num_workers=state["num_workers"],
-                                        shift=0, consumed={})
+            return self._marked(resumelib.rank_state(
+                seed=self.seed, epoch=self.epoch + 1, rank=rank, world_size=world,
+                num_workers=state["num_workers"], shift=0, consumed={}))
         rest = self._rest_in_force()
         if rest is not None:
             state["base"] = rest.state
+        return self._marked(state)
+
+    def _marked(self, state: dict) -> dict:
+        """A rank's state with what it was taken over, for a mixture or an epoch size."""
+        mixture = self._mixture()
+        if mixture is not None:
+            state["mixture"] = mixture
         return state
 
     def _finished(self, state: dict) -> bool:
@@ -266,12 +285,12 @@ class EpochState:
     def merge_states(self, states: Iterable[dict]) -> dict:
         """The global state of a job from its ranks' own states (see
         :meth:`shardkit.StreamingDataset.merge_states`)."""
-        return resumelib.merge_states(states, num_samples=int(sum(self._sizes())),
+        return resumelib.merge_states(states, num_samples=self._num_samples(),
                                       settings=self.settings)
 
     def load_state_dict(self, state: dict, worker_info: WorkerInfo | None) -> None:
         """See :meth:`shardkit.StreamingDataset.load_state_dict`."""
-        resumelib.check_loadable(state, self.seed)
+        resumelib.check_loadable(state, self.seed, self._mixture())
         rank, world = self.rank_world()
         block_size = resumelib.recorded_block_size(state)
         if self._plan.block_size is None and block_size is not None:
@@ -289,7 +308,7 @@ class EpochState:
                 self._rest = self._rest_plan(state["epoch"], state.get("base"))
                 self._resume = resumelib.rank_resume(state)
                 return
-        resumelib.check_plan(state, num_samples=int(sum(self._sizes())), settings=self.settings)
+        resumelib.check_plan(state, num_samples=self._num_samples(), settings=self.settings)
         self._rest, self._resume = None, dict(state)
         self.resolve_resume(None)
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import ManifestError, ShardError
-from .manifest import Manifest, Source
+from .manifest import Location, Manifest
 from .shardformat import decode_index, iter_keys
 
 
@@ -24,7 +24,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(source: Source, storage_options: dict | None = None,
+def verify(source: Location, storage_options: dict | None = None,
            progress: bool = False) -> VerifyReport:
     """Check sizes, sha256, index files and per-shard sample counts against the manifest.
 

@@ -14,13 +14,15 @@ extension (``jpg``, ``cls``, ``txt``, ``seg.png``, …).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from .config import Source
 from .dataset import StreamingDataset
-from .manifest import Source
+from .manifest import Location
 from .modes import SAMPLE_DICTS
 
-_DECODING = ("decode", "crop", "transform", "with_keys", "fields", "max_pixels")
+_DECODING = ("decode", "crop", "transform", "with_keys", "fields", "max_pixels", "with_source",
+             "label_space")
 
 
 class WdsSource(StreamingDataset):
@@ -30,7 +32,7 @@ class WdsSource(StreamingDataset):
     may be partial unless ``drop_last``) and ``state_dict()`` counts the pipeline's batches.
     Without it the pipeline's items must be single samples for exact resume."""
 
-    def __init__(self, source: Source, **kwargs: Any) -> None:
+    def __init__(self, source: Location | Source | Sequence[Source], **kwargs: Any) -> None:
         given = sorted(k for k in _DECODING if k in kwargs)
         if given:
             raise TypeError(f"wds_source() does not decode: {', '.join(given)} belong to the "
@@ -38,11 +40,13 @@ class WdsSource(StreamingDataset):
         super().__init__(source, decode=SAMPLE_DICTS, **kwargs)
 
 
-def wds_source(source: Source, **kwargs: Any) -> WdsSource:
-    """A webdataset pipeline's source over a shardkit dataset or indexed webdataset shards:
-    :class:`WdsSource`. ``kwargs`` are :class:`~shardkit.StreamingDataset`'s plan, storage and
-    error options (``shuffle``, ``seed``, ``batch_size``, ``drop_last``, ``rank``,
-    ``world_size``, ``on_error``, ``cache_dir``, ``storage_options``, …)."""
+def wds_source(source: Location | Source | Sequence[Source], **kwargs: Any) -> WdsSource:
+    """A webdataset pipeline's source over a shardkit dataset or indexed webdataset shards, or
+    a mixture of them (a list of :class:`~shardkit.Source`; each sample dict then says its
+    source under ``"__source__"``): :class:`WdsSource`. ``kwargs`` are
+    :class:`~shardkit.StreamingDataset`'s plan, storage and error options (``shuffle``,
+    ``seed``, ``batch_size``, ``drop_last``, ``rank``, ``world_size``, ``on_error``,
+    ``cache_dir``, ``storage_options``, ``epoch_size``, ``mix``, …)."""
     return WdsSource(source, **kwargs)
 
 

@@ -22,7 +22,7 @@ GROUPS = {
     "adopting": 2,  # shardkit index: other people's shards, indexed with the reader's pieces
     "top": 3,  # the package's front, command line, benchmarks and the demo
 }
-READING = {"plan", "config", "epochs", "resume", "distributed", "state", "loaderlink", "reader",
+READING = {"layout", "plan", "config", "epochs", "resume", "distributed", "state", "loaderlink", "reader",
            "decode", "gpudecode", "modes", "batching", "assembly", "dataset", "loader", "recycle",
            "eagerqueue", "skiplog", "diagnosis", "wds"}
 ADOPTING = {"indexer"}
