@@ -11,17 +11,22 @@ source per epoch (:func:`epoch_shares`): ``k_s`` samples of source ``s``. Each s
 pass after pass (:func:`source_segments`): pass ``p`` is the source's shards in a seeded order
 (natural when every epoch takes whole passes, so one dataset read whole keeps the order it always
 had), and epoch ``e`` takes positions ``[e k_s, (e+1) k_s)`` of that endless walk. No sample
-repeats before its source was read through, each pass has a new order, and a share larger than
-the source repeats it (``repeat=2``: twice an epoch). An epoch's samples are *segments* (shard,
-first sample, stop) of the sources' shards, O(shards) of them.
+repeats before its source was read through and each pass has a new order; a pass that an epoch
+runs into puts last the shards that epoch took from the end of the pass before
+(:func:`_pass_order`), so an epoch holds no sample twice while its share is at most the source's
+size, and each ``⌊k_s/n_s⌋`` or ``⌈k_s/n_s⌉`` times above (``repeat=2``: twice). An epoch's
+samples are *segments* (shard, first sample, stop) of the sources' shards: O(shards) of them,
+plus a source's shards once more for each whole pass of it inside the epoch.
 
 Mix. ``"random"``: all segments make one stream, their blocks permuted together (every source's
 blocks interleaved at random). ``"stratified"`` / ``"per_source"``: each source's segments make a
 block-permuted *strand* of its own (seeded from ``(seed, epoch, source + 1)``), and the stream
 interleaves the strands smoothly in proportion to their shares, one sample (``unit=1``) or one
 whole batch (``unit=batch_size``) at a time: unit ``j`` of strand ``s`` (of ``c_s`` units) has
-the key ``(2j + 1) / 2c_s`` and units follow in (key, s) order, so every window of the stream
-holds each strand's share of it to within a unit. Where a unit falls is computed exactly, with
+the key ``(2j + 1) / 2c_s`` and units follow in (key, s) order, so the strands are spread evenly
+through the stream (every prefix holds each strand's share of it to within a unit; the batches
+of ``"stratified"`` are balanced by the plan, see :func:`shardkit.plan._batch_strands`). Where a
+unit falls is computed exactly, with
 integers, for any range of the stream (O(strands² log) per boundary); nothing of the epoch's size
 is built.
 
@@ -44,7 +49,7 @@ __all__ = ["MIXES", "Layout", "Span", "Strand", "epoch_shares", "source_segments
 
 MIXES = ("random", "stratified", "per_source")
 _BLOCK_STREAM = 0  # SeedSequence tags keep the generators of a plan independent (see plan.py)
-_PASS_STREAM = 3
+_PASS_TAG = 0x5EED_9A55_0003  # pass orders' SeedSequence word (block orders': the epoch)
 _FEISTEL_ROUNDS = 8
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser constants
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -117,24 +122,102 @@ def epoch_shares(sizes: Sequence[int], specs: Sequence[tuple], *,
     return [k * unit for k in units]
 
 
+def _shuffled(count: int, seed: int, source: int, p: int) -> np.ndarray:
+    """Pass ``p``'s own seeded shard order of a source of ``count`` shards."""
+    # (the second word, where block orders have the epoch, is out of any epoch's reach)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PASS_TAG, source, p]))
+    return rng.permutation(count).astype(np.int64)
+
+
+def _after(prev: np.ndarray, order: np.ndarray, sizes: np.ndarray, tail: int) -> np.ndarray:
+    """``order`` (a pass's own shard order) rearranged so that the shards an epoch took from the
+    last ``tail`` samples of an earlier pass of order ``prev`` come last, the one split between
+    two epochs first among them (its first samples were in an earlier epoch): the same epoch
+    reads this pass from its start, so it reads none of them again before it must."""
+    n = int(sizes.sum())
+    cum = np.concatenate(([0], np.cumsum(sizes[prev])))
+    i0 = int(np.searchsorted(cum, n - tail, "right")) - 1  # the tail's first shard
+    late = np.zeros(len(sizes), dtype=bool)
+    late[prev[i0:]] = True
+    if cum[i0] == n - tail:  # the tail starts with a whole shard
+        return np.concatenate((order[~late[order]], order[late[order]]))
+    split = prev[i0]
+    late[split] = False
+    first = order[~late[order] & (order != split)]
+    return np.concatenate((first, [split], order[late[order]])).astype(np.int64)
+
+
+def _tail_before(r: int, n: int, share: int) -> tuple[int, int] | None:
+    """``(pass, samples)``: the end of an earlier pass that the epoch running into pass ``r``
+    starts with (None: no epoch runs into pass ``r``, or it starts at a pass's start)."""
+    if r == 0 or (r * n) % share == 0:
+        return None
+    start = (r * n) // share * share  # the first sample of the epoch that runs into pass r
+    if start % n == 0:
+        return None
+    p = start // n
+    return p, (p + 1) * n - start
+
+
+_PASSES: dict = {}  # (seed, source, sizes, share) -> {pass: order}: a walk's recent passes
+
+
+def _pass_order(sizes: np.ndarray, share: int, r: int, seed: int, source: int) -> np.ndarray:
+    """The shard order of pass ``r`` of a source walked with ``share`` samples per epoch.
+
+    Each pass has its own seeded order (:func:`_shuffled`), except that a pass an epoch runs
+    into puts last the shards that epoch took from the end of its previous pass
+    (:func:`_after`): so an epoch holds no sample twice while its share is at most the source's
+    size, and each sample ⌊share/size⌋ or ⌈share/size⌉ times above. A pass's order thus
+    follows from an earlier one's: this process keeps the recent ones, and computes a chain of
+    at most one pass per epoch since (O(shards) each)."""
+    n = int(sizes.sum())
+    key = (seed, source, len(sizes), n, hash(sizes.tobytes()), share)
+    known = _PASSES.setdefault(key, {})
+    if len(_PASSES) > 64:
+        _PASSES.pop(next(iter(_PASSES)))
+    chain = [r]  # r, the pass it follows from, the one that follows from, ...
+    while chain[-1] not in known:
+        before = _tail_before(chain[-1], n, share)
+        if before is None:
+            break
+        chain.append(before[0])
+    order = None
+    for q in reversed(chain):
+        if q in known:
+            order = known[q]
+            continue
+        own = _shuffled(len(sizes), seed, source, q)
+        before = _tail_before(q, n, share)
+        order = own if before is None else _after(known[before[0]], own, sizes, before[1])
+        known[q] = order
+    while len(known) > 16:
+        known.pop(min(known))
+    assert order is not None
+    return order
+
+
 def source_segments(sizes: np.ndarray, share: int, *, epoch: int, seed: int, source: int,
                     shuffle: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The segments ``(shard, start, size)`` that epoch ``epoch`` takes from one source of shard
     sizes ``sizes``: positions ``[epoch * share, (epoch + 1) * share)`` of its pass-after-pass
-    walk (see the module docstring), in walk order."""
+    walk (see the module docstring), in walk order. Passes wholly inside the epoch are read in
+    natural order (the epoch's blocks are permuted anyway)."""
     n = int(sizes.sum())
     lo, hi = epoch * share, (epoch + 1) * share
     natural = not shuffle or share % n == 0
     count = len(sizes)
+    every = np.arange(count, dtype=np.int64)
     shard, start, size = [], [], []
-    for p in range(lo // n, (hi - 1) // n + 1):
-        if natural:
-            order = np.arange(count, dtype=np.int64)
-        else:
-            rng = np.random.default_rng(np.random.SeedSequence([seed, source, p, _PASS_STREAM]))
-            order = rng.permutation(count).astype(np.int64)
-        walk = sizes[order]
-        cum = np.concatenate(([0], np.cumsum(walk)))
+    first_pass, last_pass = lo // n, (hi - 1) // n
+    for p in sorted({first_pass, last_pass}):
+        if p == last_pass and last_pass - first_pass > 1:  # the whole passes between
+            full = last_pass - first_pass - 1
+            shard.append(np.tile(every, full))
+            start.append(np.zeros(count * full, dtype=np.int64))
+            size.append(np.tile(sizes, full))
+        order = every if natural else _pass_order(sizes, share, p, seed, source)
+        cum = np.concatenate(([0], np.cumsum(sizes[order])))
         a, b = max(lo, p * n) - p * n, min(hi, (p + 1) * n) - p * n
         i0 = int(np.searchsorted(cum, a, "right")) - 1
         i1 = int(np.searchsorted(cum, b, "left"))
@@ -144,7 +227,9 @@ def source_segments(sizes: np.ndarray, share: int, *, epoch: int, seed: int, sou
         shard.append(order[i0:i1][keep])
         start.append(first[keep])
         size.append((last - first)[keep])
-    return tuple(np.concatenate(x).astype(np.int64) for x in (shard, start, size))  # type: ignore[return-value]
+    out = tuple(np.concatenate(x).astype(np.int64) for x in (shard, start, size))
+    keep = out[2] > 0
+    return out[0][keep], out[1][keep], out[2][keep]
 
 
 # --------------------------------------------------------------------------- strands

@@ -323,15 +323,28 @@ def _batch_strands(counts: np.ndarray, batch_sizes: Sequence[int],
 
 def _interleaved_order(glob: np.ndarray, strand: np.ndarray, shuffle: bool, shuffle_buffer: int,
                        key: list, batch_sizes: Sequence[int] = (),
-                       shares: Optional[Sequence[int]] = None) -> np.ndarray:
+                       shares: Optional[Sequence[int]] = None, unit: int = 1) -> np.ndarray:
     """The emission order of a worker of an interleaved stream (one that reads its samples in
     chunks, not in stream order): input sample ``i`` is the worker's ``glob[i]``-th in stream
     order, of strand ``strand[i]``. Which strand the ``t``-th emitted sample is of: with
     ``batch_sizes`` each batch holds the strands in proportion (:func:`_batch_strands`), else
     the strand of the worker's ``t``-th sample in stream order. Each strand's samples come from a
     shuffle buffer of its own (its share of ``shuffle_buffer``, seeded from ``key`` and the
-    strand), so the samples of every strand are held about as long."""
+    strand), so the samples of every strand are held about as long.
+
+    A stream of whole units (``unit`` > 1: ``mix="per_source"``, one batch per unit) is shuffled
+    within each unit only: a buffer running on across a strand's units would hold everything read
+    up to that strand's next unit, which for a small share is many batches ahead.
+    """
     n = glob.size
+    if unit > 1:
+        of_offset = np.empty(n, dtype=np.int64)  # the input index of each stream offset
+        of_offset[glob] = np.arange(n, dtype=np.int64)
+        offsets = np.arange(n, dtype=np.int64)
+        if shuffle:
+            rng = np.random.default_rng(np.random.SeedSequence(key))
+            offsets = offsets[np.lexsort((rng.random(n), offsets // unit))]
+        return of_offset[offsets]
     if batch_sizes:
         counts = np.bincount(strand, minlength=0 if shares is None else len(shares))
         slots_of = _batch_strands(counts, batch_sizes, shares)
@@ -388,7 +401,7 @@ def _worker_plan(layout: Layout, ranges, batch_sizes, shuffle: bool, block_size:
     else:
         order = _interleaved_order(glob, strand, shuffle, shuffle_buffer, key,
                                    batch_sizes if layout.unit == 1 else (),
-                                   layout.shares)[:count]
+                                   layout.shares, layout.unit)[:count]
     order.flags.writeable = False  # the plan is a value: frozen dataclass, read-only order
     return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
 
@@ -569,7 +582,7 @@ def rest_stream(shard_sizes: Stream, consumed: Sequence[Sequence[int]], *, seed:
                 assert glob is not None and strand is not None
                 sizes = batches if layout.unit == 1 else ()
                 head = glob[_interleaved_order(glob, strand, shuffle, shuffle_buffer, key,
-                                               sizes, layout.shares)[:c]]
+                                               sizes, layout.shares, unit)[:c]]
             else:
                 head = _worker_order(n, shuffle, shuffle_buffer, key, c)
             rem, done = _split_emitted(n, head)

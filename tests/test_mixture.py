@@ -448,3 +448,56 @@ def test_more_workers_than_batches(mix):
                         num_workers=8, block_size=2, batch_size=4) for w in range(8)]
     assert sum(p.num_samples for p in plans) == layout.total
     assert [p.num_samples for p in plans][-1] == 0
+
+
+def test_a_source_is_anything_one_dataset_takes(sources):
+    from shardkit.shardformat import MANIFEST_PATH
+
+    manifest = shardkit.Manifest.load(sources["tiny"])
+    mix = [Source(manifest, weight=1),                               # a Manifest object
+           Source(str(sources["mid"] / MANIFEST_PATH), weight=1),     # a manifest's path
+           Source(sources["big"], weight=2)]                          # a folder (a Path)
+    ds = StreamingDataset(mix, epoch_size=40, **KW)
+    items = _items(list(make_loader(ds, num_workers=0)), batched=False)
+    assert Counter(s for s, _ in items) == {0: 10, 1: 10, 2: 20}
+    assert ds.manifests[0] is manifest
+    with pytest.raises(AttributeError, match="ds.manifests"):
+        ds.manifest  # noqa: B018
+
+
+def test_an_epoch_across_two_passes_holds_no_sample_twice():
+    # a share of at most the source's size: never twice in an epoch; above: floor or ceil times;
+    # and every pass of the walk is all of the source, once
+    rng = np.random.default_rng(3)
+    from shardkit.layout import source_segments
+
+    for trial in range(150):
+        sizes = rng.integers(0, 15, size=int(rng.integers(1, 12)))
+        n = int(sizes.sum())
+        if n == 0:
+            continue
+        k = int(rng.integers(1, 2 * n + 2))
+        walk = []
+        for epoch in range(6):
+            shard, start, size = source_segments(sizes, k, epoch=epoch, seed=trial, source=1,
+                                                 shuffle=True)
+            items = [(int(a), int(b) + i) for a, b, c in zip(shard, start, size)
+                     for i in range(c)]
+            counts = Counter(items)
+            every = [counts.get((s, i), 0) for s in range(len(sizes)) for i in range(sizes[s])]
+            assert len(items) == k and k // n <= min(every) and max(every) <= -(-k // n)
+            walk += items
+        for p in range(len(walk) // n):
+            assert len(set(walk[p * n:(p + 1) * n])) == n
+
+
+@pytest.mark.parametrize("mix", ["random", "stratified", "per_source"])
+def test_a_small_share_does_not_make_a_worker_hold_many_samples(mix):
+    srcs = [np.full(4, 300), np.full(200, 300)]
+    layout = Layout.of_sources(srcs, [512, 51_200], seed=0, epoch=0, shuffle=True, mix=mix,
+                               unit=256)
+    plan = epoch_plan(layout, seed=0, epoch=0, rank=0, world_size=1, worker=0, num_workers=1,
+                      block_size=64, shuffle_buffer=1000, batch_size=256)
+    read = np.maximum.accumulate(plan.order) + 1  # inputs read to emit each sample
+    held = read - np.arange(1, plan.num_samples + 1)
+    assert held.max() < 1000 + 2 * 64 + 256

@@ -15,8 +15,9 @@ import pytest
 from shardkit import Manifest, ShardInfo, pack_folder
 from shardkit.bench.scale import format_table, resume_state_sizes, run, synthetic_manifest
 from shardkit.errors import ManifestError
+from shardkit.layout import _BlockPermutation
 from shardkit.manifest import write_manifest, write_msgpack_companion
-from shardkit.plan import _BlockPermutation, epoch_plan, rank_num_samples
+from shardkit.plan import epoch_plan, rank_num_samples
 from shardkit.shardformat import MANIFEST_PATH, MSGPACK_PATH
 
 
