@@ -442,6 +442,25 @@ def _bench(args) -> int:
     return 0
 
 
+def _compact_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="dataset folder or URL (s3://, http(s)://, …)")
+    p.add_argument("--expand", action="store_true",
+                   help="write the shard list back into one manifest.json")
+
+
+def _compact(args) -> int:
+    from .manifest import compact
+
+    try:
+        m = compact(args.source, expand=args.expand)
+    except (ShardkitError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    form = "one manifest.json" if args.expand else ".shardkit/manifest.cols + manifest.json"
+    print(f"{m.base_url}: {len(m.shards)} shards, {m.num_samples} samples; shard list in {form}")
+    return 0
+
+
 # verb -> (what it does, in one line; its arguments; what it runs)
 VERBS = {
     "pack": ("pack an image folder into tar shards and manifest.json", _pack_args, _pack),
@@ -454,6 +473,8 @@ VERBS = {
     "demo": ("make a small image folder, pack it, stream it, compare with ImageFolder",
              _demo_args, _demo),
     "bench": ("compare loaders (or packing) on the same images in one run", _bench_args, _bench),
+    "compact": ("write a dataset's shard list column-wise (manifest.cols), mapped by every "
+                "process instead of parsed", _compact_args, _compact),
 }
 
 
@@ -470,7 +491,8 @@ def _verb_main(verb: str):
     return verb_main
 
 
-pack_main, show_main, verify_main, index_main, demo_main, bench_main = map(_verb_main, VERBS)
+pack_main, show_main, verify_main, index_main, demo_main, bench_main, compact_main = map(
+    _verb_main, VERBS)
 
 
 def main(argv=None) -> int:

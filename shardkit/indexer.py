@@ -115,10 +115,14 @@ def index_shards(source: str | os.PathLike | Sequence[str],
         shards, offsets = _index_all(urls, names, out_dest, done, spec, workers,
                                      storage_options, progress, timeout, retries)
         manifest = _manifest(shards, offsets, names)
-        data = manifest.to_json().encode("utf-8")
         if any("://" in n or n.startswith("/") for n in names):
-            data = sign(data)
+            files = [(MANIFEST_PATH, sign(manifest.to_json().encode("utf-8")))]
+        else:  # a large shard list goes to manifest.cols (columns.py)
+            files = manifest.files()
         out_dest.sync([index_name(_local_name(n)) for n in names])
+        for name, blob in files[:-1]:
+            out_dest.write_atomic(name, blob)
+        data = files[-1][1]
         out_dest.write_atomic(MANIFEST_PATH, data)
         out_dest.remove_all([_record_name(n) for n in names])
     except OSError as exc:

@@ -23,15 +23,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from typing import Any, Sequence, Union
 
 import numpy as np
 
 from . import signing
 from ._version import __version__
+from .columns import COMPACT_SHARDS, ColumnsError, ShardTable
+from .columns import encode as encode_columns
 from .errors import ManifestError, ShardError
 from .shardformat import (
+    COLUMNS_NAME,
+    COLUMNS_PATH,
     MANIFEST_NAME,
     MANIFEST_PATH,
     META_DIR,
@@ -71,7 +76,7 @@ class ShardInfo:
 class Manifest:
     classes: list[str] | None
     num_samples: int
-    shards: list[ShardInfo]
+    shards: Sequence[ShardInfo]  # a list, or a ShardTable (manifest.cols, mapped)
     options: dict[str, Any]
     skipped: list[dict[str, str]] = field(default_factory=list)
     ignored: int = 0
@@ -88,20 +93,41 @@ class Manifest:
     stats: dict | None = field(default=None, compare=False, repr=False)  # set by pack_folder
     store: Any = field(default=None, compare=False, repr=False)  # where shards are read from
 
-    def to_json(self) -> str:
+    def to_json(self, columns: bytes | None = None) -> str:
+        """The manifest as JSON; with ``columns`` (the bytes of its ``manifest.cols``), the shard
+        list is that file's: ``"shards": {"columns", "count", "sha256"}``."""
         skip = ("base_url", "stats", "store")
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         for name in ("labels", "signature"):  # absent unless given: packed manifests as before
             if data[name] is None:
                 del data[name]
-        data["shards"] = [asdict(s) for s in self.shards]
+        if columns is not None:
+            import hashlib
+
+            data["shards"] = {"columns": COLUMNS_NAME, "count": len(self.shards),
+                              "sha256": hashlib.sha256(columns).hexdigest()}
+        else:
+            data["shards"] = [asdict(s) for s in self.shards]
         text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         # Skipped paths that are not UTF-8 hold lone surrogates: written as JSON \udcXX escapes
         # (valid UTF-8, and json.loads restores the same str), not as an encoding error.
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
+    def files(self, compact: bool | None = None) -> list[tuple[str, bytes]]:
+        """What a dataset folder holds of this manifest, in the order to write it (the JSON
+        last): ``manifest.json``, preceded by ``manifest.cols`` when ``compact`` (default: at
+        least :data:`~shardkit.columns.COMPACT_SHARDS` shards, and not signed)."""
+        if compact is None:
+            compact = len(self.shards) >= COMPACT_SHARDS and self.signature is None
+        if not compact:
+            return [(MANIFEST_PATH, self.to_json().encode("utf-8"))]
+        columns = encode_columns(self.shards)
+        return [(COLUMNS_PATH, columns), (MANIFEST_PATH, self.to_json(columns).encode("utf-8"))]
+
     @property
     def num_bytes(self) -> int:
+        if isinstance(self.shards, ShardTable):
+            return int(self.shards.num_bytes().sum())
         return sum(s.num_bytes for s in self.shards)
 
     def shard_store(self) -> Store:
@@ -120,12 +146,15 @@ class Manifest:
         cached = self.__dict__.get("_shard_sizes")
         if cached is not None and cached[0] is self.shards and cached[1] == len(self.shards):
             return cached[2]
+        if isinstance(self.shards, ShardTable):
+            return self._cache_sizes(self.shards.sizes())
         sizes = np.fromiter((s.num_samples for s in self.shards), dtype=np.int64,
                             count=len(self.shards))
         return self._cache_sizes(sizes)
 
     def _cache_sizes(self, sizes: np.ndarray) -> np.ndarray:
-        sizes.flags.writeable = False
+        if sizes.flags.writeable:
+            sizes.flags.writeable = False
         self.__dict__["_shard_sizes"] = (self.shards, len(self.shards), sizes)
         return sizes
 
@@ -179,7 +208,11 @@ class Manifest:
         return manifest
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
+    def from_json(cls, text: str | bytes, where: str = "manifest",
+                  columns: Any = None) -> "Manifest":
+        """Parse and validate ``manifest.json``; ``columns(name)`` gives the bytes (or a
+        read-only mapping) of a file beside it, for a manifest whose shard list is in
+        ``manifest.cols``."""
         try:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -188,9 +221,14 @@ class Manifest:
         signed = isinstance(data, dict) and data.get("signature") is not None
         if signed:  # shards may live elsewhere: only if this machine's key signed it
             signing.check(data, where)
+        if isinstance(data.get("shards"), dict):
+            if signed:
+                raise ManifestError(f"{where}: a signed manifest lists its shards itself")
+            data["shards"] = _table(data["shards"], where, columns)
         try:
             _check_keys(data, where)
-            shards = [ShardInfo(**s) for s in data.pop("shards")]
+            listed = data.pop("shards")
+            shards = listed if isinstance(listed, ShardTable) else [ShardInfo(**s) for s in listed]
             manifest = cls(shards=shards, **data)
         except (TypeError, KeyError) as exc:
             raise ManifestError(f"{where}: malformed manifest ({exc})") from exc
@@ -216,6 +254,8 @@ class Manifest:
     @property
     def external(self) -> bool:
         """Whether shards live outside the manifest's folder (a signed manifest of ``index``)."""
+        if isinstance(self.shards, ShardTable):
+            return False  # (checked: a columns file names only relative shards)
         return any(_is_external(s.url) for s in self.shards)
 
     @classmethod
@@ -236,7 +276,8 @@ class Manifest:
         if name.endswith(".msgpack"):
             manifest = cls.from_msgpack(data, where)
         else:
-            manifest = cls.from_json(data, where)
+            folder = name.rpartition("/")[0]
+            manifest = cls.from_json(data, where, partial(_open_columns, store, folder))
         manifest.base_url = store.url("").rstrip("/")
         manifest.store = store
         if manifest.external:  # each shard read where it lives, the index files from here
@@ -320,9 +361,95 @@ def _is_external(url) -> bool:
     return isinstance(url, str) and ("://" in url or url.startswith("/"))
 
 
+def _table(ref: dict, where: str, columns: Any) -> ShardTable:
+    """The shard list a manifest keeps in ``manifest.cols`` (``ref``: its ``"shards"`` entry)."""
+
+    if set(ref) != {"columns", "count", "sha256"} or ref["columns"] != COLUMNS_NAME \
+            or type(ref["count"]) is not int or not isinstance(ref["sha256"], str):
+        raise ManifestError(f"{where}: malformed manifest (shards must be a list, or "
+                            f"{{'columns': {COLUMNS_NAME!r}, 'count', 'sha256'}})")
+    if columns is None:
+        raise ManifestError(f"{where}: its shard list is in {COLUMNS_NAME} beside it; load the "
+                            "dataset with Manifest.load")
+    name, buffer, digest = columns(COLUMNS_NAME)
+    if digest != ref["sha256"]:
+        raise ManifestError(f"{name}: not the shard list {where} names (sha256 differs: "
+                            "written by another pack or index?)")
+    try:
+        table = ShardTable(buffer, ShardInfo, name)
+    except ColumnsError as exc:
+        raise ManifestError(str(exc)) from None
+    if len(table) != ref["count"]:
+        raise ManifestError(f"{name}: {len(table)} shards, {where} says {ref['count']}")
+    return table
+
+
+def _open_columns(store: Store, folder: str, name: str) -> tuple[str, Any, str]:
+    """``(url, bytes, sha256)`` of the file ``name`` beside a manifest: for a local file a
+    read-only shared mapping (every process of a machine shares its pages; the digest is read
+    through a small buffer, so only the pages a reader touches are mapped in), else its bytes."""
+    import hashlib
+
+    path = f"{folder}/{name}" if folder else name
+    where = store.url(path)
+    if isinstance(store, LocalStore):
+        import mmap
+
+        try:
+            with open(store.base / path, "rb") as f:
+                h = hashlib.sha256()
+                for piece in iter(lambda: f.read(1 << 20), b""):
+                    h.update(piece)
+                digest = h.hexdigest()
+                return where, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), digest
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{where}: cannot read the shard list ({exc})") from None
+    try:
+        data = store.read_bytes(path)
+    except ShardError as exc:
+        raise ManifestError(f"{where}: cannot read the shard list ({exc.reason})") from None
+    return where, data, hashlib.sha256(data).hexdigest()
+
+
+def _check_table(m: Manifest, table: ShardTable, where: str) -> None:
+    """:func:`_check` of a shard list in columns: the same rules, column by column."""
+    sizes, nbytes = table.sizes(), table.num_bytes()
+    if int(sizes.sum()) != m.num_samples:
+        raise ManifestError(f"{where}: shard sample counts do not add up to num_samples")
+    small = np.flatnonzero(nbytes < 1024 * (sizes + 1))
+    if small.size:
+        s = table[int(small[0])]
+        raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
+                            f"in {s.num_bytes} bytes (each sample takes at least 1024)")
+    for name in ("url", "index_url"):
+        p = table.pattern(name)
+        if p is not None:
+            samples = [table.text(name, 0), table.text(name, len(table) - 1)] if len(table) else []
+            text = "\0".join(samples)
+            bad = "/" in p["suffix"] or "\\" in p["prefix"] + p["suffix"] \
+                or "://" in p["prefix"] or any(".." in u.split("/") for u in samples) \
+                or p["prefix"].startswith("/") or "\0" in p["prefix"] + p["suffix"]
+        else:
+            raw = table.text_bytes(name) or b""
+            text = raw.decode("utf-8", "surrogateescape")
+            bad = not (text and not text.startswith(("/", "\0")) and not text.endswith("\0")
+                       and not any(b in text for b in ("\0\0", "\0/", "\\", "://", ".."))
+                       and text.count("\0") == len(table) - 1)
+        if bad:
+            for url in table.texts(name):  # the slow path finds the offender for the message
+                if not url or url.startswith("/") or "\\" in url or ".." in url.split("/") \
+                        or "://" in url or "\0" in url:
+                    raise ManifestError(f"{where}: shard URL {url!r} is not a plain relative "
+                                        "name inside the dataset")
+
+
 def _check(m: Manifest, where: str, external: bool = False) -> None:
     """What a manifest must be to be used; ``external``: it is signed, its shards (never its
     index files) may be full URLs or absolute paths."""
+    if isinstance(m.shards, ShardTable):
+        _check_table(m, m.shards, where)
+        _check_fields(m, where)
+        return
     ints = [m.num_samples] + [s.num_samples for s in m.shards] + [s.num_bytes for s in m.shards]
     if not (set(map(type, ints)) == {int} and min(ints) >= 0 and max(ints) < 2**63) \
             and any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63
@@ -336,6 +463,16 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
         if s.num_bytes < 1024 * (s.num_samples + 1):
             raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
                                 f"in {s.num_bytes} bytes (each sample takes at least 1024)")
+    _check_fields(m, where)
+    shas = [h for s in m.shards for h in (s.sha256, s.index_sha256)]
+    if not all(type(h) is str for h in shas):
+        raise ManifestError(f"{where}: malformed manifest (sha256 values must be strings)")
+    _check_urls(m, where, external)
+
+
+def _check_fields(m: Manifest, where: str) -> None:
+    if type(m.num_samples) is not int or not 0 <= m.num_samples < 2**63:
+        raise ManifestError(f"{where}: counts must be non-negative integers below 2**63")
     if not (m.classes is None or (isinstance(m.classes, list)
                                   and all(type(c) is str for c in m.classes))) \
             or not isinstance(m.options, dict) or not isinstance(m.skipped, list) \
@@ -345,9 +482,9 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
             or not (m.labels is None or isinstance(m.labels, dict)):
         raise ManifestError(f"{where}: malformed manifest (classes, options, skipped, ignored, "
                             "tensor, labels or created_by has the wrong type)")
-    shas = [h for s in m.shards for h in (s.sha256, s.index_sha256)]
-    if not all(type(h) is str for h in shas):
-        raise ManifestError(f"{where}: malformed manifest (sha256 values must be strings)")
+
+
+def _check_urls(m: Manifest, where: str, external: bool) -> None:
     urls = [u for s in m.shards for u in (s.url, s.index_url)
             if not (external and u is s.url and _is_external(u))]
     if all(type(u) is str for u in urls):
@@ -479,14 +616,37 @@ def load_manifest(source: Location, storage_options: dict | None = None, *, time
 
 
 def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None, *,
-                   json_too: bool = True) -> None:
-    """Write ``manifest.msgpack`` and then (``json_too``) the canonical ``manifest.json``."""
+                   json_too: bool = True, compact: bool | None = None) -> None:
+    """Write a manifest into a dataset folder: the shard list as ``manifest.cols`` and then
+    ``manifest.json`` when ``compact`` (default: above :data:`~shardkit.columns.COMPACT_SHARDS`
+    shards); otherwise ``manifest.msgpack`` and then (``json_too``) the full ``manifest.json``."""
     out = make_dest(dest, storage_options)
     if not getattr(out, "remote", False):
         out.prepare()
+    files = manifest.files(compact)
+    if len(files) > 1:
+        for name, data in files:
+            out.write_atomic(name, data)
+        return
     out.write_atomic(MSGPACK_PATH, manifest.to_msgpack())
     if json_too:
-        out.write_atomic(MANIFEST_PATH, manifest.to_json().encode("utf-8"))
+        out.write_atomic(MANIFEST_PATH, files[0][1])
+
+
+def compact(source, storage_options: dict | None = None, *, expand: bool = False) -> Manifest:
+    """Rewrite an existing dataset's manifest with its shard list in ``manifest.cols``
+    (``expand``: back into one ``manifest.json``). Shards and index files are not touched."""
+    manifest = Manifest.load(source, storage_options)
+    if manifest.signature is not None:
+        raise ManifestError(f"{manifest.base_url}: a signed manifest (shards elsewhere) stays one "
+                            "JSON file")
+    out = make_dest(manifest.base_url or source, storage_options)
+    shards = manifest.shards
+    if expand and isinstance(shards, ShardTable):
+        manifest = replace(manifest, shards=list(shards))
+    for name, data in manifest.files(compact=not expand):
+        out.write_atomic(name, data)
+    return Manifest.load(source, storage_options)
 
 
 def write_msgpack_companion(source, storage_options: dict | None = None) -> Manifest:

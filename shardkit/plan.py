@@ -86,6 +86,7 @@ SMALL_BLOCK_SIZE = 8
 # SeedSequence tags keep the generators of a plan independent (layout.py: 0 blocks, 3 passes).
 _WORKER_STREAM = 1
 _RESUME_STREAM = 2
+_SHUFFLE_PIECE = 1 << 16  # samples of a worker's shuffle simulated at a time
 
 
 @dataclass(frozen=True)
@@ -202,24 +203,29 @@ def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator, *,
     count = n if count is None else min(n, _check_int("count", count, 0))
     fill = min(n, buffer_size - 1)
     buf = list(range(fill))
-    out: list[int] = []
-    emit = out.append
     last = buffer_size - 1
     draws = rng.integers(0, buffer_size, size=max(0, n - fill))
     stop = min(n, fill + count)  # every step of the loop emits one index
-    for i, j in zip(range(fill, stop), draws[:stop - fill].tolist()):
-        # The buffer is full with i appended at slot `last`; remove slot j, swapping in the last.
-        if j == last:
-            emit(i)
-        else:
-            emit(buf[j])
-            buf[j] = i
-    if len(out) >= count:
-        return np.asarray(out[:count], dtype=np.int64)
-    order = np.empty(n, dtype=np.int64)
-    order[: len(out)] = out
-    order[len(out):] = rng.permutation(np.asarray(buf, dtype=np.int64))
-    return order[:count]
+    order = np.empty(count, dtype=np.int64)
+    done = 0
+    # in pieces, so that the Python ints of a large worker's order never exist all at once
+    for lo in range(fill, stop, _SHUFFLE_PIECE):
+        hi = min(stop, lo + _SHUFFLE_PIECE)
+        out: list[int] = []
+        emit = out.append
+        for i, j in zip(range(lo, hi), draws[lo - fill:hi - fill].tolist()):
+            # The buffer is full with i appended at slot `last`; remove slot j, swapping in the last.
+            if j == last:
+                emit(i)
+            else:
+                emit(buf[j])
+                buf[j] = i
+        order[done:done + len(out)] = out
+        done += len(out)
+    if done < count:
+        rest = rng.permutation(np.asarray(buf, dtype=np.int64))
+        order[done:] = rest[:count - done]
+    return order
 
 
 def resume_position(order: np.ndarray, consumed: int) -> int:

@@ -309,13 +309,16 @@ p.add_argument("--remainder", default="drop")
 p.add_argument("--resume")
 p.add_argument("--checkpoint-at", type=int, default=0)
 p.add_argument("--kill-at", type=int, default=0)
+p.add_argument("--kill-node-at", type=int, default=0)  # this node: agent, ranks, loader workers
+p.add_argument("--workers", type=int, default=2)
+p.add_argument("--cache-dir")
 a = p.parse_args()
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
 rank, world = dist.get_rank(), dist.get_world_size()  # the dataset asks the group too
 ds = shardkit.StreamingDataset(a.source, decode="raw", with_keys=True, batch_size=4, seed=1,
                                block_size=4, shuffle_buffer=8, remainder=a.remainder,
-                               timeout=20, retries=2)
+                               timeout=20, retries=2, cache_dir=a.cache_dir)
 assert ds.rank_world() == (rank, world)
 first = 0
 if a.resume:
@@ -323,7 +326,7 @@ if a.resume:
         state = json.load(f)
     ds.load_state_dict(state)
     first = state["epoch"]
-loader = shardkit.make_loader(ds, num_workers=2)
+loader = shardkit.make_loader(ds, num_workers=a.workers)
 log = open(os.path.join(a.out, f"rank{rank}.jsonl"), "w")
 step = 0
 for epoch in range(first, a.epochs):
@@ -346,6 +349,8 @@ for epoch in range(first, a.epochs):
             os.replace(path + ".tmp", path)
         if step == a.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # a node failure: no cleanup at all
+        if step == a.kill_node_at and os.environ.get("KILL_THIS_NODE"):
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # the whole node, torchrun agent included
     log.write(json.dumps({"epoch": epoch, "batches": batches, "len": expected}) + "\n")
     log.flush()
 dist.barrier()
@@ -485,3 +490,104 @@ def test_torchrun_killed_and_restarted_from_its_checkpoint(tmp_path, source, new
         assert len(after) == left // 2 * 2
         assert all(ends[r][0]["len"] == counts[r] for r in range(new_world))
     assert time.monotonic() - t0 < 60
+
+
+def _agent(tmp_path, out, source, args, *, nnodes, node, port, env) -> subprocess.Popen:
+    """One torchrun agent ("node") of a job of ``nnodes`` (c10d rendezvous on 127.0.0.1), its own
+    session (so the node can be killed whole), 2 ranks, its node-local shard cache."""
+    run_env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    run_env.update(env, GLOO_SOCKET_IFNAME="lo", NO_PROXY="127.0.0.1,localhost",
+                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        run_env.pop(k, None)
+    rdzv = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-id", out.name,
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0",
+            "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc_per_node", "2",
+           "--local-addr", "127.0.0.1", str(tmp_path / "train.py"), str(source), str(out),
+           "--workers", "1", "--cache-dir", str(tmp_path / f"cache-node{node}"), *args]
+    log = open(out / f"node{node}.txt", "wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=tmp_path,
+                            start_new_session=True)
+
+
+def _job_of_nodes(tmp_path, name, source, args, *, nnodes, env, kill_node=None):
+    """A job of ``nnodes`` agents; (exit codes, per-rank log records)."""
+    import socket
+
+    (tmp_path / "train.py").write_text(TRAIN)
+    out = tmp_path / name
+    out.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [_agent(tmp_path, out, source, args, nnodes=nnodes, node=n, port=port,
+                    env={**env, **({"KILL_THIS_NODE": "1"} if n == kill_node else {})})
+             for n in range(nnodes)]
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=TORCHRUN_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                try:
+                    os.killpg(p.pid, 9)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+            pytest.fail(f"a node hung (> {TORCHRUN_TIMEOUT} s):\n" + "\n".join(
+                (out / f"node{n}.txt").read_text()[-2000:] for n in range(nnodes)))
+    logs = {}
+    for path in sorted(out.glob("rank*.jsonl")):
+        rank = int(path.stem[4:])
+        logs[rank] = [json.loads(line) for line in path.read_text().splitlines()]
+    return codes, logs
+
+
+@pytest.mark.slow
+def test_two_nodes_one_killed_then_one_node_then_two_again(tmp_path, source, all_source_keys):
+    """torchrun --nnodes 2 --nproc_per_node 2 over S3 with a cache per node; node 1 is killed
+    (SIGKILL, agent and all) after a checkpoint; the job goes on from it on 1 node x 2 (elastic),
+    checkpoints and dies again; then on 2 x 2 it finishes the epoch. Every sample of the epoch is
+    read once over what the checkpoints had consumed and the last run."""
+    pytest.importorskip("s3fs")
+    from servers import MotoS3
+
+    with MotoS3() as s3:
+        s3.make_bucket("shards")
+        for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+            s3.put("shards", f"ds/{path.relative_to(source).as_posix()}", path.read_bytes())
+        src, env = "s3://shards/ds", s3.env()
+        ckpt = tmp_path / "ckpt"
+        # 1. 2 nodes x 2 ranks: 62 samples, 15 per rank (drop 2), batches of 4 -> 4 steps
+        codes, logs = _job_of_nodes(tmp_path, "a", src, ["--checkpoint-at", "2",
+                                                          "--kill-node-at", "3"],
+                                    nnodes=2, env=env, kill_node=1)
+        assert codes[0] != 0 and codes[1] != 0  # node 1 died; node 0's ranks lost their peers
+        state_a = json.loads((ckpt / "rank0.json").read_text())
+        assert state_a["world_size"] == 4 and sorted(state_a["ranks"]) == ["0", "1", "2", "3"]
+        head_a = _flat(_steps(logs, 0, upto=2).values())
+        assert len(head_a) == 4 * 2 * 4
+        assert (tmp_path / "cache-node0").is_dir() and (tmp_path / "cache-node1").is_dir()
+        # 2. one node left: 2 ranks resume the epoch elastically, checkpoint, die
+        (ckpt / "rank0.json").rename(tmp_path / "state_a.json")
+        codes, logs = _job_of_nodes(tmp_path, "b", src, ["--resume", str(tmp_path / "state_a.json"),
+                                                          "--checkpoint-at", "2", "--kill-at", "3"],
+                                    nnodes=1, env=env)
+        assert codes[0] != 0
+        state_b = json.loads((ckpt / "rank0.json").read_text())
+        assert state_b["world_size"] == 2 and state_b["base"]["world_size"] == 4
+        head_b = _flat(_steps(logs, 0, upto=2).values())
+        assert len(head_b) == 2 * 2 * 4
+        # 3. two nodes again: the rest of the epoch
+        codes, logs = _job_of_nodes(tmp_path, "c", src, ["--resume", str(ckpt / "rank0.json")],
+                                    nnodes=2, env=env)
+        assert codes == [0, 0], (tmp_path / "c" / "node0.txt").read_text()[-3000:]
+    rest = _flat(_steps(logs, 0).values())
+    ends = _ends(logs)
+    assert len({ends[r][0]["batches"] for r in range(4)}) == 1  # equal batches on every rank
+    seen = head_a + head_b + rest
+    assert not duplicates(seen) and set(seen) <= set(all_source_keys)
+    left = N - N % 4 - len(head_a) - len(head_b)  # what the last run had to deal: 12 samples
+    assert len(rest) == left - left % 4  # its own remainder policy ("drop") aside
+

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..columns import COMPACT_SHARDS
 from ..manifest import Manifest, ShardInfo, write_manifest, write_msgpack_companion
 from ..shardformat import MANIFEST_PATH, MSGPACK_PATH
 
@@ -40,6 +41,8 @@ WORLD_SIZE = 1024
 NUM_WORKERS = 8
 TIME_LIMIT_S = 1.0
 MEMORY_LIMIT = 500 * 2**20
+COMPACT_LIMIT = 200 * 2**20  # the compact manifest: load + plan one worker, over torch
+RANK_LIMIT = 400 * 2**20  # a rank's forked workers together (PSS: shared pages counted once)
 STATE_LIMIT = 4096
 
 
@@ -112,6 +115,8 @@ import importlib, torch, numpy as np
 Manifest = importlib.import_module(args["package"]).Manifest
 epoch_plan = importlib.import_module(args["package"] + ".plan").epoch_plan
 base = status()["VmRSS"]
+with open("/proc/self/smaps_rollup") as f:
+    args["pss_base"] = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -135,18 +140,49 @@ if len(each) > 1:  # a mixture: weights 5 : 3 : 2 ..., an epoch as large as one 
     weights = [(float(len(each) - i), None, None) for i in range(len(each))]
     shares = layout.epoch_shares(totals, weights, epoch_size=totals[0])
     sizes = layout.Layout.of_sources(each, shares, seed=0, epoch=args["epoch"], shuffle=True)
+def pss(pid="self"):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+def plan(w):
+    return epoch_plan(sizes, seed=0, epoch=args["epoch"], rank=args["rank"],
+                      world_size=args["world_size"], worker=w, num_workers=args["num_workers"],
+                      block_size=64, shuffle_buffer=1000)
 spans = samples = 0
-for w in args["workers"]:
-    p = epoch_plan(sizes, seed=0, epoch=args["epoch"], rank=args["rank"],
-                   world_size=args["world_size"], worker=w, num_workers=args["num_workers"],
-                   block_size=64, shuffle_buffer=1000)
-    spans += len(p.spans)
-    samples += p.num_samples
+rank_pss = None
+if args.get("fork"):  # a rank's DataLoader workers: forked after the load, each plans its own
+    import os
+    kids = []
+    for w in args["workers"]:
+        ready, go = os.pipe(), os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            p = plan(w)
+            os.write(ready[1], b"%d %d" % (len(p.spans), p.num_samples))
+            os.read(go[0], 1)  # held until the parent has measured every worker
+            os._exit(0)
+        kids.append((pid, ready, go))
+    for pid, ready, go in kids:
+        n_spans, n_samples = map(int, os.read(ready[0], 64).split())
+        spans += n_spans
+        samples += n_samples
+    rank_pss = pss() + sum(pss(pid) for pid, _, _ in kids) - args["pss_base"]
+    for pid, ready, go in kids:
+        os.write(go[1], b"x")
+        os.waitpid(pid, 0)
+else:
+    for w in args["workers"]:
+        p = plan(w)
+        spans += len(p.spans)
+        samples += p.num_samples
 t2 = time.perf_counter()
 end = status()
 print(json.dumps({"load_s": t1 - t0, "plan_s": t2 - t1, "total_s": t2 - t0,
                   "peak_beyond_torch": end["VmHWM"] - base, "hwm_reset": reset,
-                  "rss_after_torch": base, "spans": spans, "samples": samples}))
+                  "rss_after_torch": base, "spans": spans, "samples": samples,
+                  "rank_pss": rank_pss}))
 """
 
 
@@ -165,7 +201,8 @@ def _child(args: dict, baseline: str | None = None) -> dict:
 
 def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAMPLES,
         world_size: int = WORLD_SIZE, num_workers: int = NUM_WORKERS, repeat: int = 3,
-        formats=("json", "msgpack"), baseline: str | None = None, log=print) -> dict:
+        formats=("json", "msgpack", "compact"), baseline: str | None = None,
+        log=print) -> dict:
     """Build, write and measure (see the module docstring); returns the figures as a dict.
 
     Each case runs ``repeat`` times in a fresh process; times are the median (and min), memory
@@ -180,16 +217,23 @@ def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAM
     try:
         log(f"building a synthetic manifest: {num_shards:,} shards, {num_samples:,} samples")
         manifest = synthetic_manifest(num_shards, num_samples)
-        write_manifest(manifest, folder)
+        write_manifest(manifest, folder, compact=False)  # one manifest.json, and msgpack
+        write_manifest(manifest, folder / "compact", compact=True)  # + manifest.cols
         np.save(folder / "sizes.npy", manifest.shard_sizes())
-        files = {"json": folder / MANIFEST_PATH, "msgpack": folder / MSGPACK_PATH}
+        files = {"json": folder / MANIFEST_PATH, "msgpack": folder / MSGPACK_PATH,
+                 "compact": folder / "compact"}
+        sizes_of = {"json": files["json"].stat().st_size,
+                    "msgpack": files["msgpack"].stat().st_size,
+                    "compact": sum(p.stat().st_size for p in (folder / "compact").rglob("*")
+                                   if p.is_file())}
         result: dict[str, Any] = {
             "num_shards": num_shards, "num_samples": num_samples, "world_size": world_size,
             "num_workers": num_workers, "block_size": 64, "shuffle_buffer": 1000,
             "python": sys.version.split()[0], "cpus": os.cpu_count(),
-            "file_bytes": {k: files[k].stat().st_size for k in formats},
+            "file_bytes": {k: sizes_of[k] for k in formats},
             "limits": {"time_s": TIME_LIMIT_S, "memory_bytes": MEMORY_LIMIT,
-                       "state_bytes": STATE_LIMIT},
+                       "state_bytes": STATE_LIMIT, "compact_memory_bytes": COMPACT_LIMIT,
+                       "rank_memory_bytes": RANK_LIMIT},
             "cases": [],
         }
         last = world_size - 1
@@ -200,11 +244,14 @@ def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAM
             cases += [(f"load {fmt}", fmt, {"rank": 0, "workers": []}),
                       (f"load {fmt} + plan 1 worker", fmt, one),
                       (f"load {fmt} + plan {num_workers} workers of a rank", fmt, every)]
+            if fmt == "compact":  # DataLoader workers forked after the load: memory, shared once
+                cases += [(f"load {fmt} + {num_workers} forked workers (PSS)", fmt,
+                           {**every, "fork": True})]
         if not baseline:  # a mixture of three such datasets (layout.py): weights 3 : 2 : 1
             mixed = {**one, "sources": 3}
             cases += [("mixture of 3: plan only, 1 worker", None, mixed)]
             cases += [(f"mixture of 3: load {fmt} + plan 1 worker", fmt, mixed)
-                      for fmt in formats if fmt == "msgpack"]
+                      for fmt in formats if fmt == "compact"]
         for name, fmt, which in cases:
             runs = []
             for _ in range(repeat):
@@ -217,7 +264,8 @@ def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAM
                     "hwm_reset": all(r["hwm_reset"] for r in runs),
                     "rss_after_torch": max(r["rss_after_torch"] for r in runs),
                     "peak_beyond_torch": max(r["peak_beyond_torch"] for r in runs),
-                    "spans": runs[0]["spans"], "samples": runs[0]["samples"]}
+                    "spans": runs[0]["spans"], "samples": runs[0]["samples"],
+                    "rank_pss": max((r.get("rank_pss") or 0) for r in runs) or None}
             for key in ("load_s", "plan_s", "total_s"):
                 case[key] = statistics.median(r[key] for r in runs)
                 case[key + "_min"] = min(r[key] for r in runs)
@@ -225,13 +273,21 @@ def run(folder=None, *, num_shards: int = NUM_SHARDS, num_samples: int = NUM_SAM
             # issue's); what the mixture adds is the plan's (layout + worker plan)
             sources = int(which.get("sources", 1))  # type: ignore[call-overload]
             timed = case["plan_s"] if sources > 1 else case["total_s"]
-            case["ok"] = timed < TIME_LIMIT_S and case["peak_beyond_torch"] < MEMORY_LIMIT
+            memory = COMPACT_LIMIT if fmt == "compact" and sources == 1 else MEMORY_LIMIT
+            case["ok"] = timed < TIME_LIMIT_S and case["peak_beyond_torch"] < memory
+            if case["rank_pss"] is not None:  # the forked workers: time is not the point
+                case["ok"] = case["rank_pss"] < RANK_LIMIT
+            # the one-file forms are references above COMPACT_SHARDS (pack writes the compact one)
+            # and a rank's workers are processes of their own: the forked row judges them
+            in_one = len(list(which["workers"])) > 1 and not which.get("fork")  # type: ignore[call-overload]
+            case["judged"] = (fmt not in ("json", "msgpack") or num_shards < COMPACT_SHARDS) \
+                and not (fmt == "compact" and in_one)
             result["cases"].append(case)
             log(f"  {name}: {case['total_s']:.3f} s, "
                 f"+{case['peak_beyond_torch'] / 2**20:.0f} MiB")
         result["resume_state_bytes"] = resume_state_sizes(num_workers, world_size,
                                                           num_samples // world_size)
-        result["ok"] = all(c["ok"] for c in result["cases"]) \
+        result["ok"] = all(c["ok"] for c in result["cases"] if c["judged"]) \
             and result["resume_state_bytes"]["worker"] < STATE_LIMIT
         return result
     finally:
@@ -248,18 +304,28 @@ def format_table(result: dict) -> str:
              "files: " + ", ".join(f"{k} {v / mib:.1f} MiB"
                                    for k, v in result["file_bytes"].items()),
              "",
-             f"{'case':44s} {'load s':>7s} {'plan s':>7s} {'total s':>8s} {'peak MiB':>9s}  ok",
-             "-" * 82]
+             f"{'case':48s} {'load s':>7s} {'plan s':>7s} {'total s':>8s} {'peak MiB':>9s} "
+             f"{'rank MiB':>9s}  ok",
+             "-" * 96]
     for c in result["cases"]:
-        lines.append(f"{c['case']:44s} {c['load_s']:7.3f} {c['plan_s']:7.3f} {c['total_s']:8.3f} "
-                     f"{c['peak_beyond_torch'] / mib:9.0f}  {'yes' if c['ok'] else 'NO'}")
+        rank = "" if c.get("rank_pss") is None else f"{c['rank_pss'] / mib:9.0f}"
+        ok = ("yes" if c["ok"] else "NO") if c.get("judged", True) else \
+            ("(yes)" if c["ok"] else "(no)")
+        lines.append(f"{c['case']:48s} {c['load_s']:7.3f} {c['plan_s']:7.3f} {c['total_s']:8.3f} "
+                     f"{c['peak_beyond_torch'] / mib:9.0f} {rank:>9s}  {ok}")
     s = result["resume_state_bytes"]
+    limits = result["limits"]
     lines += ["", f"resume state (json): {s['worker']} bytes per worker, {s['rank']} bytes for a "
                   f"rank of {result['num_workers']} workers (limit {STATE_LIMIT})",
               f"peak = VmHWM beyond the RSS after `import torch` "
-              f"({result['cases'][0]['rss_after_torch'] / mib:.0f} MiB here); limits: "
-              f"< {TIME_LIMIT_S:g} s, < {MEMORY_LIMIT // mib} MiB (a mixture's: its plan s, "
-              "which includes the epoch's layout; its manifests load one by one)",
+              f"({result['cases'][0]['rss_after_torch'] / mib:.0f} MiB here); rank MiB = the "
+              "PSS the forked workers and their parent add together (shared pages counted once)",
+              f"limits: < {TIME_LIMIT_S:g} s; < {limits['compact_memory_bytes'] // mib} MiB for "
+              f"the compact manifest, < {MEMORY_LIMIT // mib} MiB otherwise; a rank's workers "
+              f"< {limits['rank_memory_bytes'] // mib} MiB; a mixture: its plan s (layout "
+              "included; its manifests load one by one); (in parentheses): for reference, the "
+              f"one-file forms above {COMPACT_SHARDS:,} shards (where pack and index write the "
+              "compact one) and a rank's workers planned in one process",
               "all within limits" if result["ok"] else "SOME FIGURES ARE OVER THE LIMITS"]
     return "\n".join(lines)
 

@@ -182,8 +182,12 @@ def _pack(out: Dest, plan: _Plan, opts: PackOptions, started: float) -> Manifest
                         ignored=scan.ignored, tensor=tensor)
     # The journal becomes the manifest: wherever a kill lands, the folder holds either the
     # journal (unfinished, or finished and published by --resume) or the manifest, never both.
+    # (a part's manifest stays one JSON file: the merge reads the parts' lists)
+    files = manifest.files(compact=False if part is not None else None)
+    for name, data in files[:-1]:  # the shard list of a large dataset, before the manifest
+        out.write_atomic(name, data)
     out.publish(journal_name(part), MANIFEST_PATH if part is None else part_manifest_name(part),
-                manifest.to_json().encode("utf-8"))
+                files[-1][1])
     remove_temporaries(out, part, opts.prefix)
     manifest.base_url = out.url("").rstrip("/")
     manifest.stats = {"seconds": time.perf_counter() - started, "bytes": manifest.num_bytes,

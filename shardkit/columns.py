@@ -1,0 +1,232 @@
+"""``manifest.cols``: a manifest's shard list column by column, for datasets of many shards.
+
+A manifest of 10⁶ shards as JSON is 281 MiB and 1.3 GB of Python objects in every process that
+loads it. Above :data:`COMPACT_SHARDS` shards, ``pack``, ``index`` and ``merge-parts`` (and
+``shardkit compact`` for an existing dataset) write the shard list into ``.shardkit/manifest.cols``
+instead, and ``manifest.json`` keeps everything else with ``"shards": {"columns":
+"manifest.cols", "count": N, "sha256": ...}``. The file is read-only data that every process of
+a machine maps (``mmap``): its pages are shared, nothing is parsed per shard, and a shard's
+:class:`~shardkit.manifest.ShardInfo` is made only when a reader asks for it.
+
+Layout (all little-endian): the 8-byte magic ``SKCOLS\\x00\\x01``, the header's length (uint64),
+the header (UTF-8 JSON: ``{"count": N, "columns": {name: {"offset", "size"} | {"pattern":
+...}}}``), then each column at a 64-byte-aligned offset from the start of the file:
+``num_samples`` and ``num_bytes`` (uint64 × N), ``sha256`` and ``index_sha256`` (32 raw bytes ×
+N), ``url`` and ``index_url`` either as a pattern (``prefix`` + zero-padded counter from
+``start`` + ``suffix``, what ``pack`` names) or as UTF-8 bytes with ``<name>_ends`` (uint64 ×
+N+1 offsets). The schema (names, types) is fixed here, never taken from the file; every offset
+and size is checked against the file before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["COMPACT_SHARDS", "MAGIC", "ShardTable", "encode"]
+
+COMPACT_SHARDS = 100_000  # shard lists at least this long are written column-wise
+MAGIC = b"SKCOLS\x00\x01"
+ALIGN = 64
+_INTS = ("num_samples", "num_bytes")
+_DIGESTS = ("sha256", "index_sha256")
+_TEXTS = ("url", "index_url")
+_URL_PATTERN = re.compile(r"^(.*?)(\d+)(\D*)$", re.S)
+
+
+class ColumnsError(ValueError):
+    """A columns file that is not what this module writes (the manifest names the file)."""
+
+
+def _pattern(values: Sequence[str]) -> dict | None:
+    """``{"prefix", "start", "width", "suffix"}`` when every value follows it, else None."""
+    if not values:
+        return None
+    match = _URL_PATTERN.match(values[0])
+    if not match:
+        return None
+    prefix, digits, suffix = match.groups()
+    start, width = int(digits), len(digits)
+    if width > 32 or start >= 2**63:
+        return None
+    fmt = f"{prefix.replace('%', '%%')}%0{width}d{suffix.replace('%', '%%')}"
+    if any(v != fmt % (start + i) for i, v in enumerate(values)):
+        return None
+    return {"prefix": prefix, "start": start, "width": width, "suffix": suffix}
+
+
+def encode(shards: Sequence[Any]) -> bytes:
+    """The columns file of ``shards`` (objects with ShardInfo's fields; sha256 values must be
+    64-character lower-case hex strings)."""
+    n = len(shards)
+    data: list[tuple[str, bytes]] = []
+    header: dict[str, Any] = {"count": n, "columns": {}}
+    for name in _INTS:
+        data.append((name, np.fromiter((getattr(s, name) for s in shards), dtype="<u8",
+                                       count=n).tobytes()))
+    for name in _DIGESTS:
+        text = "".join(getattr(s, name) for s in shards)
+        if len(text) != 64 * n:
+            raise ValueError(f"{name}: every shard needs a 64-character hex digest")
+        data.append((name, bytes.fromhex(text)))
+    for name in _TEXTS:
+        values = [getattr(s, name) for s in shards]
+        pattern = _pattern(values)
+        if pattern is not None:
+            header["columns"][name] = {"pattern": pattern}
+            continue
+        encoded = [v.encode("utf-8", "surrogateescape") for v in values]
+        ends = np.zeros(n + 1, dtype="<u8")
+        np.cumsum([len(e) for e in encoded], out=ends[1:])
+        data.append((name, b"".join(encoded)))
+        data.append((name + "_ends", ends.tobytes()))
+    # where each column goes after the header (whose length depends on those offsets)
+    rel: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, blob in data:
+        rel[name] = (offset, len(blob))
+        offset += -(-len(blob) // ALIGN) * ALIGN
+    start = ALIGN
+    while True:
+        cols = dict(header["columns"])
+        cols.update({k: {"offset": start + o, "size": s} for k, (o, s) in rel.items()})
+        head = json.dumps({"count": n, "columns": cols}, sort_keys=True).encode("utf-8")
+        if len(MAGIC) + 8 + len(head) <= start:
+            break
+        start += ALIGN
+    out = bytearray(start + offset)
+    out[:len(MAGIC)] = MAGIC
+    out[len(MAGIC):len(MAGIC) + 8] = len(head).to_bytes(8, "little")
+    out[len(MAGIC) + 8:len(MAGIC) + 8 + len(head)] = head
+    for name, blob in data:
+        at = cols[name]["offset"]
+        out[at:at + len(blob)] = blob
+    return bytes(out)
+
+
+class ShardTable(Sequence):
+    """The shard list of a columns file (``buffer``: its bytes, or a read-only ``mmap``), as a
+    sequence of ``make(url, num_samples, num_bytes, sha256, index_url, index_sha256)`` rows made
+    on demand. ``where`` names the file in errors."""
+
+    def __init__(self, buffer: Any, make: Callable[..., Any], where: str = "manifest.cols"):
+        self._buffer, self._make, self.where = buffer, make, where
+        view = memoryview(buffer)
+        if len(view) < len(MAGIC) + 8 or bytes(view[:len(MAGIC)]) != MAGIC:
+            raise ColumnsError(f"{where}: not a shardkit columns file")
+        size = int.from_bytes(view[len(MAGIC):len(MAGIC) + 8], "little")
+        if size > len(view) - len(MAGIC) - 8:
+            raise ColumnsError(f"{where}: truncated header")
+        try:
+            header = json.loads(bytes(view[len(MAGIC) + 8:len(MAGIC) + 8 + size]))
+            count, columns = header["count"], header["columns"]
+        except (ValueError, KeyError, TypeError):
+            raise ColumnsError(f"{where}: malformed header") from None
+        if type(count) is not int or count < 0 or not isinstance(columns, dict):
+            raise ColumnsError(f"{where}: malformed header")
+        self._n = count
+        self._cols: dict[str, np.ndarray] = {}
+        self._patterns: dict[str, dict] = {}
+
+        def column(name: str, dtype: str, items: int, width: int = 1) -> np.ndarray:
+            spec = columns.get(name)
+            if not isinstance(spec, dict) or set(spec) != {"offset", "size"} \
+                    or not all(type(v) is int and v >= 0 for v in spec.values()):
+                raise ColumnsError(f"{where}: column {name!r} missing or malformed")
+            nbytes = np.dtype(dtype).itemsize * items * width
+            if spec["size"] != nbytes or spec["offset"] + nbytes > len(view) \
+                    or spec["offset"] < len(MAGIC) + 8 + size:
+                raise ColumnsError(f"{where}: column {name!r} does not fit the file")
+            arr = np.frombuffer(buffer, dtype=dtype, count=items * width, offset=spec["offset"])
+            return arr.reshape(items, width) if width > 1 else arr
+
+        for name in _INTS:
+            self._cols[name] = column(name, "<u8", count)
+        for name in _DIGESTS:
+            self._cols[name] = column(name, "u1", count, 32)
+        for name in _TEXTS:
+            spec = columns.get(name)
+            if isinstance(spec, dict) and "pattern" in spec:
+                p = spec["pattern"]
+                if not (isinstance(p, dict) and set(p) == {"prefix", "start", "width", "suffix"}
+                        and isinstance(p["prefix"], str) and isinstance(p["suffix"], str)
+                        and all(type(p[k]) is int and 0 <= p[k] < 2**63
+                                for k in ("start", "width")) and p["width"] <= 32):
+                    raise ColumnsError(f"{where}: column {name!r}: malformed pattern")
+                self._patterns[name] = p
+                continue
+            ends = column(name + "_ends", "<u8", count + 1)
+            spec = columns.get(name)
+            if not isinstance(spec, dict) or set(spec) != {"offset", "size"}:
+                raise ColumnsError(f"{where}: column {name!r} missing or malformed")
+            text = column(name, "u1", int(spec["size"]))
+            if count and (ends[0] != 0 or ends[-1] != text.size
+                          or np.any(np.diff(ends.astype(np.int64)) < 0)):
+                raise ColumnsError(f"{where}: column {name!r}: offsets out of order")
+            self._cols[name] = text
+            self._cols[name + "_ends"] = ends
+        sizes = self._cols["num_samples"]
+        if count and (int(sizes.max()) >= 2**63 or int(self._cols["num_bytes"].max()) >= 2**63):
+            raise ColumnsError(f"{where}: counts must be below 2**63")
+
+    # ----------------------------------------------------------------- columns
+    def sizes(self) -> np.ndarray:
+        """Samples per shard: a read-only int64 view of the file (no copy)."""
+        out = self._cols["num_samples"].view("<i8")
+        out.flags.writeable = False
+        return out
+
+    def num_bytes(self) -> np.ndarray:
+        return self._cols["num_bytes"].view("<i8")
+
+    def text(self, name: str, i: int) -> str:
+        """Shard ``i``'s ``url`` or ``index_url``."""
+        p = self._patterns.get(name)
+        if p is not None:
+            return f"{p['prefix']}{p['start'] + i:0{p['width']}d}{p['suffix']}"
+        ends = self._cols[name + "_ends"]
+        raw = self._cols[name][int(ends[i]):int(ends[i + 1])].tobytes()
+        return raw.decode("utf-8", "surrogateescape")
+
+    def texts(self, name: str) -> Iterator[str]:
+        return (self.text(name, i) for i in range(self._n))
+
+    def text_bytes(self, name: str) -> bytes | None:
+        """All values of a text column as bytes joined by NUL (None: a pattern)."""
+        if name in self._patterns:
+            return None
+        ends = self._cols[name + "_ends"].astype(np.int64)
+        raw = self._cols[name].tobytes()
+        return b"\0".join(raw[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist()))
+
+    def pattern(self, name: str) -> dict | None:
+        return self._patterns.get(name)
+
+    # ----------------------------------------------------------------- the sequence
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"shard indices must be integers, got {type(i).__name__}")
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("shard index out of range")
+        c = self._cols
+        return self._make(self.text("url", i), int(c["num_samples"][i]), int(c["num_bytes"][i]),
+                          c["sha256"][i].tobytes().hex(), self.text("index_url", i),
+                          c["index_sha256"][i].tobytes().hex())
+
+    def __iter__(self) -> Iterator:
+        return (self[i] for i in range(self._n))
+
+    def __reduce__(self):
+        # a DataLoader worker started with "spawn" gets the bytes (fork shares the mapping)
+        return (ShardTable, (bytes(memoryview(self._buffer)), self._make, self.where))
