@@ -321,21 +321,36 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                         "samples have, else none), a field such as cls, json:KEY (a key of each "
                         "sample's .json), or none (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    parts = p.add_mutually_exclusive_group()
+    parts.add_argument("--part", type=_parse_part, metavar="I/N",
+                       help="index part I of N (0-based; or 'slurm' in an array job): a slice of "
+                            "the sorted shards, one machine each; the last part to finish writes "
+                            "the manifest")
+    parts.add_argument("--merge-parts", type=int, metavar="N",
+                       help="write the manifest of an index made in N parts (SOURCE: where "
+                            ".shardkit/ is)")
 
 
 def _index(args) -> int:
-    from .indexer import index_shards
+    from .indexer import index_shards, merge_index_parts
 
     if args.workers is not None and args.workers < 1:
         print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
     source = args.source[0] if len(args.source) == 1 else args.source
     try:
-        m = index_shards(source, args.out, workers=args.workers, resume=args.resume,
-                         label=args.label, progress=not args.quiet)
+        if args.merge_parts is not None:
+            m = merge_index_parts(args.out or args.source[0], args.merge_parts)
+        else:
+            m = index_shards(source, args.out, workers=args.workers, resume=args.resume,
+                             label=args.label, progress=not args.quiet, part=args.part)
     except (ShardkitError, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.part is not None and not m.options.get("parts"):
+        print(f"indexed part {args.part[0]}/{args.part[1]}: {len(m.shards)} shards, "
+              f"{m.num_samples} samples; the manifest comes when every part is done")
+        return 0
     classes = "no labels" if m.classes is None else f"{len(m.classes)} classes"
     print(f"indexed {len(m.shards)} shards, {m.num_samples} samples, "
           f"{format_bytes(m.num_bytes)}, {classes} -> {m.base_url}")

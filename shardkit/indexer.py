@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .manifest import Manifest, ShardInfo
 from .shardformat import (
     IMAGE_FIELDS,
     MANIFEST_PATH,
+    META_DIR,
     Walk,
     encode_index,
     index_extent,
@@ -73,7 +75,8 @@ class IndexedShard:
 def index_shards(source: str | os.PathLike | Sequence[str],
                  out: str | os.PathLike | None = None, *, workers: int | None = None, resume: bool = False,
                  label: str = "auto", storage_options: dict | None = None,
-                 progress: bool = True, timeout: float = 60.0, retries: int = 6) -> Manifest:
+                 progress: bool = True, timeout: float = 60.0, retries: int = 6,
+                 part: tuple[int, int] | None = None) -> Manifest:
     """Index existing webdataset shards and write their manifest; returns it.
 
     ``source``: a folder or prefix of ``.tar`` shards, a brace pattern
@@ -87,7 +90,17 @@ def index_shards(source: str | os.PathLike | Sequence[str],
     ``workers``: shards indexed at once (default: the CPUs). ``resume``: keep the index files a
     killed run finished (shards changed since are indexed again). ``storage_options``: fsspec
     options of the shards' protocol. ``progress``: a progress bar with MB/s. ``timeout`` /
-    ``retries``: of every remote read."""
+    ``retries``: of every remote read.
+
+    ``part=(i, n)``: index only part ``i`` of ``n`` (a contiguous slice of the sorted shard list,
+    for ``n`` machines at once; ``--part I/N``): its index files, then its part manifest
+    ``.shardkit/index-part-pIIIIofNNNN.json``. The part that finds all ``n`` there writes the
+    manifest from them (:func:`merge_index_parts` does it by hand); until then the one
+    returned is the part's."""
+    if part is not None:
+        i, n = part
+        if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n and n >= 1):
+            raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part!r}")
     urls = shard_urls(source, storage_options)
     if not urls:
         raise ShardError(str(source), "no .tar shards found")
@@ -111,10 +124,32 @@ def index_shards(source: str | os.PathLike | Sequence[str],
         if out_home[0] == "file":  # as split_file_url spells shard paths: absolute
             out_home = ("file", os.path.abspath(out_home[1]))
         names = [_manifest_url(u, out_home) for u in urls]
+        listing = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+        if part is not None:  # this part's slice only; the manifest comes from all the parts
+            i, n = part
+            lo, hi = i * len(urls) // n, (i + 1) * len(urls) // n
+            urls, names = urls[lo:hi], names[lo:hi]
         done = _finished(out_dest, names, urls, spec, storage_options) if resume else {}
         shards, offsets = _index_all(urls, names, out_dest, done, spec, workers,
                                      storage_options, progress, timeout, retries)
-        manifest = _manifest(shards, offsets, names)
+        manifest = _manifest(shards, offsets, names) if shards else None
+        if part is not None:
+            out_dest.sync([index_name(_local_name(n)) for n in names])
+            text = None if manifest is None else manifest.to_json().encode("utf-8")
+            if text is not None and any("://" in n or n.startswith("/") for n in names):
+                text = sign(text)  # shards elsewhere: the merge takes only what this machine signed
+            record = {"part": list(part), "listing": listing, "spec": list(spec),
+                      "manifest": None if text is None else json.loads(text)}
+            out_dest.write_atomic(index_part_name(part), json.dumps(record).encode("utf-8"))
+            out_dest.remove_all([_record_name(n) for n in names])
+            merged = _merge_parts(out_dest, part[1], listing)
+            if merged is None:  # other parts still running: this part's own manifest
+                if manifest is None:
+                    manifest = Manifest(classes=None, num_samples=0, shards=[], options={})
+                manifest.base_url = out_dest.url("").rstrip("/")
+                return manifest
+            return Manifest.load(dest_text, storage_options, timeout=timeout, retries=retries)
+        assert manifest is not None
         if any("://" in n or n.startswith("/") for n in names):
             files = [(MANIFEST_PATH, sign(manifest.to_json().encode("utf-8")))]
         else:  # a large shard list goes to manifest.cols (columns.py)
@@ -176,9 +211,11 @@ def _index_all(urls, names, out_dest, done: dict, spec, workers, storage_options
                file=sys.stderr)
     started, nbytes = time.perf_counter(), 0
 
+    stores: dict = {}  # one per folder or prefix: an s3 client costs ~0.1 s to make
+
     def one(i: int):
         return i, *index_shard(urls[i], names[i], spec, storage_options, timeout=timeout,
-                               retries=retries)
+                               retries=retries, stores=stores)
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -202,11 +239,13 @@ def _index_all(urls, names, out_dest, done: dict, spec, workers, storage_options
 
 
 def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_options=None, *,
-                timeout: float = 60.0, retries: int = 6) -> tuple[IndexedShard, list[int]]:
+                timeout: float = 60.0, retries: int = 6,
+                stores: dict | None = None) -> tuple[IndexedShard, list[int]]:
     """One pass over the shard at ``url`` (see the module docstring); ``name`` is how the
-    manifest will call it. Returns what it found and the sample offsets."""
+    manifest will call it. Returns what it found and the sample offsets. ``stores``: stores
+    already open, by folder or prefix (a run of many shards opens each one once)."""
     protocol, base, file_name = split_file_url(url, query=True)
-    store = open_store(protocol, base, storage_options, timeout=timeout, retries=retries)
+    store = _store(stores, protocol, base, storage_options, timeout, retries)
     where = store.url(file_name)
     stamp = store.stamp(file_name)  # before reading: a change while indexing shows next time
     size = store.size(file_name)
@@ -448,7 +487,8 @@ def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options
     """The shards a killed run finished: ``name -> (IndexedShard, offsets)`` for those whose
     record and index file are there and agree, indexed with the same label spec, and not
     changed since (the store's mtime or ETag, else size, as recorded)."""
-    done = {}
+    done: dict = {}
+    stores: dict = {}
     for name, url in zip(names, urls):
         raw, index = out_dest.read_bytes(_record_name(name)), None
         if raw is not None:
@@ -465,11 +505,131 @@ def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options
                 or shard.spec != list(spec):
             continue
         protocol, base, own = split_file_url(url, query=True)
-        store = open_store(protocol, base, storage_options)
+        store = _store(stores, protocol, base, storage_options)
         if shard.stamp is not None and store.stamp(own) == shard.stamp \
                 or shard.stamp is None and store.size(own) == shard.num_bytes:
             done[name] = (shard, offsets)  # (a shard rewritten since is indexed again)
     return done
 
 
-__all__ = ["IndexedShard", "index_shard", "index_shards", "shard_urls"]
+_STORES_LOCK = threading.Lock()
+
+
+def _store(stores: dict | None, protocol: str, base: str, storage_options, timeout: float = 60.0,
+           retries: int = 6):
+    """The store of ``(protocol, base)``: from ``stores`` when it has it (added when not)."""
+    if stores is None:
+        return open_store(protocol, base, storage_options, timeout=timeout, retries=retries)
+    with _STORES_LOCK:
+        store = stores.get((protocol, base))
+        if store is None:
+            store = stores[(protocol, base)] = open_store(protocol, base, storage_options,
+                                                          timeout=timeout, retries=retries)
+    return store
+
+
+INDEX_PART = f"{META_DIR}/index-part-{{tag}}.json"
+
+
+def index_part_name(part: tuple[int, int]) -> str:
+    """Where part ``i`` of ``n`` of an index in parts records what it indexed (the tag as
+    ``pack --part`` spells it: ``p0003of0008``)."""
+    i, n = part
+    width = max(4, len(str(n)))
+    return INDEX_PART.format(tag=f"p{i:0{width}d}of{n:0{width}d}")
+
+
+def merge_index_parts(out: str | os.PathLike, parts: int, *,
+                      storage_options: dict | None = None) -> Manifest:
+    """Write the manifest of an index made in ``parts`` parts (``index_shards(part=...)``) from
+    their part records in ``out`` (the folder or prefix holding ``.shardkit/``). A ShardError
+    names the parts not finished, or of another listing of shards."""
+    dest_text = os.fspath(out)
+    out_dest = make_dest(dest_text, storage_options)
+    try:
+        merged = _merge_parts(out_dest, int(parts), None, strict=True)
+    finally:
+        out_dest.close()
+    assert merged is not None
+    return Manifest.load(dest_text, storage_options)
+
+
+def _merge_parts(out_dest, n: int, listing: str | None, strict: bool = False) -> Manifest | None:
+    """The manifest of all ``n`` parts, written (the JSON last); None when some part is not
+    there yet (``strict``: a ShardError saying which)."""
+    records = {}
+    for i in range(n):
+        raw = out_dest.read_bytes(index_part_name((i, n)))
+        if raw is None:
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("part") == [i, n]:
+            records[i] = rec
+    listings = {rec.get("listing") for rec in records.values()}
+    listing = listing or (next(iter(listings)) if len(listings) == 1 else None)
+    missing = [i for i in range(n) if i not in records or records[i].get("listing") != listing]
+    if missing:
+        if strict:
+            raise ShardError(out_dest.url(""), f"cannot write the manifest: part(s) {missing} of "
+                                               f"0..{n - 1} not finished (or of another listing)")
+        return None
+    parts = [Manifest.from_json(json.dumps(records[i]["manifest"]), out_dest.url("part"))
+             for i in range(n) if records[i]["manifest"] is not None]
+    if not parts:
+        raise ShardError(out_dest.url(""), "no .tar shards found")
+    manifest = _merge_manifests(parts, out_dest.url(""))
+    names = [s.url for s in manifest.shards]
+    if any("://" in nm or nm.startswith("/") for nm in names):
+        files = [(MANIFEST_PATH, sign(manifest.to_json().encode("utf-8")))]
+    else:
+        files = manifest.files()
+    for name, blob in files:
+        out_dest.write_atomic(name, blob)
+    return manifest
+
+
+def _merge_manifests(parts: list[Manifest], where: str) -> Manifest:
+    """One manifest of the parts' shards, in part order: labels must agree; class names are
+    united (sorted), class indices cover the largest; what the parts saw of the order weighs by
+    their samples."""
+    kinds = {json.dumps(m.labels or {}, sort_keys=True) for m in parts}
+    bare = {json.dumps({k: v for k, v in (m.labels or {}).items() if k != "names"},
+                       sort_keys=True) for m in parts}
+    if len(bare) > 1:
+        raise ManifestError(f"{where}: the parts disagree on their labels: {sorted(kinds)} "
+                            "(pass label= / --label)")
+    named = [m for m in parts if (m.labels or {}).get("names")]
+    labels = dict(parts[0].labels or {})
+    if named and len(named) != len(parts):  # numbers in some parts, names in others: names
+        raise ManifestError(f"{where}: some parts' labels are numbers and others' class names "
+                            "(pass label= / --label)")
+    classes: list[str] | None = None
+    if any(m.classes is not None for m in parts):
+        if named:
+            classes = sorted({c for m in parts for c in (m.classes or [])})
+        else:
+            top = max(len(m.classes or []) for m in parts)
+            classes = [str(i) for i in range(top)]
+    fields: dict[str, int] = {}
+    for m in parts:
+        for f, k in (m.options.get("fields") or {}).items():
+            fields[f] = fields.get(f, 0) + k
+    total = sum(m.num_samples for m in parts) or 1
+    order: dict = {"labels": bool(parts[0].options.get("order", {}).get("labels"))}
+    for key in ("same_label_neighbours", "if_shuffled"):
+        values = [(m.options.get("order") or {}).get(key) for m in parts]
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
+        if len(numbers) == len(parts):
+            order[key] = round(sum(v * m.num_samples for v, m in zip(numbers, parts)) / total, 4)
+    options = {"indexed_by": "shardkit index", "order": order,
+               "fields": dict(sorted(fields.items())), "parts": len(parts)}
+    shards = [s for m in parts for s in m.shards]
+    return Manifest(classes=classes, num_samples=sum(s.num_samples for s in shards),
+                    shards=shards, options=options, ignored=sum(m.ignored for m in parts),
+                    labels=labels or {"field": None})
+
+
+__all__ = ["IndexedShard", "index_shard", "index_shards", "merge_index_parts", "shard_urls"]

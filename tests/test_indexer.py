@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 
 import shardkit
+import shardkit.indexer
 from shardkit import ManifestError, ShardError, StreamingDataset, index_shards, make_loader
+from shardkit.cli import main as cli_main
 from shardkit.shardformat import MANIFEST_PATH
 
 from conftest import jpeg_bytes, photo, png_bytes, subprocess_env
@@ -589,3 +591,61 @@ def test_member_names_that_are_not_utf8_read_with_a_crop(tmp_path, on_error, num
     assert {k: int(y) for _, y, k in items} == want
     assert all(tuple(im.shape) == (3, 8, 8) for im, _, _ in items)
     assert ds.skipped == 0
+
+
+# --------------------------------------------------------------------------- in parts
+
+
+def test_index_in_parts_writes_the_manifest_of_a_single_run(shards, tmp_path):
+    folder, want = shards
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    shutil.copytree(folder, whole)
+    shutil.copytree(folder, parted)
+    single = index_shards(whole, progress=False)
+    for i in (2, 0):  # parts finish in any order; no manifest until all three are there
+        part = index_shards(parted, progress=False, part=(i, 3))
+        assert 0 < len(part.shards) < len(single.shards)
+        assert not (parted / ".shardkit" / "manifest.json").exists()
+    merged = index_shards(parted, progress=False, part=(1, 3))  # the last one writes it
+    assert merged.options["parts"] == 3
+    assert [s.url for s in merged.shards] == [s.url for s in single.shards]
+    assert merged.shards == single.shards and merged.classes == single.classes
+    assert merged.labels == single.labels and merged.num_samples == single.num_samples
+    assert merged.options["fields"] == single.options["fields"]
+    check_once(read(parted), want)
+    # by hand: the manifest again from the part records; a missing part is named
+    (parted / ".shardkit" / "manifest.json").unlink()
+    assert shardkit.indexer.merge_index_parts(parted, 3).shards == single.shards
+    (parted / ".shardkit" / "index-part-p0001of0003.json").unlink()
+    with pytest.raises(shardkit.ShardError, match=r"part\(s\) \[1\] of 0..2 not finished"):
+        shardkit.indexer.merge_index_parts(parted, 3)
+
+
+def test_class_names_seen_by_different_parts_make_one_list(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    names = {0: ["zebra", "ant"], 1: ["ant", "moose"]}  # each shard its own names
+    for shard, pool in names.items():
+        with wds.TarWriter(str(folder / f"s{shard}.tar")) as sink:
+            for i in range(6):
+                sink.write({"__key__": f"k{shard}_{i}", "png": png_bytes(photo(8, 8, seed=i)),
+                            "label": pool[i % 2]})
+    for i in range(2):
+        m = index_shards(folder, progress=False, part=(i, 2))
+    assert m.classes == ["ant", "moose", "zebra"] and m.labels == {"field": "label", "names": True}
+    labels = {key: label for _, label, key in read(folder)}
+    assert labels == {f"k{s}_{i}": m.classes.index(names[s][i % 2])
+                      for s in names for i in range(6)}
+
+
+def test_index_parts_from_the_command_line(shards, tmp_path, capsys):
+    folder, want = shards
+    copy = tmp_path / "shards"
+    shutil.copytree(folder, copy)
+    assert cli_main(["index", str(copy), "--part", "0/2", "--quiet"]) == 0
+    assert "the manifest comes when every part is done" in capsys.readouterr().out
+    assert cli_main(["index", str(copy), "--part", "1/2", "--quiet"]) == 0
+    assert "indexed 4 shards" in capsys.readouterr().out
+    (copy / ".shardkit" / "manifest.json").unlink()
+    assert cli_main(["index", str(copy), "--merge-parts", "2"]) == 0
+    check_once(read(copy), want)

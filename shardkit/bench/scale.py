@@ -342,9 +342,22 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", metavar="PACKAGE_DIR",
                    help="also measure another shardkit package folder (e.g. from `git archive "
                         "HEAD shardkit`), JSON only")
+    p.add_argument("--index-sim", type=int, metavar="SHARDS",
+                   help="instead: time `shardkit index` of SHARDS tiny shards on a local S3 "
+                        "server (moto): listing, --part indexing, merge, load")
+    p.add_argument("--parts", type=int, default=4, help="parts of --index-sim (default 4)")
     p.add_argument("--companion", metavar="SOURCE",
                    help="instead: write manifest.msgpack beside SOURCE's manifest.json")
     args = p.parse_args(argv)
+    if args.index_sim:
+        from .indexscale import format_index_scale, run_index_scale
+
+        report = run_index_scale(args.index_sim, args.parts,
+                                 log=lambda msg: print(msg, file=sys.stderr))
+        print(format_index_scale(report))
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nfigures written to {args.out}")
+        return 0
     if args.companion:
         m = write_msgpack_companion(args.companion)
         print(f"wrote {m.base_url}/{MSGPACK_PATH} ({len(m.shards)} shards)")

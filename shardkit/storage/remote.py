@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable, TypeVar
 
 from ..errors import ShardError
@@ -389,6 +390,38 @@ class S3Store(RemoteStore):
 
     def path(self, name: str) -> str:
         return f"{self.base}/{name}"
+
+    def list(self, suffix: str = "") -> list[str]:
+        """The names directly under this prefix that end with ``suffix``, a page of 1,000 keys
+        at a time (``ListObjectsV2``; each page retried on its own, from its continuation
+        token), keeping only the names: 10⁶ shards list in 1,000 requests and ~100 MB less
+        than fsspec's listing of the same (which keeps a dict per key), with a progress bar
+        on a terminal."""
+        import sys
+
+        from tqdm.auto import tqdm
+
+        bucket, _, prefix = self.base.partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        names: list[str] = []
+        token: str | None = None
+        bar = tqdm(desc="list", unit=" keys", dynamic_ncols=True, file=sys.stderr,
+                   disable=not sys.stderr.isatty())
+        try:
+            while True:
+                args = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
+                if token:
+                    args["ContinuationToken"] = token
+                page = self.retry("list", "", partial(self.fs.call_s3, "list_objects_v2", **args))
+                keys = [c["Key"][len(prefix):] for c in page.get("Contents", [])]
+                names += [k for k in keys if k.endswith(suffix) and k and "/" not in k]
+                bar.update(len(keys))
+                token = page.get("NextContinuationToken")
+                if not page.get("IsTruncated") or not token:
+                    break
+        finally:
+            bar.close()
+        return sorted(set(names))
 
     async def _open_get(self, stream: "_RangeStream", path: str) -> None:
         from s3fs.core import version_id_kw
