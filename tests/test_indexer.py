@@ -649,3 +649,26 @@ def test_index_parts_from_the_command_line(shards, tmp_path, capsys):
     (copy / ".shardkit" / "manifest.json").unlink()
     assert cli_main(["index", str(copy), "--merge-parts", "2"]) == 0
     check_once(read(copy), want)
+
+
+def test_a_killed_part_resumes_with_what_it_finished(shards, tmp_path, monkeypatch):
+    folder, want = shards
+    work = tmp_path / "s"
+    shutil.copytree(folder, work)
+    good = (work / "train-000003.tar").read_bytes()  # part 1 of 2 holds shards 2 and 3
+    (work / "train-000003.tar").write_bytes(good[:3000])
+    index_shards(work, progress=False, part=(0, 2))
+    with pytest.raises(ShardError, match="train-000003.tar"):
+        index_shards(work, progress=False, workers=1, part=(1, 2))
+    assert not (work / MANIFEST_PATH).exists()
+    (work / "train-000003.tar").write_bytes(good)
+    from shardkit import indexer
+
+    calls = []
+    real = indexer.index_shard
+    monkeypatch.setattr(indexer, "index_shard", lambda url, *a, **k: (calls.append(url),
+                                                                      real(url, *a, **k))[1])
+    m = index_shards(work, progress=False, resume=True, part=(1, 2))
+    assert [Path(c).name for c in calls] == ["train-000003.tar"]  # shard 2 was done
+    assert m.options["parts"] == 2 and len(m.shards) == 4
+    check_once(read(work), want)
