@@ -501,3 +501,11 @@ def test_a_small_share_does_not_make_a_worker_hold_many_samples(mix):
     read = np.maximum.accumulate(plan.order) + 1  # inputs read to emit each sample
     held = read - np.arange(1, plan.num_samples + 1)
     assert held.max() < 1000 + 2 * 64 + 256
+
+
+def test_a_mixture_in_memory_reads_from_both_sources(sources):
+    mix = _srcs(sources, ["tiny", "mid"], tiny={"repeat": 2})
+    ds = StreamingDataset(mix, in_memory=True, **KW)
+    items = _items(list(make_loader(ds, num_workers=2)), batched=False)
+    assert Counter(s for s, _ in items) == {0: 24, 1: 30}
+    assert ds.reader.memory is not None and len(ds.reader.memory) == ds.reader.num_shards()
