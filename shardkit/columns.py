@@ -205,6 +205,17 @@ class ShardTable(Sequence):
     def pattern(self, name: str) -> dict | None:
         return self._patterns.get(name)
 
+    def external(self) -> bool:
+        """Whether some shard URL is a full URL or an absolute path (a signed manifest's)."""
+        p = self._patterns.get("url")
+        if p is not None:
+            return "://" in p["prefix"] or p["prefix"].startswith("/")
+        text, ends = self._cols["url"], self._cols["url_ends"]
+        if not self._n:
+            return False
+        firsts = text[ends[:-1].astype(np.int64)[np.diff(ends.astype(np.int64)) > 0]]
+        return bool(np.any(firsts == ord("/"))) or b"://" in text.tobytes()
+
     # ----------------------------------------------------------------- the sequence
     def __len__(self) -> int:
         return self._n

@@ -150,10 +150,9 @@ def index_shards(source: str | os.PathLike | Sequence[str],
                 return manifest
             return Manifest.load(dest_text, storage_options, timeout=timeout, retries=retries)
         assert manifest is not None
-        if any("://" in n or n.startswith("/") for n in names):
-            files = [(MANIFEST_PATH, sign(manifest.to_json().encode("utf-8")))]
-        else:  # a large shard list goes to manifest.cols (columns.py)
-            files = manifest.files()
+        files = manifest.files()  # a large shard list goes to manifest.cols (columns.py)
+        if any("://" in n or n.startswith("/") for n in names):  # the JSON binds the list
+            files[-1] = (MANIFEST_PATH, sign(files[-1][1]))
         out_dest.sync([index_name(_local_name(n)) for n in names])
         for name, blob in files[:-1]:
             out_dest.write_atomic(name, blob)
@@ -581,11 +580,9 @@ def _merge_parts(out_dest, n: int, listing: str | None, strict: bool = False) ->
     if not parts:
         raise ShardError(out_dest.url(""), "no .tar shards found")
     manifest = _merge_manifests(parts, out_dest.url(""))
-    names = [s.url for s in manifest.shards]
-    if any("://" in nm or nm.startswith("/") for nm in names):
-        files = [(MANIFEST_PATH, sign(manifest.to_json().encode("utf-8")))]
-    else:
-        files = manifest.files()
+    files = manifest.files()
+    if any("://" in s.url or s.url.startswith("/") for s in manifest.shards):
+        files[-1] = (MANIFEST_PATH, sign(files[-1][1]))
     for name, blob in files:
         out_dest.write_atomic(name, blob)
     return manifest

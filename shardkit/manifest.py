@@ -118,7 +118,7 @@ class Manifest:
         last): ``manifest.json``, preceded by ``manifest.cols`` when ``compact`` (default: at
         least :data:`~shardkit.columns.COMPACT_SHARDS` shards, and not signed)."""
         if compact is None:
-            compact = len(self.shards) >= COMPACT_SHARDS and self.signature is None
+            compact = len(self.shards) >= COMPACT_SHARDS
         if not compact:
             return [(MANIFEST_PATH, self.to_json().encode("utf-8"))]
         columns = encode_columns(self.shards)
@@ -221,9 +221,7 @@ class Manifest:
         signed = isinstance(data, dict) and data.get("signature") is not None
         if signed:  # shards may live elsewhere: only if this machine's key signed it
             signing.check(data, where)
-        if isinstance(data.get("shards"), dict):
-            if signed:
-                raise ManifestError(f"{where}: a signed manifest lists its shards itself")
+        if isinstance(data.get("shards"), dict):  # (a signature covers the list's sha256)
             data["shards"] = _table(data["shards"], where, columns)
         try:
             _check_keys(data, where)
@@ -255,7 +253,7 @@ class Manifest:
     def external(self) -> bool:
         """Whether shards live outside the manifest's folder (a signed manifest of ``index``)."""
         if isinstance(self.shards, ShardTable):
-            return False  # (checked: a columns file names only relative shards)
+            return self.shards.external()
         return any(_is_external(s.url) for s in self.shards)
 
     @classmethod
@@ -411,8 +409,9 @@ def _open_columns(store: Store, folder: str, name: str) -> tuple[str, Any, str]:
     return where, data, hashlib.sha256(data).hexdigest()
 
 
-def _check_table(m: Manifest, table: ShardTable, where: str) -> None:
-    """:func:`_check` of a shard list in columns: the same rules, column by column."""
+def _check_table(m: Manifest, table: ShardTable, where: str, external: bool = False) -> None:
+    """:func:`_check` of a shard list in columns: the same rules, column by column
+    (``external``: signed, its shards may be full URLs or absolute paths)."""
     sizes, nbytes = table.sizes(), table.num_bytes()
     if int(sizes.sum()) != m.num_samples:
         raise ManifestError(f"{where}: shard sample counts do not add up to num_samples")
@@ -421,7 +420,7 @@ def _check_table(m: Manifest, table: ShardTable, where: str) -> None:
         s = table[int(small[0])]
         raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
                             f"in {s.num_bytes} bytes (each sample takes at least 1024)")
-    for name in ("url", "index_url"):
+    for name in ("index_url",) if external else ("url", "index_url"):
         p = table.pattern(name)
         if p is not None:
             samples = [table.text(name, 0), table.text(name, len(table) - 1)] if len(table) else []
@@ -447,7 +446,7 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
     """What a manifest must be to be used; ``external``: it is signed, its shards (never its
     index files) may be full URLs or absolute paths."""
     if isinstance(m.shards, ShardTable):
-        _check_table(m, m.shards, where)
+        _check_table(m, m.shards, where, external)
         _check_fields(m, where)
         return
     ints = [m.num_samples] + [s.num_samples for s in m.shards] + [s.num_bytes for s in m.shards]
@@ -636,15 +635,15 @@ def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None
 def compact(source, storage_options: dict | None = None, *, expand: bool = False) -> Manifest:
     """Rewrite an existing dataset's manifest with its shard list in ``manifest.cols``
     (``expand``: back into one ``manifest.json``). Shards and index files are not touched."""
-    manifest = Manifest.load(source, storage_options)
-    if manifest.signature is not None:
-        raise ManifestError(f"{manifest.base_url}: a signed manifest (shards elsewhere) stays one "
-                            "JSON file")
+    manifest = Manifest.load(source, storage_options)  # (a signed one: this machine's key)
     out = make_dest(manifest.base_url or source, storage_options)
     shards = manifest.shards
     if expand and isinstance(shards, ShardTable):
         manifest = replace(manifest, shards=list(shards))
-    for name, data in manifest.files(compact=not expand):
+    files = manifest.files(compact=not expand)
+    if manifest.signature is not None:  # shards elsewhere: signed again, over the new JSON
+        files[-1] = (files[-1][0], signing.sign(files[-1][1]))
+    for name, data in files:
         out.write_atomic(name, data)
     return Manifest.load(source, storage_options)
 

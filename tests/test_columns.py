@@ -177,3 +177,23 @@ def test_a_compact_dataset_loads_from_s3(tmp_path):
                               decode="raw", with_keys=True)
         assert isinstance(ds.manifest.shards, ShardTable)
         assert len({it[2] for it in make_loader(ds, num_workers=0)}) == 8
+
+
+def test_an_index_naming_shards_elsewhere_is_compact_and_signed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDKIT_INDEX_KEY", "test-key")
+    monkeypatch.setattr(manifestlib, "COMPACT_SHARDS", 3)
+    src = image_folder(tmp_path / "src", classes=2, per_class=5, size=(8, 8))
+    pack(src, tmp_path / "ds", mode="raw", max_samples=2)
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    for tar in sorted((tmp_path / "ds").glob("*.tar")):
+        (shards / tar.name).write_bytes(tar.read_bytes())
+    m = shardkit.index_shards(shards, tmp_path / "elsewhere", progress=False)
+    assert (tmp_path / "elsewhere" / COLUMNS_PATH).exists() and m.external
+    text = json.loads((tmp_path / "elsewhere" / MANIFEST_PATH).read_text())
+    assert "signature" in text and set(text["shards"]) == {"columns", "count", "sha256"}
+    ds = StreamingDataset(tmp_path / "elsewhere", decode="raw", with_keys=True)
+    assert len({it[2] for it in make_loader(ds, num_workers=0)}) == 10
+    monkeypatch.setenv("SHARDKIT_INDEX_KEY", "another-machine")
+    with pytest.raises(ManifestError, match="not signed by this machine"):
+        Manifest.load(tmp_path / "elsewhere")
