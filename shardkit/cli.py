@@ -521,7 +521,10 @@ def main(argv=None) -> int:
     for verb, (what, add, _) in VERBS.items():
         add(verbs.add_parser(verb, help=what, description=what[0].upper() + what[1:] + "."))
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # shardkit's own lines at INFO; other libraries' (an S3 client's "Found credentials", ...)
+    # only from WARNING on
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("shardkit").setLevel(logging.INFO)
     return VERBS[args.verb][2](args)
 
 

@@ -68,8 +68,9 @@ class StreamingDataset(IterableDataset):
       or any other protocol fsspec knows: ``gs://``, ``az://``, ``hf://``, …), a
       :class:`~shardkit.Manifest`, or a list or tuple of shard paths or URLs, each with its
       ``.idx`` file beside it (:meth:`shardkit.Manifest.from_urls`; the only way to read shards
-      outside one dataset's folder or prefix). Webdataset shards that shardkit did not write
-      are read once indexed (``shardkit index``).
+      outside one dataset's folder or prefix; one ``.tar`` path or a brace pattern such as
+      ``shard-{000000..000099}.tar`` is such a list). Webdataset shards that shardkit did not
+      write are read once indexed (``shardkit index``).
       ``storage_options``: fsspec options of the source's protocol (credentials, endpoint).
       ``timeout``: seconds without a byte before a read fails (local files included);
       ``retries``: tries of a failing remote read, with backoff, resumed at the right byte.

@@ -523,6 +523,10 @@ def _locate(source, storage_options, *, timeout: float, retries: int) -> tuple[S
 
 def _read_first(store: Store, names: list[str]) -> tuple[str, bytes]:
     """The first of ``names`` that exists in ``store``, and its bytes."""
+    if isinstance(store, LocalStore) and store.base.is_file():
+        raise ManifestError(f"{store.base}: a file, not a dataset folder (give the folder that "
+                            "holds .shardkit/manifest.json, a manifest's path, or shard paths: "
+                            "one .tar, a list, or a brace pattern)")
     for name in names:
         where = store.url(name)
         try:
@@ -535,13 +539,38 @@ def _read_first(store: Store, names: list[str]) -> tuple[str, bytes]:
             raise ManifestError(f"{where}: cannot read the manifest ({exc.reason})") from None
     where = store.url(names[0])
     hint = ""
-    if isinstance(store, LocalStore) and store.base.is_dir() and any(store.base.glob("*.tar")):
-        if any(store.base.glob(".shardkit-pack*.json")):
-            hint = " (an unfinished pack? re-run pack with --resume)"
-        else:
-            hint = (" (shards without a shardkit manifest? index them: "
-                    f"shardkit index {store.base})")
+    if isinstance(store, LocalStore):
+        base = store.base
+        if not base.exists():
+            parent = base.parent
+            near = sorted(p.name for p in parent.iterdir())[:8] if parent.is_dir() else []
+            raise ManifestError(f"{base}: no such file or directory" + (
+                f" ({parent} holds: {', '.join(near)})" if near else ""))
+        if any(base.glob("*.tar")):
+            if any(base.glob(".shardkit-pack*.json")):
+                hint = " (an unfinished pack? re-run pack with --resume)"
+            else:
+                hint = (" (shards without a shardkit manifest? index them: "
+                        f"shardkit index {base})")
+        elif _image_folder(base):
+            hint = (f" ({base} is a folder of images: pack it first, e.g. "
+                    f"shardkit pack {base} {base}-shards --mode resize --size 256)")
     raise ManifestError(f"{where}: no manifest found{hint}")
+
+
+def _image_folder(base) -> bool:
+    """Whether a folder holds images (itself, or its class subfolders) among its first entries."""
+    images = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+    try:
+        for i, entry in enumerate(sorted(base.iterdir())[:50]):
+            if entry.suffix.lower() in images:
+                return True
+            if entry.is_dir() and i < 10:
+                if any(p.suffix.lower() in images for p in list(entry.iterdir())[:20]):
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 _URL_PATTERN = re.compile(r"^(.*?)(\d+)(\D*)$", re.S)
@@ -611,7 +640,28 @@ def load_manifest(source: Location, storage_options: dict | None = None, *, time
         return source
     if isinstance(source, (list, tuple)):
         return Manifest.from_urls(source, storage_options, timeout=timeout, retries=retries)
+    urls = _shard_list(source)
+    if urls is not None:  # one shard, or a brace pattern of them (as webdataset and index take)
+        return Manifest.from_urls(urls, storage_options, timeout=timeout, retries=retries)
     return Manifest.load(source, storage_options=storage_options, timeout=timeout, retries=retries)
+
+
+def _shard_list(source) -> list[str] | None:
+    """The shard paths a source names by itself: one ``.tar`` path or URL, or a brace pattern
+    (``shard-{000000..000099}.tar``); None for a folder, prefix or manifest."""
+    try:
+        text = os.fspath(source)
+    except TypeError:
+        return None
+    if not isinstance(text, str):
+        return None
+    if "{" in text and "}" in text and ".." in text:
+        import braceexpand
+
+        return list(braceexpand.braceexpand(text))
+    if text.split("?", 1)[0].endswith(".tar"):
+        return [text]
+    return None
 
 
 def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None, *,

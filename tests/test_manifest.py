@@ -107,3 +107,43 @@ def test_missing_manifest_hints_at_resume(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="JSON"):
         Manifest.load(tmp_path)
+
+
+def test_the_first_mistakes_get_a_message_that_points_the_way(tmp_path):
+    from conftest import make_class_folder
+
+    (tmp_path / "packed").mkdir()
+    with pytest.raises(ManifestError, match=r"pakced: no such file or directory \(.* holds: packed"):
+        Manifest.load(tmp_path / "pakced")  # a typo
+    images = make_class_folder(tmp_path / "images")
+    with pytest.raises(ManifestError, match=r"is a folder of images: pack it first, e\.g\. "
+                                            r"shardkit pack"):
+        Manifest.load(images)
+    (tmp_path / "one.zip").write_bytes(b"\0" * 1024)
+    with pytest.raises(ManifestError, match="a file, not a dataset folder"):
+        Manifest.load(tmp_path / "one.zip")
+
+
+def test_the_command_line_shows_shardkits_info_lines_only(monkeypatch):
+    import logging
+
+    from shardkit import cli
+
+    monkeypatch.setattr(cli, "VERBS", {**cli.VERBS, "show": (
+        "x", cli.VERBS["show"][1], lambda args: 0)})
+    assert cli.main(["show", "anything"]) == 0
+    assert logging.getLogger("shardkit").getEffectiveLevel() == logging.INFO
+    assert logging.getLogger("botocore").getEffectiveLevel() >= logging.WARNING
+
+
+def test_one_shard_or_a_brace_pattern_reads_as_a_list_of_shards(tmp_path):
+    from shardkit import StreamingDataset
+
+    from _helpers_read import image_folder, pack
+
+    src = image_folder(tmp_path / "src", classes=2, per_class=5, size=(8, 8))
+    pack(src, tmp_path / "ds", mode="raw", max_samples=4)
+    one = StreamingDataset(str(tmp_path / "ds" / "shard-000001.tar"), decode="raw")
+    assert len(one) == 4
+    braces = StreamingDataset(str(tmp_path / "ds" / "shard-{000000..000002}.tar"), decode="raw")
+    assert len(braces) == 10 and len(braces.manifest.shards) == 3
