@@ -115,7 +115,10 @@ def test_sigkill_of_the_packer_at_20_moments_then_resume_is_byte_identical(kill_
         # --resume through the same command-line entry point, without a second interpreter start
         assert pack_main([str(kill_src), str(dest), *ARGS, "--resume"]) == 0
         assert _files(dest) == ref, f"plan {how} {arg}"
-    assert killed_mid_pack >= 8, killed_mid_pack
+    # The kills on seeing 1, 5, 10, 15 and 19 shards land mid-pack whatever the machine's load;
+    # the timed ones add moments in between when they land there (under load many land before
+    # the first shard or after the manifest, which is checked above as well).
+    assert killed_mid_pack >= 5, killed_mid_pack
 
 
 # --------------------------------------------------------------------------- a full disk
