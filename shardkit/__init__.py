@@ -30,7 +30,7 @@ Reading (the read path, bottom to top):
 
 Adopting shards others wrote: indexer (shardkit index).
 
-Front: this file · cli · __main__ · bench/ (benchmarks: loaders, s3, scale, gpu, indexspeed, indexscale,
+Front: this file · cli · __main__ · bench/ (benchmarks: loaders, mix, s3, scale, gpu, indexspeed, indexscale,
 synth, demo).
 """
 

@@ -410,7 +410,7 @@ def _bench(args) -> int:
         print(f"(JSON: {Path(args.out) / 'bench-s3.json'})")
         return 0
     if args.mix:
-        from .bench.loaders import format_mix_report, run_mix
+        from .bench.mix import format_mix_report, run_mix
 
         report = run_mix(Path(args.source) if args.source else None, Path(args.out),
                          classes=args.classes, per_class=args.per_class,

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["COMPACT_SHARDS", "MAGIC", "ShardTable", "encode"]
+__all__ = ["COMPACT_SHARDS", "MAGIC", "ShardTable", "encode", "pattern_ok", "pattern_values",
+           "url_pattern"]
 
 COMPACT_SHARDS = 100_000  # shard lists at least this long are written column-wise
 MAGIC = b"SKCOLS\x00\x01"
@@ -41,21 +42,34 @@ class ColumnsError(ValueError):
     """A columns file that is not what this module writes (the manifest names the file)."""
 
 
-def _pattern(values: Sequence[str]) -> dict | None:
-    """``{"prefix", "start", "width", "suffix"}`` when every value follows it, else None."""
+def url_pattern(values: Sequence[str]) -> dict | None:
+    """``{"prefix", "start", "width", "suffix"}`` when every value is ``prefix`` + a counter
+    from ``start`` zero-padded to ``width`` + ``suffix`` (what ``pack`` names), else None."""
     if not values:
         return None
     match = _URL_PATTERN.match(values[0])
     if not match:
         return None
     prefix, digits, suffix = match.groups()
-    start, width = int(digits), len(digits)
-    if width > 32 or start >= 2**63:
+    p = {"prefix": prefix, "start": int(digits), "width": len(digits), "suffix": suffix}
+    if not pattern_ok(p) or pattern_values(p, len(values)) != list(values):
         return None
-    fmt = f"{prefix.replace('%', '%%')}%0{width}d{suffix.replace('%', '%%')}"
-    if any(v != fmt % (start + i) for i, v in enumerate(values)):
-        return None
-    return {"prefix": prefix, "start": start, "width": width, "suffix": suffix}
+    return p
+
+
+def pattern_ok(p: object) -> bool:
+    """Whether ``p`` is a pattern :func:`url_pattern` could have made (from a file: checked)."""
+    return (isinstance(p, dict) and set(p) == {"prefix", "start", "width", "suffix"}
+            and isinstance(p["prefix"], str) and isinstance(p["suffix"], str)
+            and all(type(p[k]) is int and 0 <= p[k] < 2**63 for k in ("start", "width"))
+            and p["width"] <= 32)
+
+
+def pattern_values(p: dict, count: int, first: int = 0) -> list[str]:
+    """Values ``first .. first+count-1`` of pattern ``p``."""
+    fmt = f"{p['prefix'].replace('%', '%%')}%0{p['width']}d{p['suffix'].replace('%', '%%')}"
+    start = p["start"] + first
+    return [fmt % i for i in range(start, start + count)]
 
 
 def encode(shards: Sequence[Any]) -> bytes:
@@ -74,7 +88,7 @@ def encode(shards: Sequence[Any]) -> bytes:
         data.append((name, bytes.fromhex(text)))
     for name in _TEXTS:
         values = [getattr(s, name) for s in shards]
-        pattern = _pattern(values)
+        pattern = url_pattern(values)
         if pattern is not None:
             header["columns"][name] = {"pattern": pattern}
             continue
@@ -151,18 +165,14 @@ class ShardTable(Sequence):
             spec = columns.get(name)
             if isinstance(spec, dict) and "pattern" in spec:
                 p = spec["pattern"]
-                if not (isinstance(p, dict) and set(p) == {"prefix", "start", "width", "suffix"}
-                        and isinstance(p["prefix"], str) and isinstance(p["suffix"], str)
-                        and all(type(p[k]) is int and 0 <= p[k] < 2**63
-                                for k in ("start", "width")) and p["width"] <= 32):
+                if not pattern_ok(p):
                     raise ColumnsError(f"{where}: column {name!r}: malformed pattern")
                 self._patterns[name] = p
                 continue
             ends = column(name + "_ends", "<u8", count + 1)
-            spec = columns.get(name)
-            if not isinstance(spec, dict) or set(spec) != {"offset", "size"}:
-                raise ColumnsError(f"{where}: column {name!r} missing or malformed")
-            text = column(name, "u1", int(spec["size"]))
+            spec = columns.get(name)  # (column() checks it; its size is the text's length)
+            size_of = spec.get("size") if isinstance(spec, dict) else None
+            text = column(name, "u1", size_of if type(size_of) is int else 0)
             if count and (ends[0] != 0 or ends[-1] != text.size
                           or np.any(np.diff(ends.astype(np.int64)) < 0)):
                 raise ColumnsError(f"{where}: column {name!r}: offsets out of order")
@@ -186,7 +196,7 @@ class ShardTable(Sequence):
         """Shard ``i``'s ``url`` or ``index_url``."""
         p = self._patterns.get(name)
         if p is not None:
-            return f"{p['prefix']}{p['start'] + i:0{p['width']}d}{p['suffix']}"
+            return pattern_values(p, 1, i)[0]
         ends = self._cols[name + "_ends"]
         raw = self._cols[name][int(ends[i]):int(ends[i + 1])].tobytes()
         return raw.decode("utf-8", "surrogateescape")

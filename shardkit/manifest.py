@@ -31,7 +31,7 @@ import numpy as np
 
 from . import signing
 from ._version import __version__
-from .columns import COMPACT_SHARDS, ColumnsError, ShardTable
+from .columns import COMPACT_SHARDS, ColumnsError, ShardTable, pattern_ok, pattern_values, url_pattern
 from .columns import encode as encode_columns
 from .errors import ManifestError, ShardError
 from .shardformat import (
@@ -573,13 +573,7 @@ def _image_folder(base) -> bool:
     return False
 
 
-_URL_PATTERN = re.compile(r"^(.*?)(\d+)(\D*)$", re.S)
 _HEX = re.compile(r"[0-9a-f]*")
-
-
-def _pattern_urls(prefix: str, start: int, width: int, suffix: str, count: int) -> list[str]:
-    fmt = f"{prefix.replace('%', '%%')}%0{width}d{suffix.replace('%', '%%')}"
-    return [fmt % i for i in range(start, start + count)]
 
 
 def _encode_column(values: list) -> Any:
@@ -590,14 +584,9 @@ def _encode_column(values: list) -> Any:
     if values and all(type(v) is str for v in values):
         if all(len(v) == 64 for v in values) and _HEX.fullmatch("".join(values)):
             return {"hex32": bytes.fromhex("".join(values))}
-        match = _URL_PATTERN.match(values[0])
-        if match:
-            prefix, digits, suffix = match.groups()
-            start, width = int(digits), len(digits)
-            if width <= 32 and start < 2**63 \
-                    and _pattern_urls(prefix, start, width, suffix, len(values)) == values:
-                return {"pattern": {"prefix": prefix, "start": start, "width": width,
-                                    "suffix": suffix}}
+        pattern = url_pattern(values)
+        if pattern is not None:
+            return {"pattern": pattern}
     return list(values)
 
 
@@ -624,11 +613,9 @@ def _decode_column(column: object, count: int, where: str) -> list:
     if kind == "pattern":
         if not isinstance(value, dict) or set(value) != {"prefix", "start", "width", "suffix"}:
             raise bad("pattern needs prefix, start, width, suffix")
-        prefix, start, width, suffix = (value[k] for k in ("prefix", "start", "width", "suffix"))
-        if not (isinstance(prefix, str) and isinstance(suffix, str)
-                and all(type(v) is int and 0 <= v < 2**63 for v in (start, width)) and width <= 32):
+        if not pattern_ok(value):
             raise bad("pattern fields have the wrong types or ranges")
-        return _pattern_urls(prefix, start, width, suffix, count)
+        return pattern_values(value, count)
     raise bad(f"unknown column kind {kind!r}")
 
 

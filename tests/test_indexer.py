@@ -333,6 +333,17 @@ def test_only_this_machines_key_lets_a_manifest_point_elsewhere(shards, tmp_path
 # --------------------------------------------------------------------------- resume
 
 
+def _count_indexed(monkeypatch) -> list:
+    """The shard URLs ``index_shard`` is called with from now on."""
+    from shardkit import indexer
+
+    calls: list = []
+    real = indexer.index_shard
+    monkeypatch.setattr(indexer, "index_shard", lambda url, *a, **k: (calls.append(url),
+                                                                      real(url, *a, **k))[1])
+    return calls
+
+
 def test_resume_keeps_the_shards_a_failed_run_finished(shards, tmp_path, monkeypatch):
     folder, want = shards
     work = tmp_path / "s"
@@ -343,12 +354,7 @@ def test_resume_keeps_the_shards_a_failed_run_finished(shards, tmp_path, monkeyp
         index_shards(work, progress=False, workers=1)
     assert not (work / MANIFEST_PATH).exists()
     (work / "train-000002.tar").write_bytes(good)
-    from shardkit import indexer
-
-    calls = []
-    real = indexer.index_shard
-    monkeypatch.setattr(indexer, "index_shard", lambda url, *a, **k: (calls.append(url),
-                                                                      real(url, *a, **k))[1])
+    calls = _count_indexed(monkeypatch)
     m = index_shards(work, progress=False, resume=True)
     assert sorted(Path(c).name for c in calls) == ["train-000002.tar", "train-000003.tar"] \
         or sorted(Path(c).name for c in calls) == ["train-000002.tar"]
@@ -662,12 +668,7 @@ def test_a_killed_part_resumes_with_what_it_finished(shards, tmp_path, monkeypat
         index_shards(work, progress=False, workers=1, part=(1, 2))
     assert not (work / MANIFEST_PATH).exists()
     (work / "train-000003.tar").write_bytes(good)
-    from shardkit import indexer
-
-    calls = []
-    real = indexer.index_shard
-    monkeypatch.setattr(indexer, "index_shard", lambda url, *a, **k: (calls.append(url),
-                                                                      real(url, *a, **k))[1])
+    calls = _count_indexed(monkeypatch)
     m = index_shards(work, progress=False, resume=True, part=(1, 2))
     assert [Path(c).name for c in calls] == ["train-000003.tar"]  # shard 2 was done
     assert m.options["parts"] == 2 and len(m.shards) == 4
