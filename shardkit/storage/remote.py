@@ -5,7 +5,9 @@ process, so a store pickles into DataLoader workers. Every read is one streamed 
 of samples, or a whole shard for the cache), handed on in ``PIECE``-byte pieces as they arrive; a
 server that ignores Range is an error. Transient faults (dropped connections, 5xx, timeouts) are
 retried with exponential backoff, resuming at the first byte not yet delivered (the try count
-restarts once bytes have come). After ``retries`` tries without progress the error names the URL.
+restarts once bytes have come); errors that cannot heal (missing, forbidden, any other 4xx, a bad
+request, huggingface_hub offline) end the read at the first try (:func:`_transient`). After
+``retries`` tries without progress the error names the URL.
 Credentials come from the standard AWS variables and files, or from ``storage_options``; they
 never appear in URLs, messages or the manifest.
 
@@ -19,11 +21,13 @@ from __future__ import annotations
 import errno
 import io
 import os
+import queue
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from typing import Any, Callable, TypeVar
 
@@ -40,39 +44,119 @@ AHEAD = 2
 _PERMANENT_ERRNO = {errno.EINVAL, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR,
                     errno.ENOTDIR}
 
+# Errors that no retry heals, by class name anywhere in the exception's MRO (so they are known
+# without importing their package): huggingface_hub's (hf://) offline mode, missing or gated
+# repos, revisions and files, bad requests and names. OfflineModeIsEnabled is a ConnectionError,
+# and the hub's HTTP errors are OSErrors: without this they would look like dropped connections.
+_PERMANENT_NAMES = frozenset({
+    "OfflineModeIsEnabled", "LocalEntryNotFoundError", "EntryNotFoundError",
+    "RemoteEntryNotFoundError", "RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError",
+    "RevisionNotFoundError", "BucketNotFoundError", "BadRequestError", "HFValidationError",
+    "HfUriError", "LocalTokenNotFoundError",
+    "InvalidURL", "UnsupportedProtocol", "LocalProtocolError", "TooManyRedirects",  # httpx
+})
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    ValueError)
+# Transient errors of HTTP clients that are no OSError (httpx, httpcore: huggingface_hub >= 1).
+_TRANSIENT_NAMES = frozenset({"TimeoutException", "NetworkError", "RemoteProtocolError",
+                              "ProxyError"})
+_TRANSIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "http.client", "asyncio")
+# huggingface_hub's offline mode (the hub is not asked at all), and its "not in the local cache"
+# (offline, or the hub cannot be reached): a FileNotFoundError, but the file may well exist.
+_OFFLINE = "OfflineModeIsEnabled"
+_NOT_CACHED = "LocalEntryNotFoundError"
 
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status behind an exception, looking through ``__cause__`` (s3fs wraps botocore)."""
-    for attr in ("status", "status_code"):  # aiohttp's ClientResponseError, requests-like errors
-        status = getattr(exc, attr, None)
-        if isinstance(status, int) and 100 <= status < 600:
+
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was explicitly raised from (``raise ... from``), at most 5."""
+    chain = [exc]
+    while len(chain) < 5 and chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _http_status(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and \
+        100 <= value < 600 else None
+
+
+def _status(exc: BaseException, *, own: bool = True) -> int | None:
+    """The HTTP status that ``exc`` carries: ``exc.status`` / ``exc.status_code`` (aiohttp,
+    urllib, azure), ``exc.response.status_code`` / ``.status`` (requests, httpx,
+    huggingface_hub's HfHubHTTPError), botocore's response dict, and where ``exc`` is the error
+    raised itself (``own``), ``exc.code`` (gcsfs, google-api-core). Not the ``code`` of an
+    error it was raised from, nor aiohttp's parser errors' (``400`` for a response cut short,
+    the cause of a ClientPayloadError). A requests Response is falsy for 4xx: tested with
+    ``is None``, never for truth."""
+    attrs: tuple[str, ...] = ("status", "status_code")
+    if own and "HttpProcessingError" not in _names(exc):
+        attrs += ("code",)
+    for attr in attrs:
+        status = _http_status(getattr(exc, attr, None))
+        if status is not None:
             return status
-    seen = 0
-    cause: BaseException | None = exc
-    while cause is not None and seen < 4:
-        response = getattr(cause, "response", None)  # botocore ClientError
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(status, int):
-                return status
-        cause, seen = cause.__cause__, seen + 1
+    try:
+        response = getattr(exc, "response", None)
+    except Exception:  # a lazy property that cannot say (httpx raises RuntimeError when unset)
+        return None
+    if response is None:
+        return None
+    if isinstance(response, dict):  # botocore ClientError
+        return _http_status(response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    for attr in ("status_code", "status"):
+        try:
+            status = _http_status(getattr(response, attr, None))
+        except Exception:  # a response object that cannot say
+            continue
+        if status is not None:
+            return status
     return None
 
 
 def _transient(exc: BaseException) -> bool:
-    """Worth retrying: connection faults, timeouts, 5xx/408/429. Not: missing, forbidden, bad range."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    """Worth retrying: connection faults, timeouts, 5xx/408/429. Not: missing, forbidden, bad
+    request or range, offline (huggingface_hub's ``OfflineModeIsEnabled``, a ConnectionError),
+    any other 4xx, nor code bugs.
+
+    ``exc`` is not when it is one of :data:`_PERMANENT_TYPES`. Else the first of ``exc`` and the
+    errors it was raised from that says decides: a class that never heals (a name of
+    :data:`_PERMANENT_NAMES` along its MRO), then an HTTP status. Else ``exc``'s own kind: a
+    permanent errno is not, a connection error, timeout, early EOF or other OSError is, and so
+    are the network clients' own errors."""
+    if isinstance(exc, _PERMANENT_TYPES):
         return False
-    status = _status(exc)
-    if status is not None:
-        return status >= 500 or status in (408, 429)
+    for link in _causes(exc):
+        if _names(link) & _PERMANENT_NAMES:
+            return False
+        status = _status(link, own=link is exc)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNO:
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError, EOFError)):
         return True
+    if _names(exc) & _TRANSIENT_NAMES:
+        return True
     module = type(exc).__module__ or ""
-    return module.startswith(("aiohttp", "botocore", "aiobotocore", "urllib3", "http.client",
-                              "asyncio"))
+    return module.startswith(_TRANSIENT_MODULES)
+
+
+def _why(what: str, exc: BaseException, tries: int) -> str:
+    """The reason of the error that ends a read: what failed, after how many tries, and why."""
+    after = f" after {tries} tries" if tries > 1 else ""
+    detail = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+    names = set().union(*(_names(link) for link in _causes(exc)))
+    if _OFFLINE in names:
+        return (f"{what} failed: the Hugging Face Hub is offline: HF_HUB_OFFLINE is set, unset "
+                f"it to download ({detail})")
+    if _NOT_CACHED in names:
+        return (f"{what} failed: not in the local Hugging Face cache, and the hub is offline "
+                f"(HF_HUB_OFFLINE) or cannot be reached ({detail})")
+    return f"{what} failed{after}: {detail}"
 
 
 class RemoteStore(BaseStore):
@@ -146,13 +230,12 @@ class RemoteStore(BaseStore):
         transient, or the last try), else sleep ``delay`` (jittered) before the next try."""
         if isinstance(exc, ShardError):
             raise exc
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, FileNotFoundError) and _NOT_CACHED not in _names(exc):
             raise ShardError(self.url(name), "not found") from None
-        if not _transient(exc) or attempt >= self.retries:
-            tries = f" after {attempt + 1} tries" if attempt else ""
-            error = ShardError(self.url(name), f"{what} failed{tries}: "
-                               f"{type(exc).__name__}: {redact(str(exc))[:200]}")
-            error.gave_up = _transient(exc)
+        transient = _transient(exc)
+        if not transient or attempt >= self.retries:
+            error = ShardError(self.url(name), _why(what, exc, attempt + 1))
+            error.gave_up = transient
             raise error from None
         time.sleep(delay * (0.5 + random.random()))
 
@@ -304,14 +387,21 @@ class ChunkedReader(io.RawIOBase):
 
     Up to ``ahead`` pieces of ``piece`` bytes are fetched while the current one is consumed, so
     samples flow before the whole range has arrived and the network overlaps the parsing.
-    """
+
+    :meth:`close` may run anywhere, the garbage collector's finalizer included (a reader dropped
+    unclosed is closed when it is collected, which can happen inside another thread pool's
+    ``submit``): it only sets a flag and puts a request on a ``SimpleQueue`` (reentrant), never
+    takes a lock another thread may hold. The helper thread holds no reference to the reader."""
 
     def __init__(self, store: RemoteStore, name: str, start: int, stop: int, *,
                  piece: int = PIECE, ahead: int = AHEAD):
         self.store, self.name, self.start, self.stop = store, name, start, stop
         self._buf = memoryview(b"")
-        self._pieces = store.iter_bytes(name, start, stop, max(1, piece))
-        self._pool = ThreadPoolExecutor(max_workers=1)  # advances the generator, one step at once
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = [False]  # read by the helper: set when the reader is closed
+        pieces = store.iter_bytes(name, start, stop, max(1, piece))
+        threading.Thread(target=_step_pieces, args=(pieces, self._requests, self._stop),
+                         name="shardkit-remote-read", daemon=True).start()
         self._pending: deque = deque()
         self._ahead, self._done = max(1, ahead), False
         self._schedule()
@@ -321,7 +411,9 @@ class ChunkedReader(io.RawIOBase):
 
     def _schedule(self) -> None:
         while not self._done and len(self._pending) < self._ahead:
-            self._pending.append(self._pool.submit(next, self._pieces, None))
+            future: Future = Future()
+            self._requests.put(future)
+            self._pending.append(future)
             if len(self._pending) == 1 and not len(self._buf):
                 break  # nothing read yet: the first piece alone, then read ahead
 
@@ -348,17 +440,31 @@ class ChunkedReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            for future in self._pending:
-                future.cancel()
-            self._pending.clear()
+            self._stop[0] = True  # the helper skips the steps still queued ...
             self._done = True
-            try:
-                self._pool.submit(self._pieces.close)  # after a step in progress; drops the GET
-            except RuntimeError:  # interpreter shutting down: the connection goes with it
-                pass
-            self._pool.shutdown(wait=False)
+            self._requests.put(None)  # ... and then closes the GET (after a step in progress)
+            self._pending.clear()
             self._buf = memoryview(b"")
         super().close()
+
+
+def _step_pieces(pieces: Generator, requests: queue.SimpleQueue, stop: list) -> None:
+    """A :class:`ChunkedReader`'s helper: one step of ``pieces`` per request (a Future for its
+    result), until the ``None`` request; then the generator is closed (the GET dropped)."""
+    try:
+        while True:
+            future = requests.get()
+            if future is None:
+                return
+            if stop[0] or not future.set_running_or_notify_cancel():
+                future.cancel()
+                continue
+            try:
+                future.set_result(next(pieces, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                future.set_exception(exc)
+    finally:
+        pieces.close()
 
 
 class S3Store(RemoteStore):
