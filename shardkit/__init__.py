@@ -4,9 +4,10 @@ Module map, by what each part serves. Imports only go down this list's groups (t
 checks it: no circle, no upward import; packing and reading never import each other).
 
 Shared by packing and reading (the format and where bytes live):
-    errors · common (byte sizes, CPU counts) · _version · shardformat (tar members, samples,
-    the .idx index file) · jpegheader (JPEG frame headers) · signing · columns (manifest.cols,
-    a large shard list mapped column-wise) · manifest (manifest.json, the one path that loads a
+    errors · common (byte sizes, CPU counts) · _version · gzipped (.tar.gz / .tgz shards: names,
+    their uncompressed stream) · shardformat (tar members, samples, the .idx index file) ·
+    jpegheader (JPEG frame headers) · signing · columns (manifest.cols, a large shard list
+    mapped column-wise) · manifest (manifest.json, the one path that loads a
     dataset) · cache (the shared on-disk shard cache) · verify ·
     storage/ — base (the Store and Dest protocols), urls (the one protocol dispatch), local,
     remote (s3, http), generic (any fsspec filesystem), listed (a caller's URLs), dest (where
@@ -25,12 +26,13 @@ Reading (the read path, bottom to top):
     skiplog · diagnosis (a failing shard) · reader (spans -> raw samples) · decode (images,
     fused crops) · gpudecode (decode="gpu") · recycle (batch buffers) · batching (batches in
     the workers) · modes (one strategy per decode=) · assembly (samples in the plan's order) ·
-    dataset (StreamingDataset) · wds (wds_source) · eagerqueue · loaderlink · loader
-    (make_loader, GpuPrefetcher).
+    dataset (StreamingDataset) · access (MapDataset: one sample by index or key) · wds
+    (wds_source) · eagerqueue · loaderlink · loader (make_loader, GpuPrefetcher).
 
 Adopting shards others wrote: indexer (shardkit index).
 
-Front: this file · cli · __main__ · bench/ (benchmarks: loaders, mix, s3, scale, gpu, indexspeed, indexscale,
+Front: this file · cli · __main__ · look (shardkit show: summary, contact sheet, stats picture, HTML
+report) · bench/ (benchmarks: loaders, mix, randomaccess, s3, scale, gpu, indexspeed, indexscale,
 synth, demo).
 """
 
@@ -58,7 +60,8 @@ __all__ = [
 # The read path imports torch; packing workers (spawned processes) must not pay for that, so these
 # names are imported on first use.
 _LAZY = {"Source": "config", "CenterCrop": "decode", "RandomResizedCrop": "decode",
-         "StreamingDataset": "dataset", "GpuPrefetcher": "loader", "make_loader": "loader",
+         "StreamingDataset": "dataset", "MapDataset": "access", "GpuPrefetcher": "loader",
+         "make_loader": "loader",
          "WdsSource": "wds", "wds_source": "wds"}
 __all__ += sorted(_LAZY)
 

@@ -222,63 +222,82 @@ def _print_pack_summary(args, m, merged: bool | None = None) -> None:
         print(f"  ... and {len(m.skipped) - 20} more (listed in manifest.json)", file=sys.stderr)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="dataset folder, manifest.json, or a URL of either (s3://, "
                                   "http(s)://, or any protocol fsspec knows: gs://, az://, …)")
     p.add_argument("--keys", type=int, default=5, help="how many sample keys to print (default 5)")
+    look = p.add_argument_group("pictures (without these, show prints a summary)")
+    look.add_argument("--grid", metavar="PNG",
+                      help="write a contact sheet: --per-class samples of each class, with class "
+                           "names and keys (without labels: --samples samples)")
+    look.add_argument("--stats", metavar="PNG",
+                      help="write one picture of the numbers: samples per class, samples and bytes "
+                           "per shard, image sizes (reads every sample once, decodes none)")
+    look.add_argument("--html", metavar="DIR",
+                      help="write a report into DIR: index.html (the summary, the stats picture, "
+                           "thumbnails per class with keys and labels), stats.png, thumbs/")
+    look.add_argument("--per-class", type=_positive, default=4, metavar="N",
+                      help="samples per class on the sheet and in the report (default 4)")
+    look.add_argument("--samples", type=_positive, default=32, metavar="N",
+                      help="samples shown of a dataset without labels (default 32)")
+    look.add_argument("--seed", type=int, default=0,
+                      help="seed of the choice of samples (and of --max-samples's subset; default 0)")
+    look.add_argument("--max-samples", type=_positive, metavar="N",
+                      help="read at most N samples: --stats looks at a seeded subset of N, --grid "
+                           "stops choosing after N (default: --stats reads all, --grid up to "
+                           "10,000 or 100 per sample shown)")
 
 
 def _show(args) -> int:
+    if args.grid or args.stats or args.html:
+        return _show_pictures(args)
+    from .look import summary
     from .manifest import Manifest
-    from .storage import redact
 
     try:
         m = Manifest.load(args.source)
     except (ShardkitError, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    sizes = [s.num_bytes for s in m.shards]
-    print(f"dataset   {args.source}  ({m.created_by}, format v{m.format_version})")
-    print(f"samples   {m.num_samples}")
-    classes = "none (flat folder)" if m.classes is None else (
-        f"{len(m.classes)}: " + ", ".join(m.classes[:10]) + (" ..." if len(m.classes) > 10 else ""))
-    print(f"classes   {classes}")
-    print(f"shards    {len(m.shards)}, {format_bytes(sum(sizes))} in all, "
-          f"{format_bytes(min(sizes))} to {format_bytes(max(sizes))} each")
-    opts = {k: v for k, v in m.options.items() if k != "fingerprint" and v is not None}
-    print("options   " + ", ".join(f"{k}={v}" for k, v in opts.items()))
-    if m.tensor:
-        print(f"tensors   dtype {m.tensor['dtype']}, layout {m.tensor['layout']}")
-    print(f"skipped   {len(m.skipped)}" + "".join(f"\n  {s['path']}: {s['reason']}" for s in m.skipped[:10]))
-    print(f"ignored   {m.ignored} non-image files")
-    for s in m.shards[:10]:
-        assert s.sha256 is not None  # a loaded manifest's sha256 values are checked strings
-        print(f"  {redact(s.url)}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  "
-              f"sha256 {s.sha256[:16]}…")
-    if len(m.shards) > 10:
-        print(f"  ... {len(m.shards) - 10} more shards")
-    if args.keys and m.shards:
-        print("keys      " + ", ".join(_first_keys(m, args.keys)))
+    print(summary(m, args.source, keys=args.keys))
     return 0
 
 
-def _first_keys(m, n: int) -> list[str]:
-    """The first ``n`` sample keys of the first shard, read through the manifest's store."""
-    from .shardformat import iter_keys
+def _show_pictures(args) -> int:
+    from . import look
+    from .access import MapDataset
 
-    shard = m.shards[0]
-    store = m.shard_store()
-    keys: list[str] = []
-    stream = store.open_range(shard.url, 0, shard.num_bytes)
+    choice = {"per_class": args.per_class, "samples": args.samples, "seed": args.seed,
+              "max_samples": args.max_samples}
     try:
-        for key, _ in iter_keys(stream, store.url(shard.url)):
-            if key not in keys:
-                keys.append(key)
-                if len(keys) >= n:
-                    break
-    finally:
-        stream.close()
-    return keys
+        m = MapDataset(args.source, decode="raw")
+        if args.stats:
+            s = look.stats_picture(m, args.stats, seed=args.seed, max_samples=args.max_samples)
+            print(f"stats: {s['looked_at']} samples read in {s['seconds']:.1f} s -> {args.stats}")
+        if args.grid:
+            g = look.contact_sheet(m, args.grid, **choice)
+            print(f"grid: {sum(len(picks) for _, picks in g['groups'])} samples, {g['rows']} rows "
+                  f"({g['size'][0]}x{g['size'][1]} px) -> {args.grid}")
+            for e in g["errors"][:10]:
+                print(f"  cannot decode sample {e['index']} ({e['key']!r}): {e['error']}",
+                      file=sys.stderr)
+        if args.html:
+            r = look.html_report(m, args.html, keys=args.keys, **choice)
+            print(f"html: {r['thumbs']} thumbnails -> {os.path.join(args.html, 'index.html')}")
+    except (ShardkitError, OSError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
@@ -306,7 +325,8 @@ def _verify(args) -> int:
 
 def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="+",
-                   help="webdataset shards: a folder or prefix of .tar files, a brace pattern "
+                   help="webdataset shards: a folder or prefix of .tar (.tar.gz, .tgz) files, "
+                        "a brace pattern "
                         "('s3://bucket/train/shard-{000000..000999}.tar', quoted), or shard "
                         "paths and URLs (local, s3://, http(s)://, gs://, hf://, …)")
     p.add_argument("--out", help="where to write .shardkit/ (the manifest and index files); "
@@ -389,6 +409,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", action="store_true",
                    help="the raw shards as one dataset against a 50/50 mixture of their halves, "
                         "alternated")
+    p.add_argument("--random", action="store_true",
+                   help="1,000 random reads through MapDataset against a naive ImageFolder "
+                        "doing the same reads (bytes and uint8, warm and cold)")
     p.add_argument("--index", action="store_true",
                    help="time `shardkit index` on SOURCE (a folder of .tar shards; default: the "
                         "synthetic folder packed raw) against `cat` of the same files, warm and cold")
@@ -418,6 +441,16 @@ def _bench(args) -> int:
         print(format_mix_report(report))
         (Path(args.out) / "bench-mix.json").write_text(json.dumps(report, indent=1))
         print(f"(JSON: {Path(args.out) / 'bench-mix.json'})")
+        return 0
+    if args.random:
+        from .bench.randomaccess import format_random_report, run_random
+
+        report = run_random(Path(args.source) if args.source else None, Path(args.out),
+                            classes=args.classes, per_class=args.per_class,
+                            repeats=args.repeats, cold=not args.no_cold)
+        print(format_random_report(report))
+        (Path(args.out) / "bench-random.json").write_text(json.dumps(report, indent=1))
+        print(f"(JSON: {Path(args.out) / 'bench-random.json'})")
         return 0
     if args.index:
         from .bench.indexspeed import format_index_report, run_index
@@ -479,8 +512,8 @@ def _compact(args) -> int:
 # verb -> (what it does, in one line; its arguments; what it runs)
 VERBS = {
     "pack": ("pack an image folder into tar shards and manifest.json", _pack_args, _pack),
-    "show": ("summarise a dataset: counts, classes, shards, options, a few keys", _show_args,
-             _show),
+    "show": ("summarise a dataset: counts, classes, shards, options, a few keys; or draw it "
+             "(--grid, --stats, --html)", _show_args, _show),
     "verify": ("re-read every shard: sizes, sha256, index files, sample counts", _verify_args,
                _verify),
     "index": ("index existing webdataset shards so that shardkit can read them where they are",

@@ -37,8 +37,8 @@ from .distributed import gather_states
 from .errors import OnError, ShardError
 from .layout import Layout, epoch_shares
 from .loaderlink import LoaderLink
-from .manifest import Location, Manifest, load_manifest
-from .modes import DecodeConfig, DecodeMode
+from .manifest import Location, Manifest, check_location, load_manifest
+from .modes import DecodeConfig, DecodeMode, check_fields
 from .reader import ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS
 from .skiplog import NEW, UNLISTED, Region, SkipLog
@@ -60,7 +60,8 @@ def _counted(items: Iterator, count: Callable[[int], None]) -> Iterator:
 class StreamingDataset(IterableDataset):
     """Stream a shardkit dataset: ``(image, label)`` items, or whole batches made in the workers,
     every sample exactly once per epoch over ranks × DataLoader workers. The constructor checks
-    its arguments and does no I/O (the manifest loads on first use). Longer explanations, with
+    its arguments (and that a local path exists) and reads nothing: the manifest loads on first
+    use. Longer explanations, with
     measured numbers: ``docs/reading.md``.
 
     Source and storage:
@@ -153,6 +154,8 @@ class StreamingDataset(IterableDataset):
                                    batch_size=batch_size)
         # what the caller gave (a caller's copy): a location, or the sources of a mixture
         self.source = self.mixing.sources if self.mixing.mixture else self.mixing.sources[0].location
+        for src in self.mixing.sources:  # a typo or an unpacked folder: said here, not in a worker
+            check_location(src.location)
         self._decoder = SampleDecoder(self.decoding)
         self._state = EpochState(plan=self.plan_config, rank=rank, world_size=world_size,
                                  layout=self._layout, num_samples=self._num_samples,
@@ -198,6 +201,7 @@ class StreamingDataset(IterableDataset):
             self._manifests = [load_manifest(src.location, src.storage_options,
                                              timeout=s.timeout, retries=s.retries)
                                for src in self.mixing.sources]
+            check_fields(self.decoding.fields, self._manifests)
         return self._manifests
 
     @property
@@ -273,6 +277,10 @@ class StreamingDataset(IterableDataset):
     def _default_block_size(self) -> int:
         """``block_size=None``: large reads where the manifests say the samples are shuffled
         already, small blocks (a better shuffle at more reads) where they may be in order."""
+        if any(m.compressed for m in self.manifests):  # .tar.gz: whole shards (each span is
+            # decompressed from its shard's start), as webdataset reads them (docs/reading.md)
+            return max([planlib.BLOCK_SIZE] + [int(m.shard_sizes().max(initial=0))
+                                               for m in self.manifests])
         shuffled = all(m.shuffled for m in self.manifests)
         return planlib.BLOCK_SIZE if shuffled else planlib.SMALL_BLOCK_SIZE
 

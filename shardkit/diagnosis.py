@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .errors import ShardError
+from .gzipped import GZIP_MAGIC, gzip_named_tar, is_compressed
 from .shardformat import BLOCK, header_checksum_ok
 
 
@@ -36,7 +37,10 @@ def diagnose(shard: Any, url: str, offsets: np.ndarray, j: int, exc: ShardError,
 
     ``size()`` is the file's size (None: it does not exist; a ShardError when that cannot be
     told), ``block(at)`` its 512 bytes at ``at`` (None when unreadable), ``unloaded`` why a
-    preloaded shard could not be loaded."""
+    preloaded shard could not be loaded.
+
+    A compressed shard (``.tar.gz``): ``size()`` is the file's as stored, ``block(at)`` reads its
+    uncompressed stream; its corrupt or cut gzip data is a fault from ``j`` on (``gave_up``)."""
     if exc.gave_up:  # the store gave up on the file (retries, a timeout, a wrong download)
         if type(exc) is not ShardError:  # a subclass says more (CacheIntegrityError): as it is
             return ShardFault(j, exc)
@@ -51,8 +55,15 @@ def diagnose(shard: Any, url: str, offsets: np.ndarray, j: int, exc: ShardError,
     if got is None or got == 0:
         what = "the file does not exist" if got is None else "the file has 0 bytes"
         return ShardFault(0, ShardError(url, f"missing or empty: {what}"))
-    tar, head = looks_like_a_tar(got, offsets, block)
+    compressed = is_compressed(url)
+    if compressed and got < expected:  # where the cut falls in the samples cannot be told
+        return ShardFault(j, ShardError(
+            url, f"truncated: the manifest says {expected:,} bytes, the file has {got:,} "
+                 f"(gzip-compressed: samples from {j} of {count} on unreadable)", key=exc.key))
+    tar, head = looks_like_a_tar(None if compressed else got, offsets, block)
     if not tar:
+        if head.startswith(GZIP_MAGIC):
+            return ShardFault(0, ShardError(url, gzip_named_tar(url)))
         return ShardFault(0, ShardError(url, f"not a tar archive{kind_of(head)}"))
     if got < expected:
         intact = int(np.searchsorted(offsets[1:], got, side="right"))
@@ -62,12 +73,14 @@ def diagnose(shard: Any, url: str, offsets: np.ndarray, j: int, exc: ShardError,
     return None
 
 
-def looks_like_a_tar(size: int, offsets: np.ndarray,
+def looks_like_a_tar(size: Optional[int], offsets: np.ndarray,
                      block: Callable[[int], Optional[bytes]]) -> tuple[bool, bytes]:
     """Whether a tar header stands where the index puts the first, second or middle sample
-    (one damaged header does not make a shard "not a tar"), and the first bytes looked at."""
+    (one damaged header does not make a shard "not a tar"), and the first bytes looked at.
+    ``size`` None: not known (a compressed shard's uncompressed stream)."""
+    big = 2**63 if size is None else size
     where = sorted({int(offsets[i]) for i in (0, 1, (len(offsets) - 1) // 2)
-                    if i < len(offsets) - 1 and int(offsets[i]) + BLOCK <= size})
+                    if i < len(offsets) - 1 and int(offsets[i]) + BLOCK <= big})
     first = b""
     for k, at in enumerate(where):
         head = block(at)
@@ -75,7 +88,7 @@ def looks_like_a_tar(size: int, offsets: np.ndarray,
             first = head or b""  # what the file starts with, for the message
         if head is None or header_checksum_ok(head):
             return True, first  # a header, or it cannot tell: leave it to the samples
-    return (not where and size >= BLOCK), first
+    return (not where and big >= BLOCK), first
 
 
 def kind_of(head: bytes) -> str:

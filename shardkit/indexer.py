@@ -23,6 +23,7 @@ is written.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .common import available_cpus
 from .errors import ManifestError, ShardError, ShardkitError
+from .gzipped import PADDING_LIMIT, SHARD_KINDS, GunzipRange, is_compressed, is_shard_name
 from .manifest import Manifest, ShardInfo
 from .shardformat import (
     IMAGE_FIELDS,
@@ -54,6 +56,7 @@ from .storage import RemoteStore, make_dest, open_store, redact, split_file_url,
 
 LABEL_FIELDS = ("cls", "cls2", "label")  # looked for in this order when label is "auto"
 TEXT_LIMIT = 1 << 16  # label and metadata members kept while walking (bytes)
+KEPT_LIMIT = 64 << 20  # a compressed shard's label or metadata member, at most (bytes)
 
 
 @dataclass
@@ -79,7 +82,8 @@ def index_shards(source: str | os.PathLike | Sequence[str],
                  part: tuple[int, int] | None = None) -> Manifest:
     """Index existing webdataset shards and write their manifest; returns it.
 
-    ``source``: a folder or prefix of ``.tar`` shards, a brace pattern
+    ``source``: a folder or prefix of ``.tar`` shards (and ``.tar.gz`` / ``.tgz`` ones: their
+    offsets count the uncompressed stream, see :mod:`shardkit.gzipped`), a brace pattern
     (``s3://bucket/train/shard-{000000..000999}.tar``), or a list of shard paths and URLs.
     ``out``: where to write the index files and the manifest (default: ``.shardkit/`` beside
     the shards, which must then all be in one folder or prefix that can be written).
@@ -103,7 +107,7 @@ def index_shards(source: str | os.PathLike | Sequence[str],
             raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part!r}")
     urls = shard_urls(source, storage_options)
     if not urls:
-        raise ShardError(str(source), "no .tar shards found")
+        raise ShardError(str(source), f"no {SHARD_KINDS} shards found")
     spec = _label_spec(label)
     homes = {split_file_url(u, query=True)[:2] for u in urls}
     dest_text = None if out is None else os.fspath(out)
@@ -171,7 +175,7 @@ def index_shards(source: str | os.PathLike | Sequence[str],
 
 def shard_urls(source, storage_options: dict | None = None) -> list[str]:
     """The shard URLs of a source: a list as it is, a brace pattern expanded, a folder or
-    prefix listed (its ``*.tar`` files, sorted)."""
+    prefix listed (its ``*.tar``, ``*.tar.gz`` and ``*.tgz`` files, sorted)."""
     if isinstance(source, (list, tuple)):
         return [os.fspath(u) for u in source]
     text = os.fspath(source)
@@ -179,12 +183,12 @@ def shard_urls(source, storage_options: dict | None = None) -> list[str]:
         import braceexpand
 
         return list(braceexpand.braceexpand(text))
-    if text.split("?", 1)[0].endswith(".tar"):
+    if is_shard_name(text) and not text.endswith("/"):
         return [text]
     protocol, base, _ = split_source(text)
     store = open_store(protocol, base, storage_options)
     return [store.url(name) if protocol == "file" else f"{protocol}://{base}/{name}"
-            for name in sorted(store.list(".tar"))]
+            for name in sorted(store.list("")) if is_shard_name(name)]
 
 
 def _manifest_url(url: str, home: tuple[str, str]) -> str:
@@ -263,8 +267,13 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
 
     if size < 0:
         raise ShardError(where, "its size is not known (the server does not say it)")
-    stream = _open_whole(store, file_name, size)
     walk = Walk()
+    stored: _Counted | None = None
+    if is_compressed(file_name):  # the file as stored is hashed; its uncompressed stream walked
+        stored = _Counted(store.open_range(file_name, 0, size))
+        stream = _Uncompressed(GunzipRange(stored, where), walk, where)
+    else:
+        stream = _open_whole(store, file_name, size)
     offsets: list[int] = []
     keys: list[str] = []
     values: list[dict] = []
@@ -273,7 +282,9 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     ignored = 0
     current: dict | None = None
     try:
-        for m in walk_members(getattr(stream, "mapped", stream), where, keep, walk):
+        for m in walk_members(getattr(stream, "mapped", stream), where, keep, walk,
+                              digest=stored is None,
+                              keep_limit=None if stored is None else KEPT_LIMIT):
             named = None
             if not m.folder:
                 try:
@@ -302,19 +313,20 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
                 raise ShardError(where, f"member {m.name!r}: a second {fld!r} member of sample "
                                         f"{key!r}", key=key)
             current[fld] = m.data
+        num_bytes, sha256 = (walk.size, walk.sha256) if stored is None else stored.result()
     finally:
         stream.close()
     _close(current, where, fields)
     if not keys:
         raise ShardError(where, "holds no sample")
-    if walk.size != size:
-        raise ShardError(where, f"read {walk.size:,} bytes, the store says {size:,} (changed "
+    if num_bytes != size:
+        raise ShardError(where, f"read {num_bytes:,} bytes, the store says {size:,} (changed "
                                 "while indexing?)")
     offsets.append(walk.end)
     if walk.end + 1024 > walk.size:
         raise ShardError(where, "does not end with the two zero blocks of a tar (truncated?)")
     source, labels = _labels(values, keys, spec, where)
-    return IndexedShard(url=name, num_bytes=walk.size, sha256=walk.sha256,
+    return IndexedShard(url=name, num_bytes=num_bytes, sha256=sha256,
                         num_samples=len(keys), label_source=source, labels=labels,
                         fields=fields, ignored=ignored, stamp=stamp, spec=list(spec)), offsets
 
@@ -334,6 +346,59 @@ class _Mapped:
             self.mapped.close()
         except BufferError:  # a view still held by an error's traceback: the GC unmaps it
             pass
+
+
+class _Counted(io.RawIOBase):
+    """A compressed shard's bytes as stored, counted and hashed as the decompressor reads them."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self._raw, self.count, self._digest = raw, 0, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        got = self._raw.readinto(b) or 0
+        if got:
+            self._digest.update(memoryview(b)[:got])
+            self.count += got
+        return got
+
+    def result(self) -> tuple[int, str]:
+        """Size and sha256 of the file: what is left after the gzip data read too."""
+        while self.read(1 << 20):
+            pass
+        return self.count, self._digest.hexdigest()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _Uncompressed(io.RawIOBase):
+    """A compressed shard's uncompressed stream while it is walked: at most ``PADDING_LIMIT``
+    bytes after the archive's end are decompressed (a gzip bomb of zeros after a small tar
+    would take hours, not memory)."""
+
+    def __init__(self, gz: GunzipRange, walk: Walk, where: str):
+        super().__init__()
+        self._gz, self._walk, self._where = gz, walk, where
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if 0 <= self._walk.end and self._gz.pos > self._walk.end + PADDING_LIMIT:
+            raise ShardError(self._where, f"more than {PADDING_LIMIT:,} uncompressed bytes after "
+                                          "the archive's end (not a tar's padding)")
+        return self._gz.readinto(b)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._gz.close()
+        super().close()
 
 
 def _open_whole(store, name: str, size: int):
@@ -500,8 +565,8 @@ def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options
         except (ValueError, TypeError, ShardError):
             continue  # torn or foreign: index it again
         offsets = np.frombuffer(index, dtype="<u8", offset=8).astype(int).tolist()
-        if shard.url != name or n != shard.num_samples or offsets[-1] + 1024 > shard.num_bytes \
-                or shard.spec != list(spec):
+        if shard.url != name or n != shard.num_samples or shard.spec != list(spec) \
+                or offsets[-1] + 1024 > shard.num_bytes and not is_compressed(name):
             continue
         protocol, base, own = split_file_url(url, query=True)
         store = _store(stores, protocol, base, storage_options)
@@ -578,7 +643,7 @@ def _merge_parts(out_dest, n: int, listing: str | None, strict: bool = False) ->
     parts = [Manifest.from_json(json.dumps(records[i]["manifest"]), out_dest.url("part"))
              for i in range(n) if records[i]["manifest"] is not None]
     if not parts:
-        raise ShardError(out_dest.url(""), "no .tar shards found")
+        raise ShardError(out_dest.url(""), f"no {SHARD_KINDS} shards found")
     manifest = _merge_manifests(parts, out_dest.url(""))
     files = manifest.files()
     if any("://" in s.url or s.url.startswith("/") for s in manifest.shards):

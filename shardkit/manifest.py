@@ -34,6 +34,7 @@ from ._version import __version__
 from .columns import COMPACT_SHARDS, ColumnsError, ShardTable, pattern_ok, pattern_values, url_pattern
 from .columns import encode as encode_columns
 from .errors import ManifestError, ShardError
+from .gzipped import GZIP_MAGIC, SHARD_SUFFIXES, gzip_named_tar, is_compressed, is_shard_name
 from .shardformat import (
     COLUMNS_NAME,
     COLUMNS_PATH,
@@ -49,6 +50,7 @@ from .storage import ListedStore, LocalStore, MixedStore, Store, make_dest, make
 
 FORMAT = "shardkit"
 FORMAT_VERSION = 2  # what pack and index write: .shardkit/ beside the shards
+MAX_DEFLATE_RATIO = 1032  # uncompressed bytes per byte of deflate data, at most
 READ_VERSIONS = (1, 2)  # 1: manifest.json and <prefix>-000000.idx beside the shards
 MSGPACK_ENCODING = "shardkit-columns/1"  # layout of the msgpack file's shard columns
 
@@ -250,6 +252,32 @@ class Manifest:
         return None
 
     @property
+    def member_fields(self) -> frozenset[str] | None:
+        """The fields (member extensions) the samples may hold: what the index counted for
+        indexed shards; for a pack, its members (``cls``, ``json``, the image or ``npy``); None
+        when nothing says (shards listed by URL)."""
+        options = self.options if isinstance(self.options, dict) else {}
+        counted = options.get("fields")
+        if isinstance(counted, dict):
+            return frozenset(str(f) for f in counted)
+        if self.format == FORMAT and "mode" in options:
+            image = {"tensor": {"npy"}, "resize": {"jpg"}}.get(options["mode"],
+                                                                {"jpg", "png", "webp", "bmp",
+                                                                 "gif", "tiff"})  # raw: as stored
+            return frozenset({"json", *image, *(("cls",) if self.classes else ())})
+        return None
+
+    @property
+    def compressed(self) -> bool:
+        """Whether some shard is gzip-compressed (``.tar.gz``, ``.tgz``): read from its start."""
+        if isinstance(self.shards, ShardTable):
+            p = self.shards.pattern("url")
+            if p is not None:
+                return is_compressed(p["suffix"])
+            return any(is_compressed(u) for u in self.shards.texts("url"))
+        return any(is_compressed(s.url) for s in self.shards)
+
+    @property
     def external(self) -> bool:
         """Whether shards live outside the manifest's folder (a signed manifest of ``index``)."""
         if isinstance(self.shards, ShardTable):
@@ -290,8 +318,9 @@ class Manifest:
         ``urls``: a list or tuple of shard paths or URLs (local, ``s3://``, ``http(s)://``, any
         other protocol fsspec knows; any
         hosts and prefixes, in the order given), each with its index file beside it (the same
-        name with ``.idx`` instead of ``.tar``). Every index file is read now (in parallel) and
-        validated; it gives the shard's sample count and size. The shards' sha256 are unknown,
+        name with ``.idx`` instead of ``.tar``; ``x.tar.gz.idx`` for ``x.tar.gz``). Every index
+        file is read now (in parallel) and validated; it gives the shard's sample count and size
+        (a compressed shard's size as stored is asked of its store). The shards' sha256 are unknown,
         so not checked (``ShardInfo.sha256`` is None); each index file's sha256 is recorded as
         read, so one changed later is an error. ``classes`` is None. ``storage_options`` apply to
         every remote URL, or per protocol when keyed by protocols (``"s3"``, ``"https"``, ``"gs"``, …).
@@ -316,13 +345,20 @@ class Manifest:
                         raise ShardError(url, f"cannot read its index file {index_url} "
                                               f"({exc.reason})") from None
             else:
+                _refuse_gzip_named_tar(store, url)
                 raise ShardError(url, f"no index file: neither {' nor '.join(candidates)} "
                                       "exists (shards without an index: shardkit index)")
             n, num_bytes = index_extent(data, index_url)
+            compressed = is_compressed(url)
             try:
-                decode_index(data, n, num_bytes, index_url)
+                decode_index(data, n, num_bytes, index_url, compressed=compressed)
             except ManifestError as exc:
                 raise ShardError(index_url, str(exc).removeprefix(f"{index_url}: ")) from None
+            if compressed:  # the file as stored (what the cache checks), not the index's extent
+                size = store.size(url)
+                if size is None:
+                    raise ShardError(url, "not found")
+                num_bytes = size
             return ShardInfo(url=url, num_samples=n, num_bytes=num_bytes, sha256=None,
                              index_url=index_url,
                              index_sha256=hashlib.sha256(data).hexdigest())
@@ -333,6 +369,23 @@ class Manifest:
                        shards=shards, options={})
         manifest.store = store
         return manifest
+
+
+def _refuse_gzip_named_tar(store: Store, url: str) -> None:
+    """A ShardError saying what to do when the listed shard ``url`` (without an index) is gzip
+    data named ``.tar``; nothing when it is not, or cannot be read."""
+    if is_compressed(url):
+        return
+    try:
+        stream = store.open_range(url, 0, 2)
+        try:
+            head = stream.read(2)
+        finally:
+            stream.close()
+    except (OSError, ValueError):
+        return  # the missing index is the error to report
+    if head == GZIP_MAGIC:
+        raise ShardError(url, gzip_named_tar(url))
 
 
 def _check_header(data: object, where: str) -> None:
@@ -416,6 +469,11 @@ def _check_table(m: Manifest, table: ShardTable, where: str, external: bool = Fa
     if int(sizes.sum()) != m.num_samples:
         raise ManifestError(f"{where}: shard sample counts do not add up to num_samples")
     small = np.flatnonzero(nbytes < 1024 * (sizes + 1))
+    p = table.pattern("url")
+    if small.size and p is not None and is_compressed(p["suffix"]):  # all compressed
+        small = np.flatnonzero(nbytes * MAX_DEFLATE_RATIO < 1024 * (sizes + 1))
+    elif small.size:  # compressed ones among them may hold that many
+        small = np.asarray([i for i in small.tolist() if not _fits_compressed(table[i])], int)
     if small.size:
         s = table[int(small[0])]
         raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
@@ -459,7 +517,7 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
     # Every sample takes at least 1024 bytes and the archive ends with 1024 zero bytes (what
     # decode_index checks later): a count no shard could hold must not size the epoch plan.
     for s in m.shards:
-        if s.num_bytes < 1024 * (s.num_samples + 1):
+        if s.num_bytes < 1024 * (s.num_samples + 1) and not _fits_compressed(s):
             raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
                                 f"in {s.num_bytes} bytes (each sample takes at least 1024)")
     _check_fields(m, where)
@@ -481,6 +539,12 @@ def _check_fields(m: Manifest, where: str) -> None:
             or not (m.labels is None or isinstance(m.labels, dict)):
         raise ManifestError(f"{where}: malformed manifest (classes, options, skipped, ignored, "
                             "tensor, labels or created_by has the wrong type)")
+
+
+def _fits_compressed(s: ShardInfo) -> bool:
+    """Whether a compressed shard (``.tar.gz``) could hold its samples in its bytes as stored:
+    1024 uncompressed bytes a sample and the archive's end, at deflate's largest ratio."""
+    return is_compressed(s.url) and s.num_bytes * MAX_DEFLATE_RATIO >= 1024 * (s.num_samples + 1)
 
 
 def _check_urls(m: Manifest, where: str, external: bool) -> None:
@@ -542,20 +606,52 @@ def _read_first(store: Store, names: list[str]) -> tuple[str, bytes]:
     if isinstance(store, LocalStore):
         base = store.base
         if not base.exists():
-            parent = base.parent
-            near = sorted(p.name for p in parent.iterdir())[:8] if parent.is_dir() else []
-            raise ManifestError(f"{base}: no such file or directory" + (
-                f" ({parent} holds: {', '.join(near)})" if near else ""))
-        if any(base.glob("*.tar")):
+            raise _no_such_path(base)
+        if any(any(base.glob(f"*{suffix}")) for suffix in SHARD_SUFFIXES):
             if any(base.glob(".shardkit-pack*.json")):
                 hint = " (an unfinished pack? re-run pack with --resume)"
             else:
                 hint = (" (shards without a shardkit manifest? index them: "
                         f"shardkit index {base})")
         elif _image_folder(base):
-            hint = (f" ({base} is a folder of images: pack it first, e.g. "
-                    f"shardkit pack {base} {base}-shards --mode resize --size 256)")
+            hint = f" ({_image_folder_hint(base)})"
     raise ManifestError(f"{where}: no manifest found{hint}")
+
+
+def _no_such_path(path) -> ManifestError:
+    parent = path.parent
+    try:
+        near = sorted(p.name for p in parent.iterdir())[:8] if parent.is_dir() else []
+    except OSError:
+        near = []
+    return ManifestError(f"{path}: no such file or directory" + (
+        f" ({parent} holds: {', '.join(near)})" if near else ""))
+
+
+def _image_folder_hint(path) -> str:
+    return (f"{path} is a folder of images: pack it first, e.g. "
+            f"shardkit pack {path} {path}-shards --mode resize --size 256")
+
+
+def check_location(source) -> None:
+    """The mistakes a local path shows at a glance, raised where the dataset is made (before
+    any worker starts): a path that does not exist, a folder of images not packed yet. One
+    ``stat`` (and a look into a folder without a manifest); remote locations are not looked at."""
+    try:
+        text = os.fspath(source)
+    except TypeError:
+        return
+    if not isinstance(text, str) or "://" in text or ("{" in text and ".." in text):
+        return
+    from pathlib import Path
+
+    path = Path(text)
+    if not path.exists():
+        raise _no_such_path(path)
+    if path.is_dir() and not any((path / n).exists() for n in (MANIFEST_PATH, MANIFEST_NAME,
+                                                               MSGPACK_PATH, MSGPACK_NAME)) \
+            and not any(path.glob("*.tar")) and _image_folder(path):
+        raise ManifestError(f"{path}: no manifest found ({_image_folder_hint(path)})")
 
 
 def _image_folder(base) -> bool:
@@ -634,7 +730,8 @@ def load_manifest(source: Location, storage_options: dict | None = None, *, time
 
 
 def _shard_list(source) -> list[str] | None:
-    """The shard paths a source names by itself: one ``.tar`` path or URL, or a brace pattern
+    """The shard paths a source names by itself: one ``.tar`` (``.tar.gz``, ``.tgz``) path or
+    URL, or a brace pattern
     (``shard-{000000..000099}.tar``); None for a folder, prefix or manifest."""
     try:
         text = os.fspath(source)
@@ -646,7 +743,7 @@ def _shard_list(source) -> list[str] | None:
         import braceexpand
 
         return list(braceexpand.braceexpand(text))
-    if text.split("?", 1)[0].endswith(".tar"):
+    if is_shard_name(text) and not text.endswith("/"):  # .tar, .tar.gz, .tgz
         return [text]
     return None
 

@@ -27,7 +27,7 @@ from .decode import (
 )
 from .errors import OnError
 from .gpudecode import JpegItem, encode_item
-from .shardformat import MAX_PIXELS
+from .shardformat import IMAGE_FIELDS, MAX_PIXELS
 
 # Fields delivered as text (str) by ``fields=``; any other field comes as bytes.
 TEXT_FIELDS = frozenset({"txt", "text", "caption", "json", "cls", "cls2", "label", "csv", "tsv",
@@ -189,6 +189,28 @@ def field_kinds(fields: Union[None, tuple, list, Mapping[str, str]]) -> dict[str
     return out
 
 
+def check_fields(fields: Mapping[str, str], manifests: list) -> None:
+    """``fields=`` against what the manifests say their samples hold
+    (:attr:`~shardkit.Manifest.member_fields`): a field no sample of any of them holds is a
+    ``ValueError`` naming the fields there are (silent Nones otherwise). Nothing to check when a
+    manifest does not say (shards listed by URL)."""
+    known: set[str] = set()
+    for m in manifests:
+        held = getattr(m, "member_fields", None)
+        if held is None:
+            return
+        known |= held
+    missing = [f for f in fields if f not in known]
+    if missing:
+        where = ", ".join(getattr(m, "base_url", None) or "the listed shards" for m in manifests)
+        images = sorted(known & set(IMAGE_FIELDS))
+        held = sorted(known - set(IMAGE_FIELDS)) if len(images) > 2 else sorted(known)
+        if len(images) > 2:  # a raw pack: the images' own formats
+            held.append(f"an image ({'/'.join(images)})")
+        raise ValueError(f"fields: no sample of {where} holds {', '.join(missing)}; its samples "
+                         f"hold {', '.join(held)}")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How samples become items: the ``mode`` (a :class:`DecodeMode`), a decode-fused ``crop``,
@@ -239,4 +261,5 @@ class DecodeConfig:
         return self.mode.fast(self)
 
 
-__all__ = ["DecodeConfig", "DecodeMode", "MODES", "SAMPLE_DICTS", "TEXT_FIELDS", "field_kinds"]
+__all__ = ["DecodeConfig", "DecodeMode", "MODES", "SAMPLE_DICTS", "TEXT_FIELDS", "check_fields",
+           "field_kinds"]

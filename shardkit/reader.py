@@ -27,7 +27,8 @@ import torch
 
 from .diagnosis import ShardFault, diagnose
 from .errors import ManifestError, OnError, ShardError
-from .shardformat import BLOCK, MAX_TAIL, decode_index, parse_sample, strict_samples
+from .gzipped import GunzipRange, is_compressed
+from .shardformat import BLOCK, END_OF_ARCHIVE, MAX_TAIL, decode_index, parse_sample, strict_samples
 from .skiplog import Region
 from .storage import LocalStore
 
@@ -38,6 +39,7 @@ log = logging.getLogger("shardkit")
 
 PREFETCH_SPANS = 2  # a remote shard cache downloads the shards of this many spans ahead
 RECENT_INDEXES = 32  # index files a process keeps (8 bytes per sample each)
+PARKED_STREAMS = 4  # compressed shards' decompressors a process keeps open for their next span
 
 
 class BadSample:
@@ -76,10 +78,12 @@ class ShardReader:
         self._healthy: set[int] = set()  # shards diagnosed whole in this iteration
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._prefetched: set[int] = set()  # shards whose cache download this process started
+        self._parked: dict[int, GunzipRange] = {}  # LRU of compressed shards' open streams
+        self._parked_pid = os.getpid()  # (a forked DataLoader worker never uses its parent's)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy"):
+        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_parked"):
             del state[name]
         return state
 
@@ -130,6 +134,16 @@ class ShardReader:
         """A new iteration: shard faults are looked at again (a file may have come back)."""
         self._faults.clear()
         self._healthy.clear()
+        self.close_parked()
+
+    def close_parked(self) -> None:
+        """Close the decompressors kept for compressed shards' next spans."""
+        parked, self._parked = self._parked, {}
+        if self._parked_pid != os.getpid():  # a forked worker: the parent's to close
+            self._parked_pid = os.getpid()
+            return
+        for stream in parked.values():
+            stream.close()
 
     def read(self, spans, start: int, skips: Region,
              report: Callable[[int, ShardFault], None] | None = None) -> Iterator[tuple[int, object]]:
@@ -227,12 +241,16 @@ class ShardReader:
                         partial(self._block, shard_no), self._unloaded.get(shard_no))
 
     def _block(self, shard_no: int, at: int) -> bytes | None:
-        """The 512 bytes of a shard at ``at``, or None when they cannot be read."""
+        """The 512 bytes of a shard at ``at`` (of a compressed one: of its uncompressed stream),
+        or None when they cannot be read."""
         try:
-            if self.memory is not None:
-                return bytes(self.memory[shard_no][at:at + BLOCK].numpy())  # not None: size > 0
             store, shard = self.shard(shard_no)
-            stream = store.open_range(shard.url, at, at + BLOCK)
+            if is_compressed(shard.url):
+                stream = self._gunzip(shard_no, at, at + BLOCK)
+            elif self.memory is not None:
+                return bytes(self.memory[shard_no][at:at + BLOCK].numpy())  # not None: size > 0
+            else:
+                stream = store.open_range(shard.url, at, at + BLOCK)
             try:
                 head = read_upto(stream, BLOCK)
                 return bytes(head) if len(head) == BLOCK else b""
@@ -290,9 +308,15 @@ class ShardReader:
         stream of them."""
         store, shard = self.shard(shard_no)
         lo = int(offsets[first])
-        hi = shard.num_bytes if tail and stop == len(offsets) - 1 else int(offsets[stop])
+        compressed = is_compressed(shard.url)
+        # a compressed shard's end: its two zero blocks (the padding after them is not read)
+        end = int(offsets[-1]) + len(END_OF_ARCHIVE) if compressed else shard.num_bytes
+        hi = end if tail and stop == len(offsets) - 1 else int(offsets[stop])
         ends = (offsets[first + 1:stop + 1] - lo).tolist()
-        if self.memory is not None:
+        stream: io.RawIOBase | BinaryIO
+        if compressed:  # the whole file read: its CRC checked after the last sample
+            stream = self._gunzip(shard_no, lo, hi, to_end=tail and stop == len(offsets) - 1)
+        elif self.memory is not None:
             data = self.memory[shard_no]
             if data is None:
                 raise ShardError(store.url(shard.url), "could not be preloaded: "
@@ -318,6 +342,7 @@ class ShardReader:
         views = self.views
         lo, hi, ends, stream = self._range(shard_no, offsets, first, stop, tail)
         k, prev, sample_key = 0, 0, None
+        done = False  # the span read whole by the fast path: a compressed shard's stream is kept
         try:
             read: list = []  # the bytes read since sample k's start: the strict path gets them
             for k, end in enumerate(ends):  # noqa: B007 - k is where the strict path takes over
@@ -339,6 +364,7 @@ class ShardReader:
                 prev, sample_key = end, sample["__key__"]
                 yield sample
             else:
+                done = True
                 return
             # The strict path goes on from sample k over the same stream (one request per span,
             # each byte read once), starting with the bytes the fast path has read of it.
@@ -347,7 +373,46 @@ class ShardReader:
                                       len(offsets) - 1, hi - lo - prev, prev_key=sample_key,
                                       index_url=index_url)
         finally:
-            stream.close()
+            if done and isinstance(stream, GunzipRange) and stop < len(offsets) - 1:
+                self._park(shard_no, stream)
+            else:
+                stream.close()
+
+    def _park(self, shard_no: int, stream: GunzipRange) -> None:
+        """Keep a compressed shard's stream for the shard's next span (the last
+        ``PARKED_STREAMS``): a worker that reads several spans of a shard in order decompresses
+        it once, not once per span."""
+        self._parked[shard_no] = stream
+        while len(self._parked) > PARKED_STREAMS:
+            self._parked.pop(next(iter(self._parked))).close()
+
+    def _gunzip(self, shard_no: int, lo: int, hi: int, to_end: bool = False) -> GunzipRange:
+        """Bytes ``[lo, hi)`` of a compressed shard's uncompressed stream: the file as stored
+        (from the store, the cache, or memory) decompressed from its start, in bounded pieces,
+        what comes before ``lo`` discarded; or the stream an earlier span of the shard left
+        (:meth:`_park`) when it has not gone past ``lo``."""
+        if self._parked_pid != os.getpid():
+            self._parked, self._parked_pid = {}, os.getpid()
+        parked = self._parked.pop(shard_no, None)
+        if parked is not None:  # the end of an earlier span: on from there when it lies before
+            if parked.pos <= lo:
+                try:
+                    parked.move(lo, hi, to_end)
+                except BaseException:
+                    parked.close()
+                    raise
+                return parked
+            parked.close()
+        store, shard = self.shard(shard_no)
+        if self.memory is not None:
+            data = self.memory[shard_no]
+            if data is None:
+                raise ShardError(store.url(shard.url), "could not be preloaded: "
+                                 + self._unloaded.get(shard_no, "unreadable"))
+            raw = MemoryReader(memoryview(data.numpy()))  # type: ignore[arg-type]  # numpy stubs
+        else:
+            raw = self._open_stream(store, shard, 0, shard.num_bytes)
+        return GunzipRange(raw, store.url(shard.url), lo, hi, to_end)
 
     def _open_stream(self, store, shard, lo: int, hi: int, prefetch: bool = False):
         """Bytes ``[lo, hi)`` of a shard of ``store``: through the shared on-disk cache when there
@@ -379,7 +444,8 @@ def load_index(store, shard) -> np.ndarray:
         raise ShardError(url, f"its index {index_url} is not the one the manifest lists "
                               "(sha256 differs)")
     try:
-        return decode_index(data, shard.num_samples, shard.num_bytes, index_url)
+        return decode_index(data, shard.num_samples, shard.num_bytes, index_url,
+                            compressed=is_compressed(shard.url))
     except ManifestError as exc:
         reason = str(exc).removeprefix(f"{index_url}: ")
         raise ShardError(url, f"its index {index_url} does not match the manifest: {reason}") \
@@ -433,6 +499,23 @@ def read_upto(stream, n: int) -> memoryview:
             return view[:got]
         got += r
     return view
+
+
+class MemoryReader(io.RawIOBase):
+    """A stream of a buffer in memory, without copying it first (``io.BytesIO`` would)."""
+
+    def __init__(self, view: memoryview):
+        super().__init__()
+        self._view, self._pos = view.cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        memoryview(b).cast("B")[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
 
 
 class Replay(io.RawIOBase):

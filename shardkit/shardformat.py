@@ -21,6 +21,8 @@ ends each archive with exactly ``END_OF_ARCHIVE``.
 Index file (``.idx``): 8 magic bytes ``SKIDX\\x01\\0\\0``, then ``num_samples + 1`` little-endian
 uint64 byte offsets: where each sample's first tar header starts, and finally where the
 end-of-archive blocks start. A reader can start at any sample without reading what precedes it.
+Compressed shards (``.tar.gz``, ``.tgz``: :mod:`shardkit.gzipped`) have the same index, its offsets
+counted in the uncompressed stream; they are read from their start.
 
 Two parsers read samples back, and accept and refuse exactly the same bytes:
 :func:`parse_sample` is the fast one (one sample's bytes, plain USTAR members, no copy with
@@ -32,11 +34,13 @@ from __future__ import annotations
 
 import re
 import tarfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, cast
+from zlib import adler32
 
 import numpy as np
 
 from .errors import ManifestError, ShardError
+from .gzipped import GZIP_MAGIC, GunzipRange, gzip_named_tar, is_compressed
 
 MANIFEST_NAME = "manifest.json"
 MSGPACK_NAME = "manifest.msgpack"
@@ -145,6 +149,12 @@ def split_member(name: str, url: str) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------- reading samples
 
 
+def _header_sum(h) -> int:
+    """The sum of a 512-byte header's bytes, in C: adler32's low half is 1 + the byte sum modulo
+    65521, exact for 256 bytes (at most 65,280)."""
+    return (adler32(h[:256]) & 0xFFFF) + (adler32(h[256:512]) & 0xFFFF) - 2
+
+
 def parse_sample(buf, url: str, views: bool) -> dict | None:
     """The members of one sample's bytes when they are plain USTAR members named
     ``<key>.<field>`` with one key, filling ``buf`` exactly; else None (:func:`strict_samples`
@@ -165,7 +175,7 @@ def parse_sample(buf, url: str, views: bool) -> dict | None:
             name = bytes(h[0:100]).split(b"\0", 1)[0].decode("ascii")
         except ValueError:
             return None
-        if sum(h) - sum(h[148:156]) + 256 != checksum:
+        if _header_sum(h) - sum(h[148:156]) + 256 != checksum:
             return None
         dot = name.find(".")  # the packer's names, plain; anything else: the strict path
         if dot < 1 or not _PLAIN_KEY.fullmatch(name, 0, dot) or not _FIELD.fullmatch(name, dot + 1):
@@ -274,12 +284,15 @@ def header_checksum_ok(block: bytes | bytearray | memoryview) -> bool:
         checksum = int(bytes(h[148:156]).rstrip(b"\0 ").lstrip(b" ") or b"x", 8)
     except ValueError:
         return False
-    return sum(h) - sum(h[148:156]) + 256 == checksum
+    return _header_sum(h) - sum(h[148:156]) + 256 == checksum
 
 
 def iter_keys(fileobj: BinaryIO, url: str) -> Iterator[tuple[str, str]]:
-    """``(key, field)`` of every member of a whole shard, in order (``tarfile`` stream mode);
-    a damaged archive is a :class:`ShardError` naming ``url``."""
+    """``(key, field)`` of every member of a whole shard, in order (``tarfile`` stream mode; a
+    compressed shard's, by its name, decompressed in bounded pieces); a damaged archive is a
+    :class:`ShardError` naming ``url``."""
+    if is_compressed(url):
+        fileobj = cast(BinaryIO, GunzipRange(fileobj, url))
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tf:
             for info in tf:
@@ -318,14 +331,18 @@ def index_extent(data: bytes, where: str) -> tuple[int, int]:
     return n, end + len(END_OF_ARCHIVE)
 
 
-def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str) -> np.ndarray:
-    """Parse and validate an index file against the manifest's counts."""
+def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str,
+                 compressed: bool = False) -> np.ndarray:
+    """Parse and validate an index file against the manifest's counts. ``compressed``: of a
+    ``.tar.gz`` shard, whose offsets count the uncompressed stream (not bounded by ``num_bytes``,
+    the file's size as stored)."""
     expected = len(INDEX_MAGIC) + 8 * (num_samples + 1)
     if not data.startswith(INDEX_MAGIC) or len(data) != expected:
         raise ManifestError(f"{where}: index file is malformed or does not match the manifest "
                             f"({len(data)} bytes, expected {expected})")
     raw = np.frombuffer(data, dtype="<u8", offset=len(INDEX_MAGIC))
-    if int(raw.max()) + len(END_OF_ARCHIVE) > num_bytes:  # Python ints: no int64 wrap-around
+    bound = 2**63 - 1 if compressed else num_bytes
+    if int(raw.max()) + len(END_OF_ARCHIVE) > bound:  # Python ints: no int64 wrap-around
         raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
     offsets = raw.astype(np.int64)
     if offsets[0] != 0 or np.any(np.diff(offsets) < 2 * BLOCK):
@@ -374,15 +391,25 @@ class _TarBytes:
         return out
 
 
+class _NoDigest:
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
 class _StreamBytes(_TarBytes):
-    """A tar read once from a stream, every byte hashed as it arrives (remote shards)."""
+    """A tar read once from a stream, every byte hashed as it arrives (remote shards; not hashed
+    without ``digest``)."""
 
     buf: bytearray
 
-    def __init__(self, stream: BinaryIO, chunk: int):
+    def __init__(self, stream: BinaryIO, chunk: int, digest: bool = True):
         import hashlib
 
-        self.stream, self.chunk, self.digest = stream, chunk, hashlib.sha256()
+        self.stream, self.chunk = stream, chunk
+        self.digest = hashlib.sha256() if digest else _NoDigest()
         self.buf = bytearray()
         self.base = self.cur = 0  # file offset of buf[0]; read position inside buf
         self.eof = False
@@ -461,22 +488,24 @@ class _MappedBytes(_TarBytes):
         return len(self.buf), hashlib.sha256(self.buf).hexdigest()
 
 
-def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
-                 ) -> Iterator[Member]:
+def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, digest: bool = True,
+                 keep_limit: int | None = None) -> Iterator[Member]:
     """The members of a whole tar, read once, sequentially: each with the offset of its first
     header (a pax or GNU long-name header before it included), its name, type flag and size; its
-    bytes when ``keep(name)`` (small members: labels, metadata).
+    bytes when ``keep(name)`` (small members: labels, metadata; one over ``keep_limit`` bytes is
+    an error, as it would be buffered whole).
 
     ``source``: a stream (read in ``chunk``-byte pieces, every byte hashed as it arrives) or the
     whole file as a buffer (a local file's ``mmap``: only headers are touched while walking).
-    ``walk`` gets the end-of-archive offset, the size and sha256 once the walk is done. A damaged
+    ``walk`` gets the end-of-archive offset, the size and sha256 (not computed without
+    ``digest``: a compressed shard's uncompressed stream) once the walk is done. A damaged
     header, a member running past the end of the file or no end-of-archive block is a
     :class:`ShardError` naming ``url`` and the byte offset."""
     src: _MappedBytes | _StreamBytes
     if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "madvise"):
         src = _MappedBytes(source)
     else:
-        src = _StreamBytes(source, chunk)
+        src = _StreamBytes(source, chunk, digest)
     pending_name, pending_size, chain_start = None, None, None
     data: bytes | None
     while True:
@@ -489,6 +518,8 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
             walk.end = at
             break
         if not header_checksum_ok(h):
+            if at == 0 and bytes(h[:2]) == GZIP_MAGIC:
+                raise ShardError(url, gzip_named_tar(url))
             raise ShardError(url, f"corrupt tar header at byte {at:,} (its checksum does not hold)")
         src.cur += BLOCK
         flag = h[156]
@@ -525,6 +556,9 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20
                     name = f"{prefix}/{name}"
         data = None
         if flag in (0x30, 0, 0x37) and size and keep(name):
+            if keep_limit is not None and size > keep_limit:
+                raise ShardError(url, f"member {name!r} at byte {at:,} holds {size:,} bytes: too "
+                                      "large for a label or metadata member")
             if not src.need(padded) and len(src.buf) - src.cur < size:
                 raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the "
                                       "file (truncated?)")

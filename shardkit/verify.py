@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import ManifestError, ShardError
+from .gzipped import is_compressed
 from .manifest import Location, Manifest
 from .shardformat import decode_index, iter_keys
 
@@ -54,7 +55,8 @@ def verify(source: Location, storage_options: dict | None = None,
             index = store.read_bytes(shard.index_url)
             if hashlib.sha256(index).hexdigest() != shard.index_sha256:
                 raise ValueError("sha256 of the index differs from the manifest")
-            decode_index(index, shard.num_samples, shard.num_bytes, shard.index_url)
+            decode_index(index, shard.num_samples, shard.num_bytes, shard.index_url,
+                         compressed=is_compressed(shard.url))
         except ShardError as exc:
             report.problems.append((shard.index_url, exc.reason))
         except (ManifestError, ValueError) as exc:
@@ -70,7 +72,7 @@ def _count_samples(data: bytes, url: str, report: VerifyReport) -> int:
     keys = set()
     last = None
     try:
-        for key, _ in iter_keys(io.BytesIO(data), url):
+        for key, _ in iter_keys(io.BytesIO(data), url):  # (a .tar.gz's: decompressed)
             if key != last:
                 if key in keys:
                     report.problems.append((url, f"sample {key!r} is not contiguous"))

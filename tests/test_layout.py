@@ -24,9 +24,9 @@ GROUPS = {
 }
 READING = {"layout", "plan", "config", "epochs", "resume", "distributed", "state", "loaderlink", "reader",
            "decode", "gpudecode", "modes", "batching", "assembly", "dataset", "loader", "recycle",
-           "eagerqueue", "skiplog", "diagnosis", "wds"}
+           "eagerqueue", "skiplog", "diagnosis", "wds", "access"}
 ADOPTING = {"indexer"}
-TOP = {"__init__", "__main__", "cli"}
+TOP = {"__init__", "__main__", "cli", "look"}
 
 
 def group(module: str) -> str:

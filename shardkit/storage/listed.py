@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from ..errors import ShardError
+from ..gzipped import is_shard_name
 from ..shardformat import index_name
 from .base import BaseStore, Store, redact
 from .urls import open_store, remote_protocols, split_file_url
@@ -49,10 +50,11 @@ class _Routed(BaseStore):
 
 
 class ListedStore(_Routed):
-    """The shard files a caller listed, each with the index file beside it (the same name with
-    ``.idx`` instead of ``.tar``), wherever each lives: local paths, ``s3://`` and ``http(s)://``
-    URLs on any host or prefix, and those of any other protocol fsspec knows (``gs://``, …).
-    Each file is read through the store of its own folder or prefix.
+    """The shard files a caller listed (``.tar``, ``.tar.gz``, ``.tgz``), each with the index file
+    beside it (the same name with ``.idx`` instead of ``.tar``), wherever each lives: local
+    paths, ``s3://`` and ``http(s)://`` URLs on any host or prefix, and those of any other
+    protocol fsspec knows (``gs://``, …). Each file is read through the store of its own folder
+    or prefix.
 
     Names are the files' display URLs (credentials removed); nothing but the listed files and
     their index files can be read through it. Built by :meth:`shardkit.Manifest.from_urls` only:
@@ -70,9 +72,9 @@ class ListedStore(_Routed):
         stores: dict[tuple[str, str], Store] = {}
         for url in urls:
             protocol, base, name = split_file_url(url)
-            if not name.endswith(".tar") or name == ".tar":
+            if not is_shard_name(name):
                 raise ValueError(f"{redact(os.fspath(url))}: a shard URL must name a .tar file "
-                                 "(its index is .shardkit/<name>.idx beside it)")
+                                 "(or .tar.gz, .tgz; its index is .shardkit/<name>.idx beside it)")
             store = stores.get((protocol, base))
             if store is None:
                 store = open_store(protocol, base, _options_for(storage_options, protocol),
