@@ -31,9 +31,11 @@ Reading (the read path, bottom to top):
 
 Adopting shards others wrote: indexer (shardkit index).
 
-Front: this file · cli · __main__ · look (shardkit show: summary, contact sheet, stats picture, HTML
-report) · bench/ (benchmarks: loaders, mix, randomaccess, s3, scale, gpu, indexspeed, indexscale,
-synth, demo).
+Front: this file · cli · __main__ · look/ — shardkit show, bottom to top: drawing (chart primitives),
+choosing (the seeded choice of samples), pictures (a sample as an image, thumbnails, image sizes),
+overview (the summary text), sheet (the contact sheet), stats (a dataset's numbers), statspicture
+(them drawn), report (the HTML report) · bench/ (benchmarks: loaders, mix, randomaccess, s3, scale,
+gpu, indexspeed, indexscale, synth, demo).
 """
 
 from ._version import __version__ as __version__

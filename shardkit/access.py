@@ -20,11 +20,14 @@ meets an old table.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
+import tempfile
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -104,13 +107,14 @@ class MapDataset(torch.utils.data.Dataset):
         self._per_process()
 
     def _per_process(self) -> None:
-        self._files: OrderedDict[int, tuple[int, str]] = OrderedDict()  # shard -> (fd, url)
+        self._files: OrderedDict[int, list] = OrderedDict()  # shard -> [fd, url, users]
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for name in ("_files", "_lock"):
             del state[name]
+        state["_keys"] = None  # 16 bytes a sample: a worker loads the kept table if it needs it
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -125,9 +129,14 @@ class MapDataset(torch.utils.data.Dataset):
 
     def close(self) -> None:
         """Close the shard files this process holds open (they reopen on the next read)."""
-        files = getattr(self, "_files", None)
-        while files:
-            os.close(files.popitem()[1][0])
+        files, lock = getattr(self, "_files", None), getattr(self, "_lock", None)
+        if not files or lock is None:
+            return
+        with lock:
+            while files:
+                fd, _, users = files.popitem()[1]
+                if users == 0:
+                    os.close(fd)  # (one in use closes when its last user is done)
 
     # ----------------------------------------------------------------- indices
     def __len__(self) -> int:
@@ -145,9 +154,13 @@ class MapDataset(torch.utils.data.Dataset):
     def locate(self, index: int) -> tuple[int, int]:
         """``(shard number, sample number in that shard)`` of global sample ``index``."""
         n = len(self)
-        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"sample index must be an int, got {type(index).__name__}")
-        i = int(index) + n if index < 0 else int(index)
+        if isinstance(index, (bool, np.bool_)):
+            raise TypeError("sample index must be an int, got bool")
+        try:
+            i = operator.index(index)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"sample index must be an int, got {type(index).__name__}") from None
+        i = i + n if i < 0 else i
         if not 0 <= i < n:
             raise IndexError(f"sample index {index} out of range: the dataset holds {n} samples")
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
@@ -174,51 +187,65 @@ class MapDataset(torch.utils.data.Dataset):
         """The key of sample ``index`` (read from its first tar header where it can be)."""
         shard, j = self.locate(index)
         offsets = self.reader.offsets(shard)
-        fd = self._fd(shard)
-        if fd is not None:
-            key = _header_key(os.pread(fd, BLOCK, int(offsets[j])), self.reader.url(shard))
-            if key is not None:
-                return key
+        with self._local(shard) as local:
+            if local is not None:
+                key = _header_key(os.pread(local[0], BLOCK, int(offsets[j])), local[1])
+                if key is not None:
+                    return key
         return self._read(shard, j)["__key__"]
 
     def _read(self, shard: int, j: int) -> dict:
         reader = self.reader
         offsets = reader.offsets(shard)
-        local = self._open(shard)
-        if local is not None:
-            lo, hi = int(offsets[j]), int(offsets[j + 1])
-            buf = os.pread(local[0], hi - lo, lo)
-            sample = parse_sample(buf, local[1], False) if len(buf) == hi - lo else None
-            if sample is not None:
-                return sample
+        with self._local(shard) as local:
+            if local is not None:
+                lo, hi = int(offsets[j]), int(offsets[j + 1])
+                buf = os.pread(local[0], hi - lo, lo)
+                sample = parse_sample(buf, local[1], False) if len(buf) == hi - lo else None
+                if sample is not None:
+                    return sample
         # remote shards, and what the fast parser does not take (the strict parser decides)
         return next(iter(reader._samples(shard, offsets, j, j + 1, tail=False)))
 
-    def _fd(self, shard: int) -> int | None:
-        """An open file of a local shard (an LRU of :data:`OPEN_SHARDS`), None for a remote one."""
-        got = self._open(shard)
-        return None if got is None else got[0]
-
-    def _open(self, shard: int) -> tuple[int, str] | None:
-        """``(fd, url)`` of a local shard, kept open (an LRU); None for a remote one."""
-        files = self._files
-        got = files.get(shard)
-        if got is not None:
-            files.move_to_end(shard)
-            return got
-        store, info = self.reader.shard(shard)
-        if not isinstance(store, LocalStore) or is_compressed(info.url):
-            return None  # read by the reader (a .tar.gz: decompressed from its start)
-        path = store.url(info.url)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise ShardError(path, f"cannot open: {exc.strerror or exc}") from None
+    @contextmanager
+    def _local(self, shard: int) -> Iterator[tuple[int, str] | None]:
+        """``(fd, url)`` of a local shard, open for the ``with`` block (an LRU of
+        :data:`OPEN_SHARDS` open files; one evicted while in use closes when its last user is
+        done, so no thread ever reads a closed or reused descriptor); None for a shard the
+        reader reads (remote, or compressed)."""
         with self._lock:
-            files[shard] = got = (fd, path)
-            while len(files) > OPEN_SHARDS:
-                os.close(files.popitem(last=False)[1][0])
-        return got
+            entry = self._files.get(shard)
+            if entry is not None:
+                self._files.move_to_end(shard)
+                entry[2] += 1
+        if entry is None:
+            store, info = self.reader.shard(shard)
+            if not isinstance(store, LocalStore) or is_compressed(info.url):
+                yield None  # read by the reader (a .tar.gz: decompressed from its start)
+                return
+            path = store.url(info.url)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise ShardError(path, f"cannot open: {exc.strerror or exc}") from None
+            with self._lock:
+                entry = self._files.get(shard)
+                if entry is None:
+                    entry = self._files[shard] = [fd, path, 1]
+                    while len(self._files) > OPEN_SHARDS:
+                        old = self._files.popitem(last=False)[1]
+                        if old[2] == 0:
+                            os.close(old[0])
+                else:  # another thread opened it meanwhile
+                    os.close(fd)
+                    entry[2] += 1
+        try:
+            yield entry[0], entry[1]
+        finally:
+            with self._lock:
+                entry[2] -= 1
+                if entry[2] == 0 and self._files.get(shard) is not entry:
+                    os.close(entry[0])  # evicted while in use
 
     # ----------------------------------------------------------------- keys
     def index_of(self, key: str) -> int:
@@ -284,16 +311,16 @@ class MapDataset(torch.utils.data.Dataset):
         """The keys of one shard's samples, in order."""
         offsets = self.reader.offsets(shard)
         count = len(offsets) - 1
-        fd = self._fd(shard)
-        if fd is None:  # a remote shard: one streamed read of it
-            return [s["__key__"] for s in self.reader._samples(shard, offsets, 0, count,
-                                                               tail=False)]
-        url = self.reader.url(shard)
-        keys = []
-        for j in range(count):
-            key = _header_key(os.pread(fd, BLOCK, int(offsets[j])), url)
-            keys.append(key if key is not None else self._read(shard, j)["__key__"])
-        return keys
+        with self._local(shard) as local:
+            if local is None:  # a remote or compressed shard: one streamed read of it
+                return [s["__key__"] for s in self.reader._samples(shard, offsets, 0, count,
+                                                                   tail=False)]
+            fd, url = local
+            keys = []
+            for j in range(count):
+                key = _header_key(os.pread(fd, BLOCK, int(offsets[j])), url)
+                keys.append(key if key is not None else self._read(shard, j)["__key__"])
+            return keys
 
     def __repr__(self) -> str:
         where = self.manifest.base_url or "listed shards"
@@ -307,7 +334,9 @@ def _header_key(header: bytes, url: str) -> str | None:
     if len(header) < BLOCK or header[156:157] not in (b"0", b"\0"):
         return None
     name = header[0:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar" and header[345] != 0:
+    if header[345] != 0:
+        if header[257:263] != b"ustar\0":  # GNU or older headers: the reader decides
+            return None
         name = header[345:500].split(b"\0", 1)[0] + b"/" + name
     try:
         text = name.decode("utf-8", "surrogateescape")
@@ -344,21 +373,28 @@ def _load_keys(path: Path, digest: bytes, count: int) -> tuple[np.ndarray, np.nd
             or int.from_bytes(head[8:16], "little") != count or head[16:48] != digest:
         return None
     body = data[_KEYS_HEAD:]
-    return body[:8 * count].view("<u8"), body[8 * count:].view("<u8")
+    hashes, positions = body[:8 * count].view("<u8"), body[8 * count:].view("<u8")
+    if count and (int(positions.max()) >= count or bool((hashes[1:] < hashes[:-1]).any())):
+        return None  # damaged (or not made by shardkit): built again
+    return hashes, positions
 
 
 def _save_keys(path: Path, digest: bytes, hashes: np.ndarray, positions: np.ndarray) -> None:
     """Write the key table atomically; a folder that refuses it keeps the table in memory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
             f.write(KEYS_MAGIC + len(hashes).to_bytes(8, "little") + digest)
             f.write(hashes.astype("<u8").tobytes())
             f.write(positions.astype("<u8").tobytes())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 __all__ = ["MapDataset"]

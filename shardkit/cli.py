@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from .common import available_cpus, format_bytes
 from .errors import ShardkitError
@@ -262,10 +262,10 @@ def _show(args) -> int:
     if args.grid or args.stats or args.html:
         return _show_pictures(args)
     from .look import summary
-    from .manifest import Manifest
+    from .manifest import load_manifest
 
     try:
-        m = Manifest.load(args.source)
+        m = load_manifest(args.source)  # a dataset, or shards: one .tar, a brace pattern
     except (ShardkitError, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -417,51 +417,59 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "synthetic folder packed raw) against `cat` of the same files, warm and cold")
 
 
+class _BenchRun(NamedTuple):
+    """``bench --FLAG``: a run of one benchmark module, its report printed and its JSON left in
+    --out. ``options``: the run's keyword arguments beyond the image folder, --out, --classes and
+    --per-class (``cold`` is ``not --no-cold``)."""
+
+    run: Callable[..., dict]
+    format: Callable[[dict], str]
+    json_name: str
+    options: tuple[str, ...]
+    writes_json: bool = False  # the run writes the JSON itself
+
+
+def _bench_runs() -> dict[str, _BenchRun]:
+    """The ``bench`` flags that each run one benchmark module, in the order they are tried."""
+    from .bench import indexspeed, mix, randomaccess, s3
+
+    return {
+        "s3": _BenchRun(s3.run_s3, s3.format_s3_report, "bench-s3.json",
+                        ("batch_size", "workers", "repeats"), writes_json=True),
+        "mix": _BenchRun(mix.run_mix, mix.format_mix_report, "bench-mix.json",
+                         ("batch_size", "workers", "repeats")),
+        "random": _BenchRun(randomaccess.run_random, randomaccess.format_random_report,
+                            "bench-random.json", ("repeats", "cold")),
+        "index": _BenchRun(indexspeed.run_index, indexspeed.format_index_report,
+                           "bench-index.json", ("workers", "repeats")),
+    }
+
+
+def _bench_run(args, bench: _BenchRun) -> int:
+    """Run ``bench``, print its report, leave its JSON in --out and say where."""
+    import json
+    from pathlib import Path
+
+    values = {**vars(args), "cold": not args.no_cold}
+    out = Path(args.out)
+    report = bench.run(Path(args.source) if args.source else None, out, classes=args.classes,
+                       per_class=args.per_class, **{name: values[name] for name in bench.options})
+    print(bench.format(report))
+    if not bench.writes_json:
+        (out / bench.json_name).write_text(json.dumps(report, indent=1))
+    print(f"(JSON: {out / bench.json_name})")
+    return 0
+
+
 def _bench(args) -> int:
     import json
     from pathlib import Path
 
     from .bench.loaders import auto, format_report, run, run_pack
 
-    if args.s3:
-        from .bench.s3 import format_s3_report, run_s3
-
-        report = run_s3(Path(args.source) if args.source else None, Path(args.out),
-                        classes=args.classes, per_class=args.per_class,
-                        batch_size=args.batch_size, workers=args.workers, repeats=args.repeats)
-        print(format_s3_report(report))
-        print(f"(JSON: {Path(args.out) / 'bench-s3.json'})")
-        return 0
-    if args.mix:
-        from .bench.mix import format_mix_report, run_mix
-
-        report = run_mix(Path(args.source) if args.source else None, Path(args.out),
-                         classes=args.classes, per_class=args.per_class,
-                         batch_size=args.batch_size, workers=args.workers, repeats=args.repeats)
-        print(format_mix_report(report))
-        (Path(args.out) / "bench-mix.json").write_text(json.dumps(report, indent=1))
-        print(f"(JSON: {Path(args.out) / 'bench-mix.json'})")
-        return 0
-    if args.random:
-        from .bench.randomaccess import format_random_report, run_random
-
-        report = run_random(Path(args.source) if args.source else None, Path(args.out),
-                            classes=args.classes, per_class=args.per_class,
-                            repeats=args.repeats, cold=not args.no_cold)
-        print(format_random_report(report))
-        (Path(args.out) / "bench-random.json").write_text(json.dumps(report, indent=1))
-        print(f"(JSON: {Path(args.out) / 'bench-random.json'})")
-        return 0
-    if args.index:
-        from .bench.indexspeed import format_index_report, run_index
-
-        report = run_index(Path(args.source) if args.source else None, Path(args.out),
-                           classes=args.classes, per_class=args.per_class, workers=args.workers,
-                           repeats=args.repeats)
-        print(format_index_report(report))
-        (Path(args.out) / "bench-index.json").write_text(json.dumps(report, indent=1))
-        print(f"(JSON: {Path(args.out) / 'bench-index.json'})")
-        return 0
+    for flag, bench in _bench_runs().items():
+        if getattr(args, flag):
+            return _bench_run(args, bench)
     if args.auto:
         if not args.source:
             print("error: --auto needs SOURCE, a packed dataset", file=sys.stderr)

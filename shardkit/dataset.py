@@ -60,8 +60,8 @@ def _counted(items: Iterator, count: Callable[[int], None]) -> Iterator:
 class StreamingDataset(IterableDataset):
     """Stream a shardkit dataset: ``(image, label)`` items, or whole batches made in the workers,
     every sample exactly once per epoch over ranks × DataLoader workers. The constructor checks
-    its arguments (and that a local path exists) and reads nothing: the manifest loads on first
-    use. Longer explanations, with
+    its arguments (and that a local path exists) and reads nothing else: the manifest loads on
+    first use (at once with ``fields=``, to check them). Longer explanations, with
     measured numbers: ``docs/reading.md``.
 
     Source and storage:
@@ -168,6 +168,8 @@ class StreamingDataset(IterableDataset):
         self._reader: ShardReader | None = None
         self._ring: BatchRing | None = None  # this worker's BatchRing (recycle.py)
         self._skiplog = SkipLog()  # shared: what skip mode cost, seen from every process
+        if self.decoding.fields:  # fields no sample holds: said here too (the manifests load)
+            self.manifests  # noqa: B018
 
     # The settings users most often look at, read from where they live.
     @property
@@ -198,10 +200,11 @@ class StreamingDataset(IterableDataset):
         """The manifest of each source (one for a single dataset), loaded on first use."""
         if self._manifests is None:
             s = self.storage
-            self._manifests = [load_manifest(src.location, src.storage_options,
-                                             timeout=s.timeout, retries=s.retries)
-                               for src in self.mixing.sources]
-            check_fields(self.decoding.fields, self._manifests)
+            manifests = [load_manifest(src.location, src.storage_options,
+                                       timeout=s.timeout, retries=s.retries)
+                         for src in self.mixing.sources]
+            check_fields(self.decoding.fields, manifests)  # (refused each time, not kept)
+            self._manifests = manifests
         return self._manifests
 
     @property

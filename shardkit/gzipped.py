@@ -30,6 +30,9 @@ SHARD_SUFFIXES = (".tar", *COMPRESSED_SUFFIXES)
 SHARD_KINDS = ".tar, .tar.gz or .tgz"  # for messages
 _SKIP_CHUNK = 1 << 20  # uncompressed bytes discarded per call while moving to a span's start
 PADDING_LIMIT = 16 << 20  # uncompressed bytes after a tar's end blocks, at most (writers: ~10 KiB)
+# Uncompressed bytes of one sample of a compressed shard, at most: a sample is read into memory
+# whole, and deflate turns 1 MB into 1 GB (a plain shard's samples are bounded by its file).
+SAMPLE_LIMIT = 256 << 20
 
 
 def _name(url: str) -> str:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .common import available_cpus
 from .errors import ManifestError, ShardError, ShardkitError
-from .gzipped import PADDING_LIMIT, SHARD_KINDS, GunzipRange, is_compressed, is_shard_name
+from .gzipped import PADDING_LIMIT, SAMPLE_LIMIT, SHARD_KINDS, GunzipRange, is_compressed, is_shard_name
 from .manifest import Manifest, ShardInfo
 from .shardformat import (
     IMAGE_FIELDS,
@@ -325,27 +325,17 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     offsets.append(walk.end)
     if walk.end + 1024 > walk.size:
         raise ShardError(where, "does not end with the two zero blocks of a tar (truncated?)")
+    if stored is not None:  # a sample is read whole: a compressed one's size is bounded
+        gaps = np.diff(offsets)
+        if int(gaps.max()) > SAMPLE_LIMIT:
+            big = int(gaps.argmax())
+            raise ShardError(where, f"sample {keys[big]!r} holds {int(gaps[big]):,} bytes "
+                                    f"uncompressed, over the limit of {SAMPLE_LIMIT:,} for a "
+                                    "compressed shard (a gzip bomb?)", key=keys[big])
     source, labels = _labels(values, keys, spec, where)
     return IndexedShard(url=name, num_bytes=num_bytes, sha256=sha256,
                         num_samples=len(keys), label_source=source, labels=labels,
                         fields=fields, ignored=ignored, stamp=stamp, spec=list(spec)), offsets
-
-
-class _Mapped:
-    """A local file mapped into memory (``mapped``): walked without copying its bytes."""
-
-    def __init__(self, path: str):
-        import mmap
-
-        with open(path, "rb") as f:
-            self.mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.mapped.madvise(mmap.MADV_SEQUENTIAL)
-
-    def close(self) -> None:
-        try:
-            self.mapped.close()
-        except BufferError:  # a view still held by an error's traceback: the GC unmaps it
-            pass
 
 
 class _Counted(io.RawIOBase):
@@ -403,13 +393,30 @@ class _Uncompressed(io.RawIOBase):
 
 def _open_whole(store, name: str, size: int):
     """The whole file ``name``: a local one mapped (only its headers are touched while walking,
-    the hash reads it in one call without the GIL), a remote one as one streamed GET."""
+    the hash reads it alongside in a helper thread), a remote one as one streamed GET."""
     if size > 0 and store.is_local(name):
         try:
             return _Mapped(store.url(name))
         except (OSError, ValueError):
             pass  # not mappable (a FIFO, a special file system): read it as a stream
     return store.open_range(name, 0, size)
+
+
+class _Mapped:
+    """A local file mapped into memory (``mapped``): walked without copying its bytes."""
+
+    def __init__(self, path: str):
+        import mmap
+
+        with open(path, "rb") as f:
+            self.mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.mapped.madvise(mmap.MADV_SEQUENTIAL)
+
+    def close(self) -> None:
+        try:
+            self.mapped.close()
+        except BufferError:  # a view still held by an error's traceback: the GC unmaps it
+            pass
 
 
 def _close(sample: dict | None, where: str, fields: dict) -> None:

@@ -260,8 +260,9 @@ class Manifest:
         counted = options.get("fields")
         if isinstance(counted, dict):
             return frozenset(str(f) for f in counted)
-        if self.format == FORMAT and "mode" in options:
-            image = {"tensor": {"npy"}, "resize": {"jpg"}}.get(options["mode"],
+        mode = options.get("mode")
+        if self.format == FORMAT and isinstance(mode, str):
+            image = {"tensor": {"npy"}, "resize": {"jpg"}}.get(mode,
                                                                 {"jpg", "png", "webp", "bmp",
                                                                  "gif", "tiff"})  # raw: as stored
             return frozenset({"json", *image, *(("cls",) if self.classes else ())})
@@ -645,7 +646,7 @@ def check_location(source) -> None:
         return
     from pathlib import Path
 
-    path = Path(text)
+    path = Path(text).expanduser()  # as the local store takes it
     if not path.exists():
         raise _no_such_path(path)
     if path.is_dir() and not any((path / n).exists() for n in (MANIFEST_PATH, MANIFEST_NAME,

@@ -40,7 +40,7 @@ from zlib import adler32
 import numpy as np
 
 from .errors import ManifestError, ShardError
-from .gzipped import GZIP_MAGIC, GunzipRange, gzip_named_tar, is_compressed
+from .gzipped import GZIP_MAGIC, SAMPLE_LIMIT, GunzipRange, gzip_named_tar, is_compressed
 
 MANIFEST_NAME = "manifest.json"
 MSGPACK_NAME = "manifest.msgpack"
@@ -345,8 +345,13 @@ def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str,
     if int(raw.max()) + len(END_OF_ARCHIVE) > bound:  # Python ints: no int64 wrap-around
         raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
     offsets = raw.astype(np.int64)
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 2 * BLOCK):
+    gaps = np.diff(offsets)
+    if offsets[0] != 0 or np.any(gaps < 2 * BLOCK):
         raise ManifestError(f"{where}: index offsets are inconsistent with the shard")
+    if compressed and gaps.size and int(gaps.max()) > SAMPLE_LIMIT:
+        raise ManifestError(f"{where}: sample {int(gaps.argmax())} holds {int(gaps.max()):,} "
+                            f"bytes uncompressed, over the limit of {SAMPLE_LIMIT:,} for a "
+                            "compressed shard (a gzip bomb?)")
     return offsets
 
 
@@ -389,6 +394,9 @@ class _TarBytes:
         out = bytes(self.buf[self.cur:self.cur + n])
         self.cur += n
         return out
+
+    def stop(self) -> None:
+        """The walk is over (done, failed or left): nothing more is read for it."""
 
 
 class _NoDigest:
@@ -464,14 +472,34 @@ class _StreamBytes(_TarBytes):
 
 class _MappedBytes(_TarBytes):
     """A whole tar in memory (a local file mapped): headers read where they lie, the data
-    never copied; the sha256 is computed by ``finish`` in one call that releases the GIL."""
+    never copied. The sha256 runs alongside the walk: a helper thread hashes the mapping front to
+    back in :data:`HASH_PIECE` pieces (each ``update`` releases the GIL) while the walk reads the
+    headers, so indexing a shard costs the slower of reading it and hashing it, not their sum
+    (cold, the hash's sequential reads are the file's one read; ``finish`` waits for it)."""
 
     buf: memoryview
 
     def __init__(self, data):
+        import hashlib
+        import threading
+
         self.buf = memoryview(data)
         self.base = self.cur = 0
         self.eof = True
+        self._digest = hashlib.sha256()
+        self._stop = False
+        self._thread = threading.Thread(target=self._hash, name="shardkit-index-hash",
+                                        daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        buf, n = self.buf, len(self.buf)
+        for at in range(0, n, HASH_PIECE):
+            if self._stop:
+                return
+            piece = buf[at:at + HASH_PIECE]
+            self._digest.update(piece)
+            piece.release()
 
     def need(self, n: int) -> bool:
         return len(self.buf) - self.cur >= n
@@ -483,9 +511,16 @@ class _MappedBytes(_TarBytes):
         return True
 
     def finish(self) -> tuple[int, str]:
-        import hashlib
+        self._thread.join()
+        return len(self.buf), self._digest.hexdigest()
 
-        return len(self.buf), hashlib.sha256(self.buf).hexdigest()
+    def stop(self) -> None:
+        """The walk failed: the hash is not needed (the mapping is closed after this)."""
+        self._stop = True
+        self._thread.join()
+
+
+HASH_PIECE = 8 << 20  # bytes a mapped shard's hash takes at once
 
 
 def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, digest: bool = True,
@@ -496,7 +531,8 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
     an error, as it would be buffered whole).
 
     ``source``: a stream (read in ``chunk``-byte pieces, every byte hashed as it arrives) or the
-    whole file as a buffer (a local file's ``mmap``: only headers are touched while walking).
+    whole file as a buffer (a local file's ``mmap``: only headers are touched while walking; a
+    helper thread hashes it alongside).
     ``walk`` gets the end-of-archive offset, the size and sha256 (not computed without
     ``digest``: a compressed shard's uncompressed stream) once the walk is done. A damaged
     header, a member running past the end of the file or no end-of-archive block is a
@@ -506,71 +542,74 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
         src = _MappedBytes(source)
     else:
         src = _StreamBytes(source, chunk, digest)
-    pending_name, pending_size, chain_start = None, None, None
-    data: bytes | None
-    while True:
-        at = src.base + src.cur
-        if not src.need(BLOCK):
-            raise ShardError(url, f"ends at byte {at:,} without the end-of-archive blocks "
-                                  "(truncated?)")
-        h = src.buf[src.cur:src.cur + BLOCK]
-        if not any(h):  # the end of the archive: the rest is padding
-            walk.end = at
-            break
-        if not header_checksum_ok(h):
-            if at == 0 and bytes(h[:2]) == GZIP_MAGIC:
-                raise ShardError(url, gzip_named_tar(url))
-            raise ShardError(url, f"corrupt tar header at byte {at:,} (its checksum does not hold)")
-        src.cur += BLOCK
-        flag = h[156]
-        try:
-            size = (pending_size if pending_size is not None
-                    else tarfile.nti(bytes(h[124:136])))  # type: ignore[attr-defined]  # not in typeshed
-        except (tarfile.HeaderError, ValueError):
-            raise ShardError(url, f"corrupt tar header at byte {at:,} (size)") from None
-        if size < 0:
-            raise ShardError(url, f"corrupt tar header at byte {at:,} (negative size)")
-        if chain_start is None:
-            chain_start = at
-        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
-        if flag in (0x78, 0x67, 0x4C, 0x4B):  # 'x' pax, 'g' global pax, 'L'/'K' GNU long names
-            if size > (1 << 20) or not src.need(padded):
-                raise ShardError(url, f"extended tar header at byte {at:,} is too large or cut")
-            data = src.take(padded)[:size]
-            if flag == 0x78:
-                for k, v in _pax_records(data, url, at):
-                    if k == "path":
-                        pending_name = v
-                    elif k == "size":
-                        pending_size = int(v)
-            elif flag == 0x4C:
-                pending_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            continue
-        if pending_name is not None:
-            name = pending_name
-        else:
-            name = bytes(h[0:100]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if bytes(h[257:262]) == b"ustar":
-                prefix = bytes(h[345:500]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if prefix:
-                    name = f"{prefix}/{name}"
-        data = None
-        if flag in (0x30, 0, 0x37) and size and keep(name):
-            if keep_limit is not None and size > keep_limit:
-                raise ShardError(url, f"member {name!r} at byte {at:,} holds {size:,} bytes: too "
-                                      "large for a label or metadata member")
-            if not src.need(padded) and len(src.buf) - src.cur < size:
-                raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the "
-                                      "file (truncated?)")
-            data = src.take(padded)[:size]
-        elif flag in (0x31, 0x32, 0x33, 0x34, 0x35, 0x36):  # links, devices, folders, FIFOs
-            size = 0  # have no data in the archive (as tarfile reads them)
-        elif not src.skip(padded):
-            raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the file "
-                                  "(truncated?)")
-        yield Member(chain_start, name, flag, size, data)
+    try:
         pending_name, pending_size, chain_start = None, None, None
-    walk.size, walk.sha256 = src.finish()
+        data: bytes | None
+        while True:
+            at = src.base + src.cur
+            if not src.need(BLOCK):
+                raise ShardError(url, f"ends at byte {at:,} without the end-of-archive blocks "
+                                      "(truncated?)")
+            h = src.buf[src.cur:src.cur + BLOCK]
+            if not any(h):  # the end of the archive: the rest is padding
+                walk.end = at
+                break
+            if not header_checksum_ok(h):
+                if at == 0 and bytes(h[:2]) == GZIP_MAGIC:
+                    raise ShardError(url, gzip_named_tar(url))
+                raise ShardError(url, f"corrupt tar header at byte {at:,} (its checksum does not hold)")
+            src.cur += BLOCK
+            flag = h[156]
+            try:
+                size = (pending_size if pending_size is not None
+                        else tarfile.nti(bytes(h[124:136])))  # type: ignore[attr-defined]  # not in typeshed
+            except (tarfile.HeaderError, ValueError):
+                raise ShardError(url, f"corrupt tar header at byte {at:,} (size)") from None
+            if size < 0:
+                raise ShardError(url, f"corrupt tar header at byte {at:,} (negative size)")
+            if chain_start is None:
+                chain_start = at
+            padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+            if flag in (0x78, 0x67, 0x4C, 0x4B):  # 'x' pax, 'g' global pax, 'L'/'K' GNU long names
+                if size > (1 << 20) or not src.need(padded):
+                    raise ShardError(url, f"extended tar header at byte {at:,} is too large or cut")
+                data = src.take(padded)[:size]
+                if flag == 0x78:
+                    for k, v in _pax_records(data, url, at):
+                        if k == "path":
+                            pending_name = v
+                        elif k == "size":
+                            pending_size = int(v)
+                elif flag == 0x4C:
+                    pending_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            if pending_name is not None:
+                name = pending_name
+            else:
+                name = bytes(h[0:100]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if bytes(h[257:262]) == b"ustar":
+                    prefix = bytes(h[345:500]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    if prefix:
+                        name = f"{prefix}/{name}"
+            data = None
+            if flag in (0x30, 0, 0x37) and size and keep(name):
+                if keep_limit is not None and size > keep_limit:
+                    raise ShardError(url, f"member {name!r} at byte {at:,} holds {size:,} bytes: too "
+                                          "large for a label or metadata member")
+                if not src.need(padded) and len(src.buf) - src.cur < size:
+                    raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the "
+                                          "file (truncated?)")
+                data = src.take(padded)[:size]
+            elif flag in (0x31, 0x32, 0x33, 0x34, 0x35, 0x36):  # links, devices, folders, FIFOs
+                size = 0  # have no data in the archive (as tarfile reads them)
+            elif not src.skip(padded):
+                raise ShardError(url, f"member {name!r} at byte {at:,} runs past the end of the file "
+                                      "(truncated?)")
+            yield Member(chain_start, name, flag, size, data)
+            pending_name, pending_size, chain_start = None, None, None
+        walk.size, walk.sha256 = src.finish()
+    finally:
+        src.stop()  # a walk that failed or was left: its hash no longer runs
 
 
 def _pax_records(data: bytes, url: str, at: int) -> Iterator[tuple[str, str]]:

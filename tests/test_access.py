@@ -248,3 +248,73 @@ def test_a_typo_in_a_path_fails_where_the_dataset_is_made(tmp_path):
         StreamingDataset(tmp_path / "pakced")
     with pytest.raises(ManifestError, match="is a folder of images: pack it first"):
         StreamingDataset(images)
+
+
+def test_threads_sharing_one_map_dataset_get_the_right_samples(packs, monkeypatch):
+    """Reads from many threads while the LRU of open shards evicts all the time: no read of a
+    closed or reused descriptor (another shard's bytes), no descriptor left open."""
+    import threading
+
+    from shardkit import access
+
+    monkeypatch.setattr(access, "OPEN_SHARDS", 2)  # 5 shards: eviction at nearly every read
+    m = MapDataset(packs["raw"], decode="raw", with_keys=True)
+    want = [m[i] for i in range(len(m))]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    errors, wrong = [], []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for i in rng.integers(0, len(m), 400):
+                got = m[int(i)]
+                if got[-1] != want[i][-1] or bytes(got[0]) != bytes(want[i][0]):
+                    wrong.append(int(i))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not wrong
+    m.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_a_damaged_key_table_is_built_again_and_never_pickled(packs, tmp_path):
+    import pickle
+
+    ds = tmp_path / "ds"
+    shutil.copytree(packs["raw"], ds)
+    keys = all_keys(ds)
+    m = MapDataset(ds)
+    small = len(pickle.dumps(m))
+    assert m.index_of(keys[4]) == 4
+    assert len(pickle.dumps(m)) < small + 100  # the table stays out of a worker's pickle
+    table = next((ds / ".shardkit").glob("keys-*.bin"))
+    data = bytearray(table.read_bytes())
+    data[-8:] = (2**62).to_bytes(8, "little")  # a position past the end
+    table.write_bytes(bytes(data))
+    assert MapDataset(ds).index_of(keys[7]) == 7
+    assert MapDataset(ds).index_of(keys[-1]) == len(keys) - 1
+
+
+def test_indices_as_numpy_ints_and_tensors(packs):
+    m = MapDataset(packs["raw"], decode="raw", with_keys=True)
+    assert m[np.int64(3)][-1] == m[torch.tensor(3)][-1] == m[3][-1]
+    with pytest.raises(TypeError, match="bool"):
+        m[True]
+
+
+def test_a_home_relative_path_reads_as_before(packs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(packs["raw"], tmp_path / "ds")
+    assert len(StreamingDataset("~/ds")) == len(MapDataset("~/ds")) == 27
+
+
+def test_fields_are_refused_where_the_dataset_is_made_and_every_time(packs):
+    for _ in range(2):
+        with pytest.raises(ValueError, match="holds caption"):
+            StreamingDataset(packs["raw"], fields=("caption",))

@@ -339,3 +339,24 @@ def test_map_dataset_reads_compressed_shards_and_finds_their_keys(gz_folder):
         assert bytes(image) == want[key]["image"] and label == want[key]["label"]
     for key in list(want)[::7]:
         assert m[m.index_of(key)][-1] == key
+
+
+def test_a_compressed_sample_larger_than_the_limit_is_refused_not_read_into_memory(
+        tmp_path, monkeypatch):
+    """Deflate turns a megabyte into a gigabyte, and a sample is read whole: a compressed
+    shard's samples are bounded (index time, and again when its index is read)."""
+    from shardkit import indexer, shardformat
+
+    folder = tmp_path / "gz"
+    folder.mkdir()
+    big = [("s0-000", bytes(300_000), 0), ("s0-001", b"small" * 10, 1)]
+    (folder / "train-000000.tar.gz").write_bytes(gzip.compress(_tar(big)))
+    monkeypatch.setattr(indexer, "SAMPLE_LIMIT", 100_000)
+    with pytest.raises(ShardError, match=r"sample 's0-000' holds 301,\d+ bytes uncompressed, "
+                                         r"over the limit of 100,000 .*gzip bomb"):
+        index_shards(folder, progress=False)
+    monkeypatch.setattr(indexer, "SAMPLE_LIMIT", 1 << 30)
+    index_shards(folder, progress=False)  # indexed where the limit allows it ...
+    monkeypatch.setattr(shardformat, "SAMPLE_LIMIT", 100_000)
+    with pytest.raises(ShardError, match="over the limit of 100,000"):  # ... read where it does not
+        list(StreamingDataset(folder, decode="raw"))

@@ -27,6 +27,8 @@ READING = {"layout", "plan", "config", "epochs", "resume", "distributed", "state
            "eagerqueue", "skiplog", "diagnosis", "wds", "access"}
 ADOPTING = {"indexer"}
 TOP = {"__init__", "__main__", "cli", "look"}
+# look/ (shardkit show), bottom to top: each module imports only those before it.
+LOOK = ("drawing", "choosing", "pictures", "overview", "sheet", "stats", "statspicture", "report")
 
 
 def group(module: str) -> str:
@@ -96,6 +98,20 @@ def graph() -> dict[str, set[str]]:
 def test_the_reader_of_imports_sees_the_package(graph):
     assert {"dataset", "reader", "packing", "storage", "__init__"} <= set(graph)
     assert "reader" in graph["dataset"] and "shardformat" in graph["reader"]
+
+
+def test_the_look_package_is_read_too_and_imports_downward(graph):
+    """look/'s modules are in the graph with their imports of each other and of the package's lower
+    groups, each named in LOOK, each importing only those before it (never its package's front)."""
+    mods = sorted(m for m in graph if m.startswith("look."))
+    assert mods == sorted(f"look.{name}" for name in LOOK), "name a new look/ module in LOOK"
+    assert {"look.drawing", "look.pictures", "look.choosing"} <= graph["look.sheet"]
+    assert "jpegheader" in graph["look.pictures"] and "access" in graph["look.choosing"]
+    assert "look.report" in graph["look"]
+    rank = {f"look.{name}": i for i, name in enumerate(LOOK)}
+    bad = [f"{m} imports {t}" for m in mods for t in sorted(graph[m])
+           if t == "look" or (t in rank and rank[t] >= rank[m])]
+    assert not bad, "\n".join(bad)
 
 
 def test_no_import_circle(graph):

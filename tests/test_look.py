@@ -1,4 +1,4 @@
-"""Looking at a dataset (shardkit/look.py, `shardkit show --grid/--stats/--html`): the contact
+"""Looking at a dataset (shardkit/look/, `shardkit show --grid/--stats/--html`): the contact
 sheet's size and seeded choice, tensor packs drawn, the stats' numbers against the truth, the HTML
 report's links and escaping, and the command line."""
 
@@ -367,3 +367,28 @@ def test_cli_bad_source_and_bad_counts(tmp_path, capfd):
     assert not (tmp_path / "g.png").exists()
     assert _run(["show", tmp_path, "--grid", tmp_path / "g.png", "--per-class", "0"]) == 2
     assert "must be at least 1" in capfd.readouterr().err
+
+
+def test_keys_that_are_not_utf8_and_listed_shards_are_shown_too(tmp_path, capfd):
+    """A member named in Latin-1 (a key with surrogate escapes) and one .tar given by path: the
+    report is written and the summary says what it cannot know (no sha256 for listed shards)."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with tarfile.open(folder / "a-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in ((b"caf\xe9.jpg", jpeg_bytes(photo(16, 16, seed=1))),
+                           (b"caf\xe9.cls", b"0"), (b"plain.jpg", jpeg_bytes(photo(16, 16, seed=2))),
+                           (b"plain.cls", b"1")):
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shardkit.index_shards(folder, progress=False)
+    out = tmp_path / "report"
+    r = look.html_report(folder, out)
+    assert r["thumbs"] == 2
+    page = (out / "index.html").read_text("utf-8")
+    assert "caf\\udce9" in page
+    shard = str(folder / "a-000000.tar")
+    assert main(["show", shard]) == 0
+    assert "sha256 unknown" in capfd.readouterr().out
+    assert main(["show", shard, "--html", str(tmp_path / "r2")]) == 0
+    assert (tmp_path / "r2" / "index.html").exists()
