@@ -35,7 +35,7 @@ Front: this file · cli · __main__ · look/ — shardkit show, bottom to top: d
 choosing (the seeded choice of samples), pictures (a sample as an image, thumbnails, image sizes),
 overview (the summary text), sheet (the contact sheet), stats (a dataset's numbers), statspicture
 (them drawn), report (the HTML report) · bench/ (benchmarks: loaders, mix, randomaccess, s3, scale,
-gpu, indexspeed, indexscale, synth, demo).
+gpu, indexspeed, indexscale, hdd, synth, demo).
 """
 
 from ._version import __version__ as __version__

@@ -2,14 +2,15 @@
 
 Storage-agnostic: callers pass ``fetch(offset)``, which yields the shard's bytes from ``offset``
 (retrying network faults itself), and the manifest's ``size`` and ``sha256``. A final name
-(``sha256(url)[:32].tar``) only ever holds a complete, verified file (unique temp, fsync, check,
-rename); one mismatch downloads again, a second raises :class:`CacheIntegrityError`. One download
-per machine: the downloader holds ``flock`` on ``<name>.lock`` (it dies with the process; a forked
-child drops its copies) and writes the name of its temp file into it; other readers follow the
-download as it is written: in the same process through shared state, in other processes by
-reading the growing temp file (and if that download fails or its process dies, they go on from
-their own download or the finished file, after checking that the bytes already returned match).
-``read()`` raises the download's errors and returns ``b""`` only once the shard is verified.
+(``sha256(url)[:32].tar``; ``.idx`` for a shard's index file) only ever holds a complete, verified
+file (unique temp, fsync, check, rename); one mismatch downloads again, a second raises
+:class:`CacheIntegrityError`. One download per machine: the downloader holds ``flock`` on
+``<name>.lock`` (it dies with the process; a forked child drops its copies) and writes the name of
+its temp file into it; other readers follow the download as it is written: in the same process
+through shared state, in other processes by reading the growing temp file (and if that download
+fails or its process dies, they go on from their own download or the finished file, after checking
+that the bytes already returned match). ``read()`` raises the download's errors and returns ``b""``
+only once the shard is verified.
 Early close: the download goes on to completion in the background (daemon thread). After each
 added file, LRU files (mtime, touched on hits) are evicted down to ``limit``, never a
 locked one nor the new one, and temps whose lock is free (killed processes) are removed.
@@ -35,8 +36,8 @@ from .errors import ShardError
 __all__ = ["CacheIntegrityError", "ShardCache"]
 
 Fetch = Callable[[int], Iterable[bytes]]
-_NAME = re.compile(r"^[0-9a-f]{32}\.tar$")
-_TEMP = re.compile(r"^\.([0-9a-f]{32}\.tar)\.tmp-[0-9a-f]{32}$")
+_NAME = re.compile(r"^[0-9a-f]{32}\.(?:tar|idx)$")  # shards, and their index files
+_TEMP = re.compile(r"^\.([0-9a-f]{32}\.(?:tar|idx))\.tmp-[0-9a-f]{32}$")
 _BUFFER = 256 << 10
 _POLL = 0.002  # seconds between looks at another process's download when no new bytes are there
 _HELD: set[int] = set()  # lock fds this process holds
@@ -290,8 +291,10 @@ class ShardCache:
         return io.BufferedReader(_Reader(url, st, start, stop), buffer_size=_BUFFER)
 
     def path_for(self, url: str) -> Path:
-        """Where the complete shard for ``url`` lives: a hash, so no collisions and no URL text."""
-        return self.cache_dir / (hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + ".tar")
+        """Where the complete shard for ``url`` lives: a hash, so no collisions and no URL text
+        (``.idx`` for a shard's index file, ``.tar`` for anything else)."""
+        suffix = ".idx" if url.split("?", 1)[0].split("#", 1)[0].endswith(".idx") else ".tar"
+        return self.cache_dir / (hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + suffix)
 
     def cached(self, url: str, size: int, sha256: str | None) -> Path | None:
         """The complete cached file, touched for LRU, or None. (Its sha256 was checked when added.)"""

@@ -415,6 +415,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", action="store_true",
                    help="time `shardkit index` on SOURCE (a folder of .tar shards; default: the "
                         "synthetic folder packed raw) against `cat` of the same files, warm and cold")
+    p.add_argument("--hdd", action="store_true",
+                   help="the loaders on an emulated HDD (cgroup: 150 MB/s, 120 reads/s; root), "
+                        "cold, against the disk unthrottled and `cat`")
 
 
 class _BenchRun(NamedTuple):
@@ -427,11 +430,12 @@ class _BenchRun(NamedTuple):
     json_name: str
     options: tuple[str, ...]
     writes_json: bool = False  # the run writes the JSON itself
+    unavailable: tuple[type[Exception], ...] = ()  # "cannot run here": its message, exit code 1
 
 
 def _bench_runs() -> dict[str, _BenchRun]:
     """The ``bench`` flags that each run one benchmark module, in the order they are tried."""
-    from .bench import indexspeed, mix, randomaccess, s3
+    from .bench import hdd, indexspeed, mix, randomaccess, s3
 
     return {
         "s3": _BenchRun(s3.run_s3, s3.format_s3_report, "bench-s3.json",
@@ -442,6 +446,9 @@ def _bench_runs() -> dict[str, _BenchRun]:
                             "bench-random.json", ("repeats", "cold")),
         "index": _BenchRun(indexspeed.run_index, indexspeed.format_index_report,
                            "bench-index.json", ("workers", "repeats")),
+        "hdd": _BenchRun(hdd.run_hdd, hdd.format_hdd_report, "bench-hdd.json",
+                         ("batch_size", "workers", "repeats"), writes_json=True,
+                         unavailable=(hdd.CannotThrottle,)),
     }
 
 
@@ -452,8 +459,13 @@ def _bench_run(args, bench: _BenchRun) -> int:
 
     values = {**vars(args), "cold": not args.no_cold}
     out = Path(args.out)
-    report = bench.run(Path(args.source) if args.source else None, out, classes=args.classes,
-                       per_class=args.per_class, **{name: values[name] for name in bench.options})
+    try:
+        report = bench.run(Path(args.source) if args.source else None, out, classes=args.classes,
+                           per_class=args.per_class,
+                           **{name: values[name] for name in bench.options})
+    except bench.unavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(bench.format(report))
     if not bench.writes_json:
         (out / bench.json_name).write_text(json.dumps(report, indent=1))

@@ -28,7 +28,15 @@ import torch
 from .diagnosis import ShardFault, diagnose
 from .errors import ManifestError, OnError, ShardError
 from .gzipped import GunzipRange, is_compressed
-from .shardformat import BLOCK, END_OF_ARCHIVE, MAX_TAIL, decode_index, parse_sample, strict_samples
+from .shardformat import (
+    BLOCK,
+    END_OF_ARCHIVE,
+    INDEX_MAGIC,
+    MAX_TAIL,
+    decode_index,
+    parse_sample,
+    strict_samples,
+)
 from .skiplog import Region
 from .storage import LocalStore
 
@@ -295,7 +303,11 @@ class ShardReader:
         if shard_no in recent:
             recent[shard_no] = recent.pop(shard_no)  # most recent last
             return recent[shard_no]
-        offsets = load_index(*self.shard(shard_no))
+        store, shard = self.shard(shard_no)
+        read = None
+        if self.cache_dir is not None and not store.is_local(shard.index_url):
+            read = partial(self._cached_index, store, shard)  # once per machine, not per worker
+        offsets = load_index(store, shard, read)
         recent[shard_no] = offsets
         while len(recent) > RECENT_INDEXES:
             del recent[next(iter(recent))]
@@ -414,30 +426,50 @@ class ShardReader:
             raw = self._open_stream(store, shard, 0, shard.num_bytes)
         return GunzipRange(raw, store.url(shard.url), lo, hi, to_end)
 
+    def _cached_index(self, store, shard) -> bytes:
+        """A remote shard's index file through the shard cache (checked by its sha256 there):
+        every worker and rank of a machine after the first reads it from disk, not the network."""
+        size = len(INDEX_MAGIC) + 8 * (shard.num_samples + 1)
+        key = store.url(shard.index_url)
+        if "?" in shard.index_url:
+            key += "#" + hashlib.sha256(shard.index_url.encode("utf-8")).hexdigest()[:16]
+        stream = self._shard_cache().open(
+            key, size=size, sha256=shard.index_sha256,
+            fetch=lambda offset: store.iter_bytes(shard.index_url, offset, size))
+        try:
+            return bytes(read_upto(stream, size))
+        finally:
+            stream.close()
+
+    def _shard_cache(self) -> ShardCache:
+        if self._cache is None:
+            from .cache import ShardCache
+
+            assert self.cache_dir is not None  # only called with a cache
+            self._cache = ShardCache(self.cache_dir, self.cache_limit)
+        return self._cache
+
     def _open_stream(self, store, shard, lo: int, hi: int, prefetch: bool = False):
         """Bytes ``[lo, hi)`` of a shard of ``store``: through the shared on-disk cache when there
         is one (``prefetch``: see ``ShardCache.open``)."""
         if self.cache_dir is None or store.is_local(shard.url):
             return store.open_range(shard.url, lo, hi)
-        if self._cache is None:
-            from .cache import ShardCache
-
-            self._cache = ShardCache(self.cache_dir, self.cache_limit)
         key = store.url(shard.url)  # shown in messages: credentials redacted ...
         if "?" in shard.url:  # ... so pre-signed URLs of one path differ by a digest of the query
             key += "#" + hashlib.sha256(shard.url.encode("utf-8")).hexdigest()[:16]
-        return self._cache.open(key, size=shard.num_bytes, sha256=shard.sha256,
+        return self._shard_cache().open(key, size=shard.num_bytes, sha256=shard.sha256,
                                 fetch=lambda offset: store.iter_bytes(shard.url, offset,
                                                                       shard.num_bytes),
                                 start=lo, stop=hi, prefetch=prefetch)
 
 
-def load_index(store, shard) -> np.ndarray:
-    """A shard's offsets from its index file, checked against the manifest; a ShardError
-    naming the shard and its index otherwise."""
+def load_index(store, shard, read: Callable[[], bytes] | None = None) -> np.ndarray:
+    """A shard's offsets from its index file (``read()``: its bytes from elsewhere, such as the
+    shard cache), checked against the manifest; a ShardError naming the shard and its index
+    otherwise."""
     url, index_url = store.url(shard.url), store.url(shard.index_url)
     try:
-        data = store.read_bytes(shard.index_url)
+        data = store.read_bytes(shard.index_url) if read is None else read()
     except ShardError as exc:
         raise ShardError(url, f"its index {index_url} cannot be read ({exc.reason})") from None
     if hashlib.sha256(data).hexdigest() != shard.index_sha256:

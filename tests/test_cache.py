@@ -600,17 +600,20 @@ def test_cache_shared_by_workers_and_ranks_downloads_each_shard_once(small, serv
                 for key, _ in shard_samples(small.local / path)}
     shared = {shard_of[k] for k in keys[0]} & {shard_of[k] for k in keys[1]}
     assert shared, "no shard is read by both ranks: the test proves less than it says"
-    for url in small.shard_urls():  # every shard's bytes asked for exactly once
+    indexes = [s.index_url for s in small.manifest.shards]
+    for url in small.shard_urls() + indexes:  # every shard's and index's bytes asked for once
         assert served.bytes_asked(url) == len(small.files[url]), (url, served.gets(url))
     assert sorted(_cache_files(cache_dir).values()) == sorted(len(small.files[u])
                                                               for u in small.shard_urls())
+    assert sorted(p.stat().st_size for p in cache_dir.glob("*.idx")) == \
+        sorted(len(small.files[u]) for u in indexes)  # index files: once per machine too
     srv.delay(0)
     srv.clear_counters()
     for ds in ranks:
         ds.set_epoch(1)
     keys = epoch()
     assert sorted(keys[0] + keys[1]) == everything
-    assert not any(served.gets(url) for url in small.shard_urls()), srv.requests
+    assert not any(served.gets(url) for url in small.shard_urls() + indexes), srv.requests
 
 
 def test_the_cache_downloads_the_next_spans_shards_ahead(small, served, reference, tmp_path):

@@ -144,8 +144,8 @@ def _after_first_index(monkeypatch, action) -> None:
     real = reader.load_index
     pending = [action]
 
-    def index(store, shard):
-        offsets = real(store, shard)
+    def index(store, shard, read=None):
+        offsets = real(store, shard, read)
         while pending:
             pending.pop()()
         return offsets

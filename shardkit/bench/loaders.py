@@ -296,14 +296,15 @@ def plain_webdataset(shards: Path, batch_size: int, workers: int):
 
 
 def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = TRAIN,
-                    prefetch: int | None = None, recycle: bool = True):
+                    prefetch: int | None = None, recycle: bool = True,
+                    block_size: int | None = None):
     import shardkit
 
     crop = {TRAIN: shardkit.RandomResizedCrop(224), EVAL: shardkit.CenterCrop(224, resize=256),
             PRECROPPED: None}[recipe]
     # evaluation reads in order, as torchvision's reference scripts do (SequentialSampler)
     ds = shardkit.StreamingDataset(shards, batch_size=batch_size, crop=crop,
-                                   shuffle=recipe == TRAIN)
+                                   shuffle=recipe == TRAIN, block_size=block_size)
     # Recycled batch memory: the default on a GPU machine (pinned memory); asked for here, where
     # the consumer only counts and drops each batch.
     return shardkit.make_loader(ds, num_workers=workers, persistent_workers=workers > 0,
