@@ -243,15 +243,25 @@ def _child(spec: dict) -> dict:
         }[kind]
         import webdataset  # noqa: F401 - the same: imported before the cgroup
         from torchvision import datasets  # noqa: F401
-    if spec["procs"]:
-        Path(spec["procs"]).write_text(str(os.getpid()))
+    cgroup = Throttle(spec["method"], Path(spec["hierarchy"]), spec["cgroup"],
+                      (spec["device"][0], spec["device"][1]))
+    Path(cgroup.procs).write_text(str(os.getpid()))
+    marks: list[tuple[int, int]] = []  # the cgroup's reads before each epoch and after the last
     if kind == CAT:
         loaders.evict(files)
+        marks.append(cgroup.reads())
         start = time.perf_counter()
         subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
         seconds = time.perf_counter() - start
-        return {"mb_per_s": spec["bytes"] / 1e6 / seconds, "seconds": seconds}
-    return loaders._time_loader(make, spec["bytes"], spec["samples"], cold_files=files, epochs=1)
+        marks.append(cgroup.reads())
+        result = {"mb_per_s": spec["bytes"] / 1e6 / seconds, "seconds": seconds}
+    else:
+        result = loaders._time_loader(make, spec["bytes"], spec["samples"], cold_files=files,
+                                      epochs=1, before_epoch=lambda: marks.append(cgroup.reads()))
+    reads, nbytes = (b - a for a, b in zip(*marks[-2:]))  # the timed epoch's
+    result.update(reads=reads, read_mb=nbytes / 1e6,
+                  kb_per_read=nbytes / 1e3 / reads if reads else float("nan"))
+    return result
 
 
 def _child_main(argv: list[str]) -> int:
@@ -267,7 +277,9 @@ def _child_main(argv: list[str]) -> int:
 def _run_child(spec: dict, cgroup: Throttle, out: Path) -> dict:
     spec_file, result_file = out / "hdd-child.json", out / "hdd-result.json"
     result_file.unlink(missing_ok=True)
-    spec_file.write_text(json.dumps({**spec, "procs": str(cgroup.procs),
+    spec_file.write_text(json.dumps({**spec, "method": cgroup.method,
+                                     "hierarchy": str(cgroup.hierarchy),
+                                     "cgroup": cgroup.path.name, "device": cgroup.device,
                                      "result": str(result_file)}))
     ios0, bytes0 = cgroup.reads()
     proc = subprocess.Popen([sys.executable, "-m", "shardkit.bench.hdd", "--child",
@@ -286,9 +298,7 @@ def _run_child(spec: dict, cgroup: Throttle, out: Path) -> dict:
         raise RuntimeError(f"bench --hdd: the {spec['kind']!r} row failed (exit code {code})")
     result = json.loads(result_file.read_text())
     ios1, bytes1 = cgroup.reads()
-    reads, nbytes = ios1 - ios0, bytes1 - bytes0
-    result.update(reads=reads, read_mb=nbytes / 1e6,
-                  kb_per_read=nbytes / 1e3 / reads if reads else float("nan"))
+    result.update(all_reads=ios1 - ios0, all_read_mb=(bytes1 - bytes0) / 1e6)  # the whole child
     return result
 
 
@@ -425,13 +435,15 @@ def format_hdd_report(report: dict) -> str:
              f"{report['block_size'] or 'default'}; every row cold (page cache dropped"
              f"{', drop_caches too' if report['drop_caches'] else ''}), one timed epoch after a "
              f"warm-up epoch; median of {report['repeats']}; {report['seconds']:.0f} s",
+             "  (reads, MB read, KB/read: what the disk served in the timed epoch, from the "
+             "cgroup's counters)",
              f"  {'row':42s} {'samples/s':>9s} {'MB/s':>7s} {'1st batch':>9s} {'reads':>7s} "
-             f"{'KB/read':>8s}"]
+             f"{'MB read':>8s} {'KB/read':>8s}"]
     for row, r in report["results"].items():
         rate = f"{r['samples_per_s']:9.0f}" if "samples_per_s" in r else f"{'':9s}"
         first = f"{r['first_batch_s']:8.2f}s" if "first_batch_s" in r else f"{'':9s}"
         lines.append(f"  {row:42s} {rate} {r['mb_per_s']:7.1f} {first} {r['reads']:7.0f} "
-                     f"{r['kb_per_read']:8.0f}")
+                     f"{r['read_mb']:8.1f} {r['kb_per_read']:8.0f}")
     for name, ratio in report["ratios"].items():
         lines.append(f"{name}: {ratio:.2f}x")
     return "\n".join(lines)

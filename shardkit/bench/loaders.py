@@ -151,7 +151,8 @@ def proc_cpu_seconds(pid: int | str = "self") -> float:
 
 
 def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
-                 cold_files=None, memory: bool = False, epochs: int = 2) -> dict:
+                 cold_files=None, memory: bool = False, epochs: int = 2,
+                 before_epoch: Callable[[], None] | None = None) -> dict:
     """A warm-up epoch, then ``epochs`` timed epochs over the same (persistent) workers.
 
     The warm-up epoch starts the workers and gives the time to the first batch; the timed epochs
@@ -161,17 +162,20 @@ def _time_loader(make: Callable[[], object], stored_bytes: int, expected: int,
     epochs. ``peak_mb`` (:class:`PeakMemory`) covers every epoch, from before the loader is made.
     With ``memory``, RSS and PSS are read at every batch of the warm-up epoch instead of timing
     epochs (reading /proc/PID/smaps_rollup costs milliseconds, so timed runs do not do it).
+    ``before_epoch`` is called before every epoch (the warm-up too) and once after the last.
     """
     with PeakMemory() as peak:
-        result = _run_loader(make, stored_bytes, expected, cold_files, memory, epochs)
+        result = _run_loader(make, stored_bytes, expected, cold_files, memory, epochs,
+                             before_epoch or (lambda: None))
     result["peak_mb"] = peak.peak
     return result
 
 
-def _run_loader(make, stored_bytes, expected, cold_files, memory, epochs) -> dict:
+def _run_loader(make, stored_bytes, expected, cold_files, memory, epochs, before_epoch) -> dict:
     _reset_peak()
     if cold_files:
         evict(cold_files)
+    before_epoch()
     start = time.perf_counter()
     loader = make()
     first, n, worker_rss, total_pss = None, 0, 0.0, 0.0
@@ -190,12 +194,14 @@ def _run_loader(make, stored_bytes, expected, cold_files, memory, epochs) -> dic
     for _ in range(0 if memory else epochs):
         if cold_files:
             evict(cold_files)
+        before_epoch()
         procs: list[int | str] = ["self", *_children()]
         cpu0, t0 = sum(proc_cpu_seconds(p) for p in procs), time.perf_counter()
         for batch in loader:
             n += len(batch[0])
         seconds += time.perf_counter() - t0
         cpu += sum(proc_cpu_seconds(p) for p in procs) - cpu0
+    before_epoch()
     del loader, batch  # joins the workers
     import gc
 
