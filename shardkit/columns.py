@@ -16,6 +16,9 @@ N), ``url`` and ``index_url`` either as a pattern (``prefix`` + zero-padded coun
 ``start`` + ``suffix``, what ``pack`` names) or as UTF-8 bytes with ``<name>_ends`` (uint64 ×
 N+1 offsets). The schema (names, types) is fixed here, never taken from the file; every offset
 and size is checked against the file before it is used.
+
+The older msgpack manifest keeps its shard list column-wise too (one msgpack value per field:
+:func:`encode_list_column` / :func:`decode_list_column`), with the same URL patterns.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import re
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from .errors import ManifestError
 
 __all__ = ["COMPACT_SHARDS", "MAGIC", "ShardTable", "encode", "pattern_ok", "pattern_values",
            "url_pattern"]
@@ -251,3 +256,53 @@ class ShardTable(Sequence):
     def __reduce__(self):
         # a DataLoader worker started with "spawn" gets the bytes (fork shares the mapping)
         return (ShardTable, (bytes(memoryview(self._buffer)), self._make, self.where))
+
+
+# --------------------------------------------------------------------------- msgpack columns
+
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def encode_list_column(values: list) -> Any:
+    """One shard field of the msgpack manifest (``manifest.msgpack``), compactly: ``{"u64":
+    bytes}``, ``{"hex32": bytes}``, ``{"pattern": ...}``, or the plain list when no compact form
+    reproduces it exactly."""
+    if values and all(type(v) is int and 0 <= v < 2**64 for v in values):
+        return {"u64": np.asarray(values, dtype=np.uint64).astype("<u8").tobytes()}
+    if values and all(type(v) is str for v in values):
+        if all(len(v) == 64 for v in values) and _HEX.fullmatch("".join(values)):
+            return {"hex32": bytes.fromhex("".join(values))}
+        pattern = url_pattern(values)
+        if pattern is not None:
+            return {"pattern": pattern}
+    return list(values)
+
+
+def decode_list_column(column: object, count: int, where: str) -> list:
+    """A shard field of the msgpack manifest as a list (:func:`encode_list_column`'s forms)."""
+    def bad(why: str) -> ManifestError:
+        return ManifestError(f"{where}: malformed manifest ({why})")
+
+    if isinstance(column, list):
+        if len(column) != count:
+            raise bad(f"{len(column)} values for {count} shards")
+        return column
+    if not isinstance(column, dict) or len(column) != 1:
+        raise bad("expected a list or one of u64, hex32, pattern")
+    (kind, value), = column.items()
+    if kind == "u64":
+        if not isinstance(value, bytes) or len(value) != 8 * count:
+            raise bad(f"u64 column must be {8 * count} bytes")
+        return np.frombuffer(value, dtype="<u8").tolist()
+    if kind == "hex32":
+        if not isinstance(value, bytes) or len(value) != 32 * count:
+            raise bad(f"hex32 column must be {32 * count} bytes")
+        text = value.hex()
+        return [text[i:i + 64] for i in range(0, len(text), 64)]
+    if kind == "pattern":
+        if not isinstance(value, dict) or set(value) != {"prefix", "start", "width", "suffix"}:
+            raise bad("pattern needs prefix, start, width, suffix")
+        if not pattern_ok(value):
+            raise bad("pattern fields have the wrong types or ranges")
+        return pattern_values(value, count)
+    raise bad(f"unknown column kind {kind!r}")

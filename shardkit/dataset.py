@@ -37,7 +37,8 @@ from .distributed import gather_states
 from .errors import OnError, ShardError
 from .layout import Layout, epoch_shares
 from .loaderlink import LoaderLink
-from .manifest import Location, Manifest, check_location, load_manifest
+from .locations import check_location
+from .manifest import Location, Manifest, load_manifest
 from .modes import DecodeConfig, DecodeMode, check_fields
 from .reader import ShardReader, default_memory_limit, tune_worker_malloc
 from .shardformat import MAX_PIXELS

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Sequence, Union
@@ -31,10 +30,17 @@ import numpy as np
 
 from . import signing
 from ._version import __version__
-from .columns import COMPACT_SHARDS, ColumnsError, ShardTable, pattern_ok, pattern_values, url_pattern
+from .columns import (
+    COMPACT_SHARDS,
+    ColumnsError,
+    ShardTable,
+    decode_list_column,
+    encode_list_column,
+)
 from .columns import encode as encode_columns
 from .errors import ManifestError, ShardError
-from .gzipped import GZIP_MAGIC, SHARD_SUFFIXES, gzip_named_tar, is_compressed, is_shard_name
+from .gzipped import GZIP_MAGIC, SHARD_SUFFIXES, gzip_named_tar, is_compressed
+from .locations import image_folder, image_folder_hint, no_such_path, shard_list
 from .shardformat import (
     COLUMNS_NAME,
     COLUMNS_PATH,
@@ -171,7 +177,7 @@ class Manifest:
                 del data[name]
         columns: dict[str, Any] = {"count": len(self.shards), "encoding": MSGPACK_ENCODING}
         for f in fields(ShardInfo):
-            columns[f.name] = _encode_column([getattr(s, f.name) for s in self.shards])
+            columns[f.name] = encode_list_column([getattr(s, f.name) for s in self.shards])
         data["shards"] = columns
         return msgpack.packb(data, use_bin_type=True)
 
@@ -195,7 +201,7 @@ class Manifest:
         count = columns["count"]
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ManifestError(f"{where}: malformed manifest (shard count {count!r})")
-        cols = [_decode_column(columns[name], count, f"{where}: shard column {name!r}")
+        cols = [decode_list_column(columns[name], count, f"{where}: shard column {name!r}")
                 for name in names]
         try:
             _check_keys(obj, where)
@@ -607,113 +613,16 @@ def _read_first(store: Store, names: list[str]) -> tuple[str, bytes]:
     if isinstance(store, LocalStore):
         base = store.base
         if not base.exists():
-            raise _no_such_path(base)
+            raise no_such_path(base)
         if any(any(base.glob(f"*{suffix}")) for suffix in SHARD_SUFFIXES):
             if any(base.glob(".shardkit-pack*.json")):
                 hint = " (an unfinished pack? re-run pack with --resume)"
             else:
                 hint = (" (shards without a shardkit manifest? index them: "
                         f"shardkit index {base})")
-        elif _image_folder(base):
-            hint = f" ({_image_folder_hint(base)})"
+        elif image_folder(base):
+            hint = f" ({image_folder_hint(base)})"
     raise ManifestError(f"{where}: no manifest found{hint}")
-
-
-def _no_such_path(path) -> ManifestError:
-    parent = path.parent
-    try:
-        near = sorted(p.name for p in parent.iterdir())[:8] if parent.is_dir() else []
-    except OSError:
-        near = []
-    return ManifestError(f"{path}: no such file or directory" + (
-        f" ({parent} holds: {', '.join(near)})" if near else ""))
-
-
-def _image_folder_hint(path) -> str:
-    return (f"{path} is a folder of images: pack it first, e.g. "
-            f"shardkit pack {path} {path}-shards --mode resize --size 256")
-
-
-def check_location(source) -> None:
-    """The mistakes a local path shows at a glance, raised where the dataset is made (before
-    any worker starts): a path that does not exist, a folder of images not packed yet. One
-    ``stat`` (and a look into a folder without a manifest); remote locations are not looked at."""
-    try:
-        text = os.fspath(source)
-    except TypeError:
-        return
-    if not isinstance(text, str) or "://" in text or ("{" in text and ".." in text):
-        return
-    from pathlib import Path
-
-    path = Path(text).expanduser()  # as the local store takes it
-    if not path.exists():
-        raise _no_such_path(path)
-    if path.is_dir() and not any((path / n).exists() for n in (MANIFEST_PATH, MANIFEST_NAME,
-                                                               MSGPACK_PATH, MSGPACK_NAME)) \
-            and not any(path.glob("*.tar")) and _image_folder(path):
-        raise ManifestError(f"{path}: no manifest found ({_image_folder_hint(path)})")
-
-
-def _image_folder(base) -> bool:
-    """Whether a folder holds images (itself, or its class subfolders) among its first entries."""
-    images = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-    try:
-        for i, entry in enumerate(sorted(base.iterdir())[:50]):
-            if entry.suffix.lower() in images:
-                return True
-            if entry.is_dir() and i < 10:
-                if any(p.suffix.lower() in images for p in list(entry.iterdir())[:20]):
-                    return True
-    except OSError:
-        return False
-    return False
-
-
-_HEX = re.compile(r"[0-9a-f]*")
-
-
-def _encode_column(values: list) -> Any:
-    """One shard field, compactly: ``{"u64": bytes}``, ``{"hex32": bytes}``, ``{"pattern": ...}``,
-    or the plain list when no compact form reproduces it exactly."""
-    if values and all(type(v) is int and 0 <= v < 2**64 for v in values):
-        return {"u64": np.asarray(values, dtype=np.uint64).astype("<u8").tobytes()}
-    if values and all(type(v) is str for v in values):
-        if all(len(v) == 64 for v in values) and _HEX.fullmatch("".join(values)):
-            return {"hex32": bytes.fromhex("".join(values))}
-        pattern = url_pattern(values)
-        if pattern is not None:
-            return {"pattern": pattern}
-    return list(values)
-
-
-def _decode_column(column: object, count: int, where: str) -> list:
-    def bad(why: str) -> ManifestError:
-        return ManifestError(f"{where}: malformed manifest ({why})")
-
-    if isinstance(column, list):
-        if len(column) != count:
-            raise bad(f"{len(column)} values for {count} shards")
-        return column
-    if not isinstance(column, dict) or len(column) != 1:
-        raise bad("expected a list or one of u64, hex32, pattern")
-    (kind, value), = column.items()
-    if kind == "u64":
-        if not isinstance(value, bytes) or len(value) != 8 * count:
-            raise bad(f"u64 column must be {8 * count} bytes")
-        return np.frombuffer(value, dtype="<u8").tolist()
-    if kind == "hex32":
-        if not isinstance(value, bytes) or len(value) != 32 * count:
-            raise bad(f"hex32 column must be {32 * count} bytes")
-        text = value.hex()
-        return [text[i:i + 64] for i in range(0, len(text), 64)]
-    if kind == "pattern":
-        if not isinstance(value, dict) or set(value) != {"prefix", "start", "width", "suffix"}:
-            raise bad("pattern needs prefix, start, width, suffix")
-        if not pattern_ok(value):
-            raise bad("pattern fields have the wrong types or ranges")
-        return pattern_values(value, count)
-    raise bad(f"unknown column kind {kind!r}")
 
 
 def load_manifest(source: Location, storage_options: dict | None = None, *, timeout: float = 60.0,
@@ -724,29 +633,10 @@ def load_manifest(source: Location, storage_options: dict | None = None, *, time
         return source
     if isinstance(source, (list, tuple)):
         return Manifest.from_urls(source, storage_options, timeout=timeout, retries=retries)
-    urls = _shard_list(source)
+    urls = shard_list(source)
     if urls is not None:  # one shard, or a brace pattern of them (as webdataset and index take)
         return Manifest.from_urls(urls, storage_options, timeout=timeout, retries=retries)
     return Manifest.load(source, storage_options=storage_options, timeout=timeout, retries=retries)
-
-
-def _shard_list(source) -> list[str] | None:
-    """The shard paths a source names by itself: one ``.tar`` (``.tar.gz``, ``.tgz``) path or
-    URL, or a brace pattern
-    (``shard-{000000..000099}.tar``); None for a folder, prefix or manifest."""
-    try:
-        text = os.fspath(source)
-    except TypeError:
-        return None
-    if not isinstance(text, str):
-        return None
-    if "{" in text and "}" in text and ".." in text:
-        import braceexpand
-
-        return list(braceexpand.braceexpand(text))
-    if is_shard_name(text) and not text.endswith("/"):  # .tar, .tar.gz, .tgz
-        return [text]
-    return None
 
 
 def write_manifest(manifest: Manifest, dest, storage_options: dict | None = None, *,
