@@ -8,7 +8,8 @@ Shared by packing and reading (the format and where bytes live):
     their uncompressed stream) · shardformat (tar members, samples, the .idx index file) ·
     jpegheader (JPEG frame headers) · signing · columns (manifest.cols, a large shard list
     mapped column-wise) · locations (where a dataset is, as a user names it; the first
-    mistakes) · manifest (manifest.json, the one path that loads a dataset) · cache (the shared on-disk shard cache) · verify ·
+    mistakes) · manifest (manifest.json, the one path that loads a dataset) · cache (the shared
+    on-disk shard cache) · verify ·
     storage/ — base (the Store and Dest protocols), urls (the one protocol dispatch), local,
     remote (s3, http), generic (any fsspec filesystem), listed (a caller's URLs), dest (where
     packing writes), bounded (calls with a timeout).

@@ -40,7 +40,14 @@ from .gzipped import is_compressed
 from .manifest import Location, Manifest, load_manifest
 from .modes import DecodeConfig, DecodeMode, check_fields
 from .reader import ShardReader
-from .shardformat import BLOCK, MAX_PIXELS, parse_sample, split_member
+from .shardformat import (
+    BLOCK,
+    MAX_PIXELS,
+    header_checksum_ok,
+    header_name,
+    parse_sample,
+    split_member,
+)
 from .storage import LocalStore
 
 OPEN_SHARDS = 16  # open local shard files a process keeps (an LRU)
@@ -205,7 +212,7 @@ class MapDataset(torch.utils.data.Dataset):
                 if sample is not None:
                     return sample
         # remote shards, and what the fast parser does not take (the strict parser decides)
-        return next(iter(reader._samples(shard, offsets, j, j + 1, tail=False)))
+        return next(iter(reader.samples(shard, j, j + 1)))
 
     @contextmanager
     def _local(self, shard: int) -> Iterator[tuple[int, str] | None]:
@@ -313,8 +320,7 @@ class MapDataset(torch.utils.data.Dataset):
         count = len(offsets) - 1
         with self._local(shard) as local:
             if local is None:  # a remote or compressed shard: one streamed read of it
-                return [s["__key__"] for s in self.reader._samples(shard, offsets, 0, count,
-                                                                   tail=False)]
+                return [s["__key__"] for s in self.reader.samples(shard, 0, count)]
             fd, url = local
             keys = []
             for j in range(count):
@@ -329,21 +335,16 @@ class MapDataset(torch.utils.data.Dataset):
 
 
 def _header_key(header: bytes, url: str) -> str | None:
-    """The sample key a plain USTAR header names; None when the header is not that (a pax or
-    GNU long name, a folder: the sample is read to know)."""
-    if len(header) < BLOCK or header[156:157] not in (b"0", b"\0"):
+    """The sample key a plain tar header names; None when the header is not that (a pax or GNU
+    long name, a folder, a prefix field of a GNU or older header, a damaged header: the sample
+    is read to know, so a key is always the one ``m[i]`` gives)."""
+    if len(header) < BLOCK or header[156:157] not in (b"0", b"\0") \
+            or not header_checksum_ok(header):
         return None
-    name = header[0:100].split(b"\0", 1)[0]
-    if header[345] != 0:
-        if header[257:263] != b"ustar\0":  # GNU or older headers: the reader decides
-            return None
-        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-    try:
-        text = name.decode("utf-8", "surrogateescape")
-    except UnicodeDecodeError:
+    if header[345] != 0 and header[257:263] != b"ustar\0":
         return None
     try:
-        named = split_member(text, url)
+        named = split_member(header_name(header), url)
     except ShardError:
         return None
     return None if named is None else named[0]

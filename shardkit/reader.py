@@ -339,6 +339,11 @@ class ShardReader:
             stream = self._open_stream(store, shard, lo, hi)
         return lo, hi, ends, stream
 
+    def samples(self, shard_no: int, first: int, stop: int) -> Iterator[dict]:
+        """Raw samples ``first .. stop-1`` of shard ``shard_no``, in one read (random access,
+        a look at a dataset); errors raise, naming the shard and key."""
+        return self._samples(shard_no, self.offsets(shard_no), first, stop, tail=False)
+
     def _samples(self, shard_no: int, offsets: np.ndarray, first: int, stop: int,
                  tail: bool = True) -> Iterator[dict]:
         """Samples ``first .. stop-1`` of a shard, each exactly the bytes the index gives it.

@@ -287,6 +287,17 @@ def header_checksum_ok(block: bytes | bytearray | memoryview) -> bool:
     return _header_sum(h) - sum(h[148:156]) + 256 == checksum
 
 
+def header_name(h) -> str:
+    """The member name a tar header holds: its name field, after the ustar prefix where there is
+    one; bytes that are not UTF-8 as surrogate escapes (as ``tarfile`` gives them)."""
+    name = bytes(h[0:100]).split(b"\0", 1)[0]
+    if bytes(h[257:262]) == b"ustar":
+        prefix = bytes(h[345:500]).split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
 def iter_keys(fileobj: BinaryIO, url: str) -> Iterator[tuple[str, str]]:
     """``(key, field)`` of every member of a whole shard, in order (``tarfile`` stream mode; a
     compressed shard's, by its name, decompressed in bounded pieces); a damaged archive is a
@@ -586,11 +597,7 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
             if pending_name is not None:
                 name = pending_name
             else:
-                name = bytes(h[0:100]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if bytes(h[257:262]) == b"ustar":
-                    prefix = bytes(h[345:500]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    if prefix:
-                        name = f"{prefix}/{name}"
+                name = header_name(h)
             data = None
             if flag in (0x30, 0, 0x37) and size and keep(name):
                 if keep_limit is not None and size > keep_limit:

@@ -318,3 +318,23 @@ def test_fields_are_refused_where_the_dataset_is_made_and_every_time(packs):
     for _ in range(2):
         with pytest.raises(ValueError, match="holds caption"):
             StreamingDataset(packs["raw"], fields=("caption",))
+
+
+def test_a_damaged_header_never_gives_a_wrong_key(packs, tmp_path):
+    """A key comes from a sample's first header only when its checksum holds; else the sample
+    is read, which names the damage."""
+    from shardkit.errors import ShardError
+
+    ds = tmp_path / "ds"
+    shutil.copytree(packs["raw"], ds)
+    m = MapDataset(ds)
+    shard, j = m.locate(2)
+    at = int(m.reader.offsets(shard)[j])
+    path = ds / m.manifest.shards[shard].url
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01  # the key's first letter: the header's checksum no longer holds
+    path.write_bytes(bytes(data))
+    m = MapDataset(ds)
+    assert m.key(1) == all_keys(packs["raw"])[1]
+    with pytest.raises(ShardError, match="shard-000000.tar"):
+        m.key(2)

@@ -26,10 +26,8 @@ if TYPE_CHECKING:
 
 def _all_samples(m: MapDataset) -> Iterator[dict]:
     """Every raw sample, shard after shard: one sequential read of each shard."""
-    reader = m.reader
-    for shard in range(len(m.manifest.shards)):
-        offsets = reader.offsets(shard)
-        yield from reader._samples(shard, offsets, 0, len(offsets) - 1, tail=False)
+    for shard, info in enumerate(m.manifest.shards):
+        yield from m.reader.samples(shard, 0, info.num_samples)
 
 
 def dataset_stats(source: Source, *, seed: int = 0, max_samples: int | None = None,
