@@ -18,6 +18,7 @@ with :func:`gzip_named_tar`, which says what to do.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import zlib
 from typing import BinaryIO, Union, cast
@@ -157,3 +158,59 @@ class GunzipRange(io.RawIOBase):
 
 __all__ = ["COMPRESSED_SUFFIXES", "GZIP_MAGIC", "PADDING_LIMIT", "GunzipRange", "GzipDataError",
            "SHARD_KINDS", "SHARD_SUFFIXES", "gzip_named_tar", "is_compressed", "is_shard_name"]
+
+
+# --------------------------------------------------------------------------- indexing
+
+
+class CountedStream(io.RawIOBase):
+    """A compressed shard's bytes as stored, counted and hashed as the decompressor reads them."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self._raw, self.count, self._digest = raw, 0, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        got = self._raw.readinto(b) or 0
+        if got:
+            self._digest.update(memoryview(b)[:got])
+            self.count += got
+        return got
+
+    def result(self) -> tuple[int, str]:
+        """Size and sha256 of the file: what is left after the gzip data read too."""
+        while self.read(1 << 20):
+            pass
+        return self.count, self._digest.hexdigest()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class WalkedUncompressed(io.RawIOBase):
+    """A compressed shard's uncompressed stream while it is walked: at most ``PADDING_LIMIT``
+    bytes after the archive's end are decompressed (a gzip bomb of zeros after a small tar
+    would take hours, not memory). ``walk``: the walk's state (its ``end``, once known)."""
+
+    def __init__(self, gz: GunzipRange, walk, where: str):
+        super().__init__()
+        self._gz, self._walk, self._where = gz, walk, where
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if 0 <= self._walk.end and self._gz.pos > self._walk.end + PADDING_LIMIT:
+            raise ShardError(self._where, f"more than {PADDING_LIMIT:,} uncompressed bytes after "
+                                          "the archive's end (not a tar's padding)")
+        return self._gz.readinto(b)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._gz.close()
+        super().close()

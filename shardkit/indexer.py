@@ -23,7 +23,6 @@ is written.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
@@ -38,7 +37,15 @@ from tqdm.auto import tqdm
 
 from .common import available_cpus
 from .errors import ManifestError, ShardError, ShardkitError
-from .gzipped import PADDING_LIMIT, SAMPLE_LIMIT, SHARD_KINDS, GunzipRange, is_compressed, is_shard_name
+from .gzipped import (
+    SAMPLE_LIMIT,
+    SHARD_KINDS,
+    CountedStream,
+    GunzipRange,
+    WalkedUncompressed,
+    is_compressed,
+    is_shard_name,
+)
 from .manifest import Manifest, ShardInfo
 from .shardformat import (
     IMAGE_FIELDS,
@@ -268,10 +275,10 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     if size < 0:
         raise ShardError(where, "its size is not known (the server does not say it)")
     walk = Walk()
-    stored: _Counted | None = None
+    stored: CountedStream | None = None
     if is_compressed(file_name):  # the file as stored is hashed; its uncompressed stream walked
-        stored = _Counted(store.open_range(file_name, 0, size))
-        stream = _Uncompressed(GunzipRange(stored, where), walk, where)
+        stored = CountedStream(store.open_range(file_name, 0, size))
+        stream = WalkedUncompressed(GunzipRange(stored, where), walk, where)
     else:
         stream = _open_whole(store, file_name, size)
     offsets: list[int] = []
@@ -336,59 +343,6 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     return IndexedShard(url=name, num_bytes=num_bytes, sha256=sha256,
                         num_samples=len(keys), label_source=source, labels=labels,
                         fields=fields, ignored=ignored, stamp=stamp, spec=list(spec)), offsets
-
-
-class _Counted(io.RawIOBase):
-    """A compressed shard's bytes as stored, counted and hashed as the decompressor reads them."""
-
-    def __init__(self, raw):
-        super().__init__()
-        self._raw, self.count, self._digest = raw, 0, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        got = self._raw.readinto(b) or 0
-        if got:
-            self._digest.update(memoryview(b)[:got])
-            self.count += got
-        return got
-
-    def result(self) -> tuple[int, str]:
-        """Size and sha256 of the file: what is left after the gzip data read too."""
-        while self.read(1 << 20):
-            pass
-        return self.count, self._digest.hexdigest()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
-
-
-class _Uncompressed(io.RawIOBase):
-    """A compressed shard's uncompressed stream while it is walked: at most ``PADDING_LIMIT``
-    bytes after the archive's end are decompressed (a gzip bomb of zeros after a small tar
-    would take hours, not memory)."""
-
-    def __init__(self, gz: GunzipRange, walk: Walk, where: str):
-        super().__init__()
-        self._gz, self._walk, self._where = gz, walk, where
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if 0 <= self._walk.end and self._gz.pos > self._walk.end + PADDING_LIMIT:
-            raise ShardError(self._where, f"more than {PADDING_LIMIT:,} uncompressed bytes after "
-                                          "the archive's end (not a tar's padding)")
-        return self._gz.readinto(b)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._gz.close()
-        super().close()
 
 
 def _open_whole(store, name: str, size: int):
