@@ -6,7 +6,8 @@ checks it: no circle, no upward import; packing and reading never import each ot
 Shared by packing and reading (the format and where bytes live):
     errors · common (byte sizes, CPU counts) · _version · gzipped (.tar.gz / .tgz shards: names,
     their uncompressed stream) · shardformat (tar members, samples, the .idx index file) ·
-    jpegheader (JPEG frame headers) · signing · columns (manifest.cols, a large shard list
+    jpegheader (JPEG frame headers) · jpegregion (a JPEG's crop box decoded
+    alone) · signing · columns (manifest.cols, a large shard list
     mapped column-wise) · locations (where a dataset is, as a user names it; the first
     mistakes) · manifest (manifest.json, the one path that loads a dataset) · cache (the shared
     on-disk shard cache) · verify ·
