@@ -39,6 +39,8 @@ from .shardformat import (
 )
 from .skiplog import Region
 from .storage import LocalStore
+from .storage.local import cache_misses
+from .storage.readahead import ReadAhead
 
 if TYPE_CHECKING:
     from .cache import ShardCache
@@ -88,10 +90,13 @@ class ShardReader:
         self._prefetched: set[int] = set()  # shards whose cache download this process started
         self._parked: dict[int, GunzipRange] = {}  # LRU of compressed shards' open streams
         self._parked_pid = os.getpid()  # (a forked DataLoader worker never uses its parent's)
+        self._ahead: ReadAhead | None = None  # reads local spans ahead while reads are cold
+        self._misses_seen = -1  # cache_misses() at the last span's start (-1: none yet)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_parked"):
+        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_parked",
+                     "_ahead", "_misses_seen"):
             del state[name]
         return state
 
@@ -142,6 +147,7 @@ class ShardReader:
         """A new iteration: shard faults are looked at again (a file may have come back)."""
         self._faults.clear()
         self._healthy.clear()
+        self._misses_seen = -1  # read ahead at the first span, to find out whether reads are cold
         self.close_parked()
 
     def close_parked(self) -> None:
@@ -172,6 +178,7 @@ class ShardReader:
                 pos += n
                 continue
             self._prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS])
+            self._read_ahead(spans, k, span.start + max(0, start - pos))
             j = span.start + max(0, start - pos)
             offsets = self._offsets_or_fault(span.shard, report)
             source = self.source_of(span.shard) if self.mixed else None
@@ -292,6 +299,36 @@ class ShardReader:
                 continue
             if opened is not None:
                 opened.close()  # the download goes on
+
+    def _read_ahead(self, spans, k: int, first: int) -> None:
+        """While local reads are cold, have :class:`ReadAhead` read span ``k`` (from sample
+        ``first``) and the next one into the page cache (see :mod:`~shardkit.storage.readahead`).
+        Asked at an iteration's first span (to find out) and whenever this process's reads
+        missed the cache since the last span or the helper's last range was cold."""
+        if self.memory is not None:
+            return
+        misses = cache_misses()
+        ahead = self._ahead
+        cold = self._misses_seen < 0 or misses != self._misses_seen \
+            or (ahead is not None and ahead.found_cold)
+        self._misses_seen = misses
+        if not cold:
+            return
+        ranges = []
+        for span, j in ((spans[k], first), *((s, s.start) for s in spans[k + 1:k + 2])):
+            store, shard = self.shard(span.shard)
+            if not isinstance(store, LocalStore) or is_compressed(shard.url) or j >= span.stop:
+                continue
+            try:
+                offsets = self.offsets(span.shard)
+            except (OSError, ShardError, ManifestError, ValueError):
+                continue  # reading the span will say what is wrong
+            if span.stop < len(offsets):
+                ranges.append((store.base / shard.url, int(offsets[j]), int(offsets[span.stop])))
+        if ranges:
+            if ahead is None:
+                ahead = self._ahead = ReadAhead()
+            ahead.submit(ranges)
 
     def offsets(self, shard_no: int) -> np.ndarray:
         """The sample offsets of shard ``shard_no`` (its index file, checked)."""

@@ -5,6 +5,8 @@
   dispatched (local folders, the tuned protocols of ``remote.STORES``, any other fsspec knows);
 - :mod:`~shardkit.storage.bounded` — calls that may block, on helper threads, with a timeout;
 - :mod:`~shardkit.storage.local` — local files, every read bounded by a timeout;
+- :mod:`~shardkit.storage.readahead` — a worker's next local spans read into the page cache while
+  it decodes (cold disks);
 - :mod:`~shardkit.storage.remote` — ``s3://`` and ``http(s)://`` through fsspec: streamed range
   GETs, retries with backoff that resume at the right byte;
 - :mod:`~shardkit.storage.generic` — any other fsspec filesystem (``gs://``, ``az://``,

@@ -28,6 +28,14 @@ LOCAL_CHUNK = 1 << 20  # a helper's read on a page-cache miss; a streaming helpe
 LOCAL_FIRST = 64 << 10  # a streaming helper's first read (then doubling): samples come at once
 LOCAL_AHEAD = 2  # chunks a streaming helper reads ahead of the reader
 
+_misses = 0  # reads of this process the page cache could not serve (see cache_misses)
+
+
+def cache_misses() -> int:
+    """How many local reads of this process had to wait for the disk so far: the reader starts
+    reading ahead (:mod:`~shardkit.storage.readahead`) when the count moves."""
+    return _misses
+
 
 class LocalStore(BaseStore):
     """Reads shard and index files below a local folder.
@@ -380,6 +388,8 @@ class _LocalReader(io.RawIOBase):
         """The next bytes from a helper into ``_buf``; False at the end of the range."""
         st = self._state
         if self._mode == "direct":  # at most LOCAL_CHUNK: the timeout bounds one read(2)
+            global _misses
+            _misses += 1
             want = LOCAL_CHUNK if self._stop is None else min(LOCAL_CHUNK, self._stop - self._pos)
             with st.cond:
                 st.busy = True
