@@ -16,11 +16,12 @@ from typing import Any, Optional
 
 from .common import parse_bytes
 from .layout import MIXES
-from .plan import check_settings
+from .plan import check_settings, shuffle_start_of
 
 # The settings that decide a plan besides (seed, epoch, world size, workers); global states
 # record them under "plan" (their names are part of the state format).
-PLAN_SETTINGS = ("shuffle", "block_size", "shuffle_buffer", "remainder", "batch_size", "drop_last")
+PLAN_SETTINGS = ("shuffle", "block_size", "shuffle_buffer", "remainder", "batch_size", "drop_last",
+                 "shuffle_start")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class PlanConfig:
     remainder: str = "drop"
     batch_size: Optional[int] = None
     drop_last: bool = False
+    shuffle_start: Optional[int] = None  # None: plan.shuffle_start_of's default (a tenth)
 
     def __post_init__(self) -> None:
         # the rules live with the plan (check_settings); the values are kept as ints
@@ -43,7 +45,8 @@ class PlanConfig:
             remainder=self.remainder, batch_size=self.batch_size)
         if self.drop_last and batch_size is None:
             raise ValueError("drop_last drops a rank's last partial batch: it needs batch_size")
-        for name, value in (("seed", seed), ("block_size", block_size),
+        start = shuffle_start_of(shuffle_buffer, self.shuffle_start)
+        for name, value in (("seed", seed), ("block_size", block_size), ("shuffle_start", start),
                             ("shuffle_buffer", shuffle_buffer), ("batch_size", batch_size),
                             ("shuffle", bool(self.shuffle)), ("drop_last", bool(self.drop_last))):
             object.__setattr__(self, name, value)

@@ -22,7 +22,8 @@ How the plan is built:
 4. The rank's range is split contiguously among workers: sample-wise without ``batch_size``, in
    whole batches with it. The rank's only partial batch (if any) is its last one and belongs to
    worker ``min(num_batches, num_workers) - 1``, which then has it as its own last batch.
-5. A worker shuffles its input with :func:`shuffle_order`, seeded from the full tuple.
+5. A worker shuffles its input with :func:`shuffle_order`, seeded from the full tuple; its buffer
+   starts emitting at a tenth of its size and grows to it (``shuffle_start``).
 
 Every sample is read exactly once per epoch over all ranks and workers (up to the remainder policy),
 every rank reads the same number of samples and batches, and none of it needs more shards than
@@ -75,6 +76,7 @@ __all__ = [
     "rest_stream",
     "resume_position",
     "shuffle_order",
+    "shuffle_start_of",
 ]
 
 REMAINDER_POLICIES = ("drop", "pad")
@@ -187,27 +189,70 @@ def rank_num_batches(shard_sizes: Stream, world_size: int, *, remainder: str = "
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+SHUFFLE_START = 10  # a shuffle buffer starts emitting at 1/SHUFFLE_START of its size (see below)
+
+
+def shuffle_start_of(buffer_size: int, start: Optional[int] = None) -> int:
+    """How many inputs a shuffle buffer of ``buffer_size`` holds when it emits its first sample:
+    ``start`` checked (1 .. ``buffer_size``), or by default a tenth of the buffer (webdataset's
+    ``shuffle(1000, initial=100)``)."""
+    buffer_size = _check_int("buffer_size", buffer_size, 1)
+    if start is None:
+        return -(-buffer_size // SHUFFLE_START)
+    return _check_int("shuffle_start", start, 1, buffer_size + 1)
+
+
 def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator, *,
-                  count: Optional[int] = None) -> np.ndarray:
+                  count: Optional[int] = None, start: Optional[int] = None) -> np.ndarray:
     """Emission order of a streaming shuffle buffer fed inputs ``0 .. n-1``.
 
-    Each input is appended to the buffer; once it holds ``buffer_size`` items, a uniformly random
-    one is removed (swap with the last) and emitted. At the end the rest is emitted in random
-    order. The ``k``-th emitted index is always ``< k + buffer_size``, so a reader never holds more
-    than ``buffer_size`` samples. ``buffer_size=1`` gives the identity. With ``count``, only the
+    The buffer emits its first sample once it holds ``start`` inputs (:func:`shuffle_start_of`; its
+    size: the whole buffer fills first) and then grows by one per emission, reading two inputs for
+    each sample it emits, until it holds ``buffer_size`` (as webdataset's ``shuffle(bufsize,
+    initial)``). From then on each input is appended and a uniformly random sample is removed
+    (swap with the last) and emitted. At the end the rest is emitted in random order. The ``k``-th
+    emitted index is always ``< k + buffer_size``, so a reader never holds more than
+    ``buffer_size`` samples. ``buffer_size=1`` gives the identity. With ``count``, only the
     first ``count`` emitted indices are returned (the same as ``shuffle_order(...)[:count]``, at a
     cost of O(count) instead of O(n)).
+
+    Why it grows: a full buffer has to be read before anything is emitted, which leaves the
+    decoder idle while it fills: a worker whose epoch share is near the buffer's size then reads
+    everything before decoding anything (on a slow disk the reads and the decoding add up
+    instead of overlapping), and every epoch's first batch waits for ``workers × buffer_size``
+    reads. The price: a worker's first emissions come from fewer inputs (the ``k``-th of the
+    first ``buffer_size - start`` from ``start + k + 1``).
     """
     n = _check_int("n", n, 0)
     buffer_size = _check_int("buffer_size", buffer_size, 1)
+    start = buffer_size if start is None else _check_int("start", start, 1, buffer_size + 1)
     count = n if count is None else min(n, _check_int("count", count, 0))
-    fill = min(n, buffer_size - 1)
-    buf = list(range(fill))
-    last = buffer_size - 1
-    draws = rng.integers(0, buffer_size, size=max(0, n - fill))
-    stop = min(n, fill + count)  # every step of the loop emits one index
     order = np.empty(count, dtype=np.int64)
     done = 0
+    # Growing: before step t the buffer holds start - 1 + t inputs; it takes two (while below the
+    # buffer's size) and emits one from start + t + 1.
+    steps = max(0, min(buffer_size - start - 1, (n - start) // 2, count))
+    buf = list(range(min(n, start - 1 + 2 * steps)))
+    if steps:
+        grown: list[int] = []
+        sizes = np.arange(start + 1, start + 1 + steps)
+        pool = list(range(start - 1))
+        for t, j in enumerate(rng.integers(0, sizes).tolist()):
+            pool.append(start - 1 + 2 * t)
+            pool.append(start + 2 * t)
+            grown.append(pool[j])
+            pool[j] = pool[-1]
+            pool.pop()
+        order[:steps] = grown
+        done = steps
+        buf = pool
+    fill = len(buf) + done  # inputs read so far
+    if len(buf) < buffer_size - 1 and fill < n:  # not grown full: a short stream's rest
+        buf.extend(range(fill, min(n, fill + buffer_size - 1 - len(buf))))
+        fill = len(buf) + done
+    last = buffer_size - 1
+    draws = rng.integers(0, buffer_size, size=max(0, n - fill))
+    stop = min(n, fill + count - done)  # every step of the loop emits one index
     # in pieces, so that the Python ints of a large worker's order never exist all at once
     for lo in range(fill, stop, _SHUFFLE_PIECE):
         hi = min(stop, lo + _SHUFFLE_PIECE)
@@ -279,12 +324,13 @@ def _deal(total: int, per_rank: int, rank: int, worker: int, num_workers: int,
 
 
 def _worker_order(n: int, shuffle: bool, shuffle_buffer: int, key: list,
-                  count: Optional[int] = None) -> np.ndarray:
-    """A worker's emission order (its first ``count`` entries), seeded from ``key``."""
+                  count: Optional[int] = None, start: Optional[int] = None) -> np.ndarray:
+    """A worker's emission order (its first ``count`` entries), seeded from ``key``; its shuffle
+    buffer emits from ``start`` inputs on (None: full)."""
     if not shuffle:
         return np.arange(n if count is None else min(n, count), dtype=np.int64)
     rng = np.random.default_rng(np.random.SeedSequence(key))
-    return shuffle_order(n, shuffle_buffer, rng, count=count)
+    return shuffle_order(n, shuffle_buffer, rng, count=count, start=start)
 
 
 def _batch_strands(counts: np.ndarray, batch_sizes: Sequence[int],
@@ -329,14 +375,15 @@ def _batch_strands(counts: np.ndarray, batch_sizes: Sequence[int],
 
 def _interleaved_order(glob: np.ndarray, strand: np.ndarray, shuffle: bool, shuffle_buffer: int,
                        key: list, batch_sizes: Sequence[int] = (),
-                       shares: Optional[Sequence[int]] = None, unit: int = 1) -> np.ndarray:
+                       shares: Optional[Sequence[int]] = None, unit: int = 1,
+                       start: Optional[int] = None) -> np.ndarray:
     """The emission order of a worker of an interleaved stream (one that reads its samples in
     chunks, not in stream order): input sample ``i`` is the worker's ``glob[i]``-th in stream
     order, of strand ``strand[i]``. Which strand the ``t``-th emitted sample is of: with
     ``batch_sizes`` each batch holds the strands in proportion (:func:`_batch_strands`), else
     the strand of the worker's ``t``-th sample in stream order. Each strand's samples come from a
-    shuffle buffer of its own (its share of ``shuffle_buffer``, seeded from ``key`` and the
-    strand), so the samples of every strand are held about as long.
+    shuffle buffer of its own (its share of ``shuffle_buffer`` and of ``start``, seeded from
+    ``key`` and the strand), so the samples of every strand are held about as long.
 
     A stream of whole units (``unit`` > 1: ``mix="per_source"``, one batch per unit) is shuffled
     within each unit only: a buffer running on across a strand's units would hold everything read
@@ -363,8 +410,9 @@ def _interleaved_order(glob: np.ndarray, strand: np.ndarray, shuffle: bool, shuf
         slots = np.flatnonzero(slots_of == s)
         if shuffle:
             buffer = max(1, round(shuffle_buffer * inputs.size / n))
+            first = None if start is None else min(buffer, max(1, round(start * inputs.size / n)))
             rng = np.random.default_rng(np.random.SeedSequence([*key, s]))
-            order[slots] = inputs[shuffle_order(inputs.size, buffer, rng)]
+            order[slots] = inputs[shuffle_order(inputs.size, buffer, rng, start=first)]
         else:
             order[slots] = inputs
     return order
@@ -373,13 +421,16 @@ def _interleaved_order(glob: np.ndarray, strand: np.ndarray, shuffle: bool, shuf
 def epoch_plan(shard_sizes: Stream, *, seed: int, epoch: int, rank: int, world_size: int,
                worker: int, num_workers: int, shuffle: bool = True, block_size: int = 64,
                shuffle_buffer: int = 1000, remainder: str = "drop",
-               batch_size: Optional[int] = None, drop_last: bool = False) -> WorkerPlan:
+               batch_size: Optional[int] = None, drop_last: bool = False,
+               shuffle_start: Optional[int] = None) -> WorkerPlan:
     """Plan of worker ``worker`` of rank ``rank`` for ``epoch`` (see the module docstring).
     ``shard_sizes``: one dataset's samples per shard, or the epoch's
-    :class:`~shardkit.layout.Layout` (a mixture, an epoch size)."""
+    :class:`~shardkit.layout.Layout` (a mixture, an epoch size). ``shuffle_start``: see
+    :func:`shuffle_start_of` (None: its default)."""
     seed, block, shuffle_buffer, batch_size = check_settings(
         seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
         batch_size=batch_size)
+    start = shuffle_start_of(shuffle_buffer, shuffle_start)
     block_size = _check_int("block_size", block, 1)  # None is not a block size here
     epoch = _check_int("epoch", epoch, 0)
     world_size = _check_int("world_size", world_size, 1)
@@ -392,22 +443,23 @@ def epoch_plan(shard_sizes: Stream, *, seed: int, epoch: int, rank: int, world_s
 
     _, pieces, batch_sizes = _deal(total, per_rank, rank, worker, num_workers, batch_size)
     return _worker_plan(layout, pieces, batch_sizes, shuffle, block_size, shuffle_buffer,
-                        _worker_key(seed, epoch, 0, rank, world_size, worker, num_workers))
+                        _worker_key(seed, epoch, 0, rank, world_size, worker, num_workers),
+                        start=start)
 
 
 def _worker_plan(layout: Layout, ranges, batch_sizes, shuffle: bool, block_size: int,
-                 shuffle_buffer: int, key: list[int], count: Optional[int] = None
-                 ) -> WorkerPlan:
+                 shuffle_buffer: int, key: list[int], count: Optional[int] = None,
+                 start: Optional[int] = None) -> WorkerPlan:
     """The plan of a worker that reads positions ``ranges`` of the epoch's global stream
     (``count``: only the first ``count`` entries of its order)."""
     spans, glob, strand = layout.worker_input(ranges, shuffle=shuffle, block_size=block_size)
     num_samples = sum(len(s) for s in spans)
     if glob is None or strand is None:
-        order = _worker_order(num_samples, shuffle, shuffle_buffer, key, count)
+        order = _worker_order(num_samples, shuffle, shuffle_buffer, key, count, start)
     else:
         order = _interleaved_order(glob, strand, shuffle, shuffle_buffer, key,
                                    batch_sizes if layout.unit == 1 else (),
-                                   layout.shares, layout.unit)[:count]
+                                   layout.shares, layout.unit, start)[:count]
     order.flags.writeable = False  # the plan is a value: frozen dataclass, read-only order
     return WorkerPlan(spans=spans, num_samples=num_samples, order=order, batch_sizes=batch_sizes)
 
@@ -543,7 +595,7 @@ def rest_stream(shard_sizes: Stream, consumed: Sequence[Sequence[int]], *, seed:
                 epoch: int, world_size: int, num_workers: int, stream=None, level: int = 0,
                 shuffle: bool = True, shuffle_buffer: int = 1000, remainder: str = "drop",
                 batch_size: Optional[int] = None, drop_last: bool = False,
-                block_size: int = 64) -> np.ndarray:
+                block_size: int = 64, shuffle_start: Optional[int] = None) -> np.ndarray:
     """The samples of an epoch that a plan has not emitted yet, as epoch-stream ranges.
 
     The plan is the epoch plan of ``world_size`` x ``num_workers`` (``stream=None``, ``level=0``)
@@ -552,10 +604,13 @@ def rest_stream(shard_sizes: Stream, consumed: Sequence[Sequence[int]], *, seed:
     int64 ranges of shape (k, 2) of the epoch's global stream: every sample the plan reads and did
     not emit, each once (``"pad"``'s repeats and samples emitted by another worker are left out).
     ``block_size`` matters only for an interleaved layout (whose workers read in chunks of it).
+    ``shuffle_start``: the plan's (:func:`shuffle_start_of`; a state from before it existed
+    filled its buffers whole: pass ``shuffle_buffer``).
     """
     seed, block, shuffle_buffer, batch_size = check_settings(
         seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
         batch_size=batch_size)
+    start = shuffle_start_of(shuffle_buffer, shuffle_start)
     epoch = _check_int("epoch", epoch, 0)
     layout = _layout(shard_sizes, seed, epoch)
     world_size = _check_int("world_size", world_size, 1)
@@ -588,9 +643,9 @@ def rest_stream(shard_sizes: Stream, consumed: Sequence[Sequence[int]], *, seed:
                 assert glob is not None and strand is not None
                 sizes = batches if layout.unit == 1 else ()
                 head = glob[_interleaved_order(glob, strand, shuffle, shuffle_buffer, key,
-                                               sizes, layout.shares, unit)[:c]]
+                                               sizes, layout.shares, unit, start)[:c]]
             else:
-                head = _worker_order(n, shuffle, shuffle_buffer, key, c)
+                head = _worker_order(n, shuffle, shuffle_buffer, key, c, start)
             rem, done = _split_emitted(n, head)
             rem_all.append(rem + lo)
             done_all.append(done + lo)
@@ -604,7 +659,7 @@ def rest_plan(shard_sizes: Stream, stream, *, seed: int, epoch: int, rank: int,
               world_size: int, worker: int, num_workers: int, level: int = 1,
               shuffle: bool = True, block_size: int = 64, shuffle_buffer: int = 1000,
               remainder: str = "drop", batch_size: Optional[int] = None,
-              drop_last: bool = False) -> WorkerPlan:
+              drop_last: bool = False, shuffle_start: Optional[int] = None) -> WorkerPlan:
     """Plan of worker ``worker`` of rank ``rank`` over the rest stream ``stream`` of an epoch.
 
     ``stream`` comes from :func:`rest_stream` (``level`` is 1 for an epoch's first elastic
@@ -618,6 +673,7 @@ def rest_plan(shard_sizes: Stream, stream, *, seed: int, epoch: int, rank: int,
     seed, block, shuffle_buffer, batch_size = check_settings(
         seed=seed, block_size=block_size, shuffle_buffer=shuffle_buffer, remainder=remainder,
         batch_size=batch_size)
+    start = shuffle_start_of(shuffle_buffer, shuffle_start)
     block_size = _check_int("block_size", block, 1)  # None is not a block size here
     epoch = _check_int("epoch", epoch, 0)
     world_size = _check_int("world_size", world_size, 1)
@@ -633,4 +689,5 @@ def rest_plan(shard_sizes: Stream, stream, *, seed: int, epoch: int, rank: int,
     ranges = [tuple(x) for a, b in pieces
               for x in _compose(base, np.array([[a, b]], dtype=np.int64)).tolist()]
     return _worker_plan(layout, ranges, batch_sizes, shuffle, block_size, shuffle_buffer,
-                        _worker_key(seed, epoch, level, rank, world_size, worker, num_workers))
+                        _worker_key(seed, epoch, level, rank, world_size, worker, num_workers),
+                        start=start)

@@ -2,10 +2,12 @@
 ``torch.distributed``): functions that take numbers and dicts and return new ones.
 
 The state format. A rank's state is ``{"version", "seed", "epoch", "rank", "world_size",
-"num_workers", "shift", "consumed"}``: how many samples each plan worker ("role") of the rank
-emitted, and which DataLoader worker plays which role (``shift``: worker ``j`` plays role
-``(j + shift) % num_workers``). A global state (:func:`merge_states`) holds every rank's
-``{"shift", "consumed"}`` under ``"ranks"`` and the plan settings under ``"plan"``. A state taken
+"num_workers", "shift", "consumed", "shuffle_start"}``: how many samples each plan worker ("role")
+of the rank emitted, and which DataLoader worker plays which role (``shift``: worker ``j`` plays
+role ``(j + shift) % num_workers``); ``shuffle_start`` is the plan's (states saved before it
+existed lack it: their shuffle buffers filled whole, ``shuffle_start = shuffle_buffer``). A
+global state (:func:`merge_states`) holds every rank's ``{"shift", "consumed"}`` under
+``"ranks"`` and the plan settings under ``"plan"``. A state taken
 during an elastically resumed epoch records the global state that epoch resumed from under
 ``"base"``.
 
@@ -38,11 +40,21 @@ Sizes = Union[Sequence[int], np.ndarray]  # samples per shard
 
 # ----------------------------------------------------------------- encoding
 def rank_state(*, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
-               shift: int, consumed: Mapping[str, int]) -> dict:
+               shift: int, consumed: Mapping[str, int], shuffle_start: int) -> dict:
     """A rank's (or one DataLoader worker's) state dict."""
     return {"version": STATE_VERSION, "seed": seed, "epoch": epoch, "rank": rank,
             "world_size": world_size, "num_workers": num_workers, "shift": shift,
-            "consumed": dict(consumed)}
+            "consumed": dict(consumed), "shuffle_start": shuffle_start}
+
+
+def recorded_start(state: dict, settings: Mapping[str, Any]) -> int:
+    """The ``shuffle_start`` a state's orders were made with: recorded, or for a state saved
+    before it existed the whole buffer (``settings``: this dataset's plan settings)."""
+    plan = state.get("plan")
+    if isinstance(plan, dict) and "shuffle_buffer" in plan:
+        state, settings = plan, plan  # a global state's plan records both
+    start: int = state["shuffle_start"] if "shuffle_start" in state else settings["shuffle_buffer"]
+    return int(start)
 
 
 def merge_states(states: Iterable[dict], *, num_samples: int, settings: Mapping[str, Any]) -> dict:
@@ -57,7 +69,7 @@ def merge_states(states: Iterable[dict], *, num_samples: int, settings: Mapping[
     for state in states:
         if "ranks" in state:
             raise ValueError("merge_states takes per-rank states; this one is already global")
-        for name in (*STATE_FIELDS, "base", "mixture"):
+        for name in (*STATE_FIELDS, "base", "mixture", "shuffle_start"):
             if state.get(name) != first.get(name):
                 raise ValueError(f"the states disagree on {name!r}: {first.get(name)!r} and "
                                  f"{state.get(name)!r} (every rank must use the same "
@@ -71,7 +83,9 @@ def merge_states(states: Iterable[dict], *, num_samples: int, settings: Mapping[
     if missing:
         raise ValueError(f"no state for ranks {missing} of world_size {world}")
     out = {name: first[name] for name in STATE_FIELDS}
-    out["plan"] = {"num_samples": int(num_samples), **settings}
+    # the order the states' positions are in: a state from before shuffle_start filled whole
+    out["plan"] = {"num_samples": int(num_samples), **settings,
+                   "shuffle_start": recorded_start(first, settings)}
     out["ranks"] = {r: ranks[r] for r in sorted(ranks, key=int)}
     if first.get("base") is not None:
         out["base"] = first["base"]
@@ -104,8 +118,21 @@ def recorded_block_size(state: dict) -> int | None:
     return None
 
 
-def check_rank_state(state: dict, rank: int, world_size: int) -> None:
-    """One rank's state resumes only that rank, with the same world size."""
+def check_rank_state(state: dict, rank: int, world_size: int,
+                     settings: Mapping[str, Any] | None = None) -> None:
+    """One rank's state resumes only that rank, with the same world size (and, mid-epoch, the
+    same shuffle buffer start as ``settings``: it decides the order its counts are positions
+    in)."""
+    if settings is not None and any(state.get("consumed", {}).values()) \
+            and recorded_start(state, settings) != settings["shuffle_start"]:
+        raise ValueError(
+            f"this state of rank {state.get('rank')} was taken with shuffle buffers that "
+            f"started emitting at {recorded_start(state, settings)} samples (this dataset's: "
+            f"{settings['shuffle_start']}; states of shardkit before shuffle_start filled them "
+            "whole), so its counts are positions in another order. Resume from the global state "
+            "instead: call state_dict() on every rank with the process group initialized, or "
+            "combine the ranks' states with merge_states(); it resumes elastically, every "
+            "sample once")
     if state["world_size"] != world_size or state.get("rank", rank) != rank:
         raise ValueError(
             f"this state holds only rank {state.get('rank')}'s progress (of world_size="
@@ -206,7 +233,9 @@ def rest_stream_of(state: dict, *, layout: Layout,
                               world_size=world, num_workers=workers, stream=stream, level=level,
                               shuffle=plan["shuffle"], shuffle_buffer=plan["shuffle_buffer"],
                               remainder=plan["remainder"], batch_size=plan["batch_size"],
-                              drop_last=plan["drop_last"], block_size=plan["block_size"])
+                              drop_last=plan["drop_last"], block_size=plan["block_size"],
+                              # a state from before shuffle buffers grew: they filled whole
+                              shuffle_start=plan.get("shuffle_start", plan["shuffle_buffer"]))
     return out, level + 1
 
 
@@ -247,12 +276,13 @@ def plan_in_force(shard_sizes: Sizes | Layout, config: PlanConfig, rest: RestPla
                                  shuffle=config.shuffle, block_size=config.block_size,
                                  shuffle_buffer=config.shuffle_buffer,
                                  remainder=config.remainder, batch_size=config.batch_size,
-                                 drop_last=config.drop_last)
+                                 drop_last=config.drop_last, shuffle_start=config.shuffle_start)
     return planlib.epoch_plan(shard_sizes, seed=config.seed, epoch=epoch, rank=rank,
                               world_size=world_size, worker=worker, num_workers=num_workers,
                               shuffle=config.shuffle, block_size=config.block_size,
                               shuffle_buffer=config.shuffle_buffer, remainder=config.remainder,
-                              batch_size=config.batch_size, drop_last=config.drop_last)
+                              batch_size=config.batch_size, drop_last=config.drop_last,
+                              shuffle_start=config.shuffle_start)
 
 
 def items_in_force(shard_sizes: Sizes | Layout, config: PlanConfig, rest: RestPlan | None,

@@ -248,12 +248,14 @@ class EpochState:
             raise ValueError(PLAIN_LOADER_STATE)
         else:
             progress = {"num_workers": 1, "shift": 0, "consumed": {"0": self._emitted}}
+        start = self._config.shuffle_start
+        assert start is not None, "PlanConfig resolves shuffle_start"
         state = resumelib.rank_state(seed=self.seed, epoch=self.epoch, rank=rank, world_size=world,
-                                     **progress)
+                                     shuffle_start=start, **progress)
         if worker_info is None and self._finished(state):
             return self._marked(resumelib.rank_state(
                 seed=self.seed, epoch=self.epoch + 1, rank=rank, world_size=world,
-                num_workers=state["num_workers"], shift=0, consumed={}))
+                num_workers=state["num_workers"], shift=0, consumed={}, shuffle_start=start))
         rest = self._rest_in_force()
         if rest is not None:
             state["base"] = rest.state
@@ -303,7 +305,7 @@ class EpochState:
             if worker_info is None and state["world_size"] == 1 and "rank" in state:
                 state = self.merge_states([state])  # a whole job's state: resumes with anything
             else:
-                resumelib.check_rank_state(state, rank, world)
+                resumelib.check_rank_state(state, rank, world, self.settings)
                 self._rest = None
                 self._rest = self._rest_plan(state["epoch"], state.get("base"))
                 self._resume = resumelib.rank_resume(state)

@@ -15,6 +15,7 @@ from shardkit.plan import (
     rank_num_samples,
     resume_position,
     shuffle_order,
+    shuffle_start_of,
 )
 
 LAYOUTS = {
@@ -187,6 +188,40 @@ def test_shuffle_order_is_bounded_permutation():
         if buf == 1:
             assert np.array_equal(order, np.arange(n))
     assert not np.array_equal(shuffle_order(100, 16, np.random.default_rng(0)), np.arange(100))
+
+
+def test_a_growing_shuffle_buffer_emits_early_and_stays_a_bounded_permutation():
+    for n, buf, start, seed in itertools.product([0, 1, 5, 99, 100, 101, 1000, 3000],
+                                                 [1, 2, 7, 64, 1000], [1, 2, 10, 100, 1000],
+                                                 range(2)):
+        if start > buf:
+            continue
+        order = shuffle_order(n, buf, np.random.default_rng(seed), start=start)
+        assert np.array_equal(np.sort(order), np.arange(n))
+        assert (order < np.arange(n) + buf).all()  # never holds more than the buffer
+        # while it grows, the k-th emission needs only start + 2k + 1 inputs read
+        k = np.arange(min(n, max(0, buf - start)))
+        assert (order[:k.size] < start + 2 * k + 1).all()
+        for count in (0, 1, n // 3, n):  # a prefix costs what it emits
+            head = shuffle_order(n, buf, np.random.default_rng(seed), start=start, count=count)
+            assert np.array_equal(head, order[:count])
+    # start = the buffer's size is the buffer that fills whole first (states before it grew)
+    for n, buf in [(500, 32), (3000, 1000), (10, 64)]:
+        assert np.array_equal(shuffle_order(n, buf, np.random.default_rng(3), start=buf),
+                              shuffle_order(n, buf, np.random.default_rng(3)))
+
+
+def test_shuffle_start_defaults_to_a_tenth_of_the_buffer_and_is_checked():
+    assert [shuffle_start_of(b) for b in (1, 9, 10, 11, 1000)] == [1, 1, 1, 2, 100]
+    assert shuffle_start_of(1000, 1000) == 1000
+    for bad in (0, 1001, 2.5):
+        with pytest.raises(ValueError, match="shuffle_start"):
+            shuffle_start_of(1000, bad)
+    # the plan's first batch: with 1000 inputs per worker and a 1000-sample buffer, a batch of
+    # 256 needs ~60% of them read instead of all
+    p = plan([1000], block_size=64, shuffle_buffer=1000)
+    full = plan([1000], block_size=64, shuffle_buffer=1000, shuffle_start=1000)
+    assert p.order[:256].max() < 0.7 * 1000 < full.order[:256].max()
 
 
 @pytest.mark.parametrize("per_class", [100, 1000])
