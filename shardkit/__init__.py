@@ -12,8 +12,9 @@ Shared by packing and reading (the format and where bytes live):
     mistakes) · manifest (manifest.json, the one path that loads a dataset) · cache (the shared
     on-disk shard cache) · verify ·
     storage/ — base (the Store and Dest protocols), urls (the one protocol dispatch), local,
-    remote (s3, http), generic (any fsspec filesystem), listed (a caller's URLs), dest (where
-    packing writes), bounded (calls with a timeout).
+    readahead (a worker's next local spans into the page cache), remote (s3, http), generic
+    (any fsspec filesystem), listed (a caller's URLs), dest (where packing writes), bounded
+    (calls with a timeout).
 
 Packing (packing/, never imports torch):
     options (PackOptions) · folder (scan, keys, labels) · encode (raw / resize / tensor, per
@@ -36,8 +37,8 @@ Adopting shards others wrote: indexer (shardkit index).
 Front: this file · cli · __main__ · look/ — shardkit show, bottom to top: drawing (chart primitives),
 choosing (the seeded choice of samples), pictures (a sample as an image, thumbnails, image sizes),
 overview (the summary text), sheet (the contact sheet), stats (a dataset's numbers), statspicture
-(them drawn), report (the HTML report) · bench/ (benchmarks: loaders, mix, randomaccess, s3, scale,
-gpu, indexspeed, indexscale, hdd, synth, demo).
+(them drawn), report (the HTML report) · bench/ (benchmarks: loaders, dali (DALI's CPU pipeline, when
+installed), mix, randomaccess, s3, scale, gpu, indexspeed, indexscale, hdd, synth, demo).
 """
 
 from ._version import __version__ as __version__

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 TRAIN, EVAL = "train", "eval"
+DALI = "DALI CPU pipeline, raw train"  # a row when nvidia-dali is installed (bench/dali.py)
 PRECROPPED = "eval, pre-cropped"  # tensor shards packed at 224: nothing left to do but batch
 
 
@@ -506,6 +507,13 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
                                                folder_bytes, files)
         configs["shardkit raw, train (cold)"] = (lambda: shardkit_loader(out / "raw", B, W),
                                                  packs["raw"].num_bytes, shard_files["raw"])
+    from . import dali
+    if dali.available():  # NVIDIA DALI's CPU pipeline, when installed: the same recipe
+        configs[DALI] = (lambda: dali.dali_cpu_loader(out / "raw", B, W), packs["raw"].num_bytes,
+                         None)
+        if cold:
+            configs[DALI + " (cold)"] = (lambda: dali.dali_cpu_loader(out / "raw", B, W),
+                                         packs["raw"].num_bytes, shard_files["raw"])
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     blobs = [p.read_bytes() for p in files]
     cpus = len(os.sched_getaffinity(0))
@@ -545,6 +553,11 @@ def run(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: i
     if cold:
         ratios["raw train (cold) / naive (cold)"] = (rate["shardkit raw, train (cold)"]
                                                      / rate["naive ImageFolder (cold)"])
+    if DALI in rate:
+        ratios["raw train / DALI CPU"] = rate["shardkit raw, train"] / rate[DALI]
+        if cold:
+            ratios["raw train (cold) / DALI CPU (cold)"] = (rate["shardkit raw, train (cold)"]
+                                                            / rate[DALI + " (cold)"])
     for r in results.values():
         r["vs_naive"] = r["samples_per_s"] / rate["naive ImageFolder (warm)"]
     report = {"samples": n, "image_bytes": folder_bytes, "batch_size": B, "workers": W,
