@@ -96,8 +96,10 @@ class StreamingDataset(IterableDataset):
       ``shuffle`` and ``seed``: a new, reproducible order each epoch (``set_epoch`` or the next
       iteration). ``block_size``: samples per read; None: 64 when the manifest says the samples
       were shuffled at pack time, else 8 (``Manifest.shuffled``). ``shuffle_buffer``: samples a
-      worker shuffles among. ``rank`` / ``world_size``: this process's place (default: from
-      ``torch.distributed`` or ``RANK``/``WORLD_SIZE``). ``remainder``: ``"drop"`` (the last
+      worker shuffles among; ``shuffle_start``: how many it holds when it emits its first (then
+      it grows by one per emission; None: a tenth; ``shuffle_buffer``: filled whole first).
+      ``rank`` / ``world_size``: this process's place (default: from ``torch.distributed`` or
+      ``RANK``/``WORLD_SIZE``). ``remainder``: ``"drop"`` (the last
       ``N % world_size`` samples of an epoch) or ``"pad"`` (repeat the first ones) so that
       every rank yields as many. ``batch_size``: yield batches ``(uint8 N×3×H×W, int64 N, …)``
       made in the workers; ``drop_last``: drop a rank's last partial batch.
@@ -128,7 +130,7 @@ class StreamingDataset(IterableDataset):
                  in_memory: bool = False, memory_limit: int | str | None = None,
                  on_error: str = "raise", storage_options: dict | None = None,
                  remainder: str = "drop", drop_last: bool = False, block_size: int | None = None,
-                 shuffle_buffer: int = 1000,
+                 shuffle_buffer: int = 1000, shuffle_start: int | None = None,
                  fields: tuple[str, ...] | list[str] | dict[str, str] | None = None,
                  max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6,
                  epoch_size: int | None = None, mix: str = "random", with_source: bool = False,
@@ -145,7 +147,8 @@ class StreamingDataset(IterableDataset):
                                         with_source=with_source)
         self.plan_config = PlanConfig(seed=seed, shuffle=shuffle, block_size=block_size,
                                       shuffle_buffer=shuffle_buffer, remainder=remainder,
-                                      batch_size=batch_size, drop_last=drop_last)
+                                      batch_size=batch_size, drop_last=drop_last,
+                                      shuffle_start=shuffle_start)
         self.storage = StorageConfig.of(storage_options=storage_options, timeout=timeout,
                                         retries=retries, cache_dir=cache_dir,
                                         cache_limit=cache_limit, in_memory=in_memory,
@@ -435,9 +438,10 @@ class StreamingDataset(IterableDataset):
 
         Without ``torch.distributed`` (or with ``gather=False``) this is this rank's state:
         ``{"version", "seed", "epoch", "rank", "world_size", "num_workers", "shift",
-        "consumed"}``. When a process group with more than one process is initialized and this
-        dataset has more than one rank, it is a **collective** (``all_gather_object``): call it
-        on every rank, like a DDP/FSDP state dict, and every rank gets the same global state
+        "consumed", "shuffle_start"}``. When a process group with more than one process is
+        initialized and this dataset has more than one rank, it is a **collective**
+        (``all_gather_object``): call it on every rank, like a DDP/FSDP state dict, and every
+        rank gets the same global state
         ``{"version", "seed", "epoch", "world_size", "num_workers", "plan", "ranks": {rank:
         {"shift", "consumed"}}}`` (see :meth:`merge_states`), which can resume with any world
         size. Inside a DataLoader worker (torchdata's ``StatefulDataLoader`` asks there) it is

@@ -54,7 +54,11 @@ def _silenced_import():
         sys.stderr.flush()
     except (AttributeError, ValueError, OSError):  # pragma: no cover - closed or replaced stderr
         pass
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to silence (closed): import as it is
+        from nvidia import nvimgcodec  # noqa: PLC0415
+        return nvimgcodec
     try:
         null = os.open(os.devnull, os.O_WRONLY)
         try:

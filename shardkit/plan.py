@@ -221,7 +221,7 @@ def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator, *,
     everything before decoding anything (on a slow disk the reads and the decoding add up
     instead of overlapping), and every epoch's first batch waits for ``workers × buffer_size``
     reads. The price: a worker's first emissions come from fewer inputs (the ``k``-th of the
-    first ``buffer_size - start`` from ``start + k + 1``).
+    first ``buffer_size - start - 1`` from ``start + k + 1``).
     """
     n = _check_int("n", n, 0)
     buffer_size = _check_int("buffer_size", buffer_size, 1)

@@ -38,9 +38,8 @@ from .shardformat import (
     strict_samples,
 )
 from .skiplog import Region
-from .storage import LocalStore
+from .storage import LocalStore, readahead
 from .storage.local import cache_misses
-from .storage.readahead import ReadAhead
 
 if TYPE_CHECKING:
     from .cache import ShardCache
@@ -90,13 +89,13 @@ class ShardReader:
         self._prefetched: set[int] = set()  # shards whose cache download this process started
         self._parked: dict[int, GunzipRange] = {}  # LRU of compressed shards' open streams
         self._parked_pid = os.getpid()  # (a forked DataLoader worker never uses its parent's)
-        self._ahead: ReadAhead | None = None  # reads local spans ahead while reads are cold
         self._misses_seen = -1  # cache_misses() at the last span's start (-1: none yet)
+        self._no_index: set[int] = set()  # shards whose index read-ahead could not load
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_parked",
-                     "_ahead", "_misses_seen"):
+                     "_misses_seen", "_no_index"):
             del state[name]
         return state
 
@@ -148,6 +147,7 @@ class ShardReader:
         self._faults.clear()
         self._healthy.clear()
         self._misses_seen = -1  # read ahead at the first span, to find out whether reads are cold
+        self._no_index.clear()
         self.close_parked()
 
     def close_parked(self) -> None:
@@ -308,26 +308,25 @@ class ShardReader:
         if self.memory is not None:
             return
         misses = cache_misses()
-        ahead = self._ahead
-        cold = self._misses_seen < 0 or misses != self._misses_seen \
-            or (ahead is not None and ahead.found_cold)
+        ahead = readahead.shared()
+        cold = self._misses_seen < 0 or misses != self._misses_seen or ahead.found_cold
         self._misses_seen = misses
         if not cold:
             return
         ranges = []
         for span, j in ((spans[k], first), *((s, s.start) for s in spans[k + 1:k + 2])):
             store, shard = self.shard(span.shard)
-            if not isinstance(store, LocalStore) or is_compressed(shard.url) or j >= span.stop:
+            if not isinstance(store, LocalStore) or is_compressed(shard.url) or j >= span.stop \
+                    or span.shard in self._faults or span.shard in self._no_index:
                 continue
             try:
                 offsets = self.offsets(span.shard)
             except (OSError, ShardError, ManifestError, ValueError):
-                continue  # reading the span will say what is wrong
+                self._no_index.add(span.shard)  # not again: reading the span will say why
+                continue
             if span.stop < len(offsets):
                 ranges.append((store.base / shard.url, int(offsets[j]), int(offsets[span.stop])))
         if ranges:
-            if ahead is None:
-                ahead = self._ahead = ReadAhead()
             ahead.submit(ranges)
 
     def offsets(self, shard_no: int) -> np.ndarray:

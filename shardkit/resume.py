@@ -118,21 +118,8 @@ def recorded_block_size(state: dict) -> int | None:
     return None
 
 
-def check_rank_state(state: dict, rank: int, world_size: int,
-                     settings: Mapping[str, Any] | None = None) -> None:
-    """One rank's state resumes only that rank, with the same world size (and, mid-epoch, the
-    same shuffle buffer start as ``settings``: it decides the order its counts are positions
-    in)."""
-    if settings is not None and any(state.get("consumed", {}).values()) \
-            and recorded_start(state, settings) != settings["shuffle_start"]:
-        raise ValueError(
-            f"this state of rank {state.get('rank')} was taken with shuffle buffers that "
-            f"started emitting at {recorded_start(state, settings)} samples (this dataset's: "
-            f"{settings['shuffle_start']}; states of shardkit before shuffle_start filled them "
-            "whole), so its counts are positions in another order. Resume from the global state "
-            "instead: call state_dict() on every rank with the process group initialized, or "
-            "combine the ranks' states with merge_states(); it resumes elastically, every "
-            "sample once")
+def check_rank_state(state: dict, rank: int, world_size: int) -> None:
+    """One rank's state resumes only that rank, with the same world size."""
     if state["world_size"] != world_size or state.get("rank", rank) != rank:
         raise ValueError(
             f"this state holds only rank {state.get('rank')}'s progress (of world_size="

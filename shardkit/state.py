@@ -19,6 +19,7 @@ state dicts.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import plan as planlib
@@ -72,6 +73,9 @@ class EpochState:
         self._role = 0
         self._progress: Progress | None = None  # shardkit's loader: items handed to the user
         self._recycle: RecycleSpec | None = None  # shardkit's loader, for the workers it starts
+        # (epoch, shuffle_start) of a loaded state whose orders started otherwise (a state
+        # from before shuffle_start existed: whole buffers): in force for that epoch only
+        self._start_for: tuple[int, int] | None = None
 
     def __getstate__(self) -> dict:
         # for a spawned DataLoader worker, where torch.distributed is not initialized
@@ -85,6 +89,9 @@ class EpochState:
             if self._block_default is None:
                 raise TypeError("EpochState: plan.block_size is None and no block_default given")
             self._plan = self._plan.resolved(self._block_default())
+        start = self._start_for
+        if start is not None and start[0] == self.epoch and start[1] != self._plan.shuffle_start:
+            return replace(self._plan, shuffle_start=start[1])  # a loaded state's epoch
         return self._plan
 
     @property
@@ -149,6 +156,8 @@ class EpochState:
             self._resume = None
         if self._rest is not None and self._rest.epoch != epoch:
             self._rest = None
+        if self._start_for is not None and self._start_for[0] != epoch:
+            self._start_for = None
         if changed:  # progress counts belong to the previous epoch
             self._emitted = self._begin_consumed = 0
             if self._progress is not None and self._progress.num_workers == 0:
@@ -293,6 +302,12 @@ class EpochState:
     def load_state_dict(self, state: dict, worker_info: WorkerInfo | None) -> None:
         """See :meth:`shardkit.StreamingDataset.load_state_dict`."""
         resumelib.check_loadable(state, self.seed, self._mixture())
+        # The shuffle start its counts are positions under (a state from before it was recorded:
+        # whole buffers): the plans of its epoch are made with it, so it resumes exactly.
+        recorded = resumelib.recorded_start(state, self._plan.settings())
+        self._start_for = (state["epoch"], recorded)
+        if "plan" in state and "shuffle_start" not in state["plan"]:
+            state = {**state, "plan": {**state["plan"], "shuffle_start": recorded}}
         rank, world = self.rank_world()
         block_size = resumelib.recorded_block_size(state)
         if self._plan.block_size is None and block_size is not None:
@@ -305,7 +320,7 @@ class EpochState:
             if worker_info is None and state["world_size"] == 1 and "rank" in state:
                 state = self.merge_states([state])  # a whole job's state: resumes with anything
             else:
-                resumelib.check_rank_state(state, rank, world, self.settings)
+                resumelib.check_rank_state(state, rank, world)
                 self._rest = None
                 self._rest = self._rest_plan(state["epoch"], state.get("base"))
                 self._resume = resumelib.rank_resume(state)

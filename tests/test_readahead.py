@@ -70,8 +70,24 @@ def test_a_fifo_a_folder_and_a_missing_file_are_left_to_the_reader(tmp_path):
     assert readahead._read_range(scratch, str(tmp_path / "gone.tar"), 0, 100) is False
 
 
+def test_where_the_cache_cannot_be_asked_nothing_is_read_twice(big_file, monkeypatch):
+    # no RWF_NOWAIT (not Linux; NFS and FUSE refuse it): the reader streams ahead by itself there
+    monkeypatch.setattr(readahead, "_NOWAIT", None)
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(readahead.os, "preadv", lambda *a: reads.append(a) or real(*a))
+    _evict(big_file)
+    scratch = memoryview(bytearray(readahead.AHEAD_CHUNK))
+    assert readahead._read_range(scratch, str(big_file), 0, 3 << 20) is False
+    assert reads == []
+
+
+def test_one_helper_thread_per_process():
+    assert readahead.shared() is readahead.shared()
+
+
 def test_submitted_ranges_are_read_once_each_in_the_background(big_file, monkeypatch):
-    monkeypatch.setattr(readahead, "_NOWAIT", None)  # every range counts as cold
+    monkeypatch.setattr(readahead, "_cold", lambda fd, piece, pos: True)  # every range is cold
     ahead = readahead.ReadAhead()
     ranges = [(big_file, 0, 1 << 20), (big_file, 1 << 20, 2 << 20)]
     ahead.submit(ranges)

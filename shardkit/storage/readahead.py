@@ -38,6 +38,20 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 Range = Tuple[str, int, int]  # path, start, stop
 
 
+_shared: dict[int, "ReadAhead"] = {}  # the process's ReadAhead, by pid (forked workers: their own)
+
+
+def shared() -> "ReadAhead":
+    """This process's :class:`ReadAhead` (one helper thread per process, whatever the number
+    of readers)."""
+    pid = os.getpid()
+    ahead = _shared.get(pid)
+    if ahead is None:
+        _shared.clear()  # a forked child: the parent's thread is not here
+        ahead = _shared[pid] = ReadAhead()
+    return ahead
+
+
 class ReadAhead:
     """One helper thread of a process that reads ranges of local files into the page cache, in
     the order they are submitted; see the module docstring. ``submit`` never blocks."""
@@ -91,6 +105,21 @@ class ReadAhead:
             self.ranges_read += cold
 
 
+def _cold(fd: int, piece: memoryview, pos: int) -> bool:
+    """Whether ``piece`` at ``pos`` is out of the page cache (once per range: probing before
+    every read upsets the kernel's readahead). False where it cannot be told (no
+    ``RWF_NOWAIT``: not Linux, NFS, FUSE; the reader streams ahead there by itself), so nothing
+    is read twice on a filesystem that would send each read over the network."""
+    if _NOWAIT is None:
+        return False
+    try:
+        return os.preadv(fd, (piece,), pos, _NOWAIT) < len(piece)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def _read_range(scratch: memoryview, path: str, start: int, stop: int) -> bool:
     """Read ``[start, stop)`` of ``path`` into ``scratch`` piece by piece; whether any of it had to
     come from the disk. Only regular files (opening a FIFO would take its data); any error ends
@@ -102,13 +131,8 @@ def _read_range(scratch: memoryview, path: str, start: int, stop: int) -> bool:
             return False
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         pos = start
-        if _NOWAIT is not None:  # once, at the start: probing every read upsets the readahead
-            n = min(len(scratch), stop - pos)
-            try:
-                if os.preadv(fd, (scratch[:n],), pos, _NOWAIT) == n:
-                    return False  # its first piece was cached: the range is taken as cached
-            except OSError:  # BlockingIOError: not cached; EOPNOTSUPP &c.: read it
-                pass
+        if not _cold(fd, scratch[:min(len(scratch), stop - pos)], pos):
+            return False  # cached, or no way to tell: left to the reader
         cold = True
         while pos < stop:
             got = os.preadv(fd, (scratch[:min(len(scratch), stop - pos)],), pos)
