@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, cast
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import jpegregion
 from .common import available_cpus
 from .dataset import StreamingDataset
 from .eagerqueue import eager_context
@@ -180,6 +181,11 @@ def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory:
         link = source.link_loader(num_workers)  # a loaded state: exact or elastic, len() knows
     kwargs.setdefault("batch_size", None)  # batches are made inside the workers
     if num_workers > 0:
+        if source is not None and source.decoding.crop is not None:
+            # Load the JPEG region decoder here, once, before the workers fork: each would
+            # import it (~0.1 s, more on busy cores) before its first batch, every epoch
+            # without persistent workers. (Spawned workers still import their own.)
+            jpegregion.available()
         kwargs["prefetch_factor"] = 2 if prefetch_factor is None else prefetch_factor
         kwargs["persistent_workers"] = persistent_workers
     loader = ShardkitLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

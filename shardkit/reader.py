@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardkit")
 
 PREFETCH_SPANS = 2  # a remote shard cache downloads the shards of this many spans ahead
+PREFETCH_INDEXES = 8  # ... and the index files of this many (small: one GET each)
 RECENT_INDEXES = 32  # index files a process keeps (8 bytes per sample each)
 PARKED_STREAMS = 4  # compressed shards' decompressors a process keeps open for their next span
 
@@ -87,6 +88,7 @@ class ShardReader:
         self._healthy: set[int] = set()  # shards diagnosed whole in this iteration
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
         self._prefetched: set[int] = set()  # shards whose cache download this process started
+        self._index_prefetched: set[int] = set()  # ... and index files
         self._parked: dict[int, GunzipRange] = {}  # LRU of compressed shards' open streams
         self._parked_pid = os.getpid()  # (a forked DataLoader worker never uses its parent's)
         self._misses_seen = -1  # cache_misses() at the last span's start (-1: none yet)
@@ -94,8 +96,8 @@ class ShardReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched", "_faults", "_healthy", "_parked",
-                     "_misses_seen", "_no_index"):
+        for name in ("_cache", "_recent", "_prefetched", "_index_prefetched", "_faults", "_healthy",
+                     "_parked", "_misses_seen", "_no_index"):
             del state[name]
         return state
 
@@ -146,7 +148,7 @@ class ShardReader:
         """A new iteration: shard faults are looked at again (a file may have come back)."""
         self._faults.clear()
         self._healthy.clear()
-        self._misses_seen = -1  # read ahead at the first span, to find out whether reads are cold
+        self._misses_seen = -1  # the first span's own reads tell whether reads are cold
         self._no_index.clear()
         self.close_parked()
 
@@ -178,6 +180,7 @@ class ShardReader:
                 pos += n
                 continue
             self._prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS])
+            self._prefetch_indexes(spans[k + 1:k + 1 + PREFETCH_INDEXES])
             self._read_ahead(spans, k, span.start + max(0, start - pos))
             j = span.start + max(0, start - pos)
             offsets = self._offsets_or_fault(span.shard, report)
@@ -302,17 +305,16 @@ class ShardReader:
 
     def _read_ahead(self, spans, k: int, first: int) -> None:
         """While local reads are cold, have :class:`ReadAhead` read span ``k`` (from sample
-        ``first``) and the next one into the page cache (see :mod:`~shardkit.storage.readahead`).
-        Asked at an iteration's first span (to find out) and whenever this process's reads
-        missed the cache since the last span or the helper's last range was cold."""
+        ``first``) and the next one into the page cache (see :mod:`~shardkit.storage.readahead`):
+        whenever this process's reads missed the cache since the last span, or the helper's last
+        range was cold. Not at an iteration's first span: warm reads then cost nothing extra."""
         if self.memory is not None:
             return
         misses = cache_misses()
         ahead = readahead.shared()
-        cold = self._misses_seen < 0 or misses != self._misses_seen or ahead.found_cold
-        self._misses_seen = misses
-        if not cold:
-            return
+        seen, self._misses_seen = self._misses_seen, misses
+        if seen < 0 or (misses == seen and not ahead.found_cold):
+            return  # an iteration's first span (its own reads tell), or reads are warm
         ranges = []
         for span, j in ((spans[k], first), *((s, s.start) for s in spans[k + 1:k + 2])):
             store, shard = self.shard(span.shard)
@@ -328,6 +330,30 @@ class ShardReader:
                 ranges.append((store.base / shard.url, int(offsets[j]), int(offsets[span.stop])))
         if ranges:
             ahead.submit(ranges)
+
+    def _prefetch_indexes(self, spans) -> None:
+        """Start the cache's downloads of the index files of the shards the next spans read
+        (remote, cached only): a worker's first spans are in many shards, and fetching each
+        index only when its span starts put one round trip before each (9 serial GETs before a
+        worker's first batch of 256 from a 1,000-sample buffer)."""
+        if self.cache_dir is None or self.memory is not None:
+            return
+        for span in spans:
+            if span.shard in self._recent or span.shard in self._index_prefetched:
+                continue
+            store, shard = self.shard(span.shard)
+            if isinstance(store, LocalStore) or store.is_local(shard.index_url):
+                continue
+            self._index_prefetched.add(span.shard)
+            size = len(INDEX_MAGIC) + 8 * (shard.num_samples + 1)
+            try:
+                opened = self._shard_cache().open(
+                    self._index_key(store, shard), size=size, sha256=shard.index_sha256,
+                    fetch=partial(_fetch_index, store, shard.index_url, size), prefetch=True)
+            except (OSError, ShardError, ValueError):  # only a head start
+                continue
+            if opened is not None:
+                opened.close()  # the download goes on
 
     def offsets(self, shard_no: int) -> np.ndarray:
         """The sample offsets of shard ``shard_no`` (its index file, checked)."""
@@ -471,16 +497,21 @@ class ShardReader:
         """A remote shard's index file through the shard cache (checked by its sha256 there):
         every worker and rank of a machine after the first reads it from disk, not the network."""
         size = len(INDEX_MAGIC) + 8 * (shard.num_samples + 1)
-        key = store.url(shard.index_url)
-        if "?" in shard.index_url:
-            key += "#" + hashlib.sha256(shard.index_url.encode("utf-8")).hexdigest()[:16]
         stream = self._shard_cache().open(
-            key, size=size, sha256=shard.index_sha256,
-            fetch=lambda offset: store.iter_bytes(shard.index_url, offset, size))
+            self._index_key(store, shard), size=size, sha256=shard.index_sha256,
+            fetch=partial(_fetch_index, store, shard.index_url, size))
         try:
             return bytes(read_upto(stream, size))
         finally:
             stream.close()
+
+    @staticmethod
+    def _index_key(store, shard) -> str:
+        """The cache's name for a shard's index file (its URL as messages show it)."""
+        key = store.url(shard.index_url)
+        if "?" in shard.index_url:
+            key += "#" + hashlib.sha256(shard.index_url.encode("utf-8")).hexdigest()[:16]
+        return key
 
     def _shard_cache(self) -> ShardCache:
         if self._cache is None:
@@ -502,6 +533,11 @@ class ShardReader:
                                 fetch=lambda offset: store.iter_bytes(shard.url, offset,
                                                                       shard.num_bytes),
                                 start=lo, stop=hi, prefetch=prefetch)
+
+
+def _fetch_index(store, url: str, size: int, offset: int):
+    """The bytes of an index file from ``offset`` on (a cache download's ``fetch``)."""
+    return store.iter_bytes(url, offset, size)
 
 
 def load_index(store, shard, read: Callable[[], bytes] | None = None) -> np.ndarray:
