@@ -31,9 +31,9 @@ from .gzipped import GunzipRange, is_compressed
 from .shardformat import (
     BLOCK,
     END_OF_ARCHIVE,
-    INDEX_MAGIC,
     MAX_TAIL,
     decode_index,
+    index_size,
     parse_sample,
     strict_samples,
 )
@@ -345,11 +345,8 @@ class ShardReader:
             if isinstance(store, LocalStore) or store.is_local(shard.index_url):
                 continue
             self._index_prefetched.add(span.shard)
-            size = len(INDEX_MAGIC) + 8 * (shard.num_samples + 1)
             try:
-                opened = self._shard_cache().open(
-                    self._index_key(store, shard), size=size, sha256=shard.index_sha256,
-                    fetch=partial(_fetch_index, store, shard.index_url, size), prefetch=True)
+                opened = self._open_index(store, shard, prefetch=True)
             except (OSError, ShardError, ValueError):  # only a head start
                 continue
             if opened is not None:
@@ -496,22 +493,19 @@ class ShardReader:
     def _cached_index(self, store, shard) -> bytes:
         """A remote shard's index file through the shard cache (checked by its sha256 there):
         every worker and rank of a machine after the first reads it from disk, not the network."""
-        size = len(INDEX_MAGIC) + 8 * (shard.num_samples + 1)
-        stream = self._shard_cache().open(
-            self._index_key(store, shard), size=size, sha256=shard.index_sha256,
-            fetch=partial(_fetch_index, store, shard.index_url, size))
+        stream = self._open_index(store, shard)
         try:
-            return bytes(read_upto(stream, size))
+            return bytes(read_upto(stream, index_size(shard.num_samples)))
         finally:
             stream.close()
 
-    @staticmethod
-    def _index_key(store, shard) -> str:
-        """The cache's name for a shard's index file (its URL as messages show it)."""
-        key = store.url(shard.index_url)
-        if "?" in shard.index_url:
-            key += "#" + hashlib.sha256(shard.index_url.encode("utf-8")).hexdigest()[:16]
-        return key
+    def _open_index(self, store, shard, prefetch: bool = False):
+        """A remote shard's index file through the shard cache (``prefetch``: see
+        ``ShardCache.open``)."""
+        size = index_size(shard.num_samples)
+        return self._shard_cache().open(
+            _cache_key(store, shard.index_url), size=size, sha256=shard.index_sha256,
+            fetch=partial(_fetch_index, store, shard.index_url, size), prefetch=prefetch)
 
     def _shard_cache(self) -> ShardCache:
         if self._cache is None:
@@ -526,13 +520,19 @@ class ShardReader:
         is one (``prefetch``: see ``ShardCache.open``)."""
         if self.cache_dir is None or store.is_local(shard.url):
             return store.open_range(shard.url, lo, hi)
-        key = store.url(shard.url)  # shown in messages: credentials redacted ...
-        if "?" in shard.url:  # ... so pre-signed URLs of one path differ by a digest of the query
-            key += "#" + hashlib.sha256(shard.url.encode("utf-8")).hexdigest()[:16]
-        return self._shard_cache().open(key, size=shard.num_bytes, sha256=shard.sha256,
-                                fetch=lambda offset: store.iter_bytes(shard.url, offset,
-                                                                      shard.num_bytes),
-                                start=lo, stop=hi, prefetch=prefetch)
+        return self._shard_cache().open(
+            _cache_key(store, shard.url), size=shard.num_bytes, sha256=shard.sha256,
+            fetch=lambda offset: store.iter_bytes(shard.url, offset, shard.num_bytes),
+            start=lo, stop=hi, prefetch=prefetch)
+
+
+def _cache_key(store, url: str) -> str:
+    """The shard cache's name for a remote file: its URL as messages show it (credentials
+    redacted), so pre-signed URLs of one path differ by a digest of the query."""
+    key = store.url(url)
+    if "?" in url:
+        key += "#" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return key
 
 
 def _fetch_index(store, url: str, size: int, offset: int):

@@ -342,12 +342,17 @@ def index_extent(data: bytes, where: str) -> tuple[int, int]:
     return n, end + len(END_OF_ARCHIVE)
 
 
+def index_size(num_samples: int) -> int:
+    """The bytes of a shard's index file: the magic, then one offset per sample and the end."""
+    return len(INDEX_MAGIC) + 8 * (num_samples + 1)
+
+
 def decode_index(data: bytes, num_samples: int, num_bytes: int, where: str,
                  compressed: bool = False) -> np.ndarray:
     """Parse and validate an index file against the manifest's counts. ``compressed``: of a
     ``.tar.gz`` shard, whose offsets count the uncompressed stream (not bounded by ``num_bytes``,
     the file's size as stored)."""
-    expected = len(INDEX_MAGIC) + 8 * (num_samples + 1)
+    expected = index_size(num_samples)
     if not data.startswith(INDEX_MAGIC) or len(data) != expected:
         raise ManifestError(f"{where}: index file is malformed or does not match the manifest "
                             f"({len(data)} bytes, expected {expected})")
