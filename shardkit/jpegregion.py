@@ -122,7 +122,7 @@ def decode_region(data, box: Tuple[int, int, int, int]) -> Optional[np.ndarray]:
         return None
     try:
         dec = _decoder(n)
-        stream = n.CodeStream(bytes(data) if not isinstance(data, bytes) else data)
+        stream = n.CodeStream(data)  # bytes or a view of the read buffer: no copy
         region = stream.get_sub_code_stream(region=n.Region(top, left, bottom, right))
         img = dec.decode(region, params=_local.params)
         if img is None:  # damaged data, a warning, an unsupported kind: the usual path decides

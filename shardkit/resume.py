@@ -51,10 +51,9 @@ def recorded_start(state: dict, settings: Mapping[str, Any]) -> int:
     """The ``shuffle_start`` a state's orders were made with: recorded, or for a state saved
     before it existed the whole buffer (``settings``: this dataset's plan settings)."""
     plan = state.get("plan")
-    if isinstance(plan, dict) and "shuffle_buffer" in plan:
-        state, settings = plan, plan  # a global state's plan records both
-    start: int = state["shuffle_start"] if "shuffle_start" in state else settings["shuffle_buffer"]
-    return int(start)
+    if isinstance(plan, dict) and "shuffle_buffer" in plan:  # a global state's plan: both there
+        return int(plan["shuffle_start"] if "shuffle_start" in plan else plan["shuffle_buffer"])
+    return int(state["shuffle_start"] if "shuffle_start" in state else settings["shuffle_buffer"])
 
 
 def merge_states(states: Iterable[dict], *, num_samples: int, settings: Mapping[str, Any]) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_indexer import read  # one epoch's raw items, keys last
 
 import shardkit
 from shardkit import Manifest, ShardError, StreamingDataset, index_shards, make_loader
@@ -63,11 +64,7 @@ def write_gz_folder(folder: Path, shards: int = 4, suffix: str = ".tar.gz") -> d
 
 def epoch_items(source, num_workers: int = 0, **kw) -> list[tuple]:
     kw.setdefault("seed", 5)
-    ds = StreamingDataset(source, decode="raw", with_keys=True, **kw)
-    if num_workers:
-        return list(make_loader(ds, num_workers=num_workers, persistent_workers=False,
-                                timeout=LOADER_TIMEOUT))
-    return list(ds)
+    return read(source, num_workers, **kw)
 
 
 def check_once(items, want: dict) -> None:

@@ -61,15 +61,12 @@ class ReadAhead:
         self._pending: Deque[Range] = deque()
         self._recent: Deque[Range] = deque(maxlen=8)  # done or in progress: not read again
         self._thread: Optional[threading.Thread] = None
-        self._pid = os.getpid()
         self._closed = False
         self.found_cold = False  # the last range read had pages that were not cached
         self.ranges_read = 0  # ranges it read (and found cold), for tests and the benchmark
 
     def submit(self, ranges) -> None:
         """Read these ``(path, start, stop)`` ranges after the ones already asked for."""
-        if self._pid != os.getpid():  # a forked worker: the parent's thread is not here
-            self.__init__()  # type: ignore[misc]  # the same object, fresh for this process
         with self._cond:
             if self._closed:
                 return
