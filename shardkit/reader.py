@@ -2,13 +2,14 @@
 
 Each span is one sequential range read from the sample's byte offset in the shard's index file
 (:mod:`shardkit.shardformat`): through the store the manifest was loaded with, the shared on-disk
-shard cache (remote shards), or shared memory (``preload``). Members are parsed by the fast parser
+shard cache (remote shards; :mod:`shardkit.fetching` opens both and starts what the next spans
+need), or shared memory (``preload``). Members are parsed by the fast parser
 and, at the first sample it does not take, by the strict one from that sample on; both accept and
 refuse exactly the same bytes. Samples are grouped at the index's byte boundaries, so a bad
 sample costs only itself: reading restarts at the next sample's offset.
 
-Per process (never pickled into DataLoader workers): the last few index files read, the shards
-whose cache download was started ahead, the cache handle.
+Per process (never pickled into DataLoader workers): the last few index files read, the shard
+faults of the iteration, compressed shards' open decompressors.
 """
 
 from __future__ import annotations
@@ -20,34 +21,27 @@ import logging
 import os
 import tarfile
 from functools import partial
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, cast
+from typing import BinaryIO, Callable, Iterator, cast
 
 import numpy as np
 import torch
 
 from .diagnosis import ShardFault, diagnose
 from .errors import ManifestError, OnError, ShardError
+from .fetching import Fetcher
 from .gzipped import GunzipRange, is_compressed
 from .shardformat import (
     BLOCK,
     END_OF_ARCHIVE,
     MAX_TAIL,
     decode_index,
-    index_size,
     parse_sample,
     strict_samples,
 )
 from .skiplog import Region
-from .storage import LocalStore, readahead
-from .storage.local import cache_misses
-
-if TYPE_CHECKING:
-    from .cache import ShardCache
 
 log = logging.getLogger("shardkit")
 
-PREFETCH_SPANS = 2  # a remote shard cache downloads the shards of this many spans ahead
-PREFETCH_INDEXES = 8  # ... and the index files of this many (small: one GET each)
 RECENT_INDEXES = 32  # index files a process keeps (8 bytes per sample each)
 PARKED_STREAMS = 4  # compressed shards' decompressors a process keeps open for their next span
 
@@ -77,27 +71,22 @@ class ShardReader:
         self.mixed = len(self.manifests) > 1
         self.on_error, self.views = OnError.of(on_error), views
         self.cache_dir, self.cache_limit = cache_dir, cache_limit
+        self.fetcher = Fetcher(cache_dir, cache_limit)  # the store or the shard cache; ahead
         self.memory: dict[int, torch.Tensor] | None = None  # preloaded shards (shared memory)
         self._unloaded: dict[int, str] = {}  # why a shard could not be preloaded
         self._offsets_cache: dict[int, np.ndarray] = {}  # every index, with ``memory``
         self._per_process()
 
     def _per_process(self) -> None:
-        self._cache: ShardCache | None = None
         self._faults: dict[int, ShardFault] = {}  # shard faults found in this iteration
         self._healthy: set[int] = set()  # shards diagnosed whole in this iteration
         self._recent: dict[int, np.ndarray] = {}  # LRU of indexes read by this process
-        self._prefetched: set[int] = set()  # shards whose cache download this process started
-        self._index_prefetched: set[int] = set()  # ... and index files
         self._parked: dict[int, GunzipRange] = {}  # LRU of compressed shards' open streams
         self._parked_pid = os.getpid()  # (a forked DataLoader worker never uses its parent's)
-        self._misses_seen = -1  # cache_misses() at the last span's start (-1: none yet)
-        self._no_index: set[int] = set()  # shards whose index read-ahead could not load
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_cache", "_recent", "_prefetched", "_index_prefetched", "_faults", "_healthy",
-                     "_parked", "_misses_seen", "_no_index"):
+        for name in ("_recent", "_faults", "_healthy", "_parked"):
             del state[name]
         return state
 
@@ -148,8 +137,7 @@ class ShardReader:
         """A new iteration: shard faults are looked at again (a file may have come back)."""
         self._faults.clear()
         self._healthy.clear()
-        self._misses_seen = -1  # the first span's own reads tell whether reads are cold
-        self._no_index.clear()
+        self.fetcher.begin()
         self.close_parked()
 
     def close_parked(self) -> None:
@@ -179,9 +167,9 @@ class ShardReader:
             if pos + n <= start:
                 pos += n
                 continue
-            self._prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS])
-            self._prefetch_indexes(spans[k + 1:k + 1 + PREFETCH_INDEXES])
-            self._read_ahead(spans, k, span.start + max(0, start - pos))
+            if self.memory is None:
+                self.fetcher.ahead(spans, k, span.start + max(0, start - pos), self.shard,
+                                   self.offsets, self._recent, self._faults)
             j = span.start + max(0, start - pos)
             offsets = self._offsets_or_fault(span.shard, report)
             source = self.source_of(span.shard) if self.mixed else None
@@ -277,81 +265,6 @@ class ShardReader:
         except (OSError, ShardError):
             return None
 
-    def _prefetch(self, spans) -> None:
-        """Start the cache's downloads of the shards the next spans read (remote, cached only).
-
-        A worker's plan visits many shards early on (its shuffle buffer fills from 64-sample
-        blocks all over the dataset); downloading them one at a time, each only once the reader
-        asks, left the network idle while it decoded. Downloads go on in the background, once per
-        machine, as for any reader; nothing is prefetched when the cache is too small to hold
-        the shards in flight."""
-        if self.cache_dir is None or self.memory is not None:
-            return
-        for span in spans:
-            store, shard = self.shard(span.shard)
-            if isinstance(store, LocalStore) or store.is_local(shard.url):
-                continue
-            if span.shard in self._prefetched:
-                continue
-            if self.cache_limit is not None and self.cache_limit < 4 * shard.num_bytes:
-                return
-            self._prefetched.add(span.shard)
-            try:
-                opened = self._open_stream(store, shard, 0, 0, prefetch=True)
-            except (OSError, ShardError):  # only a head start: reading it will say what is wrong
-                continue
-            if opened is not None:
-                opened.close()  # the download goes on
-
-    def _read_ahead(self, spans, k: int, first: int) -> None:
-        """While local reads are cold, have :class:`ReadAhead` read span ``k`` (from sample
-        ``first``) and the next one into the page cache (see :mod:`~shardkit.storage.readahead`):
-        whenever this process's reads missed the cache since the last span, or the helper's last
-        range was cold. Not at an iteration's first span: warm reads then cost nothing extra."""
-        if self.memory is not None:
-            return
-        misses = cache_misses()
-        ahead = readahead.shared()
-        seen, self._misses_seen = self._misses_seen, misses
-        if seen < 0 or (misses == seen and not ahead.found_cold):
-            return  # an iteration's first span (its own reads tell), or reads are warm
-        ranges = []
-        for span, j in ((spans[k], first), *((s, s.start) for s in spans[k + 1:k + 2])):
-            store, shard = self.shard(span.shard)
-            if not isinstance(store, LocalStore) or is_compressed(shard.url) or j >= span.stop \
-                    or span.shard in self._faults or span.shard in self._no_index:
-                continue
-            try:
-                offsets = self.offsets(span.shard)
-            except (OSError, ShardError, ManifestError, ValueError):
-                self._no_index.add(span.shard)  # not again: reading the span will say why
-                continue
-            if span.stop < len(offsets):
-                ranges.append((store.base / shard.url, int(offsets[j]), int(offsets[span.stop])))
-        if ranges:
-            ahead.submit(ranges)
-
-    def _prefetch_indexes(self, spans) -> None:
-        """Start the cache's downloads of the index files of the shards the next spans read
-        (remote, cached only): a worker's first spans are in many shards, and fetching each
-        index only when its span starts put one round trip before each (9 serial GETs before a
-        worker's first batch of 256 from a 1,000-sample buffer)."""
-        if self.cache_dir is None or self.memory is not None:
-            return
-        for span in spans:
-            if span.shard in self._recent or span.shard in self._index_prefetched:
-                continue
-            store, shard = self.shard(span.shard)
-            if isinstance(store, LocalStore) or store.is_local(shard.index_url):
-                continue
-            self._index_prefetched.add(span.shard)
-            try:
-                opened = self._open_index(store, shard, prefetch=True)
-            except (OSError, ShardError, ValueError):  # only a head start
-                continue
-            if opened is not None:
-                opened.close()  # the download goes on
-
     def offsets(self, shard_no: int) -> np.ndarray:
         """The sample offsets of shard ``shard_no`` (its index file, checked)."""
         if shard_no in self._offsets_cache:
@@ -364,8 +277,8 @@ class ShardReader:
             return recent[shard_no]
         store, shard = self.shard(shard_no)
         read = None
-        if self.cache_dir is not None and not store.is_local(shard.index_url):
-            read = partial(self._cached_index, store, shard)  # once per machine, not per worker
+        if self.fetcher.cached(store, shard.index_url):  # once per machine, not per worker
+            read = partial(self.fetcher.index_bytes, store, shard)
         offsets = load_index(store, shard, read)
         recent[shard_no] = offsets
         while len(recent) > RECENT_INDEXES:
@@ -395,7 +308,7 @@ class ShardReader:
             # numpy's stubs give ndarray its buffer protocol (__buffer__) only for Python 3.12+
             stream = io.BytesIO(memoryview(data.numpy())[lo:hi])  # type: ignore[arg-type]  # numpy stubs
         else:
-            stream = self._open_stream(store, shard, lo, hi)
+            stream = self.fetcher.open(store, shard, lo, hi)
         return lo, hi, ends, stream
 
     def samples(self, shard_no: int, first: int, stop: int) -> Iterator[dict]:
@@ -487,58 +400,8 @@ class ShardReader:
                                  + self._unloaded.get(shard_no, "unreadable"))
             raw = MemoryReader(memoryview(data.numpy()))  # type: ignore[arg-type]  # numpy stubs
         else:
-            raw = self._open_stream(store, shard, 0, shard.num_bytes)
+            raw = self.fetcher.open(store, shard, 0, shard.num_bytes)
         return GunzipRange(raw, store.url(shard.url), lo, hi, to_end)
-
-    def _cached_index(self, store, shard) -> bytes:
-        """A remote shard's index file through the shard cache (checked by its sha256 there):
-        every worker and rank of a machine after the first reads it from disk, not the network."""
-        stream = self._open_index(store, shard)
-        try:
-            return bytes(read_upto(stream, index_size(shard.num_samples)))
-        finally:
-            stream.close()
-
-    def _open_index(self, store, shard, prefetch: bool = False):
-        """A remote shard's index file through the shard cache (``prefetch``: see
-        ``ShardCache.open``)."""
-        size = index_size(shard.num_samples)
-        return self._shard_cache().open(
-            _cache_key(store, shard.index_url), size=size, sha256=shard.index_sha256,
-            fetch=partial(_fetch_index, store, shard.index_url, size), prefetch=prefetch)
-
-    def _shard_cache(self) -> ShardCache:
-        if self._cache is None:
-            from .cache import ShardCache
-
-            assert self.cache_dir is not None  # only called with a cache
-            self._cache = ShardCache(self.cache_dir, self.cache_limit)
-        return self._cache
-
-    def _open_stream(self, store, shard, lo: int, hi: int, prefetch: bool = False):
-        """Bytes ``[lo, hi)`` of a shard of ``store``: through the shared on-disk cache when there
-        is one (``prefetch``: see ``ShardCache.open``)."""
-        if self.cache_dir is None or store.is_local(shard.url):
-            return store.open_range(shard.url, lo, hi)
-        return self._shard_cache().open(
-            _cache_key(store, shard.url), size=shard.num_bytes, sha256=shard.sha256,
-            fetch=lambda offset: store.iter_bytes(shard.url, offset, shard.num_bytes),
-            start=lo, stop=hi, prefetch=prefetch)
-
-
-def _cache_key(store, url: str) -> str:
-    """The shard cache's name for a remote file: its URL as messages show it (credentials
-    redacted), so pre-signed URLs of one path differ by a digest of the query."""
-    key = store.url(url)
-    if "?" in url:
-        key += "#" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
-    return key
-
-
-def _fetch_index(store, url: str, size: int, offset: int):
-    """The bytes of an index file from ``offset`` on (a cache download's ``fetch``)."""
-    return store.iter_bytes(url, offset, size)
-
 
 def load_index(store, shard, read: Callable[[], bytes] | None = None) -> np.ndarray:
     """A shard's offsets from its index file (``read()``: its bytes from elsewhere, such as the

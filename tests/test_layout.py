@@ -24,7 +24,7 @@ GROUPS = {
 }
 READING = {"layout", "plan", "config", "epochs", "resume", "distributed", "state", "loaderlink", "reader",
            "decode", "gpudecode", "modes", "batching", "assembly", "dataset", "loader", "recycle",
-           "eagerqueue", "skiplog", "diagnosis", "wds", "access"}
+           "eagerqueue", "skiplog", "diagnosis", "wds", "access", "fetching"}
 ADOPTING = {"indexer"}
 TOP = {"__init__", "__main__", "cli", "look"}
 # look/ (shardkit show), bottom to top: each module imports only those before it.

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from shardkit import StreamingDataset
-from shardkit import reader as readerlib
+from shardkit import StreamingDataset, fetching
 from shardkit.storage import readahead
 
 
@@ -121,7 +120,7 @@ def test_an_epoch_read_with_read_ahead_gives_the_same_samples(tmp_path, monkeypa
         return real(self, ranges)
 
     misses = iter(range(1, 10**6))
-    monkeypatch.setattr(readerlib, "cache_misses", lambda: next(misses))  # always "cold"
+    monkeypatch.setattr(fetching, "cache_misses", lambda: next(misses))  # always "cold"
     monkeypatch.setattr(readahead.ReadAhead, "submit", spy)
     got = [(bytes(x[0]), x[1], x[2]) for x in StreamingDataset(tmp_path / "ds", **kw)]
     assert got == want
