@@ -64,6 +64,8 @@ _KEY_PART = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")  # what the packer writes: the fast check
 _USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
 _ZEROS = bytes(BLOCK)
+# a size field the quick parse reads as tarfile.nti does: octal digits, then NULs or spaces
+_FAST_SIZE = re.compile(rb"([0-7]+)[\0 ]*")
 
 
 # --------------------------------------------------------------------------- writing members
@@ -490,8 +492,10 @@ class _MappedBytes(_TarBytes):
     """A whole tar in memory (a local file mapped): headers read where they lie, the data
     never copied. The sha256 runs alongside the walk: a helper thread hashes the mapping front to
     back in :data:`HASH_PIECE` pieces (each ``update`` releases the GIL) while the walk reads the
-    headers, so indexing a shard costs the slower of reading it and hashing it, not their sum
-    (cold, the hash's sequential reads are the file's one read; ``finish`` waits for it)."""
+    headers, so indexing a shard costs the slower of reading it and hashing it, not their sum.
+    The walk stays behind the hash (:meth:`need` waits for the piece it reads to be hashed): the
+    file is read once, front to back, by the hash's page faults; the walk's headers are then in
+    memory (cold, on a disk that seeks, a walk running ahead would read out of order)."""
 
     buf: memoryview
 
@@ -504,21 +508,40 @@ class _MappedBytes(_TarBytes):
         self.eof = True
         self._digest = hashlib.sha256()
         self._stop = False
+        self._hashed = 0  # bytes hashed so far (the walk reads below this)
+        self._failed: BaseException | None = None
+        self._moved = threading.Condition()
         self._thread = threading.Thread(target=self._hash, name="shardkit-index-hash",
                                         daemon=True)
         self._thread.start()
 
     def _hash(self) -> None:
         buf, n = self.buf, len(self.buf)
-        for at in range(0, n, HASH_PIECE):
-            if self._stop:
-                return
-            piece = buf[at:at + HASH_PIECE]
-            self._digest.update(piece)
-            piece.release()
+        try:
+            for at in range(0, n, HASH_PIECE):
+                if self._stop:
+                    return
+                piece = buf[at:at + HASH_PIECE]
+                self._digest.update(piece)
+                piece.release()
+                with self._moved:
+                    self._hashed = min(at + HASH_PIECE, n)
+                    self._moved.notify()
+        except BaseException as exc:  # noqa: BLE001 -- handed to finish(), never a partial hash
+            self._failed = exc
+        finally:
+            with self._moved:
+                self._hashed = n  # done, stopped or failed: the walk waits no longer
+                self._moved.notify()
 
     def need(self, n: int) -> bool:
-        return len(self.buf) - self.cur >= n
+        end = self.cur + n
+        if end > self._hashed:
+            wanted = min(end, len(self.buf))
+            with self._moved:
+                while wanted > self._hashed:
+                    self._moved.wait()
+        return len(self.buf) >= end
 
     def skip(self, n: int) -> bool:
         if len(self.buf) - self.cur < n:
@@ -528,6 +551,8 @@ class _MappedBytes(_TarBytes):
 
     def finish(self) -> tuple[int, str]:
         self._thread.join()
+        if self._failed is not None:
+            raise self._failed
         return len(self.buf), self._digest.hexdigest()
 
     def stop(self) -> None:
@@ -558,29 +583,42 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
         src = _MappedBytes(source)
     else:
         src = _StreamBytes(source, chunk, digest)
+    zeros, ustar, fast_sizes = _ZEROS, b"ustar", _FAST_SIZE
     try:
         pending_name, pending_size, chain_start = None, None, None
         data: bytes | None
         while True:
-            at = src.base + src.cur
+            cur = src.cur
+            at = src.base + cur
             if not src.need(BLOCK):
                 raise ShardError(url, f"ends at byte {at:,} without the end-of-archive blocks "
                                       "(truncated?)")
-            h = src.buf[src.cur:src.cur + BLOCK]
-            if not any(h):  # the end of the archive: the rest is padding
+            h = bytes(src.buf[cur:cur + BLOCK])  # one copy of 512 bytes: slices of it are cheap
+            if h == zeros:  # the end of the archive: the rest is padding
                 walk.end = at
                 break
-            if not header_checksum_ok(h):
-                if at == 0 and bytes(h[:2]) == GZIP_MAGIC:
+            stored = h[148:156]
+            try:
+                checksum = int(stored.rstrip(b"\0 ").lstrip(b" ") or b"x", 8)
+            except ValueError:
+                checksum = -1
+            if checksum != _header_sum(h) - sum(stored) + 256:
+                if at == 0 and h[:2] == GZIP_MAGIC:
                     raise ShardError(url, gzip_named_tar(url))
                 raise ShardError(url, f"corrupt tar header at byte {at:,} (its checksum does not hold)")
-            src.cur += BLOCK
+            src.cur = cur + BLOCK
             flag = h[156]
-            try:
-                size = (pending_size if pending_size is not None
-                        else tarfile.nti(bytes(h[124:136])))  # type: ignore[attr-defined]  # not in typeshed
-            except (tarfile.HeaderError, ValueError):
-                raise ShardError(url, f"corrupt tar header at byte {at:,} (size)") from None
+            if pending_size is not None:
+                size = pending_size
+            else:
+                octal = fast_sizes.fullmatch(h, 124, 136)
+                if octal:  # octal digits, then NULs or spaces: nearly every header
+                    size = int(octal[1], 8)
+                else:
+                    try:
+                        size = tarfile.nti(h[124:136])  # type: ignore[attr-defined]  # not in typeshed
+                    except (tarfile.HeaderError, ValueError):
+                        raise ShardError(url, f"corrupt tar header at byte {at:,} (size)") from None
             if size < 0:
                 raise ShardError(url, f"corrupt tar header at byte {at:,} (negative size)")
             if chain_start is None:
@@ -602,7 +640,11 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
             if pending_name is not None:
                 name = pending_name
             else:
-                name = header_name(h)
+                raw = h[:100].split(b"\0", 1)[0]
+                if h[257:262] == ustar and h[345]:
+                    prefix = h[345:500].split(b"\0", 1)[0]
+                    raw = prefix + b"/" + raw
+                name = raw.decode("utf-8", "surrogateescape")
             data = None
             if flag in (0x30, 0, 0x37) and size and keep(name):
                 if keep_limit is not None and size > keep_limit:

@@ -270,3 +270,48 @@ def test_walk_members_agrees_with_tarfile(fmt, as_buffer):
     with pytest.raises(ShardError, match="runs past the end|without the end-of-archive|cut"):
         list(walk_members(memoryview(cut) if as_buffer else io.BytesIO(cut), "x.tar",
                           lambda n: False, Walk()))
+
+
+def test_walk_of_a_mapped_tar_reads_only_what_the_hash_has_read(monkeypatch):
+    """Cold, the hash's sequential reads are the file's one read: the walk never touches a header
+    the hash has not passed (on a disk that seeks, a walk running ahead reads out of order)."""
+    import hashlib
+
+    import shardkit.shardformat as sf
+
+    members = b"".join(sf.member(f"s{i:04d}.jpg", bytes([i % 251]) * 3000) for i in range(300))
+    data = members + sf.END_OF_ARCHIVE
+    monkeypatch.setattr(sf, "HASH_PIECE", 4096)  # many pieces, so the walk could run ahead
+    hashed = []  # bytes the hash had taken when the walk asked for a header
+    real = sf._MappedBytes.need
+
+    def need(self, n):
+        ok = real(self, n)
+        hashed.append((self.cur + n, self._hashed))
+        return ok
+
+    monkeypatch.setattr(sf._MappedBytes, "need", need)
+    walk = sf.Walk()
+    got = list(sf.walk_members(memoryview(data), "x.tar", lambda n: False, walk))
+    assert len(got) == 300 and walk.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(hashed) >= 300 and all(end <= done for end, done in hashed)
+
+
+def test_a_failing_hash_fails_the_walk_not_silently(monkeypatch):
+    import shardkit.shardformat as sf
+
+    class Broken:
+        def update(self, data):
+            raise OSError("Input/output error")
+
+        def hexdigest(self):
+            return "0" * 64
+
+    monkeypatch.setattr("hashlib.sha256", lambda: Broken())
+    data = sf.member("a.jpg", b"x" * 100) + sf.END_OF_ARCHIVE
+    with pytest.raises(OSError, match="Input/output"):
+        list(sf.walk_members(memoryview(data), "x.tar", lambda n: False, sf.Walk()))
+    truncated = sf.member("a.jpg", b"x" * 100)  # a walk asking past the end does not hang
+    monkeypatch.undo()
+    with pytest.raises(ShardError, match="without the end-of-archive"):
+        list(sf.walk_members(memoryview(truncated), "x.tar", lambda n: False, sf.Walk()))
