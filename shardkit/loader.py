@@ -181,6 +181,13 @@ def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory:
         link = source.link_loader(num_workers)  # a loaded state: exact or elastic, len() knows
     kwargs.setdefault("batch_size", None)  # batches are made inside the workers
     if num_workers > 0:
+        if source is not None:
+            # The manifests, loaded here once: each worker would load its own (a GET, and
+            # the storage library's import: ~0.25 s for s3fs) before its first batch, every
+            # epoch without persistent workers. Forked workers inherit them; spawned ones get
+            # them pickled (a large shard table travels as its file's name). A missing dataset
+            # is then an error here, not in a worker.
+            source.manifests  # noqa: B018 - loads them
         if source is not None and source.decoding.crop is not None:
             # Load the JPEG region decoder here, once, before the workers fork: each would
             # import it (~0.1 s, more on busy cores) before its first batch, every epoch

@@ -162,14 +162,23 @@ class ShardReader:
         ``report(shard, fault)`` is told of each shard fault once per iteration.
         """
         pos = 0
+        # What the next spans need is started at each span; at the first span read here only
+        # once its own index and first sample are in: started before, the next spans' downloads
+        # would share the bandwidth with them (a cold cache's first batch waited ~0.3 s more).
+        first_span, later = True, None
         for k, span in enumerate(spans):
             n = span.stop - span.start
             if pos + n <= start:
                 pos += n
                 continue
             if self.memory is None:
-                self.fetcher.ahead(spans, k, span.start + max(0, start - pos), self.shard,
-                                   self.offsets, self._recent, self._faults)
+                ahead = (spans, k, span.start + max(0, start - pos), self.shard, self.offsets,
+                         self._recent, self._faults)
+                if first_span:
+                    later = ahead
+                else:
+                    self.fetcher.ahead(*ahead)
+            first_span = False
             j = span.start + max(0, start - pos)
             offsets = self._offsets_or_fault(span.shard, report)
             source = self.source_of(span.shard) if self.mixed else None
@@ -184,6 +193,9 @@ class ShardReader:
                 assert offsets is not None
                 try:
                     for sample in self._samples(span.shard, offsets, j, stop, tail=fault is None):
+                        if later is not None:  # (never raises: only a head start)
+                            self.fetcher.ahead(*later)
+                            later = None
                         if source is not None:
                             sample["__source__"] = source
                         yield pos + j - span.start, sample
@@ -211,6 +223,9 @@ class ShardReader:
                         skips.sample(span.shard)
                         log.warning("shardkit: %s", exc)
                     j += 1
+            if later is not None:  # no sample read whole: the next spans' needs now
+                self.fetcher.ahead(*later)
+                later = None
             pos += n
 
     def _fault(self, shard_no: int, fault: ShardFault, report) -> None:

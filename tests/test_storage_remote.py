@@ -112,6 +112,26 @@ def test_first_sample_arrives_before_the_shard_has_been_sent(big, served_big, re
     check_same(got, reference(big, shuffle=False))
 
 
+def test_a_cold_start_asks_for_its_own_shard_before_the_next_ones(small, served, reference,
+                                                                  tmp_path):
+    """The first span's index and bytes are asked for first: the next spans' downloads start
+    once its first sample is in (started before, they shared the bandwidth with it)."""
+    srv = served.srv
+    source, _ = served.source("http")
+    ds = StreamingDataset(source, decode="raw", with_keys=True, shuffle=False,
+                          cache_dir=tmp_path / "cache")
+    ds.manifest  # noqa: B018
+    shards = [s.url for s in small.manifest.shards]
+    got = [(k, bytes(x), int(y)) for x, y, k in ds]
+    check_same(got, reference(small, shuffle=False))
+    gets = [path.rsplit("/", 1)[-1] for method, path, _ in srv.requests if method == "GET"]
+    tars = [g for g in gets if g.endswith(".tar")]
+    assert tars[0] == shards[0] and set(tars) == set(shards)
+    own_index = shards[0].replace(".tar", ".idx")
+    first_other = gets.index(next(t for t in tars if t != shards[0]))
+    assert gets.index(own_index) < gets.index(shards[0]) < first_other
+
+
 @pytest.mark.parametrize("proto", PROTOS)
 def test_resume_mid_shard_is_a_range_request_at_the_sample_offset(big, served_big, reference,
                                                                    proto):
@@ -424,3 +444,58 @@ def test_a_remote_stream_closed_by_the_garbage_collector_never_deadlocks():
             break
         threading.Event().wait(0.05)
     assert threading.active_count() <= before
+
+
+def test_a_forked_worker_leaves_the_parents_s3_session_alone(small, aws_env):
+    """A worker forked after the parent read the manifest makes its own filesystem. The parent's,
+    inherited, is never collected there: s3fs's finalizer would close its session on the
+    parent's event loop, which has no thread in the child (each waited ~1 s: a DataLoader worker
+    stalled 2 s in its first span)."""
+    import gc
+    import multiprocessing
+
+    source = upload(aws_env, small, "forked")
+    ds = StreamingDataset(source)
+    store = ds.manifest.store  # read: the parent's filesystem has a session (and a finalizer)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+
+    def child() -> None:
+        import s3fs.core
+
+        closing = []  # what s3fs's finalizer asks of the (parent's) event loop
+        s3fs.core.sync = lambda *a, **k: closing.append(a)
+        assert store.fs is not None  # this process's own filesystem; the parent's is let go
+        gc.collect()
+        out.put(len(closing))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    try:
+        assert out.get(timeout=60) == 0
+    finally:
+        proc.join(60)
+
+
+def test_workers_get_the_manifest_from_the_loader_not_each_its_own(small, served, reference):
+    """make_loader reads the manifest once, before the workers fork: a worker would otherwise
+    GET it (and import its storage library) before its first batch, every epoch."""
+    srv = served.srv
+    source, _ = served.source("http")
+    loader = make_loader(StreamingDataset(source, decode="raw", with_keys=True, shuffle=False,
+                                          batch_size=None),
+                         num_workers=2, persistent_workers=False, timeout=LOADER_TIMEOUT)
+    got = [(k, bytes(x), int(y)) for x, y, k in loader]
+    assert sorted(got) == sorted(reference(small, shuffle=False))  # (workers interleave)
+    manifest_gets = [p for m, p, _ in srv.requests if m == "GET" and p.endswith(MANIFEST_PATH)]
+    assert len(manifest_gets) == 1
+
+
+def test_s3_clients_share_botocore_s_parsed_data_but_not_their_sessions():
+    from shardkit.storage import remote
+
+    a, b = remote._botocore_session(), remote._botocore_session()
+    assert a is not b and a.get_component("data_loader") is b.get_component("data_loader")
+    assert remote._session_options({"key": "k", "secret": "s", "client_kwargs": {},
+                                    "skip_instance_cache": True, "anon": False}) == {}
+    assert remote._session_options({"profile": "p"}) == {"profile": "p"}  # s3fs makes its own
