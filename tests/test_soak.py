@@ -72,8 +72,12 @@ def test_thirty_epochs_with_persistent_workers_leak_nothing(tmp_path):
         for field in ("VmRSS", "VmHWM"):
             grown = last[proc][field] / base[proc][field] - 1
             assert grown < 0.05, (proc, field, base[proc][field], last[proc][field])
-        for field in ("fds", "Threads"):
-            seen = {s[proc][field] for s in samples[BASELINE_EPOCH:]}
-            assert len(seen) == 1, (proc, field, [s[proc][field] for s in samples])
+        seen = [s[proc]["fds"] for s in samples[BASELINE_EPOCH:]]
+        assert len(set(seen)) == 1, (proc, "fds", seen)
+        # Threads: the same, but for the process's one read-ahead helper, started the first time
+        # a read misses the page cache (freshly written shards under writeback can, under load)
+        # and then kept: never more than one more, never fewer.
+        seen = [s[proc]["Threads"] for s in samples[BASELINE_EPOCH:]]
+        assert seen == sorted(seen) and seen[-1] - seen[0] <= 1, (proc, "Threads", seen)
     print("\n", {p: {f: (base[p][f], last[p][f]) for f in base[p]} for p in base if p != "pids"})
     del loader
