@@ -62,6 +62,7 @@ MAX_TAIL = 64 << 10  # archive end the fast parser accepts at once (writers leav
 _FIELD = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*")
 _KEY_PART = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")  # what the packer writes: the fast check
+_FIELDS_SEEN: dict[str, str] = {}  # field names found valid, lower-cased (member_key)
 _USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
 _ZEROS = bytes(BLOCK)
 # a size field the quick parse reads as tarfile.nti does: octal digits, then NULs or spaces
@@ -127,16 +128,21 @@ def member_key(name: str) -> tuple[str, str] | None:
     if dot <= slash or dot == len(name) - 1:
         return None
     key, field = name[:dot], name[dot + 1:]
-    if not _FIELD.fullmatch(field):
-        raise ValueError(f"member name {name[:80]!r}: its extension {field[:40]!r} is not a "
-                         "field name")
+    lowered = _FIELDS_SEEN.get(field)
+    if lowered is None:
+        if not _FIELD.fullmatch(field):
+            raise ValueError(f"member name {name[:80]!r}: its extension {field[:40]!r} is not "
+                             "a field name")
+        lowered = field.lower()
+        if len(_FIELDS_SEEN) < 1024:  # a dataset has a few; a stranger's shard may have many
+            _FIELDS_SEEN[field] = lowered
     if not _PLAIN_KEY.fullmatch(key):  # the packer's keys are; others are looked at closer
         parts = key.split("/")
         if any(p in ("", ".", "..") or not _KEY_PART.fullmatch(p) for p in parts):
             raise ValueError(f"member name {name[:80]!r} is not a safe <key>.<field> (an "
                              "empty, '.' or '..' path component, a leading '/', a backslash "
                              "or a control character)")
-    return key, field.lower()
+    return key, lowered
 
 
 def split_member(name: str, url: str) -> tuple[str, str] | None:
@@ -629,11 +635,11 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
                     raise ShardError(url, f"extended tar header at byte {at:,} is too large or cut")
                 data = src.take(padded)[:size]
                 if flag == 0x78:
-                    for k, v in _pax_records(data, url, at):
-                        if k == "path":
-                            pending_name = v
-                        elif k == "size":
-                            pending_size = int(v)
+                    path, pax_size = _pax_path_size(data, url, at)
+                    if path is not None:
+                        pending_name = path
+                    if pax_size is not None:
+                        pending_size = pax_size
                 elif flag == 0x4C:
                     pending_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
@@ -666,18 +672,27 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
         src.stop()  # a walk that failed or was left: its hash no longer runs
 
 
-def _pax_records(data: bytes, url: str, at: int) -> Iterator[tuple[str, str]]:
-    """The ``key=value`` records of a pax extended header."""
-    pos = 0
-    while pos < len(data):
+def _pax_path_size(data: bytes, url: str, at: int) -> tuple[str | None, int | None]:
+    """The ``path`` and ``size`` records of a pax extended header (the last of each counts);
+    None for those it lacks. Every record's length is checked; the others' contents are not
+    decoded (ShardWriter writes an ``mtime`` record before every member)."""
+    path = size = None
+    pos, n = 0, len(data)
+    while pos < n:
         space = data.find(b" ", pos)
         try:
             length = int(data[pos:space])
         except ValueError:
             raise ShardError(url, f"corrupt pax header at byte {at:,}") from None
-        record = data[space + 1:pos + length - 1]
-        key, _, value = record.partition(b"=")
-        yield key.decode("utf-8", "replace"), value.decode("utf-8", "surrogateescape")
         if length <= 0:
             raise ShardError(url, f"corrupt pax header at byte {at:,}")
+        record = data[space + 1:pos + length - 1]
+        if record.startswith(b"path="):
+            path = record[5:].decode("utf-8", "surrogateescape")
+        elif record.startswith(b"size="):
+            try:
+                size = int(record[5:])
+            except ValueError:
+                raise ShardError(url, f"corrupt pax header at byte {at:,} (size)") from None
         pos += length
+    return path, size

@@ -6,6 +6,7 @@ and refuse exactly the same bytes: every test here runs both on the same sample 
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -315,3 +316,37 @@ def test_a_failing_hash_fails_the_walk_not_silently(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ShardError, match="without the end-of-archive"):
         list(sf.walk_members(memoryview(truncated), "x.tar", lambda n: False, sf.Walk()))
+
+
+@pytest.mark.parametrize("records, error", [
+    (b"30 size=12x\n", "corrupt pax header at byte 0 (size)"),
+    (b"xx mtime=1\n", "corrupt pax header at byte 0"),
+    (b"0 path=a.jpg\n", "corrupt pax header at byte 0"),
+])
+def test_a_corrupt_pax_header_is_an_error_naming_the_shard(records, error):
+    """Not a bare ValueError: the indexer's error names the shard and the byte."""
+    import shardkit.shardformat as sf
+
+    def block(name: str, size: int, flag: bytes) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.type = size, flag
+        return info.tobuf(tarfile.USTAR_FORMAT)
+
+    pad = bytes(-len(records) % 512)
+    data = (block("././@PaxHeader", len(records), tarfile.XHDTYPE) + records + pad
+            + sf.member("a.jpg", b"x" * 12) + sf.END_OF_ARCHIVE)
+    with pytest.raises(ShardError, match=re.escape(error)) as caught:
+        list(sf.walk_members(memoryview(data), "x.tar", lambda n: False, sf.Walk()))
+    assert "x.tar" in str(caught.value)
+
+
+def test_pax_path_and_size_records_name_and_size_the_member():
+    import shardkit.shardformat as sf
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("k" * 150 + ".jpg")  # too long for ustar: a pax path record
+        info.size, info.mtime = 5, 1.5  # a float mtime: an mtime record too (as ShardWriter)
+        tf.addfile(info, io.BytesIO(b"hello"))
+    got = list(sf.walk_members(memoryview(buf.getvalue()), "x.tar", lambda n: True, sf.Walk()))
+    assert [(m.name, m.size, m.data) for m in got] == [("k" * 150 + ".jpg", 5, b"hello")]
