@@ -200,7 +200,10 @@ class RemoteStore(BaseStore):
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
             self._fs, self._pid = self._make_fs(dict(self._options)), os.getpid()
-            _MADE.add(self._fs)
+            try:
+                _MADE.add(self._fs)
+            except TypeError:  # a class that cannot be weakly referenced: not followed
+                pass
         return self._fs
 
     def _make_fs(self, options: dict):
