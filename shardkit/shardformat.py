@@ -288,21 +288,21 @@ def header_checksum_ok(block: bytes | bytearray | memoryview) -> bool:
     if len(block) < BLOCK:
         return False
     h = block[:BLOCK]
+    stored = bytes(h[148:156])
     try:
-        checksum = int(bytes(h[148:156]).rstrip(b"\0 ").lstrip(b" ") or b"x", 8)
+        checksum = int(stored.rstrip(b"\0 ").lstrip(b" ") or b"x", 8)
     except ValueError:
         return False
-    return _header_sum(h) - sum(h[148:156]) + 256 == checksum
+    return _header_sum(h) - sum(stored) + 256 == checksum
 
 
 def header_name(h) -> str:
     """The member name a tar header holds: its name field, after the ustar prefix where there is
     one; bytes that are not UTF-8 as surrogate escapes (as ``tarfile`` gives them)."""
     name = bytes(h[0:100]).split(b"\0", 1)[0]
-    if bytes(h[257:262]) == b"ustar":
+    if h[345] and bytes(h[257:262]) == b"ustar":  # (a prefix starts with a non-NUL byte)
         prefix = bytes(h[345:500]).split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
+        name = prefix + b"/" + name
     return name.decode("utf-8", "surrogateescape")
 
 
@@ -589,7 +589,7 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
         src = _MappedBytes(source)
     else:
         src = _StreamBytes(source, chunk, digest)
-    zeros, ustar, fast_sizes = _ZEROS, b"ustar", _FAST_SIZE
+    zeros, fast_sizes = _ZEROS, _FAST_SIZE
     try:
         pending_name, pending_size, chain_start = None, None, None
         data: bytes | None
@@ -603,12 +603,7 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
             if h == zeros:  # the end of the archive: the rest is padding
                 walk.end = at
                 break
-            stored = h[148:156]
-            try:
-                checksum = int(stored.rstrip(b"\0 ").lstrip(b" ") or b"x", 8)
-            except ValueError:
-                checksum = -1
-            if checksum != _header_sum(h) - sum(stored) + 256:
+            if not header_checksum_ok(h):
                 if at == 0 and h[:2] == GZIP_MAGIC:
                     raise ShardError(url, gzip_named_tar(url))
                 raise ShardError(url, f"corrupt tar header at byte {at:,} (its checksum does not hold)")
@@ -646,11 +641,7 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
             if pending_name is not None:
                 name = pending_name
             else:
-                raw = h[:100].split(b"\0", 1)[0]
-                if h[257:262] == ustar and h[345]:
-                    prefix = h[345:500].split(b"\0", 1)[0]
-                    raw = prefix + b"/" + raw
-                name = raw.decode("utf-8", "surrogateescape")
+                name = header_name(h)
             data = None
             if flag in (0x30, 0, 0x37) and size and keep(name):
                 if keep_limit is not None and size > keep_limit:
