@@ -62,7 +62,6 @@ MAX_TAIL = 64 << 10  # archive end the fast parser accepts at once (writers leav
 _FIELD = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*")
 _KEY_PART = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")  # what the packer writes: the fast check
-_FIELDS_SEEN: dict[str, str] = {}  # field names found valid, lower-cased (member_key)
 _USTAR_REGULAR = (0x30, 0)  # typeflag '0' or NUL
 _ZEROS = bytes(BLOCK)
 # a size field the quick parse reads as tarfile.nti does: octal digits, then NULs or spaces
@@ -128,21 +127,16 @@ def member_key(name: str) -> tuple[str, str] | None:
     if dot <= slash or dot == len(name) - 1:
         return None
     key, field = name[:dot], name[dot + 1:]
-    lowered = _FIELDS_SEEN.get(field)
-    if lowered is None:
-        if not _FIELD.fullmatch(field):
-            raise ValueError(f"member name {name[:80]!r}: its extension {field[:40]!r} is not "
-                             "a field name")
-        lowered = field.lower()
-        if len(_FIELDS_SEEN) < 1024:  # a dataset has a few; a stranger's shard may have many
-            _FIELDS_SEEN[field] = lowered
+    if not _FIELD.fullmatch(field):
+        raise ValueError(f"member name {name[:80]!r}: its extension {field[:40]!r} is not a "
+                         "field name")
     if not _PLAIN_KEY.fullmatch(key):  # the packer's keys are; others are looked at closer
         parts = key.split("/")
         if any(p in ("", ".", "..") or not _KEY_PART.fullmatch(p) for p in parts):
             raise ValueError(f"member name {name[:80]!r} is not a safe <key>.<field> (an "
                              "empty, '.' or '..' path component, a leading '/', a backslash "
                              "or a control character)")
-    return key, lowered
+    return key, field.lower()
 
 
 def split_member(name: str, url: str) -> tuple[str, str] | None:
