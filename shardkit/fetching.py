@@ -113,11 +113,11 @@ class Fetcher:
         need (see the module docstring). ``shard(n)``: ``(store, ShardInfo)``; ``offsets(n)``: a
         shard's index; ``known``: shards whose index is at hand; ``faulted``: shards not to
         touch again in this iteration."""
-        self.prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS], shard)
+        self._prefetch(spans[k + 1:k + 1 + PREFETCH_SPANS], shard)
         self._prefetch_indexes(spans[k + 1:k + 1 + PREFETCH_INDEXES], shard, known)
         self._read_ahead(spans, k, first, shard, offsets, faulted)
 
-    def prefetch(self, spans, shard: Shard) -> None:
+    def _prefetch(self, spans, shard: Shard) -> None:
         """Start the cache downloads of the remote shards of ``spans``; nothing when the cache is
         too small to hold the shards in flight."""
         if self.cache_dir is None:

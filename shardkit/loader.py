@@ -188,11 +188,11 @@ def make_loader(dataset: Dataset, num_workers: int | None = None, *, pin_memory:
             # them pickled (a large shard table travels as its file's name). A missing dataset
             # is then an error here, not in a worker.
             source.manifests  # noqa: B018 - loads them
-        if source is not None and source.decoding.crop is not None:
-            # Load the JPEG region decoder here, once, before the workers fork: each would
-            # import it (~0.1 s, more on busy cores) before its first batch, every epoch
-            # without persistent workers. (Spawned workers still import their own.)
-            jpegregion.available()
+            if source.decoding.crop is not None:
+                # Load the JPEG region decoder here, once, before the workers fork: each would
+                # import it (~0.1 s, more on busy cores) before its first batch, every epoch
+                # without persistent workers. (Spawned workers still import their own.)
+                jpegregion.available()
         kwargs["prefetch_factor"] = 2 if prefetch_factor is None else prefetch_factor
         kwargs["persistent_workers"] = persistent_workers
     loader = ShardkitLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
