@@ -27,7 +27,8 @@ Reading (the read path, bottom to top):
     with workers) · resume (exact and elastic resume, pure) · distributed (rank, world,
     gathering states) · state (EpochState: the epoch, the plan in force, state dicts) ·
     skiplog · diagnosis (a failing shard) · fetching (a shard's bytes from its store or the
-    shard cache; what the next spans need, started ahead) · reader (spans -> raw samples) · decode (images,
+    shard cache; what the next spans need, started ahead) · reader (spans -> raw samples) ·
+    background (a worker's reads in a thread, once they wait) · decode (images,
     fused crops) · gpudecode (decode="gpu") · recycle (batch buffers) · batching (batches in
     the workers) · modes (one strategy per decode=) · assembly (samples in the plan's order) ·
     dataset (StreamingDataset) · access (MapDataset: one sample by index or key) · wds

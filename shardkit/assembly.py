@@ -10,11 +10,14 @@ does with an image is its mode's (:mod:`shardkit.modes`).
 
 from __future__ import annotations
 
+import heapq
 import json
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from .background import Background
 from .batching import Sink
 from .decode import ImageDecodeError, crop_rng
 from .errors import DecodeError, OnError, ShardError
@@ -174,7 +177,7 @@ def _number(text: str | bytes) -> int:
 
 def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], process: Callable,
          on_error: OnError, skips: Region, sink: Optional[Sink] = None,
-         nothing_readable: Optional[Callable[[], Exception]] = None) -> Iterator:
+         nothing_readable: Optional[Callable[[], Exception]] = None, ahead: int = 0) -> Iterator:
     """Processed samples in the plan's order from its ``consumed``-th on; a bad one is replaced
     by the last good one (``on_error="skip"``) or raised.
 
@@ -182,39 +185,129 @@ def emit(plan: WorkerPlan, consumed: int, read: Callable[[Any, int], Iterator], 
     the whole dataset); ``process`` is a :class:`SampleDecoder`; ``nothing_readable()`` is the
     error when no sample of the dataset can be read.
     With a ``sink``, each image is decoded into the sink's next slot; the last good sample is then
-    kept raw and decoded again into the slot of the bad one it replaces."""
+    kept raw and decoded again into the slot of the bad one it replaces.
+    ``ahead``: how many held samples may be processed before their turn while reads wait
+    (:class:`_Reading`); 0: none."""
     order = plan.order
     start = resume_position(order, consumed)
     already = set(order[:consumed].tolist()) if consumed else set()
-    reader = read(plan.spans, start)
     held: dict[int, Any] = {}
+    reading = _Reading(read(plan.spans, start), held, already, order, ahead, process)
     last_good = None  # processed; raw with a sink
-    for idx in order[consumed:].tolist():
+    try:
+        for turn, idx in enumerate(order[consumed:].tolist(), consumed):
+            if idx not in held:
+                reading.until(idx, turn)
+            raw = held.pop(idx)
+            out = None if sink is None else sink.slot()
+            sample = raw
+            if idx in reading.early:
+                sample = reading.early.pop(idx)
+            elif not isinstance(sample, BadSample):
+                try:
+                    sample = process(sample, out)
+                except DecodeError as exc:
+                    sample = BadSample(exc)
+            if isinstance(sample, BadSample):
+                if on_error.raises:
+                    raise sample.error
+                skips.sample(raw.shard if isinstance(raw, BadSample) else None)
+                if last_good is None:
+                    last_good = _first_good(reading.items, held, process, read,
+                                            nothing_readable, raw=sink is not None)
+                if sink is None:
+                    sample = last_good
+                else:
+                    sample, raw = process(last_good, out), last_good
+            last_good = sample if sink is None else raw
+            yield sample if sink is None else sink.settle(sample)
+    finally:
+        reading.close()
+
+
+class _Reading:
+    """A worker's read stream (``(position, raw sample)`` pairs) into its held samples.
+
+    With ``ahead`` > 0, once a read has waited longer than ``WAITED`` seconds (a cold disk, a
+    download still arriving; never on reads the page cache serves), the reads go on in a helper
+    thread (:class:`~shardkit.background.Background`) for the rest of the iteration, and while
+    the sample whose turn it is has not arrived, held samples are processed ahead of their turn,
+    soonest turn first, at most ``ahead`` at a time. The decoder then works while the disk does
+    instead of after it, and an epoch's end no longer decodes a whole buffer after the last read.
+    What is emitted, and in which order, is unchanged: crops are seeded per sample, and a sample
+    that fails is met at its turn as before. ``early`` holds the results."""
+
+    WAITED = 0.01  # seconds one read may wait before the reads move to a helper thread
+
+    def __init__(self, items: Iterator, held: dict, already: set, order: np.ndarray, ahead: int,
+                 process: Callable):
+        self.items: Any = items
+        self._background: Optional[Background] = None  # the reads' thread, once they waited
+        self.held, self.already, self.order = held, already, order
+        self.ahead, self.process = ahead, process
+        self.early: dict[int, Any] = {}
+        self._soonest: list[tuple[int, int]] = []  # heap of (turn, position) not processed yet
+        self._turn_of: Optional[np.ndarray] = None  # a position's turn, once in the background
+
+    def until(self, idx: int, turn: int) -> None:
+        """Read until sample ``idx`` (whose turn ``turn`` it is) is held."""
+        held, items = self.held, self.items
         while idx not in held:
-            pos, sample = next(reader)
-            if pos not in already:
-                held[pos] = sample
-        raw = held.pop(idx)
-        out = None if sink is None else sink.slot()
-        sample = raw
+            if self._turn_of is None:
+                began = time.perf_counter() if self.ahead else 0.0
+                pos, sample = next(items)
+                if pos not in self.already:
+                    held[pos] = sample
+                if self.ahead and time.perf_counter() - began > self.WAITED:
+                    self._to_background()
+                    items = self.items
+                continue
+            got = items.poll()
+            if got is None:
+                if len(self.early) < self.ahead and self._process_ahead(turn):
+                    continue
+                got = next(items)
+            self._hold(*got)
+
+    def _to_background(self) -> None:
+        order = self.order
+        turn_of = np.empty(len(order), dtype=np.int64)
+        turn_of[order] = np.arange(len(order))
+        self._turn_of = turn_of
+        self._soonest = [(int(turn_of[pos]), pos) for pos, sample in self.held.items()
+                         if not isinstance(sample, BadSample)]
+        heapq.heapify(self._soonest)
+        self.items = self._background = Background(self.items)
+
+    def _hold(self, pos: int, sample: Any) -> None:
+        if pos in self.already:
+            return
+        self.held[pos] = sample
         if not isinstance(sample, BadSample):
+            assert self._turn_of is not None
+            heapq.heappush(self._soonest, (int(self._turn_of[pos]), pos))
+
+    def _process_ahead(self, turn: int) -> bool:
+        """Process the held sample whose turn comes soonest after ``turn`` (a DecodeError is kept
+        for its turn); whether there was one."""
+        soonest, held = self._soonest, self.held
+        while soonest:
+            t, pos = heapq.heappop(soonest)
+            if t <= turn or pos not in held:
+                continue
             try:
-                sample = process(sample, out)
+                self.early[pos] = self.process(held[pos])
             except DecodeError as exc:
-                sample = BadSample(exc)
-        if isinstance(sample, BadSample):
-            if on_error.raises:
-                raise sample.error
-            skips.sample(raw.shard if isinstance(raw, BadSample) else None)
-            if last_good is None:
-                last_good = _first_good(reader, held, process, read, nothing_readable,
-                                        raw=sink is not None)
-            if sink is None:
-                sample = last_good
-            else:
-                sample, raw = process(last_good, out), last_good
-        last_good = sample if sink is None else raw
-        yield sample if sink is None else sink.settle(sample)
+                self.early[pos] = BadSample(exc)
+            return True
+        return False
+
+    def close(self) -> None:
+        """Stop the reads' thread, if they moved to one (also at interpreter exit, when module
+        globals may be gone already: no global is named here)."""
+        background = self._background
+        if background is not None:
+            background.close()
 
 
 def _first_good(reader, held: dict, process, read, nothing_readable, raw: bool = False):

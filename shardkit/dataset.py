@@ -385,8 +385,13 @@ class StreamingDataset(IterableDataset):
         crop = decoding.crop
         # DecodeConfig checked that a crop has a size tuple
         sink = Sink(None if crop is None else cast(SizedCropRecipe, crop).size) if decoding.fast else None
+        # Crops of a fixed size (no transform) are decoded ahead of their turn while reads wait
+        # (emit); at most a shuffle buffer of them, and not from memory, where reads never wait.
+        ahead = st.shuffle_buffer if sink is not None and sink.size is not None \
+            and not self.in_memory else 0
         samples = emit(plan, consumed, partial(self._read, skips=skips, report=report),
-                       self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable)
+                       self._decoder, self.on_error, skips, sink, nothing_readable=self._unreadable,
+                       ahead=ahead)
         if self.batch_size is None:
             items = _counted(samples, st.count)
         else:

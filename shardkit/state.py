@@ -95,6 +95,11 @@ class EpochState:
         return self._plan
 
     @property
+    def shuffle_buffer(self) -> int:
+        """The plan's shuffle buffer size (samples a worker holds)."""
+        return self._plan.shuffle_buffer
+
+    @property
     def seed(self) -> int:
         """The plan's seed."""
         return self._plan.seed

@@ -715,3 +715,6 @@ def test_corrupted_for_good_is_an_integrity_error_and_nothing_is_cached(small, s
     # (the next shards' downloads, started ahead, may still be writing their own temp files)
     assert not [p for p in cache.cache_dir.iterdir() if p.name.startswith(f".{final.name}.tmp-")]
     assert served.bytes_asked(shard.url) == 2 * shard.num_bytes  # two tries, then the error
+    # The next shards' downloads end while the server is still up (the autouse check runs after
+    # the server is gone; a download cut off there retries with backoff past its deadline).
+    wait_for_downloads()
