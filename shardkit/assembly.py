@@ -270,9 +270,10 @@ class _Reading:
             self._hold(*got)
 
     def _to_background(self) -> None:
-        order = self.order
-        turn_of = np.empty(len(order), dtype=np.int64)
-        turn_of[order] = np.arange(len(order))
+        order = self.order  # (int32 turns where they fit: half the plan's order in memory)
+        dtype = np.int32 if len(order) < 2**31 else np.int64
+        turn_of = np.empty(len(order), dtype=dtype)
+        turn_of[order] = np.arange(len(order), dtype=dtype)
         self._turn_of = turn_of
         self._soonest = [(int(turn_of[pos]), pos) for pos, sample in self.held.items()
                          if not isinstance(sample, BadSample)]
