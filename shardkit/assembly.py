@@ -4,7 +4,8 @@
 ``cls``, the image decoded (with the decode-fused crop, seeded per sample from ``seed/epoch/key``)
 and transformed. :func:`emit` holds read samples until the plan emits them (the worker's shuffle
 buffer) and replaces a bad one by the last good one, so that every rank still yields the same
-number of samples and batches. Batches are made in :mod:`shardkit.batching`; what ``decode=``
+number of samples and batches; while reads wait, held crops are decoded before their turn
+(:class:`_Reading`). Batches are made in :mod:`shardkit.batching`; what ``decode=``
 does with an image is its mode's (:mod:`shardkit.modes`).
 """
 

@@ -45,7 +45,10 @@ class Background:
         self._items = items
         self._depth = max(1, depth)
         self._queue: deque = deque()
-        self._cond = threading.Condition(threading.Lock())
+        # Reentrant: close() may run from a finalizer (an abandoned iteration's generator is
+        # closed when it is collected, in whichever thread the collector runs, this one's too)
+        # while that thread is inside one of these methods with the lock held.
+        self._cond = threading.Condition(threading.RLock())
         self._stopped = False
         self._done = False  # the consumer has seen the end or the error
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)

@@ -108,6 +108,30 @@ def test_close_stops_the_thread_and_closes_the_iterator_in_it():
     assert len(_readers()) == before
 
 
+def test_close_from_a_finalizer_that_interrupts_a_method_holding_the_lock(monkeypatch):
+    # The collector may close an abandoned iteration in any thread, while that thread is inside
+    # poll() or the reader's queueing with the lock held: close() must not deadlock there.
+    import shardkit.background as background
+
+    monkeypatch.setattr(background, "CLOSE_WAIT", 0.2)
+    bg = Background(iter(range(10**6)), depth=2)
+    done = threading.Event()
+
+    def finalizer_inside_a_method():
+        with bg._cond:  # as if interrupted inside poll()
+            bg.close()
+        done.set()
+
+    closer = threading.Thread(target=finalizer_inside_a_method, daemon=True)
+    closer.start()
+    assert done.wait(5), "close() deadlocked on the lock its own thread held"
+    closer.join(5)
+    deadline = time.monotonic() + 5
+    while _readers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _readers() == []
+
+
 # --------------------------------------------------------------------------- emit, ahead
 
 
