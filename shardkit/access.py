@@ -356,10 +356,11 @@ def _key_hash(key: str) -> np.uint64:
 
 
 def _dataset_digest(m: Manifest) -> bytes:
-    """What the keys depend on: every shard's content and index (their sha256s)."""
+    """What the keys depend on: every shard's content and index (their digests)."""
     h = hashlib.sha256()
     for s in m.shards:
-        h.update(f"{s.url}\0{s.sha256 or ''}\0{s.index_sha256}\n".encode("utf-8", "surrogateescape"))
+        content = s.sha256 or ("" if s.blake3 is None else f"blake3:{s.blake3}")
+        h.update(f"{s.url}\0{content}\0{s.index_sha256}\n".encode("utf-8", "surrogateescape"))
     return h.digest()
 
 

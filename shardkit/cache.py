@@ -1,8 +1,8 @@
 """A size-bounded shard cache on local disk, shared by processes, streaming while it downloads.
 
 Storage-agnostic: callers pass ``fetch(offset)``, which yields the shard's bytes from ``offset``
-(retrying network faults itself), and the manifest's ``size`` and ``sha256``. A final name
-(``sha256(url)[:32].tar``; ``.idx`` for a shard's index file) only ever holds a complete, verified
+(retrying network faults itself), and the manifest's ``size`` and ``sha256`` (or ``blake3``). A
+final name (``sha256(url)[:32].tar``; ``.idx`` for a shard's index file) only ever holds a complete, verified
 file (unique temp, fsync, check, rename); one mismatch downloads again, a second raises
 :class:`CacheIntegrityError`. One download per machine: the downloader holds ``flock`` on
 ``<name>.lock`` (it dies with the process; a forked child drops its copies) and writes the name of
@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Literal, Optional, cast, overload
 
+from . import digests
 from .errors import ShardError
 
 __all__ = ["CacheIntegrityError", "ShardCache"]
@@ -306,25 +307,31 @@ class ShardCache:
         return None
 
     @overload
-    def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
-             stop: int | None = None, prefetch: Literal[False] = False) -> BinaryIO: ...
+    def open(self, url: str, *, size: int, sha256: str | None = None, fetch: Fetch,
+             start: int = 0, stop: int | None = None, prefetch: Literal[False] = False,
+             blake3: str | None = None) -> BinaryIO: ...
     @overload
-    def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
-             stop: int | None = None, prefetch: bool) -> BinaryIO | None: ...
+    def open(self, url: str, *, size: int, sha256: str | None = None, fetch: Fetch,
+             start: int = 0, stop: int | None = None, prefetch: bool,
+             blake3: str | None = None) -> BinaryIO | None: ...
 
-    def open(self, url: str, *, size: int, sha256: str | None, fetch: Fetch, start: int = 0,
-             stop: int | None = None, prefetch: bool = False) -> BinaryIO | None:
+    def open(self, url: str, *, size: int, sha256: str | None = None, fetch: Fetch,
+             start: int = 0, stop: int | None = None, prefetch: bool = False,
+             blake3: str | None = None) -> BinaryIO | None:
         """A readable binary file over bytes ``[start, stop)`` of the shard at ``url``: from disk
         when cached, else downloaded once per machine and returned as the bytes arrive.
-        ``sha256`` None (shards listed by URL, whose hash nobody recorded): only the size is
-        checked. ``prefetch``: only to start the download (closing the file lets it go on);
-        returns None at once when another process is downloading it."""
+        A download is checked against ``sha256`` or ``blake3`` (what the manifest names; both
+        None for shards listed by URL, whose hash nobody recorded: only the size is checked).
+        ``prefetch``: only to start the download (closing the file lets it go on); returns None
+        at once when another process is downloading it."""
         stop = size if stop is None else stop
         if not (isinstance(size, int) and 0 <= start <= stop <= size):
             raise ValueError(f"need 0 <= start <= stop <= size, got {start=}, {stop=}, {size=}")
-        if sha256 is not None and (not isinstance(sha256, str)
-                                   or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
-            raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+        if sha256 is not None and blake3 is not None:
+            raise ValueError("pass sha256 or blake3, not both")
+        expected = None if sha256 is None and blake3 is None else (
+            ("sha256", digests.check_hex(sha256, "sha256")) if sha256 is not None
+            else ("blake3", digests.check_hex(blake3, "blake3")))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._own_live()
         path = self.path_for(url)
@@ -340,7 +347,7 @@ class ShardCache:
             return None
         if lock is None:  # another process is downloading it: follow its temp file
             opened = self._follow_other(path, url, start, stop, lambda s: self.open(
-                url, size=size, sha256=sha256, fetch=fetch, start=s, stop=stop))
+                url, size=size, sha256=sha256, blake3=blake3, fetch=fetch, start=s, stop=stop))
             if opened is not None:
                 return opened
             lock = _lock(lock_path)
@@ -355,8 +362,7 @@ class ShardCache:
             reader = _Reader(url, state := _State([]), start, stop)
             with self._live_lock:
                 self._live[path] = state
-            digest = None if sha256 is None else sha256.lower()
-            threading.Thread(target=self._download, args=(url, size, digest, fetch, lock,
+            threading.Thread(target=self._download, args=(url, size, expected, fetch, lock,
                              state), name=f"shardkit-cache-{path.stem[:8]}", daemon=True).start()
         except BaseException:
             with self._live_lock:
@@ -397,8 +403,8 @@ class ShardCache:
             f = io.BufferedReader(_Reader(url, state, start, stop), _BUFFER)
         return f
 
-    def _download(self, url: str, size: int, sha256: str, fetch: Fetch, lock: int,
-                  st: _State) -> None:
+    def _download(self, url: str, size: int, expected: tuple[str, str] | None, fetch: Fetch,
+                  lock: int, st: _State) -> None:
         """The download thread: up to two attempts, evict, unlock, then tell the reader."""
         path, error, problems = self.path_for(url), None, []
         try:
@@ -410,7 +416,7 @@ class ShardCache:
                     st.fds.append(fd)
                     st.written = 0
                 try:
-                    problem = self._fill(fd, size, sha256, fetch, st)
+                    problem = self._fill(fd, size, expected, fetch, st)
                     if problem is None:
                         os.fsync(fd)
                         os.replace(temp, path)
@@ -439,9 +445,11 @@ class ShardCache:
             st.drop()
 
     @staticmethod
-    def _fill(fd: int, size: int, sha256: str, fetch: Fetch, st: _State) -> Optional[str]:
-        """Write the shard into ``fd``; None if size and sha256 match, else what was wrong."""
-        digest, offset = hashlib.sha256(), 0
+    def _fill(fd: int, size: int, expected: tuple[str, str] | None, fetch: Fetch,
+              st: _State) -> Optional[str]:
+        """Write the shard into ``fd``; None if its size and ``expected`` ``(algorithm, hex
+        digest)`` match, else what was wrong."""
+        digest, offset = (None if expected is None else digests.new(expected[0])), 0
         while offset < size:
             start, chunks = offset, iter(fetch(offset))  # again from `offset` if it ended early
             try:
@@ -451,7 +459,8 @@ class ShardCache:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view):]
-                    digest.update(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     offset += len(chunk)
                     with st.cond:
                         st.written = offset
@@ -460,8 +469,8 @@ class ShardCache:
                 getattr(chunks, "close", lambda: None)()
             if offset == start:
                 return f"{offset} bytes, expected {size}"
-        if sha256 is not None and digest.hexdigest() != sha256:
-            return f"sha256 {digest.hexdigest()}, expected {sha256}"
+        if expected is not None and digest is not None and digest.hexdigest() != expected[1]:
+            return f"{expected[0]} {digest.hexdigest()}, expected {expected[1]}"
         return None
 
     def _evict_and_sweep(self, keep: Path) -> None:

@@ -11,11 +11,12 @@ a machine maps (``mmap``): its pages are shared, nothing is parsed per shard, an
 Layout (all little-endian): the 8-byte magic ``SKCOLS\\x00\\x01``, the header's length (uint64),
 the header (UTF-8 JSON: ``{"count": N, "columns": {name: {"offset", "size"} | {"pattern":
 ...}}}``), then each column at a 64-byte-aligned offset from the start of the file:
-``num_samples`` and ``num_bytes`` (uint64 × N), ``sha256`` and ``index_sha256`` (32 raw bytes ×
-N), ``url`` and ``index_url`` either as a pattern (``prefix`` + zero-padded counter from
-``start`` + ``suffix``, what ``pack`` names) or as UTF-8 bytes with ``<name>_ends`` (uint64 ×
-N+1 offsets). The schema (names, types) is fixed here, never taken from the file; every offset
-and size is checked against the file before it is used.
+``num_samples`` and ``num_bytes`` (uint64 × N), ``sha256`` — or ``blake3``, for shards that
+name their BLAKE3 (``shardkit index``): one of the two, the same for every shard of the file —
+and ``index_sha256`` (32 raw bytes × N), ``url`` and ``index_url`` either as a pattern
+(``prefix`` + zero-padded counter from ``start`` + ``suffix``, what ``pack`` names) or as UTF-8
+bytes with ``<name>_ends`` (uint64 × N+1 offsets). The schema (names, types) is fixed here,
+never taken from the file; every offset and size is checked against the file before it is used.
 
 The older msgpack manifest keeps its shard list column-wise too (one msgpack value per field:
 :func:`encode_list_column` / :func:`decode_list_column`), with the same URL patterns.
@@ -38,7 +39,7 @@ COMPACT_SHARDS = 100_000  # shard lists at least this long are written column-wi
 MAGIC = b"SKCOLS\x00\x01"
 ALIGN = 64
 _INTS = ("num_samples", "num_bytes")
-_DIGESTS = ("sha256", "index_sha256")
+_SHARD_DIGESTS = ("sha256", "blake3")
 _TEXTS = ("url", "index_url")
 _URL_PATTERN = re.compile(r"^(.*?)(\d+)(\D*)$", re.S)
 
@@ -77,16 +78,30 @@ def pattern_values(p: dict, count: int, first: int = 0) -> list[str]:
     return [fmt % i for i in range(start, start + count)]
 
 
+def shard_digest(shards: Sequence[Any]) -> str | None:
+    """The hash every shard of ``shards`` names (``"sha256"`` or ``"blake3"``), or None when
+    they differ or some name none: such a list cannot be written column-wise."""
+    if isinstance(shards, ShardTable):
+        return shards.digest_name
+    found = {"blake3" if getattr(s, "blake3", None) is not None
+             else "sha256" if s.sha256 is not None else None for s in shards}
+    return found.pop() if len(found) == 1 else None
+
+
 def encode(shards: Sequence[Any]) -> bytes:
-    """The columns file of ``shards`` (objects with ShardInfo's fields; sha256 values must be
-    64-character lower-case hex strings)."""
+    """The columns file of ``shards`` (objects with ShardInfo's fields; digests must be
+    64-character lower-case hex strings, all shards naming the same hash)."""
     n = len(shards)
     data: list[tuple[str, bytes]] = []
     header: dict[str, Any] = {"count": n, "columns": {}}
     for name in _INTS:
         data.append((name, np.fromiter((getattr(s, name) for s in shards), dtype="<u8",
                                        count=n).tobytes()))
-    for name in _DIGESTS:
+    algorithm = shard_digest(shards) if n else "sha256"
+    if algorithm is None:
+        raise ValueError("the shards name different hashes (sha256, blake3) or none: a shard list "
+                         "in columns needs one hash for every shard")
+    for name in (algorithm, "index_sha256"):
         text = "".join(getattr(s, name) for s in shards)
         if len(text) != 64 * n:
             raise ValueError(f"{name}: every shard needs a 64-character hex digest")
@@ -129,7 +144,8 @@ def encode(shards: Sequence[Any]) -> bytes:
 class ShardTable(Sequence):
     """The shard list of a columns file (``buffer``: its bytes, or a read-only ``mmap``), as a
     sequence of ``make(url, num_samples, num_bytes, sha256, index_url, index_sha256)`` rows made
-    on demand. ``where`` names the file in errors."""
+    on demand (``make(url, num_samples, num_bytes, None, index_url, index_sha256, blake3)`` in a
+    file of BLAKE3 shards). ``where`` names the file in errors."""
 
     def __init__(self, buffer: Any, make: Callable[..., Any], where: str = "manifest.cols"):
         self._buffer, self._make, self.where = buffer, make, where
@@ -164,8 +180,13 @@ class ShardTable(Sequence):
 
         for name in _INTS:
             self._cols[name] = column(name, "<u8", count)
-        for name in _DIGESTS:
-            self._cols[name] = column(name, "u1", count, 32)
+        named = [d for d in _SHARD_DIGESTS if d in columns]
+        if len(named) != 1:
+            raise ColumnsError(f"{where}: needs one shard digest column (sha256 or blake3), "
+                               f"found {named or 'none'}")
+        self.digest_name: str = named[0]  # the hash every shard of the file names
+        self._cols["digest"] = column(self.digest_name, "u1", count, 32)
+        self._cols["index_sha256"] = column("index_sha256", "u1", count, 32)
         for name in _TEXTS:
             spec = columns.get(name)
             if isinstance(spec, dict) and "pattern" in spec:
@@ -246,9 +267,13 @@ class ShardTable(Sequence):
         if not 0 <= i < self._n:
             raise IndexError("shard index out of range")
         c = self._cols
+        digest = c["digest"][i].tobytes().hex()
+        if self.digest_name == "blake3":
+            return self._make(self.text("url", i), int(c["num_samples"][i]),
+                              int(c["num_bytes"][i]), None, self.text("index_url", i),
+                              c["index_sha256"][i].tobytes().hex(), digest)
         return self._make(self.text("url", i), int(c["num_samples"][i]), int(c["num_bytes"][i]),
-                          c["sha256"][i].tobytes().hex(), self.text("index_url", i),
-                          c["index_sha256"][i].tobytes().hex())
+                          digest, self.text("index_url", i), c["index_sha256"][i].tobytes().hex())
 
     def __iter__(self) -> Iterator:
         return (self[i] for i in range(self._n))

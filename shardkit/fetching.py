@@ -2,8 +2,8 @@
 
 :class:`Fetcher` opens a byte range of a shard, or a shard's index file: from its store, or for a
 remote store with ``cache_dir`` through the shared on-disk shard cache (:mod:`shardkit.cache`:
-downloaded once per machine, checked by sha256). At each span it starts what the next spans will
-need, so that the reader does not wait for it then:
+downloaded once per machine, checked by sha256 or BLAKE3). At each span it starts what the next
+spans will need, so that the reader does not wait for it then:
 
 - remote shards of the next ``PREFETCH_SPANS`` spans: their cache downloads (a worker's shuffle
   buffer fills from blocks all over the dataset; one download at a time left the network idle
@@ -79,7 +79,7 @@ class Fetcher:
             return store.open_range(shard.url, lo, hi)
         return self._shard_cache().open(
             _cache_key(store, shard.url), size=shard.num_bytes, sha256=shard.sha256,
-            fetch=lambda offset: store.iter_bytes(shard.url, offset, shard.num_bytes),
+            blake3=shard.blake3, fetch=lambda offset: store.iter_bytes(shard.url, offset, shard.num_bytes),
             start=lo, stop=hi, prefetch=prefetch)
 
     def index_bytes(self, store, shard) -> bytes:

@@ -18,11 +18,11 @@ with :func:`gzip_named_tar`, which says what to do.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import zlib
 from typing import BinaryIO, Union, cast
 
+from . import digests
 from .errors import ShardError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -164,11 +164,12 @@ __all__ = ["COMPRESSED_SUFFIXES", "GZIP_MAGIC", "PADDING_LIMIT", "GunzipRange", 
 
 
 class CountedStream(io.RawIOBase):
-    """A compressed shard's bytes as stored, counted and hashed as the decompressor reads them."""
+    """A compressed shard's bytes as stored, counted and hashed (``algorithm``: sha256 or
+    blake3) as the decompressor reads them."""
 
-    def __init__(self, raw):
+    def __init__(self, raw, algorithm: str = "sha256"):
         super().__init__()
-        self._raw, self.count, self._digest = raw, 0, hashlib.sha256()
+        self._raw, self.count, self._digest = raw, 0, digests.new(algorithm)
 
     def readable(self) -> bool:
         return True
@@ -181,7 +182,7 @@ class CountedStream(io.RawIOBase):
         return got
 
     def result(self) -> tuple[int, str]:
-        """Size and sha256 of the file: what is left after the gzip data read too."""
+        """Size and digest of the file: what is left after the gzip data read too."""
         while self.read(1 << 20):
             pass
         return self.count, self._digest.hexdigest()

@@ -1,9 +1,10 @@
 """``shardkit index``: adopt webdataset shards that already exist, wherever they are.
 
 Each shard is read once, sequentially (one streamed GET per remote shard), by
-:func:`shardkit.shardformat.walk_members`: its sha256, size, and where each sample's first
-member starts. Samples are grouped as webdataset groups them (adjacent members with one key;
-folders and names of no sample passed over). What a reader could not make sense of later is an
+:func:`shardkit.shardformat.walk_members`: its digest (BLAKE3 by default, ``hash="sha256"``
+for sha256: see :mod:`shardkit.digests`), size, and where each sample's first member starts.
+Samples are grouped as webdataset groups them (adjacent members with one key; folders and
+names of no sample passed over). What a reader could not make sense of later is an
 error now, naming the shard and the member: a key met again after other samples, a sample
 without an image, two members of one field, an unsafe name, a link or device member, a
 compressed or damaged file.
@@ -15,7 +16,7 @@ elsewhere than the manifest are listed by their full URLs, and such a manifest i
 make a manifest point outside its folder, never a manifest that arrived with the data.
 
 ``resume=True`` keeps the shards a killed run finished: each shard's index file is written when
-it is done, then a small record beside it (``<name>.idx.json``: size, sha256, labels), and a
+it is done, then a small record beside it (``<name>.idx.json``: size, digest, labels), and a
 shard whose record and index file agree is not read again. The records go once the manifest
 is written.
 """
@@ -36,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .common import available_cpus
+from .digests import INDEX_DEFAULT, check_algorithm
 from .errors import ManifestError, ShardError, ShardkitError
 from .gzipped import (
     SAMPLE_LIMIT,
@@ -72,7 +74,7 @@ class IndexedShard:
 
     url: str  # as the manifest will name it
     num_bytes: int
-    sha256: str
+    sha256: str | None  # None when the shard was hashed with BLAKE3 (``blake3``)
     num_samples: int
     label_source: list | None = None  # [field or "json", JSON key or None]
     labels: list[str] | None = None  # per sample: the label member's text or JSON value
@@ -80,13 +82,14 @@ class IndexedShard:
     ignored: int = 0  # members of no sample (folders, names without an extension)
     stamp: str | None = None  # the store's mtime or ETag when read (--resume checks it)
     spec: list | None = None  # the label spec it was indexed with (--resume checks it)
+    blake3: str | None = None  # its BLAKE3 (the default hash), instead of sha256
 
 
 def index_shards(source: str | os.PathLike | Sequence[str],
                  out: str | os.PathLike | None = None, *, workers: int | None = None, resume: bool = False,
                  label: str = "auto", storage_options: dict | None = None,
                  progress: bool = True, timeout: float = 60.0, retries: int = 6,
-                 part: tuple[int, int] | None = None) -> Manifest:
+                 part: tuple[int, int] | None = None, hash: str = INDEX_DEFAULT) -> Manifest:
     """Index existing webdataset shards and write their manifest; returns it.
 
     ``source``: a folder or prefix of ``.tar`` shards (and ``.tar.gz`` / ``.tgz`` ones: their
@@ -101,7 +104,9 @@ def index_shards(source: str | os.PathLike | Sequence[str],
     ``workers``: shards indexed at once (default: the CPUs). ``resume``: keep the index files a
     killed run finished (shards changed since are indexed again). ``storage_options``: fsspec
     options of the shards' protocol. ``progress``: a progress bar with MB/s. ``timeout`` /
-    ``retries``: of every remote read.
+    ``retries``: of every remote read. ``hash``: what the manifest records of each shard's bytes,
+    ``"blake3"`` (the default: ~2.5× faster than sha256 a core, so a cold local index runs at
+    the disk's speed) or ``"sha256"`` (readers before 2026-12 know only that one).
 
     ``part=(i, n)``: index only part ``i`` of ``n`` (a contiguous slice of the sorted shard list,
     for ``n`` machines at once; ``--part I/N``): its index files, then its part manifest
@@ -112,6 +117,7 @@ def index_shards(source: str | os.PathLike | Sequence[str],
         i, n = part
         if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n and n >= 1):
             raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part!r}")
+    hash = check_algorithm(hash)
     urls = shard_urls(source, storage_options)
     if not urls:
         raise ShardError(str(source), f"no {SHARD_KINDS} shards found")
@@ -140,9 +146,9 @@ def index_shards(source: str | os.PathLike | Sequence[str],
             i, n = part
             lo, hi = i * len(urls) // n, (i + 1) * len(urls) // n
             urls, names = urls[lo:hi], names[lo:hi]
-        done = _finished(out_dest, names, urls, spec, storage_options) if resume else {}
+        done = _finished(out_dest, names, urls, spec, hash, storage_options) if resume else {}
         shards, offsets = _index_all(urls, names, out_dest, done, spec, workers,
-                                     storage_options, progress, timeout, retries)
+                                     storage_options, progress, timeout, retries, hash)
         manifest = _manifest(shards, offsets, names) if shards else None
         if part is not None:
             out_dest.sync([index_name(_local_name(n)) for n in names])
@@ -210,7 +216,8 @@ def _manifest_url(url: str, home: tuple[str, str]) -> str:
 
 
 def _index_all(urls, names, out_dest, done: dict, spec, workers, storage_options, progress,
-               timeout, retries) -> tuple[list[IndexedShard], list[list[int]]]:
+               timeout, retries, algorithm: str = INDEX_DEFAULT
+               ) -> tuple[list[IndexedShard], list[list[int]]]:
     """Index every shard not already done (in parallel, threads: reads and hashing release the
     GIL), writing each index file and record as it is finished."""
     todo = [i for i, n in enumerate(names) if n not in done]
@@ -225,7 +232,7 @@ def _index_all(urls, names, out_dest, done: dict, spec, workers, storage_options
 
     def one(i: int):
         return i, *index_shard(urls[i], names[i], spec, storage_options, timeout=timeout,
-                               retries=retries, stores=stores)
+                               retries=retries, stores=stores, algorithm=algorithm)
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -249,11 +256,12 @@ def _index_all(urls, names, out_dest, done: dict, spec, workers, storage_options
 
 
 def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_options=None, *,
-                timeout: float = 60.0, retries: int = 6,
-                stores: dict | None = None) -> tuple[IndexedShard, list[int]]:
+                timeout: float = 60.0, retries: int = 6, stores: dict | None = None,
+                algorithm: str = INDEX_DEFAULT) -> tuple[IndexedShard, list[int]]:
     """One pass over the shard at ``url`` (see the module docstring); ``name`` is how the
     manifest will call it. Returns what it found and the sample offsets. ``stores``: stores
-    already open, by folder or prefix (a run of many shards opens each one once)."""
+    already open, by folder or prefix (a run of many shards opens each one once).
+    ``algorithm``: the hash of its bytes (``"blake3"`` or ``"sha256"``)."""
     protocol, base, file_name = split_file_url(url, query=True)
     store = _store(stores, protocol, base, storage_options, timeout, retries)
     where = store.url(file_name)
@@ -277,7 +285,7 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     walk = Walk()
     stored: CountedStream | None = None
     if is_compressed(file_name):  # the file as stored is hashed; its uncompressed stream walked
-        stored = CountedStream(store.open_range(file_name, 0, size))
+        stored = CountedStream(store.open_range(file_name, 0, size), algorithm)
         stream = WalkedUncompressed(GunzipRange(stored, where), walk, where)
     else:
         stream = _open_whole(store, file_name, size)
@@ -290,7 +298,7 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
     current: dict | None = None
     try:
         for m in walk_members(getattr(stream, "mapped", stream), where, keep, walk,
-                              digest=stored is None,
+                              digest=algorithm if stored is None else None,
                               keep_limit=None if stored is None else KEPT_LIMIT):
             named = None
             if not m.folder:
@@ -320,7 +328,7 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
                 raise ShardError(where, f"member {m.name!r}: a second {fld!r} member of sample "
                                         f"{key!r}", key=key)
             current[fld] = m.data
-        num_bytes, sha256 = (walk.size, walk.sha256) if stored is None else stored.result()
+        num_bytes, digest = (walk.size, walk.digest) if stored is None else stored.result()
     finally:
         stream.close()
     _close(current, where, fields)
@@ -340,9 +348,11 @@ def index_shard(url: str, name: str, spec: tuple[str, str | None], storage_optio
                                     f"uncompressed, over the limit of {SAMPLE_LIMIT:,} for a "
                                     "compressed shard (a gzip bomb?)", key=keys[big])
     source, labels = _labels(values, keys, spec, where)
-    return IndexedShard(url=name, num_bytes=num_bytes, sha256=sha256,
+    return IndexedShard(url=name, num_bytes=num_bytes,
+                        sha256=digest if algorithm == "sha256" else None,
                         num_samples=len(keys), label_source=source, labels=labels,
-                        fields=fields, ignored=ignored, stamp=stamp, spec=list(spec)), offsets
+                        fields=fields, ignored=ignored, stamp=stamp, spec=list(spec),
+                        blake3=digest if algorithm == "blake3" else None), offsets
 
 
 def _open_whole(store, name: str, size: int):
@@ -433,7 +443,7 @@ def _labels(samples: list[dict], keys: list[str], spec, where: str) -> tuple:
 
 
 def _manifest(shards: list[IndexedShard], offsets: list[list[int]], names: list[str]) -> Manifest:
-    """The manifest of the indexed shards: counts, sizes, sha256, labels and classes."""
+    """The manifest of the indexed shards: counts, sizes, digests, labels and classes."""
     sources = {tuple(s.label_source) if s.label_source else None for s in shards}
     if len(sources) > 1:
         raise ManifestError(f"the shards disagree on their labels: {sorted(map(str, sources))} "
@@ -463,7 +473,7 @@ def _manifest(shards: list[IndexedShard], offsets: list[list[int]], names: list[
         index = encode_index(offs)
         infos.append(ShardInfo(url=name, num_samples=s.num_samples, num_bytes=s.num_bytes,
                                sha256=s.sha256, index_url=index_name(_local_name(name)),
-                               index_sha256=hashlib.sha256(index).hexdigest()))
+                               index_sha256=hashlib.sha256(index).hexdigest(), blake3=s.blake3))
     options = {"indexed_by": "shardkit index", "order": _order(shards, source),
                "fields": dict(sorted(fields.items()))}
     return Manifest(classes=classes, num_samples=sum(s.num_samples for s in shards),
@@ -508,10 +518,11 @@ def _record_name(name: str) -> str:
     return index_name(_local_name(name)) + ".json"
 
 
-def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options=None) -> dict:
+def _finished(out_dest, names: list[str], urls: list[str], spec,
+              algorithm: str = INDEX_DEFAULT, storage_options=None) -> dict:
     """The shards a killed run finished: ``name -> (IndexedShard, offsets)`` for those whose
-    record and index file are there and agree, indexed with the same label spec, and not
-    changed since (the store's mtime or ETag, else size, as recorded)."""
+    record and index file are there and agree, indexed with the same label spec and hash, and
+    not changed since (the store's mtime or ETag, else size, as recorded)."""
     done: dict = {}
     stores: dict = {}
     for name, url in zip(names, urls):
@@ -527,6 +538,7 @@ def _finished(out_dest, names: list[str], urls: list[str], spec, storage_options
             continue  # torn or foreign: index it again
         offsets = np.frombuffer(index, dtype="<u8", offset=8).astype(int).tolist()
         if shard.url != name or n != shard.num_samples or shard.spec != list(spec) \
+                or not isinstance(getattr(shard, algorithm), str) \
                 or offsets[-1] + 1024 > shard.num_bytes and not is_compressed(name):
             continue
         protocol, base, own = split_file_url(url, query=True)

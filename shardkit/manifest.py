@@ -36,6 +36,7 @@ from .columns import (
     ShardTable,
     decode_list_column,
     encode_list_column,
+    shard_digest,
 )
 from .columns import encode as encode_columns
 from .errors import ManifestError, ShardError
@@ -75,9 +76,28 @@ class ShardInfo:
     url: str  # relative to the dataset's folder or prefix (a full URL: Manifest.from_urls)
     num_samples: int
     num_bytes: int
-    sha256: str | None  # None: unknown, not checked (Manifest.from_urls only; files need a str)
+    sha256: str | None  # None: unknown (Manifest.from_urls), or the shard names its blake3
     index_url: str
     index_sha256: str
+    blake3: str | None = None  # the shard's BLAKE3 instead of its sha256 (``shardkit index``)
+
+    @property
+    def digest(self) -> tuple[str, str] | None:
+        """``(algorithm, hex digest)`` the shard's bytes are checked against (``"blake3"`` or
+        ``"sha256"``), or None: not known, only its size is checked (Manifest.from_urls)."""
+        if self.blake3 is not None:
+            return "blake3", self.blake3
+        if self.sha256 is not None:
+            return "sha256", self.sha256
+        return None
+
+    def as_json(self) -> dict[str, Any]:
+        """The shard as the manifest writes it: ``blake3`` only when it has one (a packed
+        shard's entry is as it always was)."""
+        out = asdict(self)
+        if out["blake3"] is None:
+            del out["blake3"]
+        return out
 
 
 @dataclass
@@ -115,7 +135,7 @@ class Manifest:
             data["shards"] = {"columns": COLUMNS_NAME, "count": len(self.shards),
                               "sha256": hashlib.sha256(columns).hexdigest()}
         else:
-            data["shards"] = [asdict(s) for s in self.shards]
+            data["shards"] = [s.as_json() for s in self.shards]
         text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         # Skipped paths that are not UTF-8 hold lone surrogates: written as JSON \udcXX escapes
         # (valid UTF-8, and json.loads restores the same str), not as an encoding error.
@@ -125,8 +145,8 @@ class Manifest:
         """What a dataset folder holds of this manifest, in the order to write it (the JSON
         last): ``manifest.json``, preceded by ``manifest.cols`` when ``compact`` (default: at
         least :data:`~shardkit.columns.COMPACT_SHARDS` shards, and not signed)."""
-        if compact is None:
-            compact = len(self.shards) >= COMPACT_SHARDS
+        if compact is None:  # (shards naming different hashes stay a JSON list)
+            compact = len(self.shards) >= COMPACT_SHARDS and shard_digest(self.shards) is not None
         if not compact:
             return [(MANIFEST_PATH, self.to_json().encode("utf-8"))]
         columns = encode_columns(self.shards)
@@ -177,7 +197,10 @@ class Manifest:
                 del data[name]
         columns: dict[str, Any] = {"count": len(self.shards), "encoding": MSGPACK_ENCODING}
         for f in fields(ShardInfo):
-            columns[f.name] = encode_list_column([getattr(s, f.name) for s in self.shards])
+            values = [getattr(s, f.name) for s in self.shards]
+            if f.name == "blake3" and all(v is None for v in values):
+                continue  # no BLAKE3 shard: the file is as it always was
+            columns[f.name] = encode_list_column(values)
         data["shards"] = columns
         return msgpack.packb(data, use_bin_type=True)
 
@@ -193,6 +216,8 @@ class Manifest:
         _check_header(obj, where)
         columns = obj.pop("shards", None)
         names = [f.name for f in fields(ShardInfo)]
+        if isinstance(columns, dict) and "blake3" not in columns:
+            names.remove("blake3")  # optional: no shard names its BLAKE3
         if not isinstance(columns, dict) or set(columns) != {"count", "encoding", *names} \
                 or columns["encoding"] != MSGPACK_ENCODING:
             raise ManifestError(f"{where}: malformed manifest (shard columns must be "
@@ -530,7 +555,15 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
     _check_fields(m, where)
     shas = [h for s in m.shards for h in (s.sha256, s.index_sha256)]
     if not all(type(h) is str for h in shas):
-        raise ManifestError(f"{where}: malformed manifest (sha256 values must be strings)")
+        for s in m.shards:  # a shard names its sha256 or its blake3 (not both), and its index's
+            if type(s.index_sha256) is not str or \
+                    not (type(s.sha256) is str) ^ (type(s.blake3) is str) or \
+                    (s.sha256 is not None and s.blake3 is not None):
+                raise ManifestError(f"{where}: malformed manifest (each shard needs a sha256 or "
+                                    "a blake3 string, not both, and an index_sha256 string)")
+    elif any(s.blake3 is not None for s in m.shards):
+        raise ManifestError(f"{where}: malformed manifest (each shard needs a sha256 or a blake3 "
+                            "string, not both)")
     _check_urls(m, where, external)
 
 

@@ -395,11 +395,11 @@ class Member:
 
 class Walk:
     """What :func:`walk_members` found besides the members: where the end-of-archive blocks
-    start (``end``), the file's size and sha256."""
+    start (``end``), the file's size and its ``digest`` (hex, by the walk's algorithm)."""
 
     def __init__(self):
         self.end = self.size = -1
-        self.sha256 = ""
+        self.digest = ""
 
 
 class _TarBytes:
@@ -427,15 +427,15 @@ class _NoDigest:
 
 class _StreamBytes(_TarBytes):
     """A tar read once from a stream, every byte hashed as it arrives (remote shards; not hashed
-    without ``digest``)."""
+    when ``algorithm`` is None)."""
 
     buf: bytearray
 
-    def __init__(self, stream: BinaryIO, chunk: int, digest: bool = True):
-        import hashlib
+    def __init__(self, stream: BinaryIO, chunk: int, algorithm: str | None = "sha256"):
+        from . import digests
 
         self.stream, self.chunk = stream, chunk
-        self.digest = hashlib.sha256() if digest else _NoDigest()
+        self.digest = _NoDigest() if algorithm is None else digests.new(algorithm)
         self.buf = bytearray()
         self.base = self.cur = 0  # file offset of buf[0]; read position inside buf
         self.eof = False
@@ -477,7 +477,7 @@ class _StreamBytes(_TarBytes):
         return True
 
     def finish(self) -> tuple[int, str]:
-        """The file's size and sha256: the rest (padding after the end blocks) read too."""
+        """The file's size and digest: the rest (padding after the end blocks) read too."""
         total = self.base + len(self.buf)
         while not self.eof:
             data = self.stream.read(self.chunk)
@@ -490,7 +490,7 @@ class _StreamBytes(_TarBytes):
 
 class _MappedBytes(_TarBytes):
     """A whole tar in memory (a local file mapped): headers read where they lie, the data
-    never copied. The sha256 runs alongside the walk: a helper thread hashes the mapping front to
+    never copied. The hash runs alongside the walk: a helper thread hashes the mapping front to
     back in :data:`HASH_PIECE` pieces (each ``update`` releases the GIL) while the walk reads the
     headers, so indexing a shard costs the slower of reading it and hashing it, not their sum.
     The walk stays behind the hash (:meth:`need` waits for the piece it reads to be hashed): the
@@ -499,14 +499,15 @@ class _MappedBytes(_TarBytes):
 
     buf: memoryview
 
-    def __init__(self, data):
-        import hashlib
+    def __init__(self, data, algorithm: str = "sha256"):
         import threading
+
+        from . import digests
 
         self.buf = memoryview(data)
         self.base = self.cur = 0
         self.eof = True
-        self._digest = hashlib.sha256()
+        self._digest = digests.new(algorithm)
         self._stop = False
         self._hashed = 0  # bytes hashed so far (the walk reads below this)
         self._failed: BaseException | None = None
@@ -564,8 +565,8 @@ class _MappedBytes(_TarBytes):
 HASH_PIECE = 8 << 20  # bytes a mapped shard's hash takes at once
 
 
-def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, digest: bool = True,
-                 keep_limit: int | None = None) -> Iterator[Member]:
+def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20,
+                 digest: str | None = "sha256", keep_limit: int | None = None) -> Iterator[Member]:
     """The members of a whole tar, read once, sequentially: each with the offset of its first
     header (a pax or GNU long-name header before it included), its name, type flag and size; its
     bytes when ``keep(name)`` (small members: labels, metadata; one over ``keep_limit`` bytes is
@@ -574,13 +575,14 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
     ``source``: a stream (read in ``chunk``-byte pieces, every byte hashed as it arrives) or the
     whole file as a buffer (a local file's ``mmap``: only headers are touched while walking; a
     helper thread hashes it alongside).
-    ``walk`` gets the end-of-archive offset, the size and sha256 (not computed without
-    ``digest``: a compressed shard's uncompressed stream) once the walk is done. A damaged
+    ``walk`` gets the end-of-archive offset, the size and the hex digest by ``digest`` (the
+    algorithm: ``"sha256"`` or ``"blake3"``; None: not computed, a compressed shard's
+    uncompressed stream) once the walk is done. A damaged
     header, a member running past the end of the file or no end-of-archive block is a
     :class:`ShardError` naming ``url`` and the byte offset."""
     src: _MappedBytes | _StreamBytes
     if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "madvise"):
-        src = _MappedBytes(source)
+        src = _MappedBytes(source, digest or "sha256")
     else:
         src = _StreamBytes(source, chunk, digest)
     zeros, fast_sizes = _ZEROS, _FAST_SIZE
@@ -652,7 +654,7 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20, diges
                                       "(truncated?)")
             yield Member(chain_start, name, flag, size, data)
             pending_name, pending_size, chain_start = None, None, None
-        walk.size, walk.sha256 = src.finish()
+        walk.size, walk.digest = src.finish()
     finally:
         src.stop()  # a walk that failed or was left: its hash no longer runs
 

@@ -7,6 +7,7 @@ import io
 import sys
 from dataclasses import dataclass, field
 
+from . import digests
 from .errors import ManifestError, ShardError
 from .gzipped import is_compressed
 from .manifest import Location, Manifest
@@ -27,7 +28,8 @@ class VerifyReport:
 
 def verify(source: Location, storage_options: dict | None = None,
            progress: bool = False) -> VerifyReport:
-    """Check sizes, sha256, index files and per-shard sample counts against the manifest.
+    """Check sizes, digests (sha256, or BLAKE3 for indexed shards), index files and per-shard
+    sample counts against the manifest.
 
     ``source`` is anything :meth:`Manifest.load` takes (a folder, ``s3://``, ``http(s)://``);
     every file is read through the store the manifest was loaded with (``storage_options``: its
@@ -49,8 +51,9 @@ def verify(source: Location, storage_options: dict | None = None,
         report.bytes += len(data)
         if len(data) != shard.num_bytes:
             report.problems.append((shard.url, f"{len(data)} bytes, manifest says {shard.num_bytes}"))
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            report.problems.append((shard.url, "sha256 differs from the manifest"))
+        named = shard.digest
+        if named is not None and digests.hexdigest(data, named[0]) != named[1]:
+            report.problems.append((shard.url, f"{named[0]} differs from the manifest"))
         try:
             index = store.read_bytes(shard.index_url)
             if hashlib.sha256(index).hexdigest() != shard.index_sha256:

@@ -153,10 +153,11 @@ def test_a_folder_without_shards_names_every_kind_it_looked_for(tmp_path):
 # --------------------------------------------------------------------------- indexing
 
 
-def test_compressed_shards_are_indexed_in_place(tmp_path):
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_compressed_shards_are_indexed_in_place(tmp_path, algorithm):
     folder = tmp_path / "gz"
     want = write_gz_folder(folder, shards=3)
-    m = index_shards(folder, progress=False)
+    m = index_shards(folder, progress=False, hash=algorithm)
     assert m.num_samples == len(want) == 3 * PER_SHARD and m.compressed
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -166,10 +167,13 @@ def test_compressed_shards_are_indexed_in_place(tmp_path):
     index_shards(plain, progress=False)
     for s, shard in enumerate(m.shards):
         stored = (folder / shard.url).read_bytes()
-        # the file as stored: its size and sha256 (what the cache and verify check) ...
+        # the file as stored: its size and digest (what the cache and verify check) ...
         assert shard.url == f"train-{s:06d}.tar.gz"
         assert shard.num_bytes == len(stored)
-        assert shard.sha256 == hashlib.sha256(stored).hexdigest()
+        import blake3
+
+        made = blake3.blake3 if algorithm == "blake3" else hashlib.sha256
+        assert shard.digest == (algorithm, made(stored).hexdigest())
         # ... and the offsets of its uncompressed stream: those of the same tar uncompressed
         assert shard.index_url == index_name(shard.url) == f".shardkit/train-{s:06d}.tar.gz.idx"
         index = (folder / shard.index_url).read_bytes()

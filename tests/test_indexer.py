@@ -126,12 +126,13 @@ def test_index_writes_a_manifest_beside_the_shards_and_nothing_other_readers_tri
     assert [s.num_samples for s in m.shards] == [12, 12, 12, 4]
     assert m.labels == {"field": "cls"} and m.signature is None
     assert m.options["fields"] == {"cls": 40, "jpg": 40, "json": 40, "seg.png": 40, "txt": 40}
-    for s in m.shards:  # size and sha256 of the bytes as they are
+    for s in m.shards:  # size and BLAKE3 (the index's default hash) of the bytes as they are
         data = (folder / s.url).read_bytes()
         assert s.num_bytes == len(data)
-        import hashlib
+        import blake3
 
-        assert s.sha256 == hashlib.sha256(data).hexdigest()
+        assert s.blake3 == blake3.blake3(data).hexdigest() and s.sha256 is None
+        assert s.digest == ("blake3", s.blake3)
     # the folder holds the tars and the hidden .shardkit/ only: what webdataset, GNU tar and
     # Hugging Face datasets (which skips hidden files) look at is unchanged
     assert sorted(p.name for p in folder.iterdir()) == [".shardkit"] + [s.url for s in m.shards]

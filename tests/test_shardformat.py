@@ -265,7 +265,7 @@ def test_walk_members_agrees_with_tarfile(fmt, as_buffer):
     assert [m.data for m in got if m.data is not None] == [bytes([1]) * 701]
     assert [m.folder for m in got] == [True] + [False] * 6
     assert [m.regular for m in got] == [False] + [True] * 5 + [False]
-    assert walk.size == len(data) and walk.sha256 == hashlib.sha256(data).hexdigest()
+    assert walk.size == len(data) and walk.digest == hashlib.sha256(data).hexdigest()
     assert walk.end == len(buf.getvalue()) - 1024 or data[walk.end:walk.end + 1024] == bytes(1024)
     cut = data[:want[3][0] + 700]  # truncated inside a member
     with pytest.raises(ShardError, match="runs past the end|without the end-of-archive|cut"):
@@ -294,7 +294,7 @@ def test_walk_of_a_mapped_tar_reads_only_what_the_hash_has_read(monkeypatch):
     monkeypatch.setattr(sf._MappedBytes, "need", need)
     walk = sf.Walk()
     got = list(sf.walk_members(memoryview(data), "x.tar", lambda n: False, walk))
-    assert len(got) == 300 and walk.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(got) == 300 and walk.digest == hashlib.sha256(data).hexdigest()
     assert len(hashed) >= 300 and all(end <= done for end, done in hashed)
 
 

@@ -36,9 +36,10 @@ def summary(manifest: Manifest, source: str, keys: int = 5) -> str:
                  + "".join(f"\n  {s['path']}: {s['reason']}" for s in m.skipped[:10]))
     lines.append(f"ignored   {m.ignored} non-image files")
     for s in m.shards[:10]:
-        digest = "unknown" if s.sha256 is None else f"{s.sha256[:16]}…"  # None: listed shards
+        named = s.digest  # None: listed shards
+        digest = "sha256 unknown" if named is None else f"{named[0]} {named[1][:16]}…"
         lines.append(f"  {redact(s.url)}  {s.num_samples} samples  {format_bytes(s.num_bytes)}  "
-                     f"sha256 {digest}")
+                     f"{digest}")
     if len(m.shards) > 10:
         lines.append(f"  ... {len(m.shards) - 10} more shards")
     if keys and m.shards:
