@@ -4,7 +4,8 @@ Module map, by what each part serves. Imports only go down this list's groups (t
 checks it: no circle, no upward import; packing and reading never import each other).
 
 Shared by packing and reading (the format and where bytes live):
-    errors · common (byte sizes, CPU counts) · _version · gzipped (.tar.gz / .tgz shards: names,
+    errors · common (byte sizes, CPU counts) · _version · digests (a shard's sha256 or BLAKE3) ·
+    gzipped (.tar.gz / .tgz shards: names,
     their uncompressed stream) · shardformat (tar members, samples, the .idx index file) ·
     jpegheader (JPEG frame headers) · jpegregion (a JPEG's crop box decoded
     alone) · signing · columns (manifest.cols, a large shard list

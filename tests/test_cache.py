@@ -676,9 +676,9 @@ def test_corrupted_once_is_downloaded_again_and_read_correctly(big, served_big, 
     fills = []
     real_fill = ShardCache._fill
 
-    def fill(fd, size, sha256, fetch, st):
-        problem = real_fill(fd, size, sha256, fetch, st)
-        if sha256 == shard.sha256:  # not another shard's download (the next ones start ahead)
+    def fill(fd, size, expected, fetch, st):
+        problem = real_fill(fd, size, expected, fetch, st)
+        if expected == ("sha256", shard.sha256):  # not another shard's (the next start ahead)
             fills.append(problem)
             on_disk.write_bytes(good)  # the server serves the right bytes from now on
         return problem
