@@ -539,7 +539,7 @@ VERBS = {
     "pack": ("pack an image folder into tar shards and manifest.json", _pack_args, _pack),
     "show": ("summarise a dataset: counts, classes, shards, options, a few keys; or draw it "
              "(--grid, --stats, --html)", _show_args, _show),
-    "verify": ("re-read every shard: sizes, sha256, index files, sample counts", _verify_args,
+    "verify": ("re-read every shard: sizes, hashes, index files, sample counts", _verify_args,
                _verify),
     "index": ("index existing webdataset shards so that shardkit can read them where they are",
               _index_args, _index),
