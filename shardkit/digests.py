@@ -34,8 +34,12 @@ def new(algorithm: str) -> Any:
     if algorithm == "sha256":
         return hashlib.sha256()
     if algorithm == "blake3":
-        from blake3 import blake3
-
+        try:
+            from blake3 import blake3
+        except ImportError as exc:  # a dependency: missing only when installed without them
+            raise ImportError("this dataset's shards are checked by BLAKE3, which needs the "
+                              "blake3 package (a dependency of shardkit): pip install blake3") \
+                from exc
         return blake3(max_threads=1)
     raise ValueError(f"hash must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
 

@@ -234,3 +234,14 @@ def test_look_names_the_hash(shards, tmp_path):
     folder, _ = copy_of(shards, tmp_path)
     index_shards(folder, progress=False)
     assert "  blake3 " in summary(Manifest.load(folder), str(folder))
+
+
+def test_without_the_blake3_package_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    from shardkit import digests
+
+    monkeypatch.setitem(sys.modules, "blake3", None)  # an import of it fails
+    with pytest.raises(ImportError, match="pip install blake3"):
+        digests.new("blake3")
+    assert digests.hexdigest(b"x", "sha256") == hashlib.sha256(b"x").hexdigest()
