@@ -13,7 +13,7 @@ Keys (:meth:`MapDataset.index_of`) are looked up in a table built on first use: 
 each key, sorted, with the sample's index (16 bytes per sample, whatever the keys' lengths), a
 hit confirmed by reading the sample's key. It is kept as ``.shardkit/keys-<digest>.bin`` beside
 a local dataset's manifest when that folder is writable, in ``cache_dir`` for a remote one, else
-in memory; the digest covers every shard's and index's sha256, so a re-packed dataset never
+in memory; the digest covers every shard's and index's hash, so a re-packed dataset never
 meets an old table.
 """
 

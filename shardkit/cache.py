@@ -45,7 +45,7 @@ _HELD: set[int] = set()  # lock fds this process holds
 
 
 class CacheIntegrityError(ShardError):
-    """A downloaded shard does not match the manifest's size and sha256 (names the shard URL)."""
+    """A downloaded shard does not match the manifest's size and hash (names the shard URL)."""
 
     gave_up = True  # downloaded twice already: its other samples are not worth trying
 

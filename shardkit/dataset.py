@@ -77,7 +77,7 @@ class StreamingDataset(IterableDataset):
       ``timeout``: seconds without a byte before a read fails (local files included);
       ``retries``: tries of a failing remote read, with backoff, resumed at the right byte.
       ``cache_dir`` / ``cache_limit`` (bytes or ``"50GB"``): a shared on-disk cache of remote
-      shards (whole shards, checked by sha256, safe for many processes).
+      shards (whole shards, checked by sha256 or BLAKE3, safe for many processes).
       ``in_memory``: load every shard into shared memory once (up to ``memory_limit``, default
       half the machine's memory); later epochs open no file.
 

@@ -3,7 +3,7 @@
 Which shards are compressed is told by their names alone (:func:`is_compressed`): nothing new in
 the manifest, its columns file or the index file, so every manifest written before loads as it
 did. A compressed shard is indexed like a plain one, its index file holding the sample offsets in
-the *uncompressed* stream; the manifest keeps the file as stored (its size and sha256: what the
+the *uncompressed* stream; the manifest keeps the file as stored (its size and hash: what the
 cache stores and checks, what ``verify`` checks). The uncompressed size is nowhere recorded: the
 offsets of a compressed shard's index are checked for order and spacing, not against its size.
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Sequence, Union
@@ -564,7 +565,13 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
     elif any(s.blake3 is not None for s in m.shards):
         raise ManifestError(f"{where}: malformed manifest (each shard needs a sha256 or a blake3 "
                             "string, not both)")
+    named = [s.blake3 for s in m.shards if s.blake3 is not None]  # (a new field: checked whole)
+    if named and not (all(len(h) == 64 for h in named) and _HEX.fullmatch("".join(named))):
+        raise ManifestError(f"{where}: malformed manifest (a blake3 value is not 64 hex digits)")
     _check_urls(m, where, external)
+
+
+_HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 def _check_fields(m: Manifest, where: str) -> None:

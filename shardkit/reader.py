@@ -359,7 +359,7 @@ class ShardReader:
                     if hi - lo - end > MAX_TAIL:  # not what a writer leaves: the strict path
                         break                     # streams it (no buffer of a claimed size)
                     end_blocks = read_upto(stream, hi - lo - end)
-                    # and the stream's end, where a streamed download is checked (sha256)
+                    # and the stream's end, where a streamed download is checked (its hash)
                     after = stream.read(1)
                     read += [end_blocks, after]
                     if len(end_blocks) != hi - lo - end or after \

@@ -52,7 +52,7 @@ def verify(source: Location, storage_options: dict | None = None,
         if len(data) != shard.num_bytes:
             report.problems.append((shard.url, f"{len(data)} bytes, manifest says {shard.num_bytes}"))
         named = shard.digest
-        if named is not None and digests.hexdigest(data, named[0]) != named[1]:
+        if named is not None and digests.hexdigest(data, named[0]) != named[1].lower():
             report.problems.append((shard.url, f"{named[0]} differs from the manifest"))
         try:
             index = store.read_bytes(shard.index_url)

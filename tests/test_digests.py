@@ -213,7 +213,7 @@ def test_mixed_hashes_stay_a_json_list(tmp_path):
     assert [s.digest[0] for s in again.shards] == ["blake3", "sha256"]
 
 
-@pytest.mark.parametrize("bad", ["both", "neither", "number"])
+@pytest.mark.parametrize("bad", ["both", "neither", "number", "empty", "not hex"])
 def test_a_shard_needs_one_digest(bad):
     entry = blake3_manifest(1).shards[0].as_json()
     if bad == "both":
@@ -221,11 +221,15 @@ def test_a_shard_needs_one_digest(bad):
     elif bad == "neither":
         entry["blake3"] = None
     else:
-        entry["blake3"] = 5
+        entry["blake3"] = {"number": 5, "empty": "", "not hex": "zz" * 32}[bad]
     doc = json.loads(blake3_manifest(1).to_json())
     doc["shards"] = [entry]
-    with pytest.raises(ManifestError, match="sha256 or a blake3"):
+    with pytest.raises(ManifestError, match="sha256 or a blake3|64 hex digits"):
         Manifest.from_json(json.dumps(doc))
+    m = blake3_manifest(1)
+    m.shards[0].blake3, m.shards[0].sha256 = entry["blake3"], entry["sha256"]
+    with pytest.raises(ManifestError, match="sha256 or a blake3|64 hex digits"):
+        Manifest.from_msgpack(m.to_msgpack())
 
 
 def test_look_names_the_hash(shards, tmp_path):
