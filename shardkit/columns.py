@@ -83,8 +83,8 @@ def shard_digest(shards: Sequence[Any]) -> str | None:
     they differ or some name none: such a list cannot be written column-wise."""
     if isinstance(shards, ShardTable):
         return shards.digest_name
-    found = {"blake3" if getattr(s, "blake3", None) is not None
-             else "sha256" if s.sha256 is not None else None for s in shards}
+    found = {"blake3" if s.blake3 is not None else "sha256" if s.sha256 is not None else None
+             for s in shards}
     return found.pop() if len(found) == 1 else None
 
 
@@ -143,9 +143,9 @@ def encode(shards: Sequence[Any]) -> bytes:
 
 class ShardTable(Sequence):
     """The shard list of a columns file (``buffer``: its bytes, or a read-only ``mmap``), as a
-    sequence of ``make(url, num_samples, num_bytes, sha256, index_url, index_sha256)`` rows made
-    on demand (``make(url, num_samples, num_bytes, None, index_url, index_sha256, blake3)`` in a
-    file of BLAKE3 shards). ``where`` names the file in errors."""
+    sequence of ``make(url, num_samples, num_bytes, sha256, index_url, index_sha256, blake3)``
+    rows made on demand (one of sha256 and blake3 None, by the file's digest column). ``where``
+    names the file in errors."""
 
     def __init__(self, buffer: Any, make: Callable[..., Any], where: str = "manifest.cols"):
         self._buffer, self._make, self.where = buffer, make, where
@@ -268,12 +268,10 @@ class ShardTable(Sequence):
             raise IndexError("shard index out of range")
         c = self._cols
         digest = c["digest"][i].tobytes().hex()
-        if self.digest_name == "blake3":
-            return self._make(self.text("url", i), int(c["num_samples"][i]),
-                              int(c["num_bytes"][i]), None, self.text("index_url", i),
-                              c["index_sha256"][i].tobytes().hex(), digest)
+        sha256, blake3 = (None, digest) if self.digest_name == "blake3" else (digest, None)
         return self._make(self.text("url", i), int(c["num_samples"][i]), int(c["num_bytes"][i]),
-                          digest, self.text("index_url", i), c["index_sha256"][i].tobytes().hex())
+                          sha256, self.text("index_url", i), c["index_sha256"][i].tobytes().hex(),
+                          blake3)
 
     def __iter__(self) -> Iterator:
         return (self[i] for i in range(self._n))

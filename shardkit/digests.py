@@ -13,11 +13,13 @@ import hashlib
 import re
 from typing import Any
 
-__all__ = ["ALGORITHMS", "INDEX_DEFAULT", "check_algorithm", "check_hex", "hexdigest", "new"]
+__all__ = ["ALGORITHMS", "INDEX_DEFAULT", "all_hex", "check_algorithm", "check_hex", "hexdigest",
+           "new"]
 
 ALGORITHMS = ("sha256", "blake3")
 INDEX_DEFAULT = "blake3"  # what `shardkit index` records unless told otherwise
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 def check_algorithm(name: object) -> str:
@@ -49,6 +51,12 @@ def hexdigest(data: Any, algorithm: str) -> str:
     h = new(algorithm)
     h.update(data)
     return h.hexdigest()
+
+
+def all_hex(values: list[str]) -> bool:
+    """Whether every value of ``values`` (strings) is 64 hex digits: one pass over them joined,
+    for a manifest's many shards."""
+    return all(len(v) == 64 for v in values) and _HEX.fullmatch("".join(values)) is not None
 
 
 def check_hex(value: object, algorithm: str) -> str:

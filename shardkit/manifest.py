@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Sequence, Union
 
 import numpy as np
 
-from . import signing
+from . import digests, signing
 from ._version import __version__
 from .columns import (
     COMPACT_SHARDS,
@@ -554,24 +553,15 @@ def _check(m: Manifest, where: str, external: bool = False) -> None:
             raise ManifestError(f"{where}: shard {str(s.url)[:80]!r} claims {s.num_samples} samples "
                                 f"in {s.num_bytes} bytes (each sample takes at least 1024)")
     _check_fields(m, where)
-    shas = [h for s in m.shards for h in (s.sha256, s.index_sha256)]
-    if not all(type(h) is str for h in shas):
-        for s in m.shards:  # a shard names its sha256 or its blake3 (not both), and its index's
-            if type(s.index_sha256) is not str or \
-                    not (type(s.sha256) is str) ^ (type(s.blake3) is str) or \
-                    (s.sha256 is not None and s.blake3 is not None):
-                raise ManifestError(f"{where}: malformed manifest (each shard needs a sha256 or "
-                                    "a blake3 string, not both, and an index_sha256 string)")
-    elif any(s.blake3 is not None for s in m.shards):
+    # a shard names its sha256 or its blake3 (one of the two), and its index file's sha256
+    if not all(type(s.index_sha256) is str and type(s.sha256 if s.blake3 is None else s.blake3)
+               is str and (s.sha256 is None or s.blake3 is None) for s in m.shards):
         raise ManifestError(f"{where}: malformed manifest (each shard needs a sha256 or a blake3 "
-                            "string, not both)")
+                            "string, not both, and an index_sha256 string)")
     named = [s.blake3 for s in m.shards if s.blake3 is not None]  # (a new field: checked whole)
-    if named and not (all(len(h) == 64 for h in named) and _HEX.fullmatch("".join(named))):
+    if named and not digests.all_hex(named):
         raise ManifestError(f"{where}: malformed manifest (a blake3 value is not 64 hex digits)")
     _check_urls(m, where, external)
-
-
-_HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 def _check_fields(m: Manifest, where: str) -> None:

@@ -581,8 +581,6 @@ def walk_members(source, url: str, keep, walk: Walk, chunk: int = 4 << 20,
     header, a member running past the end of the file or no end-of-archive block is a
     :class:`ShardError` naming ``url`` and the byte offset."""
     src: _MappedBytes | _StreamBytes
-    if isinstance(digest, bool):  # (before BLAKE3: whether to hash, by sha256)
-        digest = "sha256" if digest else None
     if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "madvise"):
         src = _MappedBytes(source, digest or "sha256")
     else:
