@@ -12,7 +12,7 @@ import shutil
 import blake3
 import pytest
 from test_cache import FakeFetch, make_data, wait_for_downloads, within
-from test_indexer import check_once, read, write_wds
+from test_indexer import check_once, index_on_s3, read, write_wds
 
 import shardkit
 from shardkit import ManifestError, index_shards
@@ -132,10 +132,7 @@ def test_cli_hash_option(shards, tmp_path, capsys):
 
 def test_s3_shards_indexed_with_blake3_read_through_the_shard_cache(shards, s3, tmp_path):
     folder, want = shards
-    for p in folder.glob("*.tar"):
-        s3.put(BUCKET, f"b3/{p.name}", p.read_bytes())
-    options = s3.storage_options()
-    m = index_shards(f"s3://{BUCKET}/b3", storage_options=options, progress=False)
+    m, options = index_on_s3(folder, s3, "b3")
     assert all(s.blake3 == b3((folder / s.url).read_bytes()) for s in m.shards)
     cache = tmp_path / "cache"
     check_once(read(f"s3://{BUCKET}/b3", 2, storage_options=options, cache_dir=str(cache)), want)

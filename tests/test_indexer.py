@@ -438,12 +438,18 @@ def test_http_folder_brace_pattern_and_presigned_urls(http_shards, tmp_path):
     assert "s3cr3t" not in shown.stdout + shown.stderr
 
 
+def index_on_s3(folder: Path, s3, prefix: str) -> tuple[shardkit.Manifest, dict]:
+    """The ``.tar`` shards of ``folder`` put under ``s3://BUCKET/prefix`` and indexed there;
+    returns the manifest and the storage options that reach the test server."""
+    for p in folder.glob("*.tar"):
+        s3.put(BUCKET, f"{prefix}/{p.name}", p.read_bytes())
+    options = s3.storage_options()
+    return index_shards(f"s3://{BUCKET}/{prefix}", storage_options=options, progress=False), options
+
+
 def test_s3_prefix_indexed_in_place(shards, s3, tmp_path):
     folder, want = shards
-    for p in folder.glob("*.tar"):
-        s3.put(BUCKET, f"wds/{p.name}", p.read_bytes())
-    options = s3.storage_options()
-    m = index_shards(f"s3://{BUCKET}/wds", storage_options=options, progress=False)
+    m, options = index_on_s3(folder, s3, "wds")
     assert m.num_samples == 40 and not m.external and m.base_url == f"s3://{BUCKET}/wds"
     listing = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="wds/.shardkit/")["Contents"]
     assert sorted(o["Key"] for o in listing) == [f"wds/.shardkit/{n}" for n in [
