@@ -10,7 +10,8 @@ Shared by packing and reading (the format and where bytes live):
     jpegheader (JPEG frame headers) · jpegregion (a JPEG's crop box decoded
     alone) · signing · columns (manifest.cols, a large shard list
     mapped column-wise) · locations (where a dataset is, as a user names it; the first
-    mistakes) · manifest (manifest.json, the one path that loads a dataset) · cache (the shared
+    mistakes) · manifestcheck (what a loaded manifest must be) · manifest (manifest.json, the
+    one path that loads a dataset) · cache (the shared
     on-disk shard cache) · verify ·
     storage/ — base (the Store and Dest protocols), urls (the one protocol dispatch), local,
     readahead (a worker's next local spans into the page cache), remote (s3, http), generic
