@@ -10,8 +10,13 @@ spans will need, so that the reader does not wait for it then:
   while it decoded);
 - remote index files of the next ``PREFETCH_INDEXES`` spans (one round trip each: 9 serial GETs
   came before a worker's first batch of 256 from a 1,000-sample buffer);
-- local spans, while reads are cold: the current span and the next one read into the page cache
-  by the process's helper thread (:mod:`shardkit.storage.readahead`).
+- local spans, while reads are cold and wait in the worker's own thread: the current span and the
+  next one read into the page cache by the process's helper thread
+  (:mod:`shardkit.storage.readahead`). Not once the reads have a thread of their own
+  (:class:`~shardkit.background.Background`, a cold disk under a decoding worker): that thread
+  reads all along and the kernel's readahead keeps the disk busy with the bytes it reads next;
+  the helper's reads of the next span then only took the disk from them (raw JPEG on the
+  emulated HDD: -7%).
 
 Per process (never pickled into DataLoader workers): the cache handle, what was started ahead.
 """
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Container, Sequence
 
 import numpy as np
 
+from . import background
 from .errors import ManifestError, ShardError
 from .gzipped import is_compressed
 from .shardformat import index_size
@@ -160,7 +166,10 @@ class Fetcher:
         """While local reads are cold, have the process's ``ReadAhead`` read span ``k`` (from
         sample ``first``) and the next one into the page cache: whenever this process's reads
         missed the cache since the last span, or the helper's last range was cold. Not at an
-        iteration's first span: warm reads then cost nothing extra."""
+        iteration's first span: warm reads then cost nothing extra; not on a reader thread of
+        its own."""
+        if background.running():
+            return  # the reads have a thread of their own (see the module docstring)
         misses = cache_misses()
         helper = readahead.shared()
         seen, self._misses_seen = self._misses_seen, misses

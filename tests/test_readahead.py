@@ -127,3 +127,47 @@ def test_an_epoch_read_with_read_ahead_gives_the_same_samples(tmp_path, monkeypa
     assert submitted  # it was asked to read ahead, for ranges inside the shards
     for path, start, stop in submitted:
         assert 0 <= start < stop <= os.path.getsize(path)
+
+
+def test_no_read_ahead_once_the_reads_have_a_thread_of_their_own(tmp_path, monkeypatch):
+    """Reads moved to a Background thread (a cold disk under a decoding worker) read all along:
+    the helper's reads of the next span would only take the disk from them. Reads in the
+    worker's own thread still get it."""
+    import shardkit
+    from shardkit import RandomResizedCrop
+    from shardkit.assembly import _Reading
+    from shardkit.background import running
+
+    from _helpers_read import image_folder
+
+    src = image_folder(tmp_path / "src", classes=3, per_class=30)
+    shardkit.pack_folder(src, tmp_path / "ds", mode="raw", max_samples=7, progress=False)
+    kw = dict(batch_size=8, crop=RandomResizedCrop(16), block_size=4, shuffle_buffer=12, seed=3)
+    submitted: list[bool] = []  # for each submission: made on a reader thread?
+    real = readahead.ReadAhead.submit
+
+    def spy(self, ranges):
+        submitted.append(running())
+        return real(self, ranges)
+
+    misses = iter(range(1, 10**6))
+    monkeypatch.setattr(fetching, "cache_misses", lambda: next(misses))  # always "cold"
+    monkeypatch.setattr(readahead.ReadAhead, "submit", spy)
+    in_worker = [labels.tolist() for _, labels in StreamingDataset(tmp_path / "ds", **kw)]
+    assert submitted and not any(submitted)  # reads never waited: the helper read ahead
+
+    submitted.clear()
+    monkeypatch.setattr(_Reading, "WAITED", -1.0)  # every read "waited": to the reader thread
+    ran_in_background = []
+    real_read = StreamingDataset._read
+
+    def read(self, *args, **kw):
+        for item in real_read(self, *args, **kw):
+            ran_in_background.append(running())
+            yield item
+
+    monkeypatch.setattr(StreamingDataset, "_read", read)
+    in_background = [labels.tolist() for _, labels in StreamingDataset(tmp_path / "ds", **kw)]
+    assert in_background == in_worker
+    assert sum(ran_in_background) > len(ran_in_background) // 2  # the reads did move
+    assert submitted == []
