@@ -423,6 +423,22 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hdd", action="store_true",
                    help="the loaders on an emulated HDD (cgroup: 150 MB/s, 120 reads/s; root), "
                         "cold, against the disk unthrottled and `cat`")
+    p.add_argument("--block-size", type=_block_size, default=None,
+                   help="with --hdd: block_size of the shardkit rows, samples or 'shard' (whole "
+                        "shards; default: the dataset's)")
+
+
+def _block_size(text: str) -> int | str:
+    """``--block-size``: a positive integer or ``shard``."""
+    if text == "shard":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'shard', got {text!r}")
+    return value
 
 
 class _BenchRun(NamedTuple):
@@ -452,7 +468,7 @@ def _bench_runs() -> dict[str, _BenchRun]:
         "index": _BenchRun(indexspeed.run_index, indexspeed.format_index_report,
                            "bench-index.json", ("workers", "repeats")),
         "hdd": _BenchRun(hdd.run_hdd, hdd.format_hdd_report, "bench-hdd.json",
-                         ("batch_size", "workers", "repeats"), writes_json=True,
+                         ("batch_size", "workers", "repeats", "block_size"), writes_json=True,
                          unavailable=(hdd.CannotThrottle,)),
     }
 

@@ -27,7 +27,8 @@ PLAN_SETTINGS = ("shuffle", "block_size", "shuffle_buffer", "remainder", "batch_
 @dataclass(frozen=True)
 class PlanConfig:
     """Who reads what (see :mod:`shardkit.plan`). ``block_size`` None: the manifest decides
-    (:meth:`resolved`)."""
+    (:meth:`resolved`); ``whole_shards``: that default is the largest shard's samples
+    (``block_size="shard"``, see :meth:`of`)."""
 
     seed: int = 0
     shuffle: bool = True
@@ -37,6 +38,17 @@ class PlanConfig:
     batch_size: Optional[int] = None
     drop_last: bool = False
     shuffle_start: Optional[int] = None  # None: plan.shuffle_start_of's default (a tenth)
+    whole_shards: bool = False  # block_size="shard": the default block is the largest shard
+
+    @classmethod
+    def of(cls, *, block_size: int | str | None = None, **settings: Any) -> PlanConfig:
+        """The config for these arguments; ``block_size="shard"``: whole shards."""
+        if isinstance(block_size, str):
+            if block_size != "shard":
+                raise ValueError(f"block_size must be an integer >= 1, None or 'shard', got "
+                                 f"{block_size!r}")
+            return cls(block_size=None, whole_shards=True, **settings)
+        return cls(block_size=block_size, **settings)
 
     def __post_init__(self) -> None:
         # the rules live with the plan (check_settings); the values are kept as ints

@@ -95,9 +95,11 @@ class StreamingDataset(IterableDataset):
     Plan (who reads what, in which order):
       ``shuffle`` and ``seed``: a new, reproducible order each epoch (``set_epoch`` or the next
       iteration). ``block_size``: samples per read; None: 64 when the manifest says the samples
-      were shuffled at pack time, else 8 (``Manifest.shuffled``). ``shuffle_buffer``: samples a
-      worker shuffles among; ``shuffle_start``: how many it holds when it emits its first (then
-      it grows by one per emission; None: a tenth; ``shuffle_buffer``: filled whole first).
+      were shuffled at pack time, else 8 (``Manifest.shuffled``); ``"shard"``: whole shards
+      (the largest shard's samples; for HDDs, at a mixing cost: docs/reading.md).
+      ``shuffle_buffer``: samples a worker shuffles among; ``shuffle_start``: how many it holds
+      when it emits its first (then it grows by one per emission; None: a tenth;
+      ``shuffle_buffer``: filled whole first).
       ``rank`` / ``world_size``: this process's place (default: from ``torch.distributed`` or
       ``RANK``/``WORLD_SIZE``). ``remainder``: ``"drop"`` (the last
       ``N % world_size`` samples of an epoch) or ``"pad"`` (repeat the first ones) so that
@@ -129,7 +131,8 @@ class StreamingDataset(IterableDataset):
                  cache_dir: str | os.PathLike | None = None, cache_limit: int | str | None = None,
                  in_memory: bool = False, memory_limit: int | str | None = None,
                  on_error: str = "raise", storage_options: dict | None = None,
-                 remainder: str = "drop", drop_last: bool = False, block_size: int | None = None,
+                 remainder: str = "drop", drop_last: bool = False,
+                 block_size: int | str | None = None,
                  shuffle_buffer: int = 1000, shuffle_start: int | None = None,
                  fields: tuple[str, ...] | list[str] | dict[str, str] | None = None,
                  max_pixels: int = MAX_PIXELS, timeout: float = 60.0, retries: int = 6,
@@ -145,7 +148,7 @@ class StreamingDataset(IterableDataset):
                                         with_keys=with_keys, fields=fields,
                                         max_pixels=max_pixels, batch_size=batch_size,
                                         with_source=with_source)
-        self.plan_config = PlanConfig(seed=seed, shuffle=shuffle, block_size=block_size,
+        self.plan_config = PlanConfig.of(seed=seed, shuffle=shuffle, block_size=block_size,
                                       shuffle_buffer=shuffle_buffer, remainder=remainder,
                                       batch_size=batch_size, drop_last=drop_last,
                                       shuffle_start=shuffle_start)
@@ -283,11 +286,17 @@ class StreamingDataset(IterableDataset):
 
     def _default_block_size(self) -> int:
         """``block_size=None``: large reads where the manifests say the samples are shuffled
-        already, small blocks (a better shuffle at more reads) where they may be in order."""
-        if any(m.compressed for m in self.manifests):  # .tar.gz: whole shards (each span is
-            # decompressed from its shard's start), as webdataset reads them (docs/reading.md)
-            return max([planlib.BLOCK_SIZE] + [int(m.shard_sizes().max(initial=0))
-                                               for m in self.manifests])
+        already, small blocks (a better shuffle at more reads) where they may be in order;
+        ``"shard"``: the largest shard's samples (whole shards, one read each)."""
+        def largest() -> int:
+            return max(int(m.shard_sizes().max(initial=1)) for m in self.manifests)
+
+        if self.plan_config.whole_shards:
+            return largest()
+        # .tar.gz: whole shards too (each span is decompressed from its shard's start), as
+        # webdataset reads them (docs/reading.md)
+        if any(m.compressed for m in self.manifests):
+            return max(planlib.BLOCK_SIZE, largest())
         shuffled = all(m.shuffled for m in self.manifests)
         return planlib.BLOCK_SIZE if shuffled else planlib.SMALL_BLOCK_SIZE
 

@@ -68,3 +68,22 @@ def test_a_partition_is_throttled_on_its_disk(tmp_path):
     assert hdd.disk_of(8, 0, tmp_path) == (8, 0)
     with pytest.raises(hdd.CannotThrottle, match="9:9"):
         hdd.disk_of(9, 9, tmp_path)
+
+
+def test_bench_hdd_block_size_reaches_the_run(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def run(folder, out, **kw):
+        seen.update(kw)
+        raise hdd.CannotThrottle("stubbed")
+
+    monkeypatch.setattr(hdd, "run_hdd", run)
+    assert main(["bench", "--hdd", "--out", str(tmp_path / "o"), "--block-size", "shard"]) == 1
+    assert seen["block_size"] == "shard"
+    assert main(["bench", "--hdd", "--out", str(tmp_path / "o"), "--block-size", "300"]) == 1
+    assert seen["block_size"] == 300
+    for bad in ("0", "-3", "shards", "1.5"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--hdd", "--block-size", bad])
+        assert exc.value.code == 2
+        assert "expected a positive integer or 'shard'" in capsys.readouterr().err

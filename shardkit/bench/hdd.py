@@ -311,14 +311,14 @@ def _sigterm(signum, frame):
 
 def run_hdd(folder: Path | None = None, out: Path = Path("bench-out"), *, classes: int = 10,
             per_class: int = 200, batch_size: int = 256, workers: int = 2, repeats: int = 1,
-            block_size: int | None = None, rows: list[str] | None = None,
+            block_size: int | str | None = None, rows: list[str] | None = None,
             cgroup_root: Path | None = None, bps: int = READ_BPS, iops: int = READ_IOPS,
             drop: bool = True) -> dict:
     """Every row of ``rows`` (default :data:`ROWS`) ``repeats`` times, interleaved; medians.
 
-    ``block_size`` goes to the shardkit rows (None: their default). ``drop``: also drop the
-    machine's whole page cache before each row (``/proc/sys/vm/drop_caches``), not only the
-    row's files. Raises
+    ``block_size`` goes to the shardkit rows (None: their default; ``"shard"``: whole shards).
+    ``drop``: also drop the machine's whole page cache before each row
+    (``/proc/sys/vm/drop_caches``), not only the row's files. Raises
     :class:`CannotThrottle` before any work when the HDD cannot be emulated here.
     """
     import shardkit

@@ -304,7 +304,7 @@ def plain_webdataset(shards: Path, batch_size: int, workers: int):
 
 def shardkit_loader(shards: Path, batch_size: int, workers: int, recipe: str = TRAIN,
                     prefetch: int | None = None, recycle: bool = True,
-                    block_size: int | None = None):
+                    block_size: int | str | None = None):
     import shardkit
 
     crop = {TRAIN: shardkit.RandomResizedCrop(224), EVAL: shardkit.CenterCrop(224, resize=256),
