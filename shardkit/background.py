@@ -25,13 +25,12 @@ DEPTH = 64  # items read ahead of the consumer
 CLOSE_WAIT = 10.0  # seconds close() waits for a read in progress to end
 
 _END = object()
-_here = threading.local()  # ``reader`` is True on a Background's own thread
 
 
 def running() -> bool:
     """Whether the calling thread is a :class:`Background`'s (its iterator's code asks: the
     reads then have a thread of their own)."""
-    return getattr(_here, "reader", False)
+    return threading.current_thread().name == THREAD_NAME
 
 
 class _Raised:
@@ -64,7 +63,6 @@ class Background:
 
     def _run(self) -> None:
         items, cond, queue = self._items, self._cond, self._queue
-        _here.reader = True
         try:
             for item in items:
                 with cond:

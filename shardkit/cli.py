@@ -429,15 +429,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _block_size(text: str) -> int | str:
-    """``--block-size``: a positive integer or ``shard``."""
-    if text == "shard":
-        return text
+    """``--block-size``: what ``StreamingDataset(block_size=)`` takes (checked by its rule)."""
+    from .config import PlanConfig
+
+    value: int | str = int(text) if text.lstrip("-").isdigit() else text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'shard', got {text!r}")
+        PlanConfig.of(block_size=value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

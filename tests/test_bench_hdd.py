@@ -86,4 +86,4 @@ def test_bench_hdd_block_size_reaches_the_run(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["bench", "--hdd", "--block-size", bad])
         assert exc.value.code == 2
-        assert "expected a positive integer or 'shard'" in capsys.readouterr().err
+        assert "block_size must be an integer" in capsys.readouterr().err
