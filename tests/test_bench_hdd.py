@@ -87,3 +87,21 @@ def test_bench_hdd_block_size_reaches_the_run(tmp_path, monkeypatch, capsys):
             main(["bench", "--hdd", "--block-size", bad])
         assert exc.value.code == 2
         assert "block_size must be an integer" in capsys.readouterr().err
+
+
+def test_the_ratio_to_what_binds_takes_the_lower_of_disk_and_cpu():
+    """A throttled loader is held by the disk (throttled ``cat``) or by its own unthrottled
+    rate, whichever is lower; the plain throttled/unthrottled ratio cannot tell them apart."""
+    raw_t, raw_f = f"{hdd.RAW}, {hdd.THROTTLED}", f"{hdd.RAW}, {hdd.FREE}"
+    cat_t = f"{hdd.CAT}, {hdd.THROTTLED}"
+    name = "raw throttled / what binds it, min(throttled cat, raw unthrottled) in MB/s"
+    disk_binds = {raw_t: {"mb_per_s": 120.0, "samples_per_s": 1200.0},
+                  raw_f: {"mb_per_s": 176.0, "samples_per_s": 1760.0}, cat_t: {"mb_per_s": 150.0}}
+    ratios = hdd._ratios(disk_binds)
+    assert ratios[name] == pytest.approx(0.8)
+    assert ratios["raw throttled / raw unthrottled cold (target >= 0.9)"] == pytest.approx(1200 / 1760)
+    cpu_binds = dict(disk_binds, **{raw_f: {"mb_per_s": 125.0}})
+    assert hdd._ratios(cpu_binds)[name] == pytest.approx(0.96)
+    no_cat = {raw_t: {"mb_per_s": 120.0}, raw_f: {"mb_per_s": 160.0}}
+    assert hdd._ratios(no_cat)[name] == pytest.approx(0.75)
+    assert not any("tensor256 throttled / what binds" in k for k in ratios)  # no tensor rows

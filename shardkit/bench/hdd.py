@@ -423,6 +423,16 @@ def _ratios(results: dict) -> dict:
         x, y = get(a, key), get(b, key)
         if x is not None and y:
             ratios[name] = x / y
+    # What binds a throttled loader: the disk (throttled `cat`'s MB/s) or its own unthrottled
+    # rate (the CPU's), whichever is lower. Where the unthrottled loader reads faster than the
+    # throttled disk can serve, "throttled / unthrottled" cannot reach 0.9 for any loader.
+    disk = get(f"{CAT}, {THROTTLED}", "mb_per_s")
+    for kind, label in ((RAW, "raw"), (TENSOR, "tensor256")):
+        x, own = get(f"{kind}, {THROTTLED}", "mb_per_s"), get(f"{kind}, {FREE}", "mb_per_s")
+        bounds = [b for b in (disk, own) if b]
+        if x is not None and bounds:
+            ratios[f"{label} throttled / what binds it, min(throttled cat, {label} unthrottled) "
+                   "in MB/s"] = x / min(bounds)
     return ratios
 
 
