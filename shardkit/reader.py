@@ -15,6 +15,7 @@ faults of the iteration, compressed shards' open decompressors.
 from __future__ import annotations
 
 import bisect
+import gc
 import hashlib
 import io
 import logging
@@ -539,6 +540,27 @@ def default_memory_limit() -> int:
 
 
 _MALLOC_TUNED_PID = None
+_FROZEN_PID = None
+
+
+def freeze_inherited_objects() -> None:
+    """Leave the objects a forked DataLoader worker inherited out of its garbage collections.
+
+    A worker starts with a copy of the parent's heap (torch, the manifests, an S3 client: ~10⁶
+    objects), all in the collector's oldest generation. The worker's first full collection walks
+    every one of them: 0.19-0.29 s measured, once per worker and epoch where a worker allocates
+    many long-lived objects (building an S3 client in each new worker set it off during the
+    client's creation, before the worker's first GET), and each object it touches is a page
+    copied out of the parent's. ``gc.freeze()`` moves them to the permanent generation, which
+    collections skip (the recipe of the ``gc`` docs for fork without exec); objects the worker
+    makes are collected as before. Once per worker process, at its first iteration: freezing
+    again later would also keep the worker's own garbage cycles from ever being collected.
+    """
+    global _FROZEN_PID
+    if _FROZEN_PID == os.getpid():
+        return
+    _FROZEN_PID = os.getpid()
+    gc.freeze()
 
 
 def tune_worker_malloc() -> None:
