@@ -546,7 +546,7 @@ _FROZEN_PID = None
 def freeze_inherited_objects() -> None:
     """Leave the objects a forked DataLoader worker inherited out of its garbage collections.
 
-    A worker starts with a copy of the parent's heap (torch, the manifests, an S3 client: ~10⁶
+    A worker starts with a copy of the parent's heap (torch, the manifests, an S3 client: 10⁵-10⁶
     objects), all in the collector's oldest generation. The worker's first full collection walks
     every one of them: 0.19-0.29 s measured, once per worker and epoch where a worker allocates
     many long-lived objects (building an S3 client in each new worker set it off during the
