@@ -40,7 +40,7 @@ from .loaderlink import LoaderLink
 from .locations import check_location
 from .manifest import Location, Manifest, load_manifest
 from .modes import DecodeConfig, DecodeMode, check_fields
-from .reader import ShardReader, default_memory_limit, freeze_inherited_objects, tune_worker_malloc
+from .reader import ShardReader, default_memory_limit, tune_worker
 from .shardformat import MAX_PIXELS
 from .skiplog import NEW, UNLISTED, Region, SkipLog
 from .state import EpochState
@@ -377,8 +377,7 @@ class StreamingDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
-            freeze_inherited_objects()
-            tune_worker_malloc()
+            tune_worker()
         if self.in_memory:
             self.preload()
         st = self._state

@@ -539,12 +539,23 @@ def default_memory_limit() -> int:
         return 8 * 10**9
 
 
-_MALLOC_TUNED_PID = None
-_FROZEN_PID = None
+_WORKER_TUNED_PID = None
 
 
-def freeze_inherited_objects() -> None:
-    """Leave the objects a forked DataLoader worker inherited out of its garbage collections.
+def tune_worker() -> None:
+    """Once per DataLoader worker process, at its first iteration: its heaps
+    (:func:`_freeze_inherited_objects`, :func:`_keep_freed_buffers`). Once only: freezing again
+    later would also keep the worker's own garbage cycles from ever being collected."""
+    global _WORKER_TUNED_PID
+    if _WORKER_TUNED_PID == os.getpid():
+        return
+    _WORKER_TUNED_PID = os.getpid()
+    _freeze_inherited_objects()
+    _keep_freed_buffers()
+
+
+def _freeze_inherited_objects() -> None:
+    """Leave the objects a forked worker inherited out of its garbage collections.
 
     A worker starts with a copy of the parent's heap (torch, the manifests, an S3 client: 10⁵-10⁶
     objects), all in the collector's oldest generation. The worker's first full collection walks
@@ -553,30 +564,21 @@ def freeze_inherited_objects() -> None:
     client's creation, before the worker's first GET), and each object it touches is a page
     copied out of the parent's. ``gc.freeze()`` moves them to the permanent generation, which
     collections skip (the recipe of the ``gc`` docs for fork without exec); objects the worker
-    makes are collected as before. Once per worker process, at its first iteration: freezing
-    again later would also keep the worker's own garbage cycles from ever being collected.
+    makes are collected as before.
     """
-    global _FROZEN_PID
-    if _FROZEN_PID == os.getpid():
-        return
-    _FROZEN_PID = os.getpid()
     gc.freeze()
 
 
-def tune_worker_malloc() -> None:
-    """Keep a DataLoader worker's freed sample buffers for the next samples (glibc only).
+def _keep_freed_buffers() -> None:
+    """Keep a worker's freed sample buffers for the next samples (glibc only).
 
     Each sample's bytes get a buffer of their own (100-200 KB), and a batch's worth (~40 MB) is
     freed at once. glibc serves such sizes with a fresh mmap, or from a heap whose free top it
     gives back past 128 KB-64 MB: either way buffers keep arriving as new pages, a page fault
     per 4 KiB — in a worker the costliest line of the read path (2 workers, 224 tensor shards:
     12,100 samples/s with a 64 MB trim threshold, 18,600 with 256 MB). Raising the mmap and trim
-    thresholds to 32 / 256 MB lets freed buffers be reused. Once per worker process.
+    thresholds to 32 / 256 MB lets freed buffers be reused.
     """
-    global _MALLOC_TUNED_PID
-    if _MALLOC_TUNED_PID == os.getpid():
-        return
-    _MALLOC_TUNED_PID = os.getpid()
     try:
         import ctypes
 
